@@ -1,0 +1,75 @@
+"""Prometheus text exposition for the service (no client library: a handful of series)."""
+import bisect
+import time
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PREFIX = "gilfree_images"
+
+
+class Metrics:
+    """Request counts and latencies; only the event loop thread touches it, so no lock."""
+
+    def __init__(self):
+        self.by_status = {}
+        self.bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self._gil = _GilHeldFraction()
+
+    def observe(self, status, seconds):
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        self.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def render(self, stats, workers, in_flight):
+        """stats: the executor's stats(); returns the exposition text."""
+        lines = []
+
+        def series(name, kind, help_text, samples):
+            lines.append(f"# HELP {PREFIX}_{name} {help_text}")
+            lines.append(f"# TYPE {PREFIX}_{name} {kind}")
+            for labels, value in samples:
+                lines.append(f"{PREFIX}_{name}{labels} {value}")
+
+        series("requests_total", "counter", "Transform requests answered, by HTTP status.",
+               [(f'{{status="{status}"}}', count) for status, count in sorted(self.by_status.items())])
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.bucket_counts):
+            cumulative += count
+            buckets.append((f'_bucket{{le="{bound}"}}', cumulative))
+        series("request_duration_seconds", "histogram", "Transform request latency, arrival to answer.",
+               [*buckets, ("_sum", round(self.latency_sum, 6)), ("_count", self.latency_count)])
+        series("in_flight", "gauge", "Transform requests admitted and not yet answered.", [("", in_flight)])
+        series("queue_depth", "gauge", "Tasks waiting for a free worker.", [("", stats["queued"])])
+        series("workers", "gauge", "Workers configured.", [("", workers)])
+        series("busy_workers", "gauge", "Workers running a task now.", [("", stats["busy_workers"])])
+        series("worker_restarts_total", "counter", "Workers replaced after a crash or a timeout.",
+               [("", stats["restarts"])])
+        held = self._gil.sample()
+        if held is not None:
+            series("gil_held_fraction", "gauge",
+                   "Fraction of wall time the server process's GIL was held since the previous scrape.",
+                   [("", round(held, 6))])
+        return "\n".join(lines) + "\n"
+
+
+class _GilHeldFraction:
+    """The server's GIL held fraction between two scrapes, from gilfree.gil.counters()."""
+
+    def __init__(self):
+        self._previous = None
+
+    def sample(self):
+        try:
+            from .. import gil
+
+            held = gil.counters()["held_s"]
+        except (ImportError, AttributeError, KeyError, RuntimeError):
+            # gilfree.gil missing, or UnsupportedInterpreter (a RuntimeError): the metric is omitted.
+            return None
+        now = time.monotonic()
+        previous, self._previous = self._previous, (now, held)
+        if previous is None or now <= previous[0]:
+            return None
+        return min(1.0, max(0.0, (held - previous[1]) / (now - previous[0])))
