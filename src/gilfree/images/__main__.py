@@ -22,7 +22,7 @@ def parse_args(argv):
     p.add_argument("--max-megapixels", type=float, default=defaults.max_pixels / 1e6, help="422 above (default 50)")
     p.add_argument("--budget", type=float, default=defaults.budget, help="seconds per request, then 504 (default 10)")
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                   help="requests waiting beyond one per worker, then 503 (default 64)")
+                   help="requests waiting beyond one per worker, then 503 (default 128)")
     args = p.parse_args(argv)
     if args.workers < 1 or args.max_queue < 0 or args.budget <= 0:
         p.error("--workers must be >= 1, --max-queue >= 0, --budget > 0")

@@ -32,7 +32,7 @@ class Config:
     max_body: int = 25 * MB
     max_pixels: int = 50_000_000
     budget: float = 10.0
-    max_queue: int = 64  # waiting requests beyond one per worker, then 503
+    max_queue: int = 128  # waiting requests beyond one per worker, then 503
 
 
 class Service:

@@ -46,6 +46,11 @@ class Metrics:
         series("busy_workers", "gauge", "Workers running a task now.", [("", stats["busy_workers"])])
         series("worker_restarts_total", "counter", "Workers replaced after a crash or a timeout.",
                [("", stats["restarts"])])
+        if stats["workers"]:
+            series("worker_busy", "gauge", "1 while the worker runs a task (pid: its current process).",
+                   [(f'{{slot="{w["slot"]}",pid="{w["pid"]}"}}', int(w["busy"])) for w in stats["workers"]])
+            series("worker_tasks_total", "counter", "Tasks each worker slot has run.",
+                   [(f'{{slot="{w["slot"]}"}}', w["tasks"]) for w in stats["workers"]])
         held = self._gil.sample()
         if held is not None:
             series("gil_held_fraction", "gauge",

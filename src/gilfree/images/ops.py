@@ -21,6 +21,7 @@ _ORIENTATION_TAG = 0x0112
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter
 _ROTATE_CLOCKWISE = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 _FLIP = {"h": Image.Transpose.FLIP_LEFT_RIGHT, "v": Image.Transpose.FLIP_TOP_BOTTOM}
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 # Decoders report truncated or corrupt data with any of these.
 _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, zlib.error, Image.DecompressionBombError)
 
@@ -65,6 +66,8 @@ def _open(source, spec):
     try:
         image = Image.open(io.BytesIO(source), formats=SOURCE_FORMATS)
     except Image.UnidentifiedImageError:
+        if _signed(source):  # the right magic bytes, an unreadable header: damaged, not foreign
+            raise ImageError(422, "corrupt_image", "the image header is damaged or truncated") from None
         raise ImageError(415, "unsupported_media_type",
                          "not an image, or not one of " + ", ".join(SOURCE_FORMATS)) from None
     except _CORRUPT as exc:
@@ -74,6 +77,11 @@ def _open(source, spec):
         raise ImageError(422, "too_many_pixels",
                          f"{image.width}x{image.height} is {pixels} pixels, over the {spec.max_pixels} limit")
     return image
+
+
+def _signed(data):
+    head = bytes(data[:12])
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _default_format(source_format):
