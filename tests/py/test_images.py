@@ -16,6 +16,7 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 from PIL import Image  # noqa: E402  (after the importorskip that also guards Pillow's extra)
 
+from gilfree.errors import UnsupportedInterpreter  # noqa: E402
 from gilfree.images import ops, samples  # noqa: E402
 from gilfree.images.spec import ImageError, parse  # noqa: E402
 
@@ -315,6 +316,17 @@ def metric(text, name):
     return float(match.group(1)) if match else None
 
 
+def gil_accounting_available():
+    try:
+        from gilfree import gil
+
+        gil.counters()
+    except (ImportError, UnsupportedInterpreter):
+        return False
+    gil.stop()
+    return True
+
+
 async def test_post_roundtrip_each_format(service):
     for fmt, magic in (("jpeg", b"\xff\xd8\xff"), ("png", b"\x89PNG"), ("webp", b"RIFF")):
         status, headers, body = await post(service.url, PHOTO, f"w=200&format={fmt}&quality=80")
@@ -413,6 +425,11 @@ async def test_health_and_metrics(service):
                  "worker_restarts_total", "in_flight", "workers"):
         assert f"# TYPE gilfree_images_{name} " in text
     assert metric(text, "workers") == 2
+    # The GIL series are there exactly when gilfree.gil can account on this interpreter.
+    held = metric(text, "gil_held_fraction")
+    assert (held is not None) == gil_accounting_available(), text
+    if held is not None:
+        assert 0 <= held <= 1 and metric(text, "gil_held_seconds_total") > 0
     assert metric(text, 'request_duration_seconds_bucket{le="+Inf"}') == metric(text, "request_duration_seconds_count")
 
 

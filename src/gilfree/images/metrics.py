@@ -2,6 +2,8 @@
 import bisect
 import time
 
+from ..errors import UnsupportedInterpreter
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PREFIX = "gilfree_images"
 
@@ -51,11 +53,17 @@ class Metrics:
                    [(f'{{slot="{w["slot"]}",pid="{w["pid"]}"}}', int(w["busy"])) for w in stats["workers"]])
             series("worker_tasks_total", "counter", "Tasks each worker slot has run.",
                    [(f'{{slot="{w["slot"]}"}}', w["tasks"]) for w in stats["workers"]])
-        held = self._gil.sample()
-        if held is not None:
-            series("gil_held_fraction", "gauge",
-                   "Fraction of wall time the server process's GIL was held since the previous scrape.",
-                   [("", round(held, 6))])
+        gil = self._gil.sample()
+        if gil is not None:
+            held_fraction, counters = gil
+            if held_fraction is not None:
+                series("gil_held_fraction", "gauge",
+                       "Fraction of wall time the server process's GIL was held since the previous scrape.",
+                       [("", round(held_fraction, 6))])
+            series("gil_held_seconds_total", "counter", "Time the server process's GIL was held.",
+                   [("", round(counters["held_s"], 6))])
+            series("gil_wait_seconds_total", "counter", "Time the server's threads waited for the GIL.",
+                   [("", round(counters["wait_s"], 6))])
         return "\n".join(lines) + "\n"
 
 
@@ -64,17 +72,19 @@ class _GilHeldFraction:
 
     def __init__(self):
         self._previous = None
+        self.sample()  # the first call starts the accounting: the first scrape has a baseline
 
     def sample(self):
+        """(held fraction since the previous sample or None, counters), or None without gilfree.gil."""
         try:
             from .. import gil
 
-            held = gil.counters()["held_s"]
-        except (ImportError, AttributeError, KeyError, RuntimeError):
-            # gilfree.gil missing, or UnsupportedInterpreter (a RuntimeError): the metric is omitted.
+            counters = gil.counters()
+        except (ImportError, UnsupportedInterpreter):
+            # gilfree.gil missing, or no exact GIL accounting on this interpreter: the series are omitted.
             return None
         now = time.monotonic()
-        previous, self._previous = self._previous, (now, held)
+        previous, self._previous = self._previous, (now, counters["held_s"])
         if previous is None or now <= previous[0]:
-            return None
-        return min(1.0, max(0.0, (held - previous[1]) / (now - previous[0])))
+            return None, counters
+        return min(1.0, max(0.0, (counters["held_s"] - previous[1]) / (now - previous[0]))), counters
