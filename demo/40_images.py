@@ -49,10 +49,10 @@ def diagnose(workload, directory):
     """The verdict of `python -m gilfree diagnose` on the threaded run, or why it could not run."""
     done = subprocess.run([sys.executable, "-m", "gilfree", "diagnose", __file__, "--threaded", workload, directory],
                           capture_output=True, text=True)
+    report = done.stderr.strip()  # diagnose prints its report on stderr, leaving stdout to the program
     if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"(diagnose unavailable here: {last})"
-    return done.stdout.strip()
+        return f"(diagnose unavailable here: {(report.splitlines() or ['no output'])[-1]})"
+    return report[report.find("verdict:"):] if "verdict:" in report else report
 
 
 def main():
