@@ -256,7 +256,7 @@ def root(tmp_path_factory):
     return base / "root"
 
 
-@pytest.fixture(scope="module", params=["pool", "threads"])
+@pytest.fixture(scope="module", params=["pool", "threads", "mp"])
 def service(request, root):
     server = Service("--executor", request.param, "--workers", "2", "--root", str(root))
     yield server
