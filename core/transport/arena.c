@@ -11,7 +11,7 @@
 
 #include "gf/transport.h"
 
-#define GF_KEEP_RESIDENT (64ull << 20)
+#define GF_KEEP_RESIDENT (256ull << 20)
 #define GF_PAGE_ALIGN(n) (((n) + GF_PAGE - 1) & ~(uint64_t)(GF_PAGE - 1))
 
 void gf_region_init(gf_region *region, uint64_t start, uint64_t size) {

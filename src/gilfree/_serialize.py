@@ -8,32 +8,15 @@ block it already lives in) and returns a reference tuple; received references ar
 import io
 import os
 import itertools
-import pickle
+# _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
+import _pickle as pickle
 import weakref
 
-from ._engine import BUF_BYTES, OUT_OF_BAND_MIN
+from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
 
-_OOB_TYPES = (bytes, memoryview)
-# An in-band payload this large probably carries large bytes: worth a second, slower pass.
+# An in-band payload this large probably carries large bytes deeper than has_large_buffer
+# looks: worth a second, slower pass.
 _REPICKLE_ABOVE = 4 * OUT_OF_BAND_MIN
-
-
-def _large(obj):
-    return type(obj) in _OOB_TYPES and len(obj) >= OUT_OF_BAND_MIN
-
-
-def _has_large_buffer(obj):
-    """True when obj, or an item one level down, is a large bytes or memoryview.
-
-    Plain pickle puts bytes in-band and refuses memoryview; only then is the slower pickler
-    with persistent ids needed. Deeper nesting still works, with a copy."""
-    if _large(obj):
-        return True
-    if type(obj) in (tuple, list):
-        return any(_large(x) or (type(x) is dict and any(map(_large, x.values()))) for x in obj)
-    if type(obj) is dict:
-        return any(map(_large, obj.values()))
-    return False
 
 
 def _memoryview_reduce(view):
@@ -90,7 +73,7 @@ class Codec:
 
         try:
             try:
-                if _has_large_buffer(obj):
+                if has_large_buffer(obj):
                     payload = self._dumps_with_ids(obj, refs, out_of_band)
                 else:
                     try:
