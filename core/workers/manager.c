@@ -31,7 +31,7 @@ static uint32_t gf_slot_depth(gf_slot *slot) {
   uint64_t done = atomic_load_explicit(&slot->tasks_done, memory_order_relaxed);
   uint64_t busy = atomic_load_explicit(&slot->busy_ns, memory_order_relaxed);
   if (done == 0)
-    return 2;
+    return 1; /* unknown durations: never queue a task behind one that may be long */
   uint64_t avg = busy / done;
   if (avg == 0)
     return GF_DEPTH_MAX;

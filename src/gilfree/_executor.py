@@ -5,14 +5,12 @@ Future whose result is what ``run_chunk`` returns. Chunks are sized so that one 
 CHUNK_TARGET_S of worker time, and at most ``2 * workers + 2`` chunks are in flight: a
 generator of any length is consumed in bounded memory.
 """
-import asyncio
 import collections
 import concurrent.futures
 import itertools
 import sys
 import time
 import traceback
-from concurrent.futures.process import _RemoteTraceback
 
 CHUNK_TARGET_S = 0.01
 CHUNK_FIRST = 8
@@ -40,6 +38,8 @@ def run_chunk(fn, items, star):
 
 def with_remote_traceback(exc, text):
     """Attaches the worker's traceback text to exc as concurrent.futures does; returns exc."""
+    from concurrent.futures.process import _RemoteTraceback
+
     exc.__cause__ = _RemoteTraceback(text)
     return exc
 
@@ -135,6 +135,8 @@ class PoolBase(concurrent.futures.Executor):
 
     def run(self, fn, /, *args, **kwargs):
         """Awaitable: the result of fn(*args, **kwargs) run in the pool."""
+        import asyncio
+
         return asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def map(self, fn, *iterables, chunksize="auto", ordered=True, timeout=None, progress=False):
@@ -189,6 +191,8 @@ class PoolBase(concurrent.futures.Executor):
 
     async def amap(self, fn, iterable, *, chunksize="auto", ordered=True, star=False, progress=False):
         """Async iterator over fn(item) for each item, computed in the pool."""
+        import asyncio
+
         pipeline = _Pipeline(self, fn, iterable, star, chunksize, ordered)
         bar = _Progress(progress, iterable)
         wrapped = {}

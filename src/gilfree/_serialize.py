@@ -8,30 +8,15 @@ block it already lives in) and returns a reference tuple; received references ar
 import io
 import os
 import itertools
-import pickle
+# _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
+import _pickle as pickle
 import weakref
 
-from ._engine import BUF_BYTES, OUT_OF_BAND_MIN
+from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
 
-_OOB_TYPES = (bytes, memoryview)
-
-
-def _large(obj):
-    return type(obj) in _OOB_TYPES and len(obj) >= OUT_OF_BAND_MIN
-
-
-def _has_large_buffer(obj):
-    """True when obj, or an item one level down, is a large bytes or memoryview.
-
-    Plain pickle puts bytes in-band and refuses memoryview; only then is the slower pickler
-    with persistent ids needed. Deeper nesting still works, with a copy."""
-    if _large(obj):
-        return True
-    if type(obj) in (tuple, list):
-        return any(_large(x) or (type(x) is dict and any(map(_large, x.values()))) for x in obj)
-    if type(obj) is dict:
-        return any(map(_large, obj.values()))
-    return False
+# An in-band payload this large probably carries large bytes deeper than has_large_buffer
+# looks: worth a second, slower pass.
+_REPICKLE_ABOVE = 4 * OUT_OF_BAND_MIN
 
 
 def _memoryview_reduce(view):
@@ -60,6 +45,15 @@ class _BufferPickler(pickle.Pickler):
         return NotImplemented
 
 
+class _IdUnpickler(pickle.Unpickler):
+    def __init__(self, file, by_id, buffers):
+        super().__init__(file, buffers=buffers)
+        self._by_id = by_id
+
+    def persistent_load(self, pid):
+        return self._by_id[pid]
+
+
 class Codec:
     """Encodes and decodes messages for one end of the engine."""
 
@@ -78,36 +72,38 @@ class Codec:
             return False
 
         try:
-            if not _has_large_buffer(obj):
-                try:
-                    payload = pickle.dumps(obj, 5, buffer_callback=out_of_band)
-                except TypeError:
-                    # A memoryview somewhere deeper: the full pickler handles it.
-                    self.release(refs)
-                    refs.clear()
+            try:
+                if has_large_buffer(obj):
+                    payload = self._dumps_with_ids(obj, refs, out_of_band)
                 else:
-                    if b"__main__" not in payload:
-                        return payload, refs
-                    self.release(refs)
-                    refs.clear()
-                    return self._dumps_by_value(obj, refs, out_of_band)
-            file = io.BytesIO()
-            _BufferPickler(file, self._owner, refs, out_of_band).dump(obj)
-            payload = file.getvalue()
+                    try:
+                        payload = pickle.dumps(obj, 5, buffer_callback=out_of_band)
+                    except TypeError:
+                        payload = None  # a memoryview deeper down
+                    if payload is None or len(payload) >= _REPICKLE_ABOVE:
+                        # Large bytes deeper down went in-band: send them out-of-band.
+                        self.release(refs)
+                        refs.clear()
+                        payload = self._dumps_with_ids(obj, refs, out_of_band)
+            except (pickle.PicklingError, AttributeError):
+                # Classes or functions made at run time (e.g. in a task sent by value).
+                payload = b"__main__"
             if b"__main__" in payload:
+                # What the parent's __main__ defines does not exist in workers: by value.
                 self.release(refs)
                 refs.clear()
-                return self._dumps_by_value(obj, refs, out_of_band)
+                import cloudpickle
+
+                payload = cloudpickle.dumps(obj, 5, buffer_callback=out_of_band)
             return payload, refs
         except BaseException:
             self.release(refs)
             raise
 
-    def _dumps_by_value(self, obj, refs, out_of_band):
-        """Things defined in the parent's __main__ do not exist in workers: send them by value."""
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, 5, buffer_callback=out_of_band), refs
+    def _dumps_with_ids(self, obj, refs, out_of_band):
+        file = io.BytesIO()
+        _BufferPickler(file, self._owner, refs, out_of_band).dump(obj)
+        return file.getvalue()
 
     def release(self, refs):
         for ref in refs:
@@ -121,9 +117,7 @@ class Codec:
         out_of_band = [v for v in views if type(v) is not bytes]
         if not by_id:
             return pickle.loads(payload, buffers=out_of_band)
-        unpickler = pickle.Unpickler(io.BytesIO(payload), buffers=out_of_band)
-        unpickler.persistent_load = by_id.__getitem__
-        return unpickler.load()
+        return _IdUnpickler(io.BytesIO(payload), by_id, buffers=out_of_band).load()
 
 
 # ---------------------------------------------------------------- functions

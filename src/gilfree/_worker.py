@@ -5,13 +5,13 @@ config sys_path``. The template imports what the pool preloads and then serves f
 (``_engine.serve_template``, in C); each forked child returns from it with its slot number and
 runs ``worker_main``.
 """
-import base64
+import binascii
 import importlib
 import os
-import pickle
+# _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
+import _pickle as pickle
 import signal
 import sys
-import traceback
 
 from . import _engine
 from ._serialize import Codec
@@ -33,7 +33,7 @@ class WorkerConfig:
 
 def template_main():
     memfd, _doorbell, ctl, nslots = (int(x) for x in sys.argv[1:5])
-    config = pickle.loads(base64.b64decode(sys.argv[5]))
+    config = pickle.loads(binascii.a2b_base64(sys.argv[5]))
     # The template runs in its own session; Ctrl-C belongs to the user's program.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in config.preload:
@@ -47,6 +47,8 @@ def template_main():
 
 def _error_payload(codec, exc):
     """Pickles (exception, traceback text); an unpicklable exception travels as its repr."""
+    import traceback
+
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         return codec.dumps((exc, text))
@@ -59,6 +61,8 @@ def worker_main(memfd, slot, config):
         try:
             config.initializer(*config.initargs)
         except BaseException:
+            import traceback
+
             traceback.print_exc()
             return 1
     worker = _engine.Worker(memfd, slot)

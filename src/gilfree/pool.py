@@ -7,7 +7,7 @@ Threads in the parent:
 - one C thread (started by ``Engine.start_waiter``) sleeps in epoll without the GIL, wakes on
   results, worker exits and timeouts, and completes futures in batches (``_on_events``).
 """
-import base64
+import binascii
 import concurrent.futures
 import itertools
 import json
@@ -185,7 +185,7 @@ class Pool(PoolBase):
             str(doorbell),
             str(ctl),
             str(max_workers),
-            base64.b64encode(pickle.dumps(config, 5)).decode(),
+            binascii.b2a_base64(pickle.dumps(config, 5), newline=False).decode(),
             json.dumps(sys.path),
         ]
         env = [f"{k}={v}" for k, v in os.environ.items()]
@@ -374,13 +374,13 @@ class Pool(PoolBase):
 
 def _complete(future, value, error):
     """Sets a future's outcome unless it was cancelled meanwhile."""
-    with future._condition:
-        if future._state != PENDING:
-            return
-    if error is None:
-        future.set_result(value)
-    else:
-        future.set_exception(error)
+    try:
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _crash_error(pid, status):

@@ -1268,6 +1268,46 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
   }
 }
 
+static int is_large_buffer(PyObject *obj) {
+  if (PyBytes_CheckExact(obj))
+    return PyBytes_GET_SIZE(obj) >= GF_BLOCK_MIN;
+  if (PyMemoryView_Check(obj))
+    return PyMemoryView_GET_BUFFER(obj)->len >= GF_BLOCK_MIN;
+  return 0;
+}
+
+static int scan_items(PyObject *obj, int depth);
+
+static int scan_one(PyObject *obj, int depth) {
+  if (is_large_buffer(obj))
+    return 1;
+  return depth > 0 ? scan_items(obj, depth - 1) : 0;
+}
+
+static int scan_items(PyObject *obj, int depth) {
+  if (PyTuple_CheckExact(obj) || PyList_CheckExact(obj)) {
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject **items = PySequence_Fast_ITEMS(obj);
+    for (Py_ssize_t i = 0; i < n; i++)
+      if (scan_one(items[i], depth))
+        return 1;
+  } else if (PyDict_CheckExact(obj)) {
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(obj, &pos, &key, &value))
+      if (scan_one(value, depth))
+        return 1;
+  }
+  return 0;
+}
+
+/* has_large_buffer(obj) -> bool: obj, or an item up to three containers (tuple, list, dict)
+ * down, is a bytes or memoryview of at least OUT_OF_BAND_MIN bytes. Plain pickle would copy
+ * those in-band (bytes) or refuse them (memoryview). */
+static PyObject *has_large_buffer(PyObject *module, PyObject *obj) {
+  return PyBool_FromLong(scan_one(obj, 3));
+}
+
 /* rss() -> resident set size of this process in bytes. */
 static PyObject *rss(PyObject *module, PyObject *unused) {
   uint64_t bytes;
@@ -1280,6 +1320,7 @@ static PyObject *rss(PyObject *module, PyObject *unused) {
 static PyMethodDef module_methods[] = {
     {"serve_template", (PyCFunction)(void (*)(void))serve_template, METH_FASTCALL, NULL},
     {"rss", rss, METH_NOARGS, NULL},
+    {"has_large_buffer", has_large_buffer, METH_O, NULL},
     {NULL},
 };
 
