@@ -11,14 +11,13 @@ import sys
 import time
 import zlib
 
+import aiohttp
 import pytest
+from PIL import Image
 
-aiohttp = pytest.importorskip("aiohttp")
-from PIL import Image  # noqa: E402  (after the importorskip that also guards Pillow's extra)
-
-from gilfree.errors import UnsupportedInterpreter  # noqa: E402
-from gilfree.images import ops, samples  # noqa: E402
-from gilfree.images.spec import ImageError, parse  # noqa: E402
+from gilfree.errors import UnsupportedInterpreter
+from gilfree.images import ops, samples
+from gilfree.images.spec import ImageError, parse
 
 MP = 1_000_000
 
@@ -415,6 +414,9 @@ async def test_100_concurrent_requests_all_correct(service):
     assert results == [(200, (20 + i, round((20 + i) * 3 / 4))) for i in range(100)]
     text = await metrics(service.url)
     assert metric(text, 'requests_total{status="200"}') >= 100 and metric(text, "in_flight") == 0
+    if service.executor == "pool":  # bodies and results went through the pool's shared memory
+        assert metric(text, 'transferred_bytes_total{direction="in"}') > sum(map(len, sources)) * 20
+        assert metric(text, 'transferred_bytes_total{direction="out"}') > 0
 
 
 async def test_health_and_metrics(service):

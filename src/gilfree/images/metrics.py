@@ -48,6 +48,8 @@ class Metrics:
         series("busy_workers", "gauge", "Workers running a task now.", [("", stats["busy_workers"])])
         series("worker_restarts_total", "counter", "Workers replaced after a crash or a timeout.",
                [("", stats["restarts"])])
+        series("transferred_bytes_total", "counter", "Bytes handed to and from the workers (pool: its shared memory).",
+               [('{direction="in"}', stats["bytes_in"]), ('{direction="out"}', stats["bytes_out"])])
         if stats["workers"]:
             series("worker_busy", "gauge", "1 while the worker runs a task (pid: its current process).",
                    [(f'{{slot="{w["slot"]}",pid="{w["pid"]}"}}', int(w["busy"])) for w in stats["workers"]])
