@@ -248,7 +248,7 @@ class Pool(PoolBase):
     def _help(self, future):
         """Collects results in the calling thread while it would otherwise just wait."""
         if self._engine.spin(RESULT_SPIN_S):
-            self._on_events(self._engine.collect())
+            self._on_events(self._engine.collect(False))
 
     def _cancel(self, future):
         if self._engine.cancel(future._task_id):
@@ -258,6 +258,7 @@ class Pool(PoolBase):
 
     def _on_events(self, events):
         futures = self._futures
+        loads = pickle.loads
         for event in events:
             kind = event[0]
             if kind == _engine.EV_RESULT:
@@ -266,7 +267,7 @@ class Pool(PoolBase):
                 if future is None:
                     continue
                 try:
-                    value = Codec.loads(payload, views)
+                    value = loads(payload) if not views else Codec.loads(payload, views)
                 except BaseException as exc:
                     _complete(future, None, exc)
                     continue

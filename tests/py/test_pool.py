@@ -459,3 +459,15 @@ def test_ctrl_c_during_result_raises_quickly():
     _, err = proc.communicate(timeout=10)
     assert time.monotonic() - start < 1.0
     assert "KeyboardInterrupt" in err
+
+
+def test_template_death_breaks_pool_instead_of_hanging():
+    pool = gilfree.Pool(2)
+    running = pool.submit(f.sleep_then, 30)
+    busy_worker_pid(pool)
+    os.kill(pool._engine.template_pid, signal.SIGKILL)
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool, match="template"):
+        running.result(timeout=5)
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+        pool.submit(f.square, 2)
+    pool.shutdown()

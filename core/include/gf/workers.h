@@ -178,10 +178,12 @@ int gf_manager_wait(gf_manager *m, int64_t spin_ns, int64_t timeout_ns);
 /* Spins up to spin_ns on the response rings; 1 when results are waiting. For a thread that
  * waits for one result and would rather collect it itself than be woken. */
 int gf_manager_spin(gf_manager *m, int64_t spin_ns);
-/* Calls fn for every result and control event waiting, consumes them, kills workers whose
- * task ran past task_timeout, and hands queued tasks to workers with room. Several threads
- * may call it; drain_lock makes them take turns. Returns the number of events or -errno. */
-int gf_manager_collect(gf_manager *m, gf_event_fn fn, void *ctx);
+/* Calls fn for every result waiting and, with control set, every control event (spawns,
+ * deaths), consumes them, kills workers whose task ran past task_timeout, and hands queued
+ * tasks to workers with room. Several threads may call it; drain_lock makes them take turns.
+ * A thread collecting its own result passes control = 0 and saves the socket read.
+ * Returns the number of events or -errno. */
+int gf_manager_collect(gf_manager *m, int control, gf_event_fn fn, void *ctx);
 /* Wakes gf_manager_wait with -ECANCELED. */
 void gf_manager_stop(gf_manager *m);
 /* Allocates an arena block in the parent's region (thread-safe). */

@@ -817,14 +817,16 @@ static PyObject *owner_scan(ShmOwner *owner, PyObject *unused) {
   return PyLong_FromSsize_t(owner->shm.nmaps ? shm_scan(&owner->shm) : 0);
 }
 
-/* collect() -> list of events waiting now (results, spawns, deaths). */
-static PyObject *Engine_collect(EngineObject *self, PyObject *unused) {
+/* collect(control) -> list of events waiting now: results and, with control, spawns and
+ * deaths. */
+static PyObject *Engine_collect(EngineObject *self, PyObject *arg) {
   event_batch batch = {0};
   int rc;
-  if (engine_check(self) < 0)
+  int control = PyObject_IsTrue(arg);
+  if (control < 0 || engine_check(self) < 0)
     return NULL;
   Py_BEGIN_ALLOW_THREADS
-  rc = gf_manager_collect(&self->m, batch_add, &batch);
+  rc = gf_manager_collect(&self->m, control, batch_add, &batch);
   Py_END_ALLOW_THREADS
   PyObject *list = batch_to_list(self, &batch);
   free(batch.items);
@@ -860,7 +862,7 @@ static void *waiter_main(void *arg) {
       break;
     if (rc == 0)
       continue;
-    rc = gf_manager_collect(&self->m, batch_add, &batch);
+    rc = gf_manager_collect(&self->m, 1, batch_add, &batch);
     if (batch.n == 0)
       continue;
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -958,7 +960,7 @@ static PyMethodDef Engine_methods[] = {
     {"addref", (PyCFunction)owner_addref, METH_O, NULL},
     {"release", (PyCFunction)owner_release, METH_O, NULL},
     {"scan", (PyCFunction)owner_scan, METH_NOARGS, NULL},
-    {"collect", (PyCFunction)Engine_collect, METH_NOARGS, NULL},
+    {"collect", (PyCFunction)Engine_collect, METH_O, NULL},
     {"spin", (PyCFunction)Engine_spin, METH_O, NULL},
     {"start_waiter", (PyCFunction)Engine_start_waiter, METH_O, NULL},
     {"close", (PyCFunction)Engine_close, METH_O, NULL},
