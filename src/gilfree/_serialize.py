@@ -6,8 +6,6 @@ block it already lives in) and returns a reference tuple; received references ar
 ``bytes`` objects for exact bytes, ``SharedBuffer`` objects for everything else.
 """
 import io
-import os
-import itertools
 # _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
 import _pickle as pickle
 import weakref
@@ -122,63 +120,47 @@ class Codec:
 
 # ---------------------------------------------------------------- functions
 
-_by_value_keys = itertools.count(1)
-_function_cache = weakref.WeakKeyDictionary()  # fn -> _ByValue, or _BY_REFERENCE
-_BY_REFERENCE = object()
-_worker_functions = {}
+_blobs = weakref.WeakKeyDictionary()  # fn -> its pickled bytes
+_functions = {}  # worker side: pickled bytes -> fn
+_FUNCTIONS_KEPT = 1024
 
 
-def _load_by_value(key, blob):
-    """Worker side: unpickles a function sent by value once, then reuses it."""
-    fn = _worker_functions.get(key)
-    if fn is None:
-        fn = _worker_functions[key] = pickle.loads(blob)
-    return fn
-
-
-class _ByValue:
-    __slots__ = ("key", "blob")
-
-    def __init__(self, key, blob):
-        self.key = key
-        self.blob = blob
-
-    def __reduce__(self):
-        return _load_by_value, (self.key, self.blob)
-
-
-def _pickles_by_reference(fn):
+def _pickles_by_reference(fn, blob):
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "")
     if module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
         return False
-    try:
-        return b"__main__" not in pickle.dumps(fn, 5)
-    except Exception:
-        return False
+    return b"__main__" not in blob
 
 
-def encode_function(fn):
-    """What to pickle for fn: fn itself when workers can import it, otherwise a by-value
-    wrapper pickled once per function object (cloudpickle)."""
+def function_blob(fn):
+    """fn pickled once per function object: by reference when workers can import it, else by
+    value (cloudpickle: lambdas, closures, functions of __main__). Workers cache the function
+    under these bytes, so a task carries them but nobody unpickles them twice."""
     try:
-        encoded = _function_cache[fn]
+        return _blobs[fn]
     except (KeyError, TypeError):
         pass
-    else:
-        return fn if encoded is _BY_REFERENCE else encoded
-    if _pickles_by_reference(fn):
-        encoded = _BY_REFERENCE
-    else:
+    try:
+        blob = pickle.dumps(fn, 5)
+    except Exception:
+        blob = None
+    if blob is None or not _pickles_by_reference(fn, blob):
         import cloudpickle
 
-        encoded = _ByValue((_process_token(), next(_by_value_keys)), cloudpickle.dumps(fn, 5))
+        blob = cloudpickle.dumps(fn, 5)
     try:
-        _function_cache[fn] = encoded
+        _blobs[fn] = blob
     except TypeError:
-        pass  # not weak-referenceable: encoded again next time
-    return fn if encoded is _BY_REFERENCE else encoded
+        pass  # not weak-referenceable: pickled again next time
+    return blob
 
 
-def _process_token():
-    return os.getpid()
+def load_function(blob):
+    """Worker side: the function a blob names, unpickled once."""
+    fn = _functions.get(blob)
+    if fn is None:
+        if len(_functions) >= _FUNCTIONS_KEPT:
+            _functions.clear()
+        fn = _functions[blob] = pickle.loads(blob)
+    return fn

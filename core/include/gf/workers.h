@@ -59,15 +59,20 @@ typedef struct gf_segment {
   gf_slot slots[];
 } gf_segment;
 
-/* Header of every ring message. Buffers (gf_bufref) follow it, then the pickled payload. */
+/* Header of every ring message. Buffers (gf_bufref) follow it, then the payload: head_len
+ * bytes of head (a task's pickled function, which workers cache by these bytes) and the
+ * pickled body. */
 typedef struct gf_msg {
   uint64_t task_id;
   uint32_t kind;
   uint32_t nbufs;
   uint64_t payload_len;
+  uint32_t head_len;
+  uint32_t reserved;
 } gf_msg;
 
-enum { GF_MSG_TASK = 1, GF_MSG_RESULT = 2, GF_MSG_ERROR = 3 };
+/* TASK: fn(*args, **kwargs); CHUNK: fn over a list of items; RESULT, ERROR: a task's outcome. */
+enum { GF_MSG_TASK = 1, GF_MSG_CHUNK, GF_MSG_RESULT, GF_MSG_ERROR };
 
 /* An out-of-band buffer: len bytes at offset `at` inside the data of arena block `block`.
  * The message owns one reference to the block for each bufref. */
