@@ -256,6 +256,9 @@ static PyObject *shm_export(shm_t *shm, PyObject *obj) {
     return NULL;
   uint32_t flags = PyBytes_CheckExact(obj) ? GF_BUF_BYTES : 0;
   uint64_t len = (uint64_t)view.len;
+  /* Blocks that died since the last scan are free again: reuse them (their pages are warm). */
+  if (shm->nmaps)
+    shm_scan(shm);
   if (shm_locate(shm, view.buf, len, &block, &at) &&
       (!(flags & GF_BUF_BYTES) || (at == 0 && gf_block_at(shm->arena, block)->len == len))) {
     gf_block_incref(shm->arena, block);
@@ -267,6 +270,7 @@ static PyObject *shm_export(shm_t *shm, PyObject *obj) {
     }
     unsigned char *dst = gf_block_data(shm->arena, block);
     Py_BEGIN_ALLOW_THREADS
+    gf_arena_prefault(dst, len);
     memcpy(dst, view.buf, len);
     Py_END_ALLOW_THREADS
     dst[len] = 0;
@@ -1313,7 +1317,17 @@ static int is_large_buffer(PyObject *obj) {
     return PyBytes_GET_SIZE(obj) >= GF_BLOCK_MIN;
   if (PyMemoryView_Check(obj))
     return PyMemoryView_GET_BUFFER(obj)->len >= GF_BLOCK_MIN;
-  return 0;
+  if (!PyObject_CheckBuffer(obj) || PyUnicode_Check(obj))
+    return 0;
+  /* numpy arrays, bytearray, array.array, PickleBuffer... */
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_FULL_RO) < 0) {
+    PyErr_Clear();
+    return 0;
+  }
+  int large = view.len >= GF_BLOCK_MIN;
+  PyBuffer_Release(&view);
+  return large;
 }
 
 static int scan_items(PyObject *obj, int depth);
@@ -1342,8 +1356,8 @@ static int scan_items(PyObject *obj, int depth) {
 }
 
 /* has_large_buffer(obj) -> bool: obj, or an item up to three containers (tuple, list, dict)
- * down, is a bytes or memoryview of at least OUT_OF_BAND_MIN bytes. Plain pickle would copy
- * those in-band (bytes) or refuse them (memoryview). */
+ * down, exposes a buffer of at least OUT_OF_BAND_MIN bytes (bytes, memoryview, numpy array,
+ * bytearray...). Those go out-of-band; plain pickle would copy them in-band. */
 static PyObject *has_large_buffer(PyObject *module, PyObject *obj) {
   return PyBool_FromLong(scan_one(obj, 3));
 }
