@@ -499,7 +499,7 @@ static void gf_enforce_timeouts(gf_manager *m) {
   pthread_mutex_unlock(&m->lock);
 }
 
-int gf_manager_collect(gf_manager *m, gf_event_fn fn, void *ctx) {
+int gf_manager_collect(gf_manager *m, int control, gf_event_fn fn, void *ctx) {
   int total = 0, rc = 0;
   pthread_mutex_lock(&m->drain_lock);
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
@@ -507,10 +507,12 @@ int gf_manager_collect(gf_manager *m, gf_event_fn fn, void *ctx) {
       goto done;
     total += rc;
   }
-  if ((rc = gf_read_control(m, fn, ctx)) < 0)
-    goto done;
-  total += rc;
-  gf_enforce_timeouts(m);
+  if (control) {
+    if ((rc = gf_read_control(m, fn, ctx)) < 0)
+      goto done;
+    total += rc;
+    gf_enforce_timeouts(m);
+  }
   pthread_mutex_lock(&m->lock);
   uint64_t wake = gf_dispatch_pending(m);
   pthread_mutex_unlock(&m->lock);

@@ -12,9 +12,10 @@ import os
 import _pickle as pickle
 import signal
 import sys
+import time
 
 from . import _engine
-from ._serialize import Codec
+from ._serialize import Codec, load_function
 
 # A worker that just finished a task polls briefly for the next one before sleeping.
 NEXT_TASK_SPIN_S = 50e-6
@@ -72,12 +73,16 @@ def worker_main(memfd, slot, config):
         task = worker.next(NEXT_TASK_SPIN_S)
         if task is None:
             return 0  # the template is gone
-        task_id, (payload, views) = task
+        task_id, (kind, head, body, views) = task
         try:
-            fn, args, kwargs = Codec.loads(payload, views)
-            del payload, views
-            result = fn(*args, **kwargs)
-            del fn, args, kwargs
+            fn = load_function(head)
+            args = Codec.loads(body, views)
+            del body, views
+            if kind == _engine.MSG_CHUNK:
+                result = run_chunk(fn, *args)
+            else:
+                result = fn(*args[0], **args[1])
+            del fn, args
             try:
                 data, refs = codec.dumps(result)
                 ok = True
@@ -98,3 +103,24 @@ def worker_main(memfd, slot, config):
         ):
             worker.retire()
             return 0
+
+
+def run_chunk(fn, items, star):
+    """Runs fn over items in order (fn(*item) when star). Returns (results, error, elapsed):
+    error is None or (exception, traceback text) for the first item that raised."""
+    results = []
+    append = results.append
+    start = time.perf_counter()
+    try:
+        if star:
+            for item in items:
+                append(fn(*item))
+        else:
+            for item in items:
+                append(fn(item))
+    except Exception as exc:
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return results, (exc, text), time.perf_counter() - start
+    return results, None, time.perf_counter() - start
