@@ -181,6 +181,16 @@ def test_exif_orientation_with_draft_mode_resize():
     assert image.size == (125, 250)
 
 
+@pytest.mark.parametrize("query", ["w=512&h=512&fit=inside", "w=512&h=512&fit=cover", "w=300", "h=77",
+                                   "w=500&h=90&fit=fill", "w=256&h=256&fit=contain", "w=100&h=400&fit=cover"])
+def test_draft_decoding_gives_the_same_size_as_full_decoding(query):
+    picture = samples.photo(7, size=(2048, 1365))
+    from_jpeg, _, _ = run(encode(picture, "JPEG"), query)  # decoded shrunk (draft mode)
+    from_png, _, _ = run(encode(picture, "PNG"), query)  # decoded whole
+    assert from_jpeg.size == from_png.size
+    assert from_jpeg.size[0] * 2 < 2048  # the case draft mode exists for
+
+
 def test_icc_profile_kept():
     profile = b"fake-icc-profile-bytes" * 8
     source = encode(halves(), "JPEG", icc_profile=profile)

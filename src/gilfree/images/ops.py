@@ -34,7 +34,9 @@ def transform(source, spec):
     image = _open(source, spec)
     fmt = spec.format or _default_format(image.format)
     try:
-        _draft(image, spec)
+        quarter_turn = image.getexif().get(_ORIENTATION_TAG) in _SWAPS_SIDES
+        full = image.size[::-1] if quarter_turn else image.size  # upright, before any draft shrink
+        _draft(image, spec, full, quarter_turn)
         image.load()
         image = ImageOps.exif_transpose(image)
     except _CORRUPT as exc:
@@ -42,7 +44,8 @@ def transform(source, spec):
     icc = image.info.get("icc_profile")
     if spec.crop:
         image = _crop(image, spec.crop)
-    image = _resize(image, spec)
+        full = image.size
+    image = _resize(image, spec, full)
     if spec.rotate:
         image = image.transpose(_ROTATE_CLOCKWISE[spec.rotate])
     if spec.flip:
@@ -89,22 +92,18 @@ def _default_format(source_format):
     return name if name in MIME else "png"
 
 
-def _draft(image, spec):
+def _draft(image, spec, full, quarter_turn):
     """Lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is at least twice smaller."""
     if image.format != "JPEG" or spec.crop or not (spec.w or spec.h):
         return
-    width, height = image.size
-    quarter_turn = image.getexif().get(_ORIENTATION_TAG) in _SWAPS_SIDES
-    if quarter_turn:
-        width, height = height, width
-    target = _target_size((width, height), spec)
+    width, height = full
+    target = _target_size(full, spec)
     # cover and fill need the source to cover the box on both sides; contain and inside on one.
     scale = (max if spec.fit in ("cover", "fill") else min)(target[0] / width, target[1] / height)
-    # Twice the needed size keeps the final Lanczos step's quality (Pillow's thumbnail does the same).
-    need = (width * scale * 2, height * scale * 2)
-    if quarter_turn:
-        need = need[::-1]
-    image.draft(image.mode, (max(1, int(need[0])), max(1, int(need[1]))))
+    # libjpeg's scaled IDCT filters as it shrinks, so decoding straight to the smallest scale that
+    # still covers the target (as libvips' shrink-on-load does) leaves Lanczos a small final step.
+    need = (max(1, int(width * scale)), max(1, int(height * scale)))
+    image.draft(image.mode, need[::-1] if quarter_turn else need)
 
 
 def _target_size(size, spec):
@@ -127,11 +126,12 @@ def _crop(image, box):
     return image.crop((x, y, x + w, y + h))
 
 
-def _resize(image, spec):
-    target = _target_size(image.size, spec)
+def _resize(image, spec, full):
+    """Sizes come from the full upright size, so a draft-shrunk decode gives the same output size."""
+    target = _target_size(full, spec)
     if target is None:
         return image
-    width, height = image.size
+    width, height = full
     box_w, box_h = target
     if box_w * box_h > spec.max_pixels or max(box_w, box_h) > MAX_SIDE:
         raise ImageError(422, "output_too_large", f"the output would be {box_w}x{box_h} pixels")
@@ -141,7 +141,9 @@ def _resize(image, spec):
         scale = max(box_w / width, box_h / height)
         crop_w, crop_h = box_w / scale, box_h / scale
         left, top = (width - crop_w) / 2, (height - crop_h) / 2
-        return _lanczos(image, (box_w, box_h), (left, top, left + crop_w, top + crop_h))
+        shrink_x, shrink_y = image.width / width, image.height / height  # the draft's, else 1
+        box = (left * shrink_x, top * shrink_y, (left + crop_w) * shrink_x, (top + crop_h) * shrink_y)
+        return _lanczos(image, (box_w, box_h), box)
     scale = min(box_w / width, box_h / height)
     inner = (max(1, round(width * scale)), max(1, round(height * scale)))
     image = _lanczos(image, inner)
