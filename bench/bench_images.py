@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,8 +163,9 @@ class HealthProbe(threading.Thread):
         self.join()
 
 
-def lua_script(path, method, urls, root):
-    """A wrk script cycling through urls (GET) or posting each image's bytes in turn (POST)."""
+def lua_script(path, method, urls, root, latency_out):
+    """A wrk script cycling through urls (GET) or posting each image's bytes in turn (POST); at the
+    end it writes wrk's raw latency histogram (microseconds, count) to latency_out."""
     if method == "GET":
         body = "local urls = {%s}\n" % ", ".join(json.dumps(u) for u in urls)
         body += ("local i = 0\nrequest = function()\n  i = i + 1\n"
@@ -178,44 +178,73 @@ def lua_script(path, method, urls, root):
                 "local i = 0\nrequest = function()\n  i = i + 1\n"
                 f"  return wrk.format('POST', '/v1/transform?{query}', "
                 "{['Content-Type'] = 'image/jpeg'}, bodies[(i % #bodies) + 1])\nend\n")
+    body += (f"done = function(summary, latency, requests)\n  local f = io.open({json.dumps(str(latency_out))}, 'w')\n"
+             "  for k = 1, #latency do local v, c = latency(k); f:write(v .. ' ' .. c .. '\\n') end\n"
+             "  f:close()\nend\n")
     Path(path).write_text(body)
 
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
-
-
-def run_wrk(port, script, duration, connections):
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "--latency", "-s", script,
+def run_wrk(port, script, latency_out, duration, connections):
+    """One wrk run: requests, seconds, errors and the latency samples (ms, count)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "-s", str(script),
            f"http://127.0.0.1:{port}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-
-    def latency(pct):
-        value, unit = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M).groups()
-        return float(value) * _UNITS[unit]
-
+    requests, seconds, unit = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out).groups()
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": latency(50), "p99_ms": latency(99),
-            "errors": (int(non_2xx.group(1)) if non_2xx else 0) +
-                      (sum(map(int, socket_errors.groups())) if socket_errors else 0)}
+    latencies = [(int(v) / 1000, int(c)) for v, c in (line.split() for line in Path(latency_out).read_text().splitlines())]
+    return {"requests": int(requests), "seconds": float(seconds) * {"ms": 1e-3, "s": 1, "m": 60}[unit],
+            "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0),
+            "latencies": latencies}
 
 
-def measure(server, method, urls, root, workdir, duration, connections):
-    script = Path(workdir) / "load.lua"
-    lua_script(script, method, urls, root)
-    run_wrk(server.port, script, 2, connections)  # warm-up: workers started, caches filled
-    probe = HealthProbe(server.port, server.health_path)
-    cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
-    probe.start()
-    result = run_wrk(server.port, script, duration, connections)
-    probe.stop()
-    result["cpu_cores"] = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
-    lat = sorted(probe.latencies)
-    result["health_p99_ms"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
-    result["health_median_ms"] = statistics.median(lat) if lat else float("nan")
-    result["health_failures"] = probe.failures
-    return result
+def percentile(weighted, fraction):
+    """weighted: (value, count) pairs."""
+    ordered = sorted(weighted)
+    total = sum(count for _, count in ordered)
+    if not total:
+        return float("nan")
+    rank, seen = fraction * total, 0
+    for value, count in ordered:
+        seen += count
+        if seen >= rank:
+            return value
+    return ordered[-1][0]
+
+
+class Load:
+    """One (system, workload): its wrk script, and what every round of it measured."""
+
+    def __init__(self, system, workload, server, names, root, workdir):
+        kind, self.method = SYSTEMS[system]
+        self.system, self.workload, self.server = system, workload, server
+        self.script = Path(workdir) / f"{system.replace('/', '_')}_{workload}.lua"
+        self.latency_out = self.script.with_suffix(".lat")
+        lua_script(self.script, self.method, urls_for(kind, workload, names), root, self.latency_out)
+        self.runs, self.health, self.health_failures, self.cpu, self.wall = [], [], 0, 0.0, 0.0
+
+    def warm_up(self, connections):
+        run_wrk(self.server.port, self.script, self.latency_out, 2, connections)
+
+    def round(self, duration, connections):
+        probe = HealthProbe(self.server.port, self.server.health_path)
+        cpu_before, wall_before = self.server.cpu_seconds(), time.monotonic()
+        probe.start()
+        self.runs.append(run_wrk(self.server.port, self.script, self.latency_out, duration, connections))
+        probe.stop()
+        self.cpu += self.server.cpu_seconds() - cpu_before
+        self.wall += time.monotonic() - wall_before
+        self.health += probe.latencies
+        self.health_failures += probe.failures
+
+    def result(self):
+        latencies = [sample for run in self.runs for sample in run["latencies"]]
+        health = [(ms, 1) for ms in self.health]
+        return {"rps": sum(r["requests"] for r in self.runs) / sum(r["seconds"] for r in self.runs),
+                "p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
+                "errors": sum(r["errors"] for r in self.runs), "cpu_cores": self.cpu / self.wall,
+                "health_p99_ms": percentile(health, 0.99), "health_median_ms": percentile(health, 0.5),
+                "health_failures": self.health_failures, "rounds": len(self.runs)}
 
 
 def urls_for(kind, workload, names):
@@ -234,7 +263,10 @@ def free_port():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=15, help="seconds of load per measurement")
+    parser.add_argument("--duration", type=int, default=15, help="seconds of load per system and workload")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the duration is split into rounds, interleaved across systems, so that other "
+                             "load on a shared machine falls on every system alike")
     parser.add_argument("--images", type=int, default=24, help="distinct 2K photos (at least 20)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--json", help="also write the results here")
@@ -243,7 +275,8 @@ def main(argv=None):
         sys.exit("bench_images: wrk is missing; install it with: apt-get install -y wrk")
     systems = args.systems.split(",")
     connections = 2 * CORES
-    results, notes = {}, []
+    notes = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir) / "images"
         root.mkdir()
@@ -255,24 +288,34 @@ def main(argv=None):
             if why:
                 notes.append(f"thumbor not measured: {why}")
                 systems.remove("thumbor")
-        for system in systems:
-            kind, method = SYSTEMS[system]
-            server = Server(kind, root, free_port(), thumbor_exe, workdir)
-            try:
-                for workload in WORKLOADS:
-                    print(f"  {LABELS[system]:32} {workload:10} ...", end="", flush=True)
-                    result = measure(server, method, urls_for(kind, workload, names), root, workdir,
-                                     args.duration, connections)
-                    results[(system, workload)] = result
-                    print(f" {result['rps']:.1f} req/s", flush=True)
-            finally:
+        servers = {}
+        try:
+            # Every server runs from the start (idle ones cost nothing) so the rounds can interleave.
+            for system in systems:
+                kind = SYSTEMS[system][0]
+                if kind not in servers:
+                    servers[kind] = Server(kind, root, free_port(), thumbor_exe, workdir)
+            loads = [Load(system, workload, servers[SYSTEMS[system][0]], names, root, workdir)
+                     for workload in WORKLOADS for system in systems]
+            for load in loads:
+                load.warm_up(connections)  # workers started, code and files warm
+            seconds = max(1, round(args.duration / args.rounds))
+            for number in range(args.rounds):
+                print(f"round {number + 1}/{args.rounds}: " + ", ".join(f"{LABELS[load.system]} {load.workload}"
+                                                                        for load in loads), flush=True)
+                for load in loads:
+                    load.round(seconds, connections)
+        finally:
+            for server in servers.values():
                 server.stop()
-    report(results, notes, connections, args)
+    notes.append(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+                 f"(this benchmark alone adds about {connections // 2 + 1}); other work on the machine took CPU")
+    report({(load.system, load.workload): load.result() for load in loads}, notes, connections, args)
 
 
 def report(results, notes, connections, args):
-    print(f"\nbench_images: {CORES} cores, concurrency {connections} (wrk), {args.duration} s per run, "
-          f"{args.images} distinct 2K photos; machine shared, one run")
+    print(f"\nbench_images: {CORES} cores, concurrency {connections} (wrk), {args.duration} s per system and "
+          f"workload in {args.rounds} interleaved rounds, {args.images} distinct 2K photos; machine shared, one run")
     header = (f"{'workload':10} {'system':32} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU':>5} "
               f"{'health p99':>10} {'errors':>6} {'vs threads':>10} {'vs thumbor':>10}")
     print(header)
