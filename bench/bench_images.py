@@ -308,8 +308,8 @@ def main(argv=None):
         finally:
             for server in servers.values():
                 server.stop()
-    notes.append(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-                 f"(this benchmark alone adds about {connections // 2 + 1}); other work on the machine took CPU")
+    notes.append(f"1-minute load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it "
+                 "(the benchmark's own load included)")
     report({(load.system, load.workload): load.result() for load in loads}, notes, connections, args)
 
 
