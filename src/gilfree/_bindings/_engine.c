@@ -891,6 +891,8 @@ static PyObject *Engine_spin(EngineObject *self, PyObject *arg) {
   return PyBool_FromLong(found);
 }
 
+#define WAITER_SPIN_NS 5000
+
 static void *waiter_main(void *arg) {
   EngineObject *self = arg;
   event_batch batch = {0};
@@ -899,7 +901,8 @@ static void *waiter_main(void *arg) {
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, NULL);
   for (;;) {
-    int rc = gf_manager_wait(&self->m, 20000, -1);
+    /* A short spin only: threads waiting in Future.result() poll for themselves. */
+    int rc = gf_manager_wait(&self->m, WAITER_SPIN_NS, -1);
     if (rc == -ECANCELED)
       break;
     if (rc == 0)
