@@ -10,7 +10,6 @@ Threads in the parent:
 import binascii
 import concurrent.futures
 import itertools
-import json
 import os
 import pickle
 import sys
@@ -34,8 +33,8 @@ RESULT_SPIN_S = 200e-6
 MAX_START_FAILURES = 3
 # The template must find gilfree (and the user's modules) on the parent's sys.path.
 _TEMPLATE_CODE = (
-    "import sys, json; sys.path[:] = json.loads(sys.argv[6]); "
-    "from gilfree._worker import template_main; template_main()"
+    "import sys; sys.path[:] = sys.argv[6:]; from gilfree._worker import template_main; "
+    "template_main()"
 )
 
 
@@ -243,7 +242,7 @@ class Pool(PoolBase):
             str(ctl),
             str(max_workers),
             binascii.b2a_base64(_pickle_config(config), newline=False).decode(),
-            json.dumps(sys.path),
+            *sys.path,
         ]
         env = [f"{k}={v}" for k, v in os.environ.items()]
         self._engine.start_template(sys.executable, argv, env)
