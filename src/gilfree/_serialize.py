@@ -12,11 +12,6 @@ import weakref
 
 from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
 
-# An in-band payload this large probably carries large buffers (bytes deeper than
-# has_large_buffer looks, numpy arrays): worth a second pass that sends them out-of-band.
-_REPICKLE_ABOVE = 4 * OUT_OF_BAND_MIN
-
-
 def _memoryview_reduce(view):
     return memoryview, (pickle.PickleBuffer(view),)
 
@@ -61,13 +56,14 @@ class Codec:
     def dumps(self, obj):
         """Returns (payload, refs); refs hold arena references until the message is sent."""
         if not has_large_buffer(obj):
-            # Small messages, the common case: plain pickle, nothing out-of-band.
+            # No large buffer within three levels, the common case: plain pickle. (One deeper
+            # still works, copied in-band.)
             try:
                 payload = pickle.dumps(obj, 5)
             except (TypeError, pickle.PicklingError, AttributeError):
                 pass  # a memoryview, or something only cloudpickle can do
             else:
-                if len(payload) < _REPICKLE_ABOVE and b"__main__" not in payload:
+                if b"__main__" not in payload:
                     return payload, []
         return self._dumps_large(obj)
 
