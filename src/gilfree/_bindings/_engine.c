@@ -464,6 +464,7 @@ static void SharedBuffer_dealloc(SharedBufferObject *self) {
   Py_DECREF(tp);
 }
 
+/* nbytes -> int. Returns a new reference. */
 static PyObject *SharedBuffer_len(SharedBufferObject *self, void *closure) {
   return PyLong_FromUnsignedLongLong(self->len);
 }
@@ -821,6 +822,7 @@ static PyObject *owner_view(ShmOwner *owner, PyObject *const *args, Py_ssize_t n
   return shm_view(owner, &ref);
 }
 
+/* Engine.view: see owner_view. Returns a new reference. */
 static PyObject *Engine_view(EngineObject *self, PyObject *const *args, Py_ssize_t nargs) {
   if (engine_check(self) < 0)
     return NULL;
@@ -988,6 +990,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
   return list;
 }
 
+/* queued() -> tasks waiting in the parent's queue. Returns a new reference. */
 static PyObject *Engine_queued(EngineObject *self, PyObject *unused) {
   if (engine_check(self) < 0)
     return NULL;
@@ -1014,6 +1017,7 @@ static PyMethodDef Engine_methods[] = {
     {NULL},
 };
 
+/* template_pid -> pid of the template process (0 before start). Returns a new reference. */
 static PyObject *Engine_template_pid(EngineObject *self, void *closure) {
   return PyLong_FromLong(self->initialized ? self->m.template_pid : 0);
 }
@@ -1156,10 +1160,12 @@ static PyObject *Worker_reply(WorkerObject *self, PyObject *const *args, Py_ssiz
   Py_RETURN_NONE;
 }
 
+/* Worker.export: see shm_export. Returns a new reference. */
 static PyObject *Worker_export(WorkerObject *self, PyObject *obj) {
   return shm_export(&self->shm, obj);
 }
 
+/* Worker.view: see owner_view. Returns a new reference. */
 static PyObject *Worker_view(WorkerObject *self, PyObject *const *args, Py_ssize_t nargs) {
   return owner_view((ShmOwner *)self, args, nargs);
 }
