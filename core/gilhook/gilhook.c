@@ -7,8 +7,12 @@
  *             [when a drop was requested: lock(switch_mutex) [wait(switch_cond)] unlock(..)]
  * So signal(switch_cond) marks an acquisition and signal(cond) a release, whatever state the
  * thread was in when the hooks went in; lock(mutex) by a non-holder starts a wait; lock of
- * switch_mutex right after a release means the release was forced; unlock(mutex) while still
- * waiting means take_gil gave up (thread exit at shutdown). */
+ * unlock(mutex) while still waiting means take_gil gave up (thread exit at shutdown).
+ *
+ * A release that answers a drop request (asked by a waiter whose interval expired, or by
+ * priority) is forced: the thread wants the GIL back at once, so when its next take_gil comes
+ * within GF_HANDOVER_NS (drop_gil's hand-over wait, or the OS running something else first),
+ * its wait is counted from the release. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -25,6 +29,7 @@
 #define GF_CHUNK_EVENTS 4096
 #define GF_SLOTS_PER_FUNCTION 4
 #define GF_PRIORITY_SLOTS (2 * GF_GILHOOK_MAX_PRIORITY + 1)
+#define GF_HANDOVER_NS 20000000ull
 /* Longest a thread defers, per wait, to a higher-priority waiter before taking the GIL anyway. */
 #define GF_DEFER_NS 5000000ull
 
@@ -52,11 +57,12 @@ struct gf_thread {
   int priority;        /* written by its owner or by reset_priorities; atomic */
   /* Owner-only fields. */
   int contended; /* the current wait had to sleep */
-  int released;  /* last hooked GIL call was a release (a lock of switch_mutex now = forced) */
+  uint64_t forced_at; /* time of its last release if that was forced, else 0 */
   int wait_slot; /* gf.waiting[] slot counted for the current wait, -1 if none */
   unsigned wait_generation;
   uint64_t defer_ns; /* deferral used in the current wait */
   struct gf_thread *asked; /* the holder this wait already asked to drop */
+  uint32_t took_from;      /* see gf_gilhook_took_from */
   struct gf_chunk *tail;
   /* Set once by the owner (release); the drainer starts from it. */
   struct gf_chunk *head;
@@ -85,8 +91,8 @@ static struct {
   int installed;
   unsigned generation;
   struct gf_thread *threads;
-  /* Written only under the GIL's mutex (at acquire/release), read by waiters holding it. */
-  struct gf_thread *holder, *last_holder;
+  /* Written only under the GIL's mutex (at acquire/release/request), read holding it. */
+  struct gf_thread *holder, *last_holder, *asked_holder;
   int cond_clock; /* the clock of the GIL's cond, learned from take_gil's deadline; -1 unknown */
   int tracing;
   size_t budget, used;
@@ -191,7 +197,7 @@ static struct gf_thread *gf_thread_self(void) {
     GF_STORE(t->generation, generation);
     GF_STORE(t->state, GF_GIL_UNKNOWN);
     gf_write_end(t);
-    t->released = 0;
+    t->forced_at = 0;
     t->wait_slot = -1;
   }
   return t;
@@ -204,7 +210,7 @@ static void gf_begin_wait(struct gf_thread *t, uint64_t since) {
   GF_STORE(t->since_ns, since);
   gf_write_end(t);
   t->contended = 0;
-  t->released = 0;
+  t->forced_at = 0;
   t->defer_ns = 0;
   t->asked = NULL;
   t->wait_slot = gf_slot_of(GF_LOAD(t->priority));
@@ -231,6 +237,9 @@ static void gf_on_acquire(struct gf_thread *t) {
     GF_ADD(t->waits, (uint64_t)t->contended);
   }
   GF_ADD(t->acquisitions, 1);
+  t->took_from = state == GF_GIL_WANT && t->contended && gf.last_holder && gf.last_holder != t
+                     ? gf.last_holder->tid
+                     : 0;
   if (gf.last_holder != t)
     GF_ADD(t->switches_in, 1);
   GF_STORE(t->state, GF_GIL_HELD);
@@ -238,21 +247,26 @@ static void gf_on_acquire(struct gf_thread *t) {
   gf_write_end(t);
   gf_end_wait_slot(t);
   gf.last_holder = gf.holder = t;
-  t->released = 0;
-  gf_emit_at(t, GF_GIL_ACQUIRE, now);
+  gf.asked_holder = NULL;
+  gf_emit_at(t, GF_GIL_ACQUIRE | (state == GF_GIL_WANT && t->contended ? GF_GIL_CONTENDED : 0), now);
 }
 
 static void gf_on_release(struct gf_thread *t) {
   uint64_t now = gf_gilhook_now_ns();
+  int forced = gf.asked_holder == t;
   gf_write_begin(t);
   if (t->state == GF_GIL_HELD)
     GF_ADD(t->held_ns, now - t->since_ns);
+  GF_ADD(t->forced, (uint64_t)forced);
   GF_STORE(t->state, GF_GIL_FREE);
   GF_STORE(t->since_ns, now);
   gf_write_end(t);
   gf.holder = NULL;
-  t->released = 1;
+  gf.asked_holder = NULL;
+  t->forced_at = forced ? now : 0;
   gf_emit_at(t, GF_GIL_RELEASE, now);
+  if (forced)
+    gf_emit_at(t, GF_GIL_FORCED, now);
 }
 
 static int gf_higher_waiting(int priority) {
@@ -264,6 +278,7 @@ static int gf_higher_waiting(int priority) {
 
 /* Counts one drop request of t's current wait against `holder`. */
 static void gf_count_request(struct gf_thread *t, struct gf_thread *holder) {
+  gf.asked_holder = holder;
   if (t->asked == holder)
     return;
   t->asked = holder;
@@ -326,18 +341,11 @@ static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
   struct gf_thread *t = NULL;
   if (mutex == gf.targets.mutex) {
     t = gf_thread_self();
-    if (t != NULL && t->state != GF_GIL_HELD)
-      gf_begin_wait(t, gf_gilhook_now_ns());
-  } else if (mutex == gf.targets.switch_mutex) {
-    t = gf_thread_self();
-    if (t != NULL && t->released) {
-      t->released = 0;
-      gf_write_begin(t);
-      GF_ADD(t->forced, 1);
-      gf_write_end(t);
-      gf_emit_at(t, GF_GIL_FORCED, gf_gilhook_now_ns());
+    if (t != NULL && t->state != GF_GIL_HELD) {
+      uint64_t now = gf_gilhook_now_ns();
+      int handover = t->forced_at != 0 && now - t->forced_at <= GF_HANDOVER_NS;
+      gf_begin_wait(t, handover ? t->forced_at : now);
     }
-    t = NULL;
   }
   int rc = gf.mutex_lock(mutex);
   if (t != NULL && rc == 0 && t->state == GF_GIL_WANT) {
@@ -347,19 +355,23 @@ static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
   return rc;
 }
 
+/* Ends a wait that did not take the GIL (take_gil gives up when the thread must exit). */
+static void gf_end_wait_without_gil(struct gf_thread *t) {
+  uint64_t now = gf_gilhook_now_ns();
+  gf_write_begin(t);
+  GF_ADD(t->wait_ns, now - t->since_ns);
+  GF_STORE(t->state, GF_GIL_FREE);
+  GF_STORE(t->since_ns, now);
+  gf_write_end(t);
+  gf_end_wait_slot(t);
+  gf_emit_at(t, GF_GIL_ABORT, now);
+}
+
 static int gf_hook_mutex_unlock(pthread_mutex_t *mutex) {
   if (mutex == gf.targets.mutex) {
     struct gf_thread *t = gf_thread_self();
-    if (t != NULL && t->state == GF_GIL_WANT) {
-      uint64_t now = gf_gilhook_now_ns();
-      gf_write_begin(t);
-      GF_ADD(t->wait_ns, now - t->since_ns);
-      GF_STORE(t->state, GF_GIL_FREE);
-      GF_STORE(t->since_ns, now);
-      gf_write_end(t);
-      gf_end_wait_slot(t);
-      gf_emit_at(t, GF_GIL_ABORT, now);
-    }
+    if (t != NULL && t->state == GF_GIL_WANT)
+      gf_end_wait_without_gil(t);
   }
   return gf.mutex_unlock(mutex);
 }
@@ -544,9 +556,9 @@ static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, 
   s->priority = GF_LOAD(t->priority);
 }
 
-void gf_gilhook_foreach_thread(int (*fn)(const struct gf_gilhook_thread_stats *, void *),
+void gf_gilhook_foreach_thread(uint64_t now,
+                               int (*fn)(const struct gf_gilhook_thread_stats *, void *),
                                void *arg) {
-  uint64_t now = gf_gilhook_now_ns();
   for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = t->next) {
     struct gf_gilhook_thread_stats s;
     gf_snapshot(t, &s, now);
@@ -589,6 +601,11 @@ size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap) {
 }
 
 uint64_t gf_gilhook_dropped(void) { return __atomic_load_n(&gf.dropped, __ATOMIC_RELAXED); }
+
+uint32_t gf_gilhook_took_from(void) {
+  struct gf_thread *t = gf_self;
+  return t == NULL || t == &gf_exited ? 0 : t->took_from;
+}
 
 int gf_gilhook_set_priority(int level) {
   struct gf_thread *t = gf_thread_self();

@@ -90,7 +90,7 @@ static int find_tid_visit(const struct gf_gilhook_thread_stats *s, void *arg) {
 
 static struct gf_gilhook_thread_stats stats_of(uint32_t tid) {
   struct find_tid f = {.tid = tid};
-  gf_gilhook_foreach_thread(find_tid_visit, &f);
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), find_tid_visit, &f);
   return f.stats;
 }
 
@@ -139,9 +139,10 @@ GF_TEST(gilhook_accounts_held_wait_and_forced_switches) {
   fx.drop(&main_state);
   gf_gilhook_tracing(-1, 1 << 20);
 
-  /* One of the two held the fixture GIL all along, but for the hand-overs. */
+  /* One of the two held the fixture GIL nearly all along (hand-overs and the worker's exit
+   * aside; precision is checked in pytest against ground truth). */
   GF_CHECK(ws.held_ns + ms.held_ns <= elapsed);
-  GF_CHECK(ws.held_ns + ms.held_ns >= elapsed * 9 / 10);
+  GF_CHECK(ws.held_ns + ms.held_ns >= elapsed * 3 / 4);
   GF_CHECK(ws.acquisitions >= 3);
   GF_CHECK(ws.waits >= 1);
   GF_CHECK(ws.timeouts >= 1);
@@ -158,14 +159,14 @@ GF_TEST(gilhook_accounts_held_wait_and_forced_switches) {
     if (events[i].tid != w.tid)
       continue;
     GF_CHECK(events[i].t_ns >= last_t);
-    if (events[i].kind == GF_GIL_ACQUIRE) {
+    if ((events[i].kind & ~GF_GIL_CONTENDED) == GF_GIL_ACQUIRE) {
       GF_CHECK_EQ(last_kind, GF_GIL_WAIT);
       acquires++;
     }
     if (events[i].kind == GF_GIL_RELEASE)
       GF_CHECK_EQ(last_kind, GF_GIL_ACQUIRE);
     last_t = events[i].t_ns;
-    last_kind = events[i].kind;
+    last_kind = events[i].kind & ~GF_GIL_CONTENDED;
   }
   GF_CHECK_EQ(acquires, ws.acquisitions);
   GF_CHECK_EQ(last_kind, GF_GIL_EXIT);
@@ -241,7 +242,7 @@ GF_TEST(gilhook_lower_priority_waiter_lets_the_higher_one_take_first) {
   size_t n = gf_gilhook_drain(events, 4096);
   uint64_t low_at = 0, high_at = 0;
   for (size_t i = 0; i < n; i++) {
-    if (events[i].kind != GF_GIL_ACQUIRE)
+    if ((events[i].kind & ~GF_GIL_CONTENDED) != GF_GIL_ACQUIRE)
       continue;
     if (events[i].tid == low.tid)
       low_at = events[i].t_ns;

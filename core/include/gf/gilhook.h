@@ -32,15 +32,18 @@ enum gf_gilhook_kind {
   GF_GIL_WAIT = 1, /* the thread starts waiting for the GIL */
   GF_GIL_ACQUIRE,  /* it holds the GIL from now on */
   GF_GIL_RELEASE,  /* it released the GIL */
-  GF_GIL_FORCED,   /* the previous release answered a drop request */
+  GF_GIL_FORCED,   /* the release just before answered a drop request */
   GF_GIL_ABORT,    /* it stopped waiting without the GIL (thread exit at shutdown) */
   GF_GIL_EXIT,     /* the thread ended */
 };
 
+/* Set in an ACQUIRE event's kind when the thread had to wait for another holder. */
+#define GF_GIL_CONTENDED 0x100u
+
 struct gf_gilhook_event {
   uint64_t t_ns; /* CLOCK_MONOTONIC */
   uint32_t tid;  /* kernel thread id (threading.get_native_id()) */
-  uint32_t kind; /* enum gf_gilhook_kind */
+  uint32_t kind; /* enum gf_gilhook_kind, | GF_GIL_CONTENDED */
 };
 
 enum gf_gilhook_state { GF_GIL_UNKNOWN, GF_GIL_FREE, GF_GIL_WANT, GF_GIL_HELD };
@@ -53,8 +56,7 @@ struct gf_gilhook_thread_stats {
   uint64_t acquisitions; /* every take of the GIL */
   uint64_t waits;        /* takes that had to wait for another holder */
   uint64_t switches_in;  /* takes that followed a different holder */
-  uint64_t forced;       /* releases that found a drop request still pending (a lower bound:
-                            the new holder may clear the request first) */
+  uint64_t forced;       /* releases that answered a drop request */
   uint64_t drop_requests; /* times this waiter asked the holder to drop (interval expired, or
                              priority) */
   uint64_t timeouts;     /* switch intervals that expired while waiting */
@@ -74,8 +76,10 @@ int gf_gilhook_installed(void);
 /* 1 when every slot holds the value install found (or nothing is installed), else 0. */
 int gf_gilhook_slots_restored(void);
 
-/* Calls fn for every thread record seen so far (until it returns nonzero). */
-void gf_gilhook_foreach_thread(int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg);
+/* Calls fn for every thread record seen so far (until it returns nonzero), with the
+ * in-progress interval counted up to now_ns (gf_gilhook_now_ns()). */
+void gf_gilhook_foreach_thread(uint64_t now_ns,
+                               int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg);
 
 /* Events are recorded while tracing > 0, within `budget_bytes` of chunks; beyond it they are
  * counted as dropped. */
@@ -83,6 +87,10 @@ void gf_gilhook_tracing(int delta, size_t budget_bytes);
 /* Moves up to cap recorded events (per thread in time order) into out; returns how many. */
 size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap);
 uint64_t gf_gilhook_dropped(void);
+
+/* The tid the calling thread took the GIL from in its last acquisition if it had to wait for
+ * that holder, else 0 (the GIL was free). A sampler thread uses it to see who was running. */
+uint32_t gf_gilhook_took_from(void);
 
 /* Priority of the calling thread for the GIL (clamped to +-GF_GILHOOK_MAX_PRIORITY). A waiter
  * asks a lower-priority holder to drop at once; a waiter does not take the GIL while a
