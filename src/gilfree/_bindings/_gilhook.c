@@ -12,6 +12,7 @@
 #include "internal/pycore_interp.h"
 #include "internal/pycore_runtime.h"
 
+#include <dlfcn.h>
 #include <math.h>
 
 #include "gf/gilhook.h"
@@ -330,6 +331,14 @@ static PyObject *gilhook_dropped(PyObject *module, PyObject *Py_UNUSED(ignored))
   return PyLong_FromUnsignedLongLong(gf_gilhook_dropped());
 }
 
+/* Returns a new reference: the file of the object whose GOT the hooks rewrite. */
+static PyObject *gilhook_hooked_object(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  Dl_info info;
+  if (dladdr(&_PyRuntime, &info) == 0 || info.dli_fname == NULL)
+    Py_RETURN_NONE;
+  return PyUnicode_DecodeFSDefault(info.dli_fname);
+}
+
 static PyObject *gilhook_took_from(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyLong_FromUnsignedLong(gf_gilhook_took_from());
 }
@@ -368,6 +377,8 @@ static PyMethodDef gilhook_methods[] = {
     {"threads", gilhook_threads, METH_NOARGS, threads_doc},
     {"drain", gilhook_drain, METH_NOARGS, drain_doc},
     {"dropped", gilhook_dropped, METH_NOARGS, "dropped()\n--\n\nEvents lost to the budget."},
+    {"hooked_object", gilhook_hooked_object, METH_NOARGS,
+     "hooked_object()\n--\n\nThe file (libpython or the executable) whose GOT is hooked."},
     {"took_from", gilhook_took_from, METH_NOARGS,
      "took_from()\n--\n\nNative id of the thread this one last took the GIL from after "
      "waiting for it, 0 if the GIL was free."},
