@@ -114,6 +114,12 @@ static int self_check(gilhook_state *st) {
     return -1;
   }
   struct _gil_runtime_state *gil = main_gil();
+  if (gil != NULL && gil_last_holder(gil) != tstate) {
+    /* A thread state swap (subinterpreter calls) does not update last_holder; a release and
+     * take by this thread does. */
+    Py_BEGIN_ALLOW_THREADS;
+    Py_END_ALLOW_THREADS;
+  }
   if (gil == NULL || gil_locked(gil) != 1 || gil_last_holder(gil) != tstate) {
     unsupported(st, "GIL layout check failed: the GIL does not read as held by this thread");
     return -1;
