@@ -312,9 +312,9 @@ print("done")
 
 RELEASING = """
 import hashlib, threading
-data = bytes(8 << 20)
+data = bytes(4 << 20)
 def work():
-    for _ in range(6):
+    for _ in range(40):
         hashlib.sha256(data).digest()   # releases the GIL for buffers this big
 threads = [threading.Thread(target=work) for _ in range(2)]
 for t in threads: t.start()
