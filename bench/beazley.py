@@ -244,32 +244,42 @@ SERVE = {
 }
 
 
-def serve(variant, scenario, fib_n, switch_interval, deadline):
-    """The server process's body: one JSON line with the port, one with the window's report."""
+def _gil_monitor():
+    from gilfree import gil
+
+    return gil.monitor()
+
+
+def serve(variant, scenario, fib_n, switch_interval, deadline, monitor=False):
+    """The server process's body: one JSON line with the port, one with the window's report
+    (and, with ``monitor``, gilfree.gil's report of the whole server process)."""
 
     def emit(**fields):
         print(json.dumps(fields), flush=True)
 
     # Bounded no matter what the client does: the process ends itself at the deadline.
     watchdog = threading.Timer(deadline, os._exit, (124,))
-    watchdog.daemon = True
+    watchdog.daemon, watchdog.name = True, "watchdog"
     watchdog.start()
     if switch_interval:
         sys.setswitchinterval(switch_interval)
-    load = None
-    if scenario >= 2:
-        load = CpuLoad(fib_n, background=scenario == 3, in_process=variant != "multiprocessing")
+    with _gil_monitor() if monitor else contextlib.nullcontext() as gil:
+        load = None
+        if scenario >= 2:
+            load = CpuLoad(fib_n, background=scenario == 3, in_process=variant != "multiprocessing")
+            try:
+                load.start()
+            except RuntimeError as exc:
+                emit(error=str(exc))
+                return 2
+        window = Window(load)
         try:
-            load.start()
-        except RuntimeError as exc:
-            emit(error=str(exc))
-            return 2
-    window = Window(load)
-    try:
-        SERVE[variant](lambda port: emit(port=port), window)
-    finally:
-        if load:
-            load.stop()
+            SERVE[variant](lambda port: emit(port=port), window)
+        finally:
+            if load:
+                load.stop()
+    if gil is not None:
+        window.report["gil"] = str(gil.report())
     emit(**window.report)
     return 0
 
@@ -333,6 +343,7 @@ class Result:
     p50: float = None  # round trip, seconds
     p99: float = None
     cpu_rate: float = None  # fib calls per second of the CPU worker during the run
+    gil: str = None  # gilfree.gil's report of the server process, when monitored
     error: str = None
 
 
@@ -350,7 +361,8 @@ def _read_line(proc, timeout):
     return fields
 
 
-def run_scenario(server, scenario, messages=2000, size=8192, pause=0.001, fib_n=20, switch_interval=None):
+def run_scenario(server, scenario, messages=2000, size=8192, pause=0.001, fib_n=20, switch_interval=None,
+                 monitor=False):
     """Runs one server process and the client against it; returns a Result (error set on failure)."""
     result = Result(server, scenario)
     # Generous: scenario 2 costs about 3 switch intervals a message; loaded machines more.
@@ -359,6 +371,8 @@ def run_scenario(server, scenario, messages=2000, size=8192, pause=0.001, fib_n=
            "--fib", str(fib_n), "--deadline", str(deadline)]
     if switch_interval:
         cmd += ["--switch-interval", str(switch_interval)]
+    if monitor:
+        cmd.append("--monitor")
     client = _client_zmq if server == "zmq" else _client_socket
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
@@ -379,6 +393,7 @@ def run_scenario(server, scenario, messages=2000, size=8192, pause=0.001, fib_n=
     result.p50, result.p99 = cuts[49], cuts[98]
     if scenario >= 2:
         result.cpu_rate = report["cpu_calls"] / report["window"]
+    result.gil = report.get("gil")
     return result
 
 
@@ -453,12 +468,14 @@ def main(argv=None):
     parser.add_argument("--scenarios", default="1,2,3")
     parser.add_argument("--fib", type=int, default=20, help="the CPU worker computes fib(N) in a loop")
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval in the server")
+    parser.add_argument("--monitor", action="store_true",
+                        help="run each server under gilfree.gil.monitor() and print its GIL report")
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=600.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return serve(args.serve, args.scenario, args.fib, args.switch_interval, args.deadline)
+        return serve(args.serve, args.scenario, args.fib, args.switch_interval, args.deadline, args.monitor)
 
     servers = args.servers.split(",") if args.servers else [s for s in SERVERS if s != "zmq" or zmq_available()]
     unknown = set(servers) - set(SERVERS)
@@ -470,9 +487,12 @@ def main(argv=None):
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     results = run(servers, scenarios, progress=lambda r: print(".", end="", flush=True),
                   messages=args.messages, size=args.size, pause=args.pause, fib_n=args.fib,
-                  switch_interval=args.switch_interval)
+                  switch_interval=args.switch_interval, monitor=args.monitor)
     print(f"\nload average {os.getloadavg()[0]:.2f} at end\n")
     print(format_table(results, args.fib))
+    for r in results:
+        if r.gil:
+            print(f"\n{r.server}, scenario {r.scenario}: the server process's GIL\n{r.gil}")
     goals = check_goals(results)
     if goals:
         print("\nGoals (one run):")
