@@ -36,6 +36,16 @@ def test_background_cpu_thread_no_longer_delays_replies(beazley, server):
     assert background.cpu_rate > loaded.cpu_rate / 4, table
 
 
+def test_priorities_hold_under_gil_monitor(beazley):
+    # gilfree.gil.monitor() hooks the same GIL calls as the priorities: both at once must work.
+    results = [beazley.run_scenario("threaded", scenario, messages=MESSAGES, monitor=True) for scenario in (2, 3)]
+    table = beazley.format_table(results)
+    loaded, background = results
+    assert not any(r.error for r in results), table
+    assert background.p50 * 4 < loaded.p50, table
+    assert "cpu-load" in background.gil and "echo" in background.gil, background.gil
+
+
 def test_server_failure_is_reported_not_hung(beazley):
     # The server process rejects an unknown variant and exits before publishing a port.
     result = beazley.run_scenario("no-such-server", 1, messages=10)
