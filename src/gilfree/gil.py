@@ -50,6 +50,7 @@ class ThreadReport:
     acquisitions: int = 0
     forced: int = 0
     drop_requests: int = 0
+    timeouts: int = 0
     alive_s: float = 0.0
 
     @property
@@ -287,6 +288,7 @@ class Monitor:
                     acquisitions=delta(_ACQ),
                     forced=delta(_FORCED),
                     drop_requests=delta(_REQUESTS),
+                    timeouts=delta(_TIMEOUTS),
                     alive_s=alive / 1e9,
                 )
             )

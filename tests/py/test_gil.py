@@ -154,9 +154,10 @@ CLIENT = textwrap.dedent(
 
 def echo_server(sock):
     """Echoes 16-byte stamped messages. Ground truth: it ran between its socket calls; it waited
-    for the GIL from the moment its data was there (the client's stamp, or the call if later)
-    to the call's return, and for the whole send (a few microseconds of which are the send)."""
-    waited, running = 0.0, []
+    for the GIL at most from the moment its data was there (the client's stamp, or the call if
+    later) to the call's return, and at most the whole send; at least that minus the socket's
+    own latency (the fastest of those stretches: some wake-ups find the GIL free)."""
+    recv_waits, send_waits, running = [], [], []
     start = since = time.monotonic()
     while True:
         before = time.monotonic()
@@ -167,13 +168,15 @@ def echo_server(sock):
         after = time.monotonic()
         (stamp, _) = struct.unpack("=dd", data)
         if stamp < 0:
-            return {"wait": waited, "window": (start, after), "running": running}
-        waited += after - max(stamp, before)
+            upper = sum(recv_waits) + sum(send_waits)
+            lower = sum(max(0.0, w - min(ws)) for ws in (recv_waits, send_waits) for w in ws)
+            return {"wait": (lower, upper), "window": (start, after), "running": running}
+        recv_waits.append(after - max(stamp, before))
         before = time.monotonic()
         running.append((after, before))
         sock.sendall(data)
         since = time.monotonic()
-        waited += since - before
+        send_waits.append(since - before)
 
 
 def test_cpu_thread_and_socket_echo_thread_match_ground_truth():
@@ -191,9 +194,10 @@ def test_cpu_thread_and_socket_echo_thread_match_ground_truth():
     held, waited, ambiguous = truth_bounds(cpu.truth, [echo.truth])
     assert_within(c.held_s, held, ambiguous, report.wall_s, "cpu held")
     assert_within(c.wait_s, waited, ambiguous + 0.01, report.wall_s, "cpu wait")
-    assert abs(e.wait_s - echo.truth["wait"]) / report.wall_s <= TOLERANCE, (e, echo.truth["wait"])
+    lower, upper = echo.truth["wait"]
+    assert_within(e.wait_s, lower, upper - lower, report.wall_s, "echo wait")
     # The echo thread pays about a switch interval per reacquisition: the convoy.
-    assert e.waits >= 100 and e.free_s > 0
+    assert e.acquisitions >= 200 and e.waits >= 30 and e.free_s > 0
     assert "Convoy" in report.verdict
 
 

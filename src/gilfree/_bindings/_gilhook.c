@@ -12,6 +12,8 @@
 #include "internal/pycore_interp.h"
 #include "internal/pycore_runtime.h"
 
+#include <math.h>
+
 #include "gf/gilhook.h"
 
 #define GF_SUPPORTED(major, minor)                                                           \
@@ -63,13 +65,20 @@ static PyThreadState *gil_last_holder(struct _gil_runtime_state *gil) {
   return (PyThreadState *)__atomic_load_n((uintptr_t *)&gil->last_holder, __ATOMIC_RELAXED);
 }
 
-/* Sets sys.setswitchinterval(seconds). Returns 0, or -1 with an exception set. */
-static int set_switch_interval(double seconds) {
-  PyObject *sys = PyImport_ImportModule("sys");
-  if (sys == NULL)
-    return -1;
+/* sys.getswitchinterval() in microseconds, as CPython keeps it. Returns 0 with an exception
+ * set on failure. */
+static unsigned long get_switch_interval_us(PyObject *sys) {
+  PyObject *current = PyObject_CallMethod(sys, "getswitchinterval", NULL);
+  if (current == NULL)
+    return 0;
+  double seconds = PyFloat_AsDouble(current);
+  Py_DECREF(current);
+  return PyErr_Occurred() ? 0 : (unsigned long)llround(seconds * 1e6);
+}
+
+/* sys.setswitchinterval(seconds). Returns 0, or -1 with an exception set. */
+static int set_switch_interval(PyObject *sys, double seconds) {
   PyObject *result = PyObject_CallMethod(sys, "setswitchinterval", "d", seconds);
-  Py_DECREF(sys);
   Py_XDECREF(result);
   return result == NULL ? -1 : 0;
 }
@@ -108,29 +117,33 @@ static int self_check(gilhook_state *st) {
     unsupported(st, "GIL layout check failed: the GIL does not read as held by this thread");
     return -1;
   }
-  /* The interval must follow sys.setswitchinterval, in microseconds. */
+  /* The interval must follow sys.setswitchinterval, in microseconds: probe it with another
+   * value, then put the user's back. */
   PyObject *sys = PyImport_ImportModule("sys");
   if (sys == NULL)
     return -1;
-  PyObject *current = PyObject_CallMethod(sys, "getswitchinterval", NULL);
-  Py_DECREF(sys);
-  if (current == NULL)
-    return -1;
-  double seconds = PyFloat_AsDouble(current);
-  Py_DECREF(current);
-  if (seconds == -1.0 && PyErr_Occurred())
-    return -1;
-  unsigned long before = gil_interval(gil);
-  if (set_switch_interval(seconds + 7e-6) < 0)
-    return -1;
-  unsigned long probed = gil_interval(gil);
-  if (set_switch_interval(seconds) < 0)
-    return -1;
-  if (probed != before + 7 || gil_interval(gil) != before) {
+  int rc = -1;
+  unsigned long before = get_switch_interval_us(sys);
+  if (PyErr_Occurred())
+    goto done;
+  unsigned long layout_before = gil_interval(gil);
+  if (set_switch_interval(sys, (double)(before + 17) / 1e6) < 0)
+    goto done;
+  unsigned long probe = get_switch_interval_us(sys), layout_probe = gil_interval(gil);
+  if (PyErr_Occurred() || set_switch_interval(sys, (double)before / 1e6) < 0)
+    goto done;
+  unsigned long restored = get_switch_interval_us(sys);
+  if (PyErr_Occurred())
+    goto done;
+  if (layout_before != before || layout_probe != probe || probe == before ||
+      gil_interval(gil) != restored) {
     unsupported(st, "GIL layout check failed: the switch interval is not where expected");
-    return -1;
+    goto done;
   }
-  return 0;
+  rc = 0;
+done:
+  Py_DECREF(sys);
+  return rc;
 }
 
 struct own_stats {
