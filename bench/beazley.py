@@ -454,7 +454,7 @@ def check_goals(results):
                       s3.p50 <= GOAL_SLOWDOWN * s1.p50))
         if s2:
             loss = 1 - s3.cpu_rate / s2.cpu_rate
-            goals.append((f"{server}: CPU thread {loss:+.0%} slower than s2 (goal <= {GOAL_CPU_LOSS:.0%})",
+            goals.append((f"{server}: CPU thread {loss:.0%} slower than s2 (goal <= {GOAL_CPU_LOSS:.0%})",
                           loss <= GOAL_CPU_LOSS))
     return goals
 
