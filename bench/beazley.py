@@ -16,6 +16,7 @@ the server side is this same file run as ``beazley.py --serve VARIANT``.
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -404,11 +405,7 @@ def run_scenario(server, scenario, messages=2000, size=8192, pause=0.001, fib_n=
 
 
 def zmq_available():
-    try:
-        import zmq  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("zmq") is not None
 
 
 def run(servers, scenarios, progress=None, **options):
