@@ -68,6 +68,7 @@ class Report:
     interval_s: float = 0.005
     dropped_events: int = 0
     top_functions: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
     verdict: str = ""
 
     def to_dict(self):
@@ -91,6 +92,7 @@ class Report:
             lines.append("held the GIL most: " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
         if self.dropped_events:
             lines.append(f"({self.dropped_events} timeline events dropped: memory budget reached; totals are exact)")
+        lines.extend(f"note: {note}" for note in self.notes)
         lines.append("verdict: " + self.verdict)
         return "\n".join(lines)
 
@@ -305,6 +307,7 @@ class Monitor:
             interval_s=self._interval,
             dropped_events=self._dropped,
             top_functions=top,
+            notes=_subinterpreter_notes(),
         )
         report.verdict = verdict(report)
         return report
@@ -363,6 +366,20 @@ class Monitor:
         out.append("</svg>")
         with open(path, "w") as f:
             f.write("\n".join(out))
+
+
+def _subinterpreter_notes():
+    """Subinterpreters may have their own GIL, which the hooks (on the main one) do not see."""
+    for name in ("_interpreters", "_xxsubinterpreters"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        count = len(module.list_all())
+        if count > 1:
+            return [f"{count - 1} subinterpreter(s) exist: threads running under their own GIL are not covered"]
+        return []
+    return []
 
 
 def _pixel_runs(spans, t0, scale, width):

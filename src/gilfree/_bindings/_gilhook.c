@@ -12,6 +12,7 @@
 #include "internal/pycore_interp.h"
 #include "internal/pycore_runtime.h"
 
+#include <dlfcn.h>
 #include <math.h>
 
 #include "gf/gilhook.h"
@@ -113,6 +114,12 @@ static int self_check(gilhook_state *st) {
     return -1;
   }
   struct _gil_runtime_state *gil = main_gil();
+  if (gil != NULL && gil_last_holder(gil) != tstate) {
+    /* A thread state swap (subinterpreter calls) does not update last_holder; a release and
+     * take by this thread does. */
+    Py_BEGIN_ALLOW_THREADS;
+    Py_END_ALLOW_THREADS;
+  }
   if (gil == NULL || gil_locked(gil) != 1 || gil_last_holder(gil) != tstate) {
     unsupported(st, "GIL layout check failed: the GIL does not read as held by this thread");
     return -1;
@@ -330,6 +337,14 @@ static PyObject *gilhook_dropped(PyObject *module, PyObject *Py_UNUSED(ignored))
   return PyLong_FromUnsignedLongLong(gf_gilhook_dropped());
 }
 
+/* Returns a new reference: the file of the object whose GOT the hooks rewrite. */
+static PyObject *gilhook_hooked_object(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  Dl_info info;
+  if (dladdr(&_PyRuntime, &info) == 0 || info.dli_fname == NULL)
+    Py_RETURN_NONE;
+  return PyUnicode_DecodeFSDefault(info.dli_fname);
+}
+
 static PyObject *gilhook_took_from(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyLong_FromUnsignedLong(gf_gilhook_took_from());
 }
@@ -368,6 +383,8 @@ static PyMethodDef gilhook_methods[] = {
     {"threads", gilhook_threads, METH_NOARGS, threads_doc},
     {"drain", gilhook_drain, METH_NOARGS, drain_doc},
     {"dropped", gilhook_dropped, METH_NOARGS, "dropped()\n--\n\nEvents lost to the budget."},
+    {"hooked_object", gilhook_hooked_object, METH_NOARGS,
+     "hooked_object()\n--\n\nThe file (libpython or the executable) whose GOT is hooked."},
     {"took_from", gilhook_took_from, METH_NOARGS,
      "took_from()\n--\n\nNative id of the thread this one last took the GIL from after "
      "waiting for it, 0 if the GIL was free."},
