@@ -10,9 +10,10 @@ traceback text and ``stats()`` can count exact payload bytes. Shared buffers tra
 payload as Dask futures (so the scheduler knows every task that needs one), and are swapped in by
 pickle's persistent-id hook wherever the handle sits inside the arguments.
 
-Threads: user threads call ``submit``; Dask's callback thread settles futures
-(``_settle``); the client's event loop delivers worker events (``_on_event``). ``_lock`` guards
-the bookkeeping they share.
+Threads: user threads call ``submit``; Dask's callback thread queues finished tasks
+(``_on_done``) for the pool's settler thread, which gathers their results in batches and settles
+the futures; the client's event loop delivers worker events (``_on_event``). ``_lock`` guards the
+bookkeeping they share, ``_done_cond`` the settler's queue.
 """
 import ctypes
 import io
@@ -26,6 +27,7 @@ import traceback
 import uuid
 import warnings
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import wait as futures_wait
 
 import cloudpickle
 import distributed
@@ -350,9 +352,10 @@ class _PoolPlugin(WorkerPlugin):
 class _ClusterFuture(Future):
     """A concurrent.futures.Future over a Dask future; cancelling it cancels the Dask task."""
 
-    def __init__(self, dask_future):
+    def __init__(self, dask_future, decode):
         super().__init__()
         self.dask_future = dask_future
+        self.decode = decode  # turns the task's pickled outcome into this future's result
 
     def cancel(self):
         if not super().cancel():
@@ -421,6 +424,11 @@ class DaskPool(PoolBase):
         except BaseException:
             self._close_client()
             raise
+        self._done_cond = threading.Condition()
+        self._done = []  # finished Dask futures the settler thread has not taken yet
+        self._settler_stop = False
+        self._settler = threading.Thread(target=self._settle_loop, name="gilfree-dask-settler", daemon=True)
+        self._settler.start()
         if max_workers is None:
             max_workers = max(1, sum(self._client.nthreads().values()))
         super().__init__(max_workers)
@@ -443,18 +451,47 @@ class DaskPool(PoolBase):
             dask_future = self._client.submit(
                 _execute, self._token, kind, payload, self._task_timeout, *shared, key=key, pure=False
             )
-            future = _ClusterFuture(dask_future)
-            self._outstanding[key] = future
-        dask_future.add_done_callback(lambda f: self._settle(future, f, decode))
+            self._outstanding[key] = _ClusterFuture(dask_future, decode)
+            future = self._outstanding[key]
+        dask_future.add_done_callback(self._on_done)
         return future
 
-    def _settle(self, future, dask_future, decode):
-        """Runs in Dask's callback thread when the Dask task finished, erred or was cancelled."""
+    def _on_done(self, dask_future):
+        """Runs in Dask's callback thread: hands the finished Dask task to the settler thread."""
+        with self._done_cond:
+            self._done.append(dask_future)
+            self._done_cond.notify()
+
+    def _settle_loop(self):
+        """The settler thread: fetches finished results in batches, one round trip per batch
+        rather than one per task, and settles their futures."""
+        while True:
+            with self._done_cond:
+                while not self._done and not self._settler_stop:
+                    self._done_cond.wait()
+                if not self._done:
+                    return
+                batch, self._done = self._done, []
+            finished = [f for f in batch if f.status == "finished"]
+            try:
+                outs = dict(zip([f.key for f in finished], self._client.gather(finished)))
+            except Exception:  # e.g. a result was lost with its worker: fetch one by one below
+                outs = {}
+            for dask_future in batch:
+                self._settle(dask_future, outs)
+
+    def _settle(self, dask_future, outs):
+        with self._lock:
+            future = self._outstanding.get(dask_future.key)
+        if future is None:
+            return
         try:
-            value, error = decode(dask_future.result()), None
-            done_count = len(value[0]) + (value[1] is not None) if decode is _decode_chunk else 1
+            out = outs[dask_future.key] if dask_future.key in outs else dask_future.result()
+            value, error = future.decode(out), None
+            done_count = len(value[0]) + (value[1] is not None) if future.decode is _decode_chunk else 1
         except CancelledError:
-            future.cancel()
+            if not future.cancelled():
+                future.cancel()
             value, error, done_count = None, None, 0
         except BaseException as exc:
             value, error, done_count = None, _translate(exc), 1
@@ -470,7 +507,12 @@ class DaskPool(PoolBase):
         """Moves future to RUNNING if nobody settled or cancelled it yet; True if this call did."""
         with self._lock:
             self._outstanding.pop(key, None)
-            if future.done() or not future.set_running_or_notify_cancel():
+            try:
+                # PENDING -> RUNNING (ours); CANCELLED -> CANCELLED_AND_NOTIFIED, which wakes
+                # concurrent.futures.wait(); RuntimeError: already settled.
+                if not future.set_running_or_notify_cancel():
+                    return False
+            except RuntimeError:
                 return False
             self._tasks_done += done_count
             return True
@@ -562,14 +604,20 @@ class DaskPool(PoolBase):
             for future in pending:
                 future.cancel()
         if wait:
-            for future in pending:
-                try:
-                    future.exception()
-                except CancelledError:
-                    pass
-        self._client.unsubscribe_topic(self._topic)
+            self._release(pending)
+        else:
+            threading.Thread(target=self._release, args=(pending,), name="gilfree-dask-shutdown", daemon=True).start()
+
+    def _release(self, pending):
+        """Waits for the pool's last tasks, then lets go of what the pool holds on the cluster."""
+        futures_wait(pending)
         for thread in self._stuck_handlers:
             thread.join()
+        with self._done_cond:
+            self._settler_stop = True
+            self._done_cond.notify()
+        self._settler.join()
+        self._client.unsubscribe_topic(self._topic)
         self._client.unregister_worker_plugin(self._topic)
         self._close_client()
 
