@@ -1,0 +1,412 @@
+"""gilfree.Pool: a process pool whose transport, scheduling and worker management are C.
+
+Threads in the parent:
+- the caller's threads run ``submit`` (pickling, then a C call that writes the task into a
+  worker's ring or the queue) and may collect results themselves while they wait in
+  ``Future.result`` (spinning briefly without the GIL: no thread hand-off on the fast path);
+- one C thread (started by ``Engine.start_waiter``) sleeps in epoll without the GIL, wakes on
+  results, worker exits and timeouts, and completes futures in batches (``_on_events``).
+"""
+import base64
+import concurrent.futures
+import itertools
+import json
+import os
+import pickle
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures._base import FINISHED, PENDING
+
+from . import _engine
+from ._executor import PoolBase, run_chunk, with_remote_traceback
+from ._serialize import Codec, encode_function
+from ._worker import WorkerConfig
+from .errors import TaskTimeout, WorkerCrashed
+
+RING_BYTES = 1 << 20
+ARENA_BYTES = 64 << 30  # virtual: the memfd is sparse, pages exist only while buffers do
+# How long a thread waiting for a result polls the rings itself before it sleeps.
+RESULT_SPIN_S = 200e-6
+# Workers dying before they ever start (a failing initializer, say) break the pool after this
+# many attempts in a row: retrying forever would hide the error.
+MAX_START_FAILURES = 3
+# The template must find gilfree (and the user's modules) on the parent's sys.path.
+_TEMPLATE_CODE = (
+    "import sys, json; sys.path[:] = json.loads(sys.argv[6]); "
+    "from gilfree._worker import template_main; template_main()"
+)
+
+
+class BrokenPool(concurrent.futures.process.BrokenProcessPool):
+    """The pool cannot run tasks any more (its template died, or workers cannot start)."""
+
+
+class _Future(concurrent.futures.Future):
+    """A Future whose result() collects results itself before falling back to waiting."""
+
+    def _help(self):
+        pool = self._pool_ref()
+        if pool is not None and self._state == PENDING:
+            pool._help(self)
+
+    def result(self, timeout=None):
+        self._help()
+        return _wait_interruptibly(self, super().result, timeout)
+
+    def exception(self, timeout=None):
+        self._help()
+        return _wait_interruptibly(self, super().exception, timeout)
+
+    def cancel(self):
+        pool = self._pool_ref()
+        with self._condition:
+            if self._state != PENDING:
+                return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
+        if pool is None or not pool._cancel(self):
+            return False
+        return super().cancel()
+
+
+def _wait_interruptibly(future, wait, timeout):
+    """Waits in short slices so that Ctrl-C is seen within 100 ms even when the signal went to
+    another thread; on Ctrl-C the pool is terminated, leaving no processes behind."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            remaining = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
+            try:
+                return wait(remaining)
+            except TimeoutError:
+                if future.done() or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+    except KeyboardInterrupt:
+        pool = future._pool_ref()
+        if pool is not None:
+            pool._interrupted()
+        raise
+
+
+class SharedHandle:
+    """A read-only buffer placed in shared memory once by ``Pool.share``. Pass it in any number
+    of tasks: workers receive a zero-copy read-only memoryview (numpy arrays as numpy arrays)."""
+
+    __slots__ = ("_view", "_meta", "__weakref__")
+
+    def __init__(self, view, meta):
+        self._view = view
+        self._meta = meta
+
+    @property
+    def nbytes(self):
+        return self._view.nbytes
+
+    def __reduce_ex__(self, protocol):
+        # The view pickles out-of-band: the arena block is referenced, never copied.
+        return _attach_shared, (pickle.PickleBuffer(self._view), self._meta)
+
+    def get(self):
+        """The shared data, as a worker sees it."""
+        return _attach_shared(self._view, self._meta)
+
+
+def _attach_shared(buffer, meta):
+    view = memoryview(buffer).toreadonly()
+    if meta is None:
+        return view
+    import numpy
+
+    dtype, shape = meta
+    return numpy.frombuffer(view, dtype=numpy.dtype(dtype)).reshape(shape)
+
+
+def _available_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Pool(PoolBase):
+    """A drop-in ProcessPoolExecutor with a C core. See the README for the whole API."""
+
+    def __new__(cls, max_workers=None, *, cluster=None, **kwargs):
+        if cluster is not None:
+            from .cluster.dask import DaskPool
+
+            return DaskPool(cluster, max_workers=max_workers, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        max_workers=None,
+        *,
+        initializer=None,
+        initargs=(),
+        task_timeout=None,
+        max_tasks_per_worker=None,
+        max_memory_per_worker=None,
+        preload=(),
+        cluster=None,
+    ):
+        if max_workers is None:
+            max_workers = _available_cpus()
+        if not 1 <= max_workers <= 64:
+            raise ValueError("max_workers must be between 1 and 64")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be positive")
+        self._max_workers = max_workers
+        self._task_timeout = task_timeout
+        self._ids = itertools.count(1)
+        self._futures = {}
+        self._shutdown = False
+        self._broken = None
+        self._start_failures = 0
+        self._lock = threading.Lock()
+        self._restarts = 0
+        self._engine = _engine.Engine(max_workers, RING_BYTES, ARENA_BYTES, task_timeout or 0.0)
+        self._codec = Codec(self._engine)
+        self._chunk_fn = encode_function(run_chunk)
+
+        config = WorkerConfig(
+            encode_function(initializer) if initializer is not None else None,
+            tuple(initargs),
+            max_tasks_per_worker,
+            max_memory_per_worker,
+            tuple(preload),
+        )
+        memfd, doorbell, ctl = self._engine.child_fds()
+        argv = [
+            sys.executable,
+            "-c",
+            _TEMPLATE_CODE,
+            str(memfd),
+            str(doorbell),
+            str(ctl),
+            str(max_workers),
+            base64.b64encode(pickle.dumps(config, 5)).decode(),
+            json.dumps(sys.path),
+        ]
+        env = [f"{k}={v}" for k, v in os.environ.items()]
+        self._engine.start_template(sys.executable, argv, env)
+        for slot in range(max_workers):
+            self._engine.spawn(slot)
+        self._engine.start_waiter(_events_callback(weakref.ref(self)))
+        _live_pools.add(self)
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, fn, /, *args, **kwargs):
+        if self._broken is not None:
+            raise BrokenPool(self._broken)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return self._submit_encoded(encode_function(fn), args, kwargs)
+
+    def _submit_chunk(self, fn, items, star):
+        return self.submit(self._chunk_fn, encode_function(fn), items, star)
+
+    def _submit_encoded(self, fn, args, kwargs):
+        payload, refs = self._codec.dumps((fn, args, kwargs))
+        task_id = next(self._ids)
+        future = _Future()
+        future._pool_ref = self._weakself
+        self._futures[task_id] = future
+        future._task_id = task_id
+        try:
+            self._engine.submit(task_id, payload, refs)
+        except BaseException:
+            self._futures.pop(task_id, None)
+            raise
+        return future
+
+    @property
+    def _weakself(self):
+        ref = self.__dict__.get("_weakref")
+        if ref is None:
+            ref = self.__dict__["_weakref"] = weakref.ref(self)
+        return ref
+
+    def share(self, obj):
+        """Places a read-only buffer (bytes, bytearray, memoryview, numpy array) in shared memory
+        once; pass the returned handle to tasks instead of the data."""
+        meta = None
+        if type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":
+            import numpy
+
+            obj = numpy.ascontiguousarray(obj)
+            meta = (obj.dtype.str, obj.shape)
+        view = memoryview(obj)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        block, at, length, _flags = self._engine.export(view)
+        return SharedHandle(self._engine.view(block, at, length, 0), meta)
+
+    # ------------------------------------------------------------ results
+
+    def _help(self, future):
+        """Collects results in the calling thread while it would otherwise just wait."""
+        if self._engine.spin(RESULT_SPIN_S):
+            self._on_events(self._engine.collect())
+
+    def _cancel(self, future):
+        if self._engine.cancel(future._task_id):
+            self._futures.pop(future._task_id, None)
+            return True
+        return False
+
+    def _on_events(self, events):
+        futures = self._futures
+        for event in events:
+            kind = event[0]
+            if kind == _engine.EV_RESULT:
+                _, task_id, msg_kind, (payload, views) = event
+                future = futures.pop(task_id, None)
+                if future is None:
+                    continue
+                try:
+                    value = Codec.loads(payload, views)
+                except BaseException as exc:
+                    _complete(future, None, exc)
+                    continue
+                if msg_kind == _engine.MSG_RESULT:
+                    _complete(future, value, None)
+                else:
+                    _complete(future, None, with_remote_traceback(*value))
+            elif kind == _engine.EV_DIED:
+                self._worker_died(*event[1:])
+            elif kind == _engine.EV_TEMPLATE_DIED:
+                if not self._shutdown:
+                    self._break("the pool's template process died")
+        engine = self._engine
+        if engine is not None:
+            engine.scan()
+
+    def _worker_died(self, task_id, slot, pid, status, timed_out, was_ready):
+        self._restarts += 1
+        if task_id:
+            future = self._futures.pop(task_id, None)
+            if future is not None:
+                if timed_out:
+                    error = TaskTimeout(
+                        f"task ran longer than task_timeout={self._task_timeout}s; "
+                        f"worker {pid} was killed and replaced"
+                    )
+                else:
+                    error = _crash_error(pid, status)
+                _complete(future, None, error)
+        if was_ready:
+            self._start_failures = 0
+        else:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES * self._max_workers:
+                self._break(
+                    "workers die while starting (see the initializer's traceback above), "
+                    f"last: {_crash_error(pid, status)}"
+                )
+
+    def _break(self, reason):
+        # Runs on the waiter thread: the engine is closed later, by shutdown.
+        self._broken = reason
+        self._fail_all(BrokenPool(reason))
+
+    def _fail_all(self, error):
+        while self._futures:
+            _, future = self._futures.popitem()
+            _complete(future, None, error)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def stats(self):
+        """Per-worker counters and pool totals."""
+        if self._engine is None:
+            return {"workers": [], "tasks": 0, "queued": 0, "running": 0, "busy_workers": 0,
+                    "restarts": self._restarts, "bytes_in": 0, "bytes_out": 0}
+        workers = self._engine.stats()
+        for w in workers:
+            w["idle_s"] = max(0.0, w.pop("alive_s") - w["busy_s"])
+        return {
+            "workers": workers,
+            "tasks": sum(w["tasks"] for w in workers),
+            "queued": self._engine.queued(),
+            "running": len(self._futures),
+            "busy_workers": sum(1 for w in workers if w["busy"]),
+            "restarts": sum(w["restarts"] for w in workers),
+            "bytes_in": sum(w["bytes_in"] for w in workers),
+            "bytes_out": sum(w["bytes_out"] for w in workers),
+        }
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            if self._engine is None:
+                return
+            self._shutdown = True
+        if cancel_futures:
+            for future in list(self._futures.values()):
+                future.cancel()
+        if wait:
+            for future in list(self._futures.values()):
+                try:
+                    future.exception()
+                except concurrent.futures.CancelledError:
+                    pass
+        self._close(grace=1.0)
+
+    def _interrupted(self):
+        """Ctrl-C while waiting: kill the workers now and fail what is left."""
+        self._shutdown = True
+        self._close(grace=0.0)
+
+    def _close(self, grace):
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        engine.close(grace)
+        self._fail_all(concurrent.futures.CancelledError("the pool was shut down"))
+        _live_pools.discard(self)
+
+    def __repr__(self):
+        state = "broken" if self._broken else "shut down" if self._shutdown else "running"
+        return f"<gilfree.Pool max_workers={self._max_workers} {state}>"
+
+
+def _complete(future, value, error):
+    """Sets a future's outcome unless it was cancelled meanwhile."""
+    with future._condition:
+        if future._state != PENDING:
+            return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
+def _crash_error(pid, status):
+    if os.WIFSIGNALED(status):
+        return WorkerCrashed(pid=pid, signal=os.WTERMSIG(status))
+    return WorkerCrashed(pid=pid, exitcode=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+
+
+def _events_callback(pool_ref):
+    """The waiter thread's callback; holds the pool weakly so an unused pool can be collected."""
+
+    def on_events(events):
+        pool = pool_ref()
+        if pool is not None:
+            pool._on_events(events)
+
+    return on_events
+
+
+_live_pools = weakref.WeakSet()
+
+
+def _shutdown_at_exit():
+    for pool in list(_live_pools):
+        pool.shutdown(wait=True)
+
+
+# Like concurrent.futures: stop pools before the interpreter tears threads down.
+threading._register_atexit(_shutdown_at_exit)
