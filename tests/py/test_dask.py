@@ -13,7 +13,7 @@ dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 
 from gilfree import TaskTimeout, WorkerCrashed  # noqa: E402
-from gilfree.cluster.dask import DaskPool, RemoteTraceback  # noqa: E402
+from gilfree.cluster.dask import DaskPool  # noqa: E402
 
 # Tasks defined here travel by value, as a user's script functions would.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -98,9 +98,8 @@ def test_runs_on_both_worker_processes(pool):
 def test_exception_carries_remote_traceback(pool):
     with pytest.raises(KeyError) as info:
         pool.submit(raise_deep, 3).result(timeout=30)
-    cause = info.value.__cause__
-    assert isinstance(cause, RemoteTraceback)
-    assert cause.text.count("in raise_deep") == 4 and "KeyError: 'deep'" in cause.text
+    remote = str(info.value.__cause__)
+    assert remote.count("in raise_deep") == 4 and "KeyError: 'deep'" in remote
 
 
 def test_map_raises_after_the_results_before_the_error(pool):
@@ -109,7 +108,7 @@ def test_map_raises_after_the_results_before_the_error(pool):
         for value in pool.map(fail_when_five, range(10), chunksize=2):
             seen.append(value)
     assert seen == [0, 1, 2, 3, 4]
-    assert "in fail_when_five" in info.value.__cause__.text
+    assert "in fail_when_five" in str(info.value.__cause__)
 
 
 def test_unpicklable_exception_becomes_runtime_error(pool):
@@ -120,9 +119,9 @@ def test_unpicklable_exception_becomes_runtime_error(pool):
     def fail():
         raise Local("gone")
 
-    with pytest.raises(RuntimeError, match="Local: gone") as info:
+    with pytest.raises(RuntimeError, match="unpicklable exception Local.'gone'") as info:
         pool.submit(fail).result(timeout=30)
-    assert "in fail" in info.value.__cause__.text
+    assert "in fail" in str(info.value.__cause__)
 
 
 def test_lambdas_and_closures(pool):
@@ -143,6 +142,7 @@ def test_share_100_mb_buffer_reaches_tasks_as_read_only_view(pool):
     digest = hashlib.sha256(payload).hexdigest()
     with pool.share(payload) as handle:
         assert handle.nbytes == len(payload)
+        assert bytes(handle.get()[:3]) == b"\x00\x01\x02"
 
         def inspect(i):
             view = handle  # inside the task the handle is the worker's buffer

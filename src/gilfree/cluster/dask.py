@@ -34,10 +34,10 @@ import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
-from .._executor import PoolBase, run_chunk
+from .._executor import PoolBase, run_chunk, with_remote_traceback
 from ..errors import TaskTimeout, WorkerCrashed
 
-__all__ = ["DaskPool", "SharedHandle", "RemoteTraceback"]
+__all__ = ["DaskPool", "SharedHandle"]
 
 # A task still running this long after its async TaskTimeout is stuck in C code: restart its worker.
 _STUCK_GRACE_S = 1.0
@@ -70,6 +70,10 @@ class SharedHandle:
 
     def __exit__(self, *exc):
         self.release()
+
+    def get(self):
+        """The shared data, as a task sees it (fetched from the cluster)."""
+        return _read_only(self._future.result())
 
     def __reduce__(self):
         raise TypeError("a SharedHandle only travels inside the arguments of its pool's tasks")
@@ -124,17 +128,6 @@ def _dump_task(obj):
 # ---------------------------------------------------------------- errors
 
 
-class RemoteTraceback(Exception):
-    """The ``__cause__`` of an exception raised in a task: the traceback text from the worker."""
-
-    def __init__(self, text):
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self):
-        return f'\n"""\n{self.text}"""'
-
-
 class RemoteTaskError(Exception):
     """How a failed call travels from the worker: the pickled exception plus its traceback text.
 
@@ -150,21 +143,13 @@ class RemoteTaskError(Exception):
     __repr__ = __str__
 
 
-def _portable_exception(exc):
-    """Returns (pickled exc, traceback text); an unpicklable exception becomes a RuntimeError."""
-    tb_text = "".join(traceback.format_exception(exc))
-    exc.__traceback__ = None
+def _portable_exception(exc, tb_text):
+    """Pickles exc for the trip home; an unpicklable exception travels as its repr."""
+    exc.__traceback__ = None  # the text carries the traceback; frames need not travel
     try:
-        return cloudpickle.dumps(exc), tb_text
+        return cloudpickle.dumps(exc)
     except Exception:
-        stand_in = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception could not be pickled)")
-        return cloudpickle.dumps(stand_in), tb_text
-
-
-def _attach_traceback(exc_bytes, tb_text):
-    exc = pickle.loads(exc_bytes)
-    exc.__cause__ = RemoteTraceback(tb_text)
-    return exc
+        return cloudpickle.dumps(RuntimeError(f"unpicklable exception {exc!r}"))
 
 
 # ---------------------------------------------------------------- worker side
@@ -299,15 +284,18 @@ def _execute(token, kind, payload, timeout, *shared):
             try:
                 outcome = fn(*args, **extra)
             except Exception as exc:
-                failure = (f"{type(exc).__qualname__}: {exc}", *_portable_exception(exc))
+                tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                failure = (f"{type(exc).__qualname__}: {exc}", _portable_exception(exc, tb_text), tb_text)
             if failure is not None:
                 # Raised outside the except block: the user's exception must not ride along as
                 # __context__ (Dask pickles the chain, and it may not pickle).
                 raise RemoteTaskError(*failure)
         else:  # a chunk: args are the items, extra says whether to star them
-            results, error = run_chunk(fn, args, extra)
+            results, error, elapsed = run_chunk(fn, args, extra)
             tasks = len(results) + (error is not None)
-            outcome = (results, None if error is None else _portable_exception(error))
+            if error is not None:
+                error = (_portable_exception(*error), error[1])
+            outcome = (results, error, elapsed)
         out = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
         bytes_out = len(out)
         return out
@@ -429,9 +417,8 @@ class DaskPool(PoolBase):
         self._settler_stop = False
         self._settler = threading.Thread(target=self._settle_loop, name="gilfree-dask-settler", daemon=True)
         self._settler.start()
-        if max_workers is None:
-            max_workers = max(1, sum(self._client.nthreads().values()))
-        super().__init__(max_workers)
+        # PoolBase sizes its read-ahead window on this.
+        self._max_workers = max_workers or max(1, sum(self._client.nthreads().values()))
 
     # -- what PoolBase builds on
 
@@ -642,15 +629,18 @@ def _decode_call(out):
 
 
 def _decode_chunk(out):
-    results, error = pickle.loads(out)
-    return results, None if error is None else _attach_traceback(*error)
+    """The chunk's outcome as run_chunk returned it on the worker."""
+    results, error, elapsed = pickle.loads(out)
+    if error is not None:
+        error = (pickle.loads(error[0]), error[1])
+    return results, error, elapsed
 
 
 def _translate(exc):
     """The gilfree exception for what a Dask future raised."""
     if isinstance(exc, RemoteTaskError):
         _, exc_bytes, tb_text = exc.args
-        return _attach_traceback(exc_bytes, tb_text)
+        return with_remote_traceback(pickle.loads(exc_bytes), tb_text)
     if isinstance(exc, KilledWorker):
         last = exc.last_worker
         return WorkerCrashed(
