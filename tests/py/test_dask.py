@@ -12,7 +12,7 @@ import pytest
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 
-from gilfree import TaskTimeout, WorkerCrashed  # noqa: E402
+from gilfree import Pool, TaskTimeout, WorkerCrashed  # noqa: E402
 from gilfree.cluster.dask import DaskPool  # noqa: E402
 
 # Tasks defined here travel by value, as a user's script functions would.
@@ -224,10 +224,18 @@ def test_stats_per_dask_worker(client):
     assert stats["running"] == stats["queued"] == 0
 
 
-def test_pool_owns_and_closes_only_its_own_client(cluster, client):
-    pool = DaskPool(cluster.scheduler_address, max_workers=3)
+def test_pool_with_cluster_argument_is_a_dask_pool(client):
+    with Pool(cluster=client, task_timeout=30) as pool:
+        assert isinstance(pool, DaskPool)
+        assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("target", ["address", "cluster object"])
+def test_pool_owns_and_closes_only_its_own_client(cluster, client, target):
+    pool = DaskPool(cluster.scheduler_address if target == "address" else cluster, max_workers=3)
     assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
     own_client = pool.client
+    assert own_client is not client
     pool.shutdown()
     assert own_client.status == "closed"
     with pytest.raises(RuntimeError, match="after shutdown"):
