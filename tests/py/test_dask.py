@@ -278,28 +278,45 @@ def test_task_whose_worker_dies_once_is_retried(pool, tmp_path):
 
     assert pool.submit(die_first_time, 21).result(timeout=60) == 42
     assert marker.exists()
-    deadline = time.monotonic() + 30
-    while pool.stats()["restarts"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert pool.stats()["restarts"] >= 1
+    assert wait_for_restart(pool)["restarts"] >= 1
+
+
+def spin(x=None):
+    while True:
+        pass
 
 
 def test_task_timeout_stops_python_code_and_keeps_the_worker(client):
+    client.wait_for_workers(2, timeout=60)  # the crash tests above restarted workers
     with DaskPool(client, task_timeout=0.5) as pool:
-        pids = set(pool.map(lambda _: (time.sleep(0.05), os.getpid())[1], range(20), chunksize=1))
+        pids = {row["pid"] for row in pool.stats()["workers"]}
         started = time.monotonic()
         with pytest.raises(TaskTimeout):
-            pool.submit(lambda: [None for _ in iter(int, 1)]).result(timeout=30)
+            pool.submit(spin).result(timeout=30)
         assert time.monotonic() - started < 10
-        assert pool.submit(os.getpid).result(timeout=30) in pids
         with pytest.raises(TaskTimeout):
-            list(pool.map(lambda x: [None for _ in iter(int, 1)] if x == 3 else x, range(6), chunksize=2))
+            list(pool.map(lambda x: spin() if x == 3 else x, range(6), chunksize=2))
+        assert pool.submit(os.getpid).result(timeout=30) in pids
+        stats = pool.stats()
+        assert {row["pid"] for row in stats["workers"]} == pids and stats["restarts"] == 0
+
+
+def wait_for_restart(pool, timeout=30):
+    deadline = time.monotonic() + timeout
+    while pool.stats()["restarts"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pool.stats()
 
 
 def test_task_timeout_restarts_a_worker_stuck_in_c(client):
+    client.wait_for_workers(2, timeout=60)
     with DaskPool(client, task_timeout=0.5) as pool:
+        pids = {row["pid"] for row in pool.stats()["workers"]}
         started = time.monotonic()
         with pytest.raises(TaskTimeout, match="restarted"):
             pool.submit(time.sleep, 60).result(timeout=30)
         assert time.monotonic() - started < 15
+        stats = wait_for_restart(pool)
+        assert stats["restarts"] == 1
+        assert len(pids - {row["pid"] for row in stats["workers"]}) == 1  # the stuck one is gone
         assert list(pool.map(square, range(10))) == [x * x for x in range(10)]

@@ -89,14 +89,17 @@ class _TaskPickler(cloudpickle.Pickler):
     def __init__(self, file):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.futures = []
+        self._index = {}  # handle -> its index in futures, so a repeated handle travels once
 
     def persistent_id(self, obj):
         if type(obj) is not SharedHandle:
             return None
         if obj._future is None:
             raise ValueError(f"{obj!r} was released")
-        self.futures.append(obj._future)
-        return len(self.futures) - 1
+        if obj not in self._index:
+            self._index[obj] = len(self.futures)
+            self.futures.append(obj._future)
+        return self._index[obj]
 
 
 class _TaskUnpickler(pickle.Unpickler):
@@ -318,15 +321,17 @@ class _PoolPlugin(WorkerPlugin):
         self.token = token
         self.setup_bytes = setup_bytes  # cloudpickled (initializer, initargs, preload)
 
-    def setup(self, worker):
+    async def setup(self, worker):
         initializer, initargs, preload = pickle.loads(self.setup_bytes)
         for module in preload:
             __import__(module)
         _count(self.token)
         if initializer is not None:
             initializer(*initargs)
-        worker.log_event(
-            f"gilfree-{self.token}", {"kind": "start", "name": str(worker.name), "pid": os.getpid()}
+        # By RPC: a starting worker runs plugins before its event stream to the scheduler is
+        # up, and Worker.log_event drops what it cannot send yet.
+        await worker.scheduler.log_event(
+            topic=f"gilfree-{self.token}", msg={"kind": "start", "name": str(worker.name), "pid": os.getpid()}
         )
 
     def teardown(self, worker):
@@ -400,7 +405,6 @@ class DaskPool(PoolBase):
         self._task_timeout = task_timeout
         self._lock = threading.Lock()
         self._outstanding = {}  # dask key -> _ClusterFuture, until settled
-        self._starts = {}  # worker name -> number of worker processes that started for this pool
         self._tasks_done = 0
         self._stuck_handlers = []
         self._shutdown = False
@@ -507,10 +511,7 @@ class DaskPool(PoolBase):
     def _on_event(self, event):
         """Runs on the client's event loop for each event a worker logged for this pool."""
         _, msg = event
-        if msg["kind"] == "start":
-            with self._lock:
-                self._starts[msg["name"]] = self._starts.get(msg["name"], 0) + 1
-        elif msg["kind"] == "stuck":
+        if msg["kind"] == "stuck":
             # Client calls block: never on the event loop.
             thread = threading.Thread(target=self._fail_stuck, args=(msg,), name="gilfree-stuck-task")
             with self._lock:
@@ -546,13 +547,18 @@ class DaskPool(PoolBase):
 
     def stats(self):
         per_worker = self._client.run(_worker_stats, self._token, on_error="return")
+        # The scheduler keeps the pool's events: every worker process that started for the pool
+        # announced (name, pid); more than one pid under a name are restarts.
+        pids_by_name = {}
+        for _, msg in self._client.get_events(self._topic):
+            if msg["kind"] == "start":
+                pids_by_name.setdefault(msg["name"], set()).add(msg["pid"])
         rows = []
         for slot, address in enumerate(sorted(per_worker)):
             s = per_worker[address]
             if isinstance(s, BaseException):  # a worker that is restarting right now
                 continue
-            with self._lock:
-                restarts = max(0, self._starts.get(str(s["name"]), 1) - 1)
+            restarts = max(0, len(pids_by_name.get(str(s["name"]), ())) - 1)
             rows.append({
                 "slot": slot,
                 "pid": s["pid"],
