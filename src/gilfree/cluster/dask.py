@@ -408,7 +408,6 @@ class DaskPool(PoolBase):
         self._tasks_done = 0
         self._stuck_handlers = []
         self._shutdown = False
-        self._client.subscribe_topic(self._topic, self._on_event)
         setup_bytes = cloudpickle.dumps((initializer, tuple(initargs), tuple(preload)))
         try:
             # Runs setup on every current worker now, raising the initializer's error here.
@@ -416,6 +415,7 @@ class DaskPool(PoolBase):
         except BaseException:
             self._close_client()
             raise
+        self._client.subscribe_topic(self._topic, self._on_event)
         self._done_cond = threading.Condition()
         self._done = []  # finished Dask futures the settler thread has not taken yet
         self._settler_stop = False
@@ -554,13 +554,13 @@ class DaskPool(PoolBase):
             if msg["kind"] == "start":
                 pids_by_name.setdefault(msg["name"], set()).add(msg["pid"])
         rows = []
-        for slot, address in enumerate(sorted(per_worker)):
+        for address in sorted(per_worker):
             s = per_worker[address]
             if isinstance(s, BaseException):  # a worker that is restarting right now
                 continue
             restarts = max(0, len(pids_by_name.get(str(s["name"]), ())) - 1)
             rows.append({
-                "slot": slot,
+                "slot": len(rows),
                 "pid": s["pid"],
                 "tasks": s["tasks"],
                 "busy_s": s["busy_s"],
