@@ -31,7 +31,7 @@ static uint32_t gf_slot_depth(gf_slot *slot) {
   uint64_t done = atomic_load_explicit(&slot->tasks_done, memory_order_relaxed);
   uint64_t busy = atomic_load_explicit(&slot->busy_ns, memory_order_relaxed);
   if (done == 0)
-    return 2;
+    return 1; /* unknown durations: never queue a task behind one that may be long */
   uint64_t avg = busy / done;
   if (avg == 0)
     return GF_DEPTH_MAX;
@@ -499,7 +499,7 @@ static void gf_enforce_timeouts(gf_manager *m) {
   pthread_mutex_unlock(&m->lock);
 }
 
-int gf_manager_collect(gf_manager *m, gf_event_fn fn, void *ctx) {
+int gf_manager_collect(gf_manager *m, int control, gf_event_fn fn, void *ctx) {
   int total = 0, rc = 0;
   pthread_mutex_lock(&m->drain_lock);
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
@@ -507,10 +507,12 @@ int gf_manager_collect(gf_manager *m, gf_event_fn fn, void *ctx) {
       goto done;
     total += rc;
   }
-  if ((rc = gf_read_control(m, fn, ctx)) < 0)
-    goto done;
-  total += rc;
-  gf_enforce_timeouts(m);
+  if (control) {
+    if ((rc = gf_read_control(m, fn, ctx)) < 0)
+      goto done;
+    total += rc;
+    gf_enforce_timeouts(m);
+  }
   pthread_mutex_lock(&m->lock);
   uint64_t wake = gf_dispatch_pending(m);
   pthread_mutex_unlock(&m->lock);

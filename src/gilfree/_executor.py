@@ -1,45 +1,27 @@
 """What every gilfree pool shares: map/starmap/amap/run, lazy chunked input, ordering, progress.
 
 A pool subclasses PoolBase and provides ``submit`` and ``_submit_chunk(fn, items, star)``, a
-Future whose result is what ``run_chunk`` returns. Chunks are sized so that one takes about
+Future whose result is what ``run_chunk`` (from _worker) returns. Chunks are sized so that one takes about
 CHUNK_TARGET_S of worker time, and at most ``2 * workers + 2`` chunks are in flight: a
 generator of any length is consumed in bounded memory.
 """
-import asyncio
 import collections
 import concurrent.futures
 import itertools
 import sys
 import time
-import traceback
-from concurrent.futures.process import _RemoteTraceback
+
+from ._worker import run_chunk  # noqa: F401 - the chunk runner every pool sends
 
 CHUNK_TARGET_S = 0.01
 CHUNK_FIRST = 8
 CHUNK_MAX = 100_000
 
 
-def run_chunk(fn, items, star):
-    """Runs fn over items in order (fn(*item) when star). Returns (results, error, elapsed):
-    error is None or (exception, traceback text) for the first item that raised."""
-    results = []
-    append = results.append
-    start = time.perf_counter()
-    try:
-        if star:
-            for item in items:
-                append(fn(*item))
-        else:
-            for item in items:
-                append(fn(item))
-    except Exception as exc:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return results, (exc, text), time.perf_counter() - start
-    return results, None, time.perf_counter() - start
-
-
 def with_remote_traceback(exc, text):
     """Attaches the worker's traceback text to exc as concurrent.futures does; returns exc."""
+    from concurrent.futures.process import _RemoteTraceback
+
     exc.__cause__ = _RemoteTraceback(text)
     return exc
 
@@ -135,6 +117,8 @@ class PoolBase(concurrent.futures.Executor):
 
     def run(self, fn, /, *args, **kwargs):
         """Awaitable: the result of fn(*args, **kwargs) run in the pool."""
+        import asyncio
+
         return asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def map(self, fn, *iterables, chunksize="auto", ordered=True, timeout=None, progress=False):
@@ -189,6 +173,8 @@ class PoolBase(concurrent.futures.Executor):
 
     async def amap(self, fn, iterable, *, chunksize="auto", ordered=True, star=False, progress=False):
         """Async iterator over fn(item) for each item, computed in the pool."""
+        import asyncio
+
         pipeline = _Pipeline(self, fn, iterable, star, chunksize, ordered)
         bar = _Progress(progress, iterable)
         wrapped = {}

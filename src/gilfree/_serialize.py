@@ -6,32 +6,15 @@ block it already lives in) and returns a reference tuple; received references ar
 ``bytes`` objects for exact bytes, ``SharedBuffer`` objects for everything else.
 """
 import io
-import os
-import itertools
-import pickle
+# _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
+import _pickle as pickle
 import weakref
 
-from ._engine import BUF_BYTES, OUT_OF_BAND_MIN
+from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
 
-_OOB_TYPES = (bytes, memoryview)
-
-
-def _large(obj):
-    return type(obj) in _OOB_TYPES and len(obj) >= OUT_OF_BAND_MIN
-
-
-def _has_large_buffer(obj):
-    """True when obj, or an item one level down, is a large bytes or memoryview.
-
-    Plain pickle puts bytes in-band and refuses memoryview; only then is the slower pickler
-    with persistent ids needed. Deeper nesting still works, with a copy."""
-    if _large(obj):
-        return True
-    if type(obj) in (tuple, list):
-        return any(_large(x) or (type(x) is dict and any(map(_large, x.values()))) for x in obj)
-    if type(obj) is dict:
-        return any(map(_large, obj.values()))
-    return False
+# An in-band payload this large probably carries large bytes deeper than has_large_buffer
+# looks: worth a second, slower pass.
+_REPICKLE_ABOVE = 4 * OUT_OF_BAND_MIN
 
 
 def _memoryview_reduce(view):
@@ -60,6 +43,15 @@ class _BufferPickler(pickle.Pickler):
         return NotImplemented
 
 
+class _IdUnpickler(pickle.Unpickler):
+    def __init__(self, file, by_id, buffers):
+        super().__init__(file, buffers=buffers)
+        self._by_id = by_id
+
+    def persistent_load(self, pid):
+        return self._by_id[pid]
+
+
 class Codec:
     """Encodes and decodes messages for one end of the engine."""
 
@@ -78,36 +70,38 @@ class Codec:
             return False
 
         try:
-            if not _has_large_buffer(obj):
-                try:
-                    payload = pickle.dumps(obj, 5, buffer_callback=out_of_band)
-                except TypeError:
-                    # A memoryview somewhere deeper: the full pickler handles it.
-                    self.release(refs)
-                    refs.clear()
+            try:
+                if has_large_buffer(obj):
+                    payload = self._dumps_with_ids(obj, refs, out_of_band)
                 else:
-                    if b"__main__" not in payload:
-                        return payload, refs
-                    self.release(refs)
-                    refs.clear()
-                    return self._dumps_by_value(obj, refs, out_of_band)
-            file = io.BytesIO()
-            _BufferPickler(file, self._owner, refs, out_of_band).dump(obj)
-            payload = file.getvalue()
+                    try:
+                        payload = pickle.dumps(obj, 5, buffer_callback=out_of_band)
+                    except TypeError:
+                        payload = None  # a memoryview deeper down
+                    if payload is None or len(payload) >= _REPICKLE_ABOVE:
+                        # Large bytes deeper down went in-band: send them out-of-band.
+                        self.release(refs)
+                        refs.clear()
+                        payload = self._dumps_with_ids(obj, refs, out_of_band)
+            except (pickle.PicklingError, AttributeError):
+                # Classes or functions made at run time (e.g. in a task sent by value).
+                payload = b"__main__"
             if b"__main__" in payload:
+                # What the parent's __main__ defines does not exist in workers: by value.
                 self.release(refs)
                 refs.clear()
-                return self._dumps_by_value(obj, refs, out_of_band)
+                import cloudpickle
+
+                payload = cloudpickle.dumps(obj, 5, buffer_callback=out_of_band)
             return payload, refs
         except BaseException:
             self.release(refs)
             raise
 
-    def _dumps_by_value(self, obj, refs, out_of_band):
-        """Things defined in the parent's __main__ do not exist in workers: send them by value."""
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, 5, buffer_callback=out_of_band), refs
+    def _dumps_with_ids(self, obj, refs, out_of_band):
+        file = io.BytesIO()
+        _BufferPickler(file, self._owner, refs, out_of_band).dump(obj)
+        return file.getvalue()
 
     def release(self, refs):
         for ref in refs:
@@ -121,70 +115,52 @@ class Codec:
         out_of_band = [v for v in views if type(v) is not bytes]
         if not by_id:
             return pickle.loads(payload, buffers=out_of_band)
-        unpickler = pickle.Unpickler(io.BytesIO(payload), buffers=out_of_band)
-        unpickler.persistent_load = by_id.__getitem__
-        return unpickler.load()
+        return _IdUnpickler(io.BytesIO(payload), by_id, buffers=out_of_band).load()
 
 
 # ---------------------------------------------------------------- functions
 
-_by_value_keys = itertools.count(1)
-_function_cache = weakref.WeakKeyDictionary()  # fn -> _ByValue, or _BY_REFERENCE
-_BY_REFERENCE = object()
-_worker_functions = {}
+_blobs = weakref.WeakKeyDictionary()  # fn -> its pickled bytes
+_functions = {}  # worker side: pickled bytes -> fn
+_FUNCTIONS_KEPT = 1024
 
 
-def _load_by_value(key, blob):
-    """Worker side: unpickles a function sent by value once, then reuses it."""
-    fn = _worker_functions.get(key)
-    if fn is None:
-        fn = _worker_functions[key] = pickle.loads(blob)
-    return fn
-
-
-class _ByValue:
-    __slots__ = ("key", "blob")
-
-    def __init__(self, key, blob):
-        self.key = key
-        self.blob = blob
-
-    def __reduce__(self):
-        return _load_by_value, (self.key, self.blob)
-
-
-def _pickles_by_reference(fn):
+def _pickles_by_reference(fn, blob):
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "")
     if module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
         return False
-    try:
-        return b"__main__" not in pickle.dumps(fn, 5)
-    except Exception:
-        return False
+    return b"__main__" not in blob
 
 
-def encode_function(fn):
-    """What to pickle for fn: fn itself when workers can import it, otherwise a by-value
-    wrapper pickled once per function object (cloudpickle)."""
+def function_blob(fn):
+    """fn pickled once per function object: by reference when workers can import it, else by
+    value (cloudpickle: lambdas, closures, functions of __main__). Workers cache the function
+    under these bytes, so a task carries them but nobody unpickles them twice."""
     try:
-        encoded = _function_cache[fn]
+        return _blobs[fn]
     except (KeyError, TypeError):
         pass
-    else:
-        return fn if encoded is _BY_REFERENCE else encoded
-    if _pickles_by_reference(fn):
-        encoded = _BY_REFERENCE
-    else:
+    try:
+        blob = pickle.dumps(fn, 5)
+    except Exception:
+        blob = None
+    if blob is None or not _pickles_by_reference(fn, blob):
         import cloudpickle
 
-        encoded = _ByValue((_process_token(), next(_by_value_keys)), cloudpickle.dumps(fn, 5))
+        blob = cloudpickle.dumps(fn, 5)
     try:
-        _function_cache[fn] = encoded
+        _blobs[fn] = blob
     except TypeError:
-        pass  # not weak-referenceable: encoded again next time
-    return fn if encoded is _BY_REFERENCE else encoded
+        pass  # not weak-referenceable: pickled again next time
+    return blob
 
 
-def _process_token():
-    return os.getpid()
+def load_function(blob):
+    """Worker side: the function a blob names, unpickled once."""
+    fn = _functions.get(blob)
+    if fn is None:
+        if len(_functions) >= _FUNCTIONS_KEPT:
+            _functions.clear()
+        fn = _functions[blob] = pickle.loads(blob)
+    return fn

@@ -5,16 +5,17 @@ config sys_path``. The template imports what the pool preloads and then serves f
 (``_engine.serve_template``, in C); each forked child returns from it with its slot number and
 runs ``worker_main``.
 """
-import base64
+import binascii
 import importlib
 import os
-import pickle
+# _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
+import _pickle as pickle
 import signal
 import sys
-import traceback
+import time
 
 from . import _engine
-from ._serialize import Codec
+from ._serialize import Codec, load_function
 
 # A worker that just finished a task polls briefly for the next one before sleeping.
 NEXT_TASK_SPIN_S = 50e-6
@@ -33,7 +34,7 @@ class WorkerConfig:
 
 def template_main():
     memfd, _doorbell, ctl, nslots = (int(x) for x in sys.argv[1:5])
-    config = pickle.loads(base64.b64decode(sys.argv[5]))
+    config = pickle.loads(binascii.a2b_base64(sys.argv[5]))
     # The template runs in its own session; Ctrl-C belongs to the user's program.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in config.preload:
@@ -47,6 +48,8 @@ def template_main():
 
 def _error_payload(codec, exc):
     """Pickles (exception, traceback text); an unpicklable exception travels as its repr."""
+    import traceback
+
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         return codec.dumps((exc, text))
@@ -59,6 +62,8 @@ def worker_main(memfd, slot, config):
         try:
             config.initializer(*config.initargs)
         except BaseException:
+            import traceback
+
             traceback.print_exc()
             return 1
     worker = _engine.Worker(memfd, slot)
@@ -68,12 +73,16 @@ def worker_main(memfd, slot, config):
         task = worker.next(NEXT_TASK_SPIN_S)
         if task is None:
             return 0  # the template is gone
-        task_id, (payload, views) = task
+        task_id, (kind, head, body, views) = task
         try:
-            fn, args, kwargs = Codec.loads(payload, views)
-            del payload, views
-            result = fn(*args, **kwargs)
-            del fn, args, kwargs
+            fn = load_function(head)
+            args = Codec.loads(body, views)
+            del body, views
+            if kind == _engine.MSG_CHUNK:
+                result = run_chunk(fn, *args)
+            else:
+                result = fn(*args[0], **args[1])
+            del fn, args
             try:
                 data, refs = codec.dumps(result)
                 ok = True
@@ -94,3 +103,24 @@ def worker_main(memfd, slot, config):
         ):
             worker.retire()
             return 0
+
+
+def run_chunk(fn, items, star):
+    """Runs fn over items in order (fn(*item) when star). Returns (results, error, elapsed):
+    error is None or (exception, traceback text) for the first item that raised."""
+    results = []
+    append = results.append
+    start = time.perf_counter()
+    try:
+        if star:
+            for item in items:
+                append(fn(*item))
+        else:
+            for item in items:
+                append(fn(item))
+    except Exception as exc:
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return results, (exc, text), time.perf_counter() - start
+    return results, None, time.perf_counter() - start

@@ -7,7 +7,7 @@ Threads in the parent:
 - one C thread (started by ``Engine.start_waiter``) sleeps in epoll without the GIL, wakes on
   results, worker exits and timeouts, and completes futures in batches (``_on_events``).
 """
-import base64
+import binascii
 import concurrent.futures
 import itertools
 import json
@@ -20,8 +20,8 @@ import weakref
 from concurrent.futures._base import FINISHED, PENDING
 
 from . import _engine
-from ._executor import PoolBase, run_chunk, with_remote_traceback
-from ._serialize import Codec, encode_function
+from ._executor import PoolBase, with_remote_traceback
+from ._serialize import Codec, function_blob
 from ._worker import WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
 
@@ -167,10 +167,9 @@ class Pool(PoolBase):
         self._restarts = 0
         self._engine = _engine.Engine(max_workers, RING_BYTES, ARENA_BYTES, task_timeout or 0.0)
         self._codec = Codec(self._engine)
-        self._chunk_fn = encode_function(run_chunk)
 
         config = WorkerConfig(
-            encode_function(initializer) if initializer is not None else None,
+            initializer,
             tuple(initargs),
             max_tasks_per_worker,
             max_memory_per_worker,
@@ -185,7 +184,7 @@ class Pool(PoolBase):
             str(doorbell),
             str(ctl),
             str(max_workers),
-            base64.b64encode(pickle.dumps(config, 5)).decode(),
+            binascii.b2a_base64(_pickle_config(config), newline=False).decode(),
             json.dumps(sys.path),
         ]
         env = [f"{k}={v}" for k, v in os.environ.items()]
@@ -198,24 +197,25 @@ class Pool(PoolBase):
     # ------------------------------------------------------------ submitting
 
     def submit(self, fn, /, *args, **kwargs):
+        return self._submit(False, fn, (args, kwargs))
+
+    def _submit_chunk(self, fn, items, star):
+        return self._submit(True, fn, (items, star))
+
+    def _submit(self, chunk, fn, body):
         if self._broken is not None:
             raise BrokenPool(self._broken)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        return self._submit_encoded(encode_function(fn), args, kwargs)
-
-    def _submit_chunk(self, fn, items, star):
-        return self.submit(self._chunk_fn, encode_function(fn), items, star)
-
-    def _submit_encoded(self, fn, args, kwargs):
-        payload, refs = self._codec.dumps((fn, args, kwargs))
+        head = function_blob(fn)
+        payload, refs = self._codec.dumps(body)
         task_id = next(self._ids)
         future = _Future()
         future._pool_ref = self._weakself
-        self._futures[task_id] = future
         future._task_id = task_id
+        self._futures[task_id] = future
         try:
-            self._engine.submit(task_id, payload, refs)
+            self._engine.submit(task_id, chunk, head, payload, refs)
         except BaseException:
             self._futures.pop(task_id, None)
             raise
@@ -248,7 +248,7 @@ class Pool(PoolBase):
     def _help(self, future):
         """Collects results in the calling thread while it would otherwise just wait."""
         if self._engine.spin(RESULT_SPIN_S):
-            self._on_events(self._engine.collect())
+            self._on_events(self._engine.collect(False))
 
     def _cancel(self, future):
         if self._engine.cancel(future._task_id):
@@ -258,15 +258,16 @@ class Pool(PoolBase):
 
     def _on_events(self, events):
         futures = self._futures
+        loads = pickle.loads
         for event in events:
             kind = event[0]
             if kind == _engine.EV_RESULT:
-                _, task_id, msg_kind, (payload, views) = event
+                _, task_id, (msg_kind, _, payload, views) = event
                 future = futures.pop(task_id, None)
                 if future is None:
                     continue
                 try:
-                    value = Codec.loads(payload, views)
+                    value = loads(payload) if not views else Codec.loads(payload, views)
                 except BaseException as exc:
                     _complete(future, None, exc)
                     continue
@@ -372,15 +373,28 @@ class Pool(PoolBase):
         return f"<gilfree.Pool max_workers={self._max_workers} {state}>"
 
 
+def _pickle_config(config):
+    """The workers' configuration; an initializer from __main__ or a closure goes by value."""
+    try:
+        blob = pickle.dumps(config, 5)
+        if b"__main__" not in blob:
+            return blob
+    except (pickle.PicklingError, AttributeError, TypeError):
+        pass
+    import cloudpickle
+
+    return cloudpickle.dumps(config, 5)
+
+
 def _complete(future, value, error):
     """Sets a future's outcome unless it was cancelled meanwhile."""
-    with future._condition:
-        if future._state != PENDING:
-            return
-    if error is None:
-        future.set_result(value)
-    else:
-        future.set_exception(error)
+    try:
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _crash_error(pid, status):

@@ -62,25 +62,25 @@ GF_TEST(manager_dispatch_result_and_crash_recovery) {
   GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
   GF_CHECK_EQ(ctl.kind, GF_CTL_SPAWN);
 
-  /* A new worker takes two tasks into its ring; the third waits in the parent. */
+  /* A new worker, whose task durations are unknown, gets one task; the rest wait. */
   for (uint64_t id = 1; id <= 3; id++)
     GF_CHECK_EQ(submit(&m, id), 0);
-  GF_CHECK_EQ(gf_manager_queued(&m), 1);
+  GF_CHECK_EQ(gf_manager_queued(&m), 2);
 
   GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
   GF_CHECK_EQ(take(&w), 1);
   GF_CHECK_EQ(reply(&w, 1), 0);
   GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000000), 1);
-  GF_CHECK(gf_manager_collect(&m, record, &s) >= 1);
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
   GF_CHECK_EQ(s.results, 1);
   GF_CHECK_EQ(s.last_task, 1);
-  GF_CHECK_EQ(gf_manager_queued(&m), 0); /* task 3 moved into the ring */
+  GF_CHECK_EQ(gf_manager_queued(&m), 0); /* a fast worker: tasks 2 and 3 moved to its ring */
 
   /* The worker dies while running task 2: task 2 fails, task 3 is requeued. */
   GF_CHECK_EQ(take(&w), 2);
   gf_ctl died = {.kind = GF_CTL_EXITED, .slot = 0, .pid = 4242, .status = SIGKILL};
   GF_CHECK_EQ(send(m.ctl_child_fd, &died, sizeof(died), 0), (ssize_t)sizeof(died));
-  GF_CHECK(gf_manager_collect(&m, record, &s) >= 1);
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
   GF_CHECK_EQ(s.deaths, 1);
   GF_CHECK_EQ(s.died_task, 2);
   GF_CHECK_EQ(s.timed_out, 0);
@@ -110,7 +110,7 @@ GF_TEST(manager_blocks_released_on_crash) {
   GF_CHECK_EQ(gf_worker_hold(&w, block), 0); /* the worker took over the reference */
   gf_ctl died = {.kind = GF_CTL_EXITED, .slot = 0, .pid = 1, .status = SIGSEGV};
   GF_CHECK_EQ(send(m.ctl_child_fd, &died, sizeof(died), 0), (ssize_t)sizeof(died));
-  GF_CHECK(gf_manager_collect(&m, record, &s) >= 1);
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
   GF_CHECK_EQ(atomic_load(&gf_block_at(&m.arena, block)->refs), 0);
   gf_manager_close(&m, 0);
   gf_manager_free(&m);

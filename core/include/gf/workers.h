@@ -59,15 +59,20 @@ typedef struct gf_segment {
   gf_slot slots[];
 } gf_segment;
 
-/* Header of every ring message. Buffers (gf_bufref) follow it, then the pickled payload. */
+/* Header of every ring message. Buffers (gf_bufref) follow it, then the payload: head_len
+ * bytes of head (a task's pickled function, which workers cache by these bytes) and the
+ * pickled body. */
 typedef struct gf_msg {
   uint64_t task_id;
   uint32_t kind;
   uint32_t nbufs;
   uint64_t payload_len;
+  uint32_t head_len;
+  uint32_t reserved;
 } gf_msg;
 
-enum { GF_MSG_TASK = 1, GF_MSG_RESULT = 2, GF_MSG_ERROR = 3 };
+/* TASK: fn(*args, **kwargs); CHUNK: fn over a list of items; RESULT, ERROR: a task's outcome. */
+enum { GF_MSG_TASK = 1, GF_MSG_CHUNK, GF_MSG_RESULT, GF_MSG_ERROR };
 
 /* An out-of-band buffer: len bytes at offset `at` inside the data of arena block `block`.
  * The message owns one reference to the block for each bufref. */
@@ -178,10 +183,12 @@ int gf_manager_wait(gf_manager *m, int64_t spin_ns, int64_t timeout_ns);
 /* Spins up to spin_ns on the response rings; 1 when results are waiting. For a thread that
  * waits for one result and would rather collect it itself than be woken. */
 int gf_manager_spin(gf_manager *m, int64_t spin_ns);
-/* Calls fn for every result and control event waiting, consumes them, kills workers whose
- * task ran past task_timeout, and hands queued tasks to workers with room. Several threads
- * may call it; drain_lock makes them take turns. Returns the number of events or -errno. */
-int gf_manager_collect(gf_manager *m, gf_event_fn fn, void *ctx);
+/* Calls fn for every result waiting and, with control set, every control event (spawns,
+ * deaths), consumes them, kills workers whose task ran past task_timeout, and hands queued
+ * tasks to workers with room. Several threads may call it; drain_lock makes them take turns.
+ * A thread collecting its own result passes control = 0 and saves the socket read.
+ * Returns the number of events or -errno. */
+int gf_manager_collect(gf_manager *m, int control, gf_event_fn fn, void *ctx);
 /* Wakes gf_manager_wait with -ECANCELED. */
 void gf_manager_stop(gf_manager *m);
 /* Allocates an arena block in the parent's region (thread-safe). */

@@ -297,20 +297,25 @@ typedef struct {
   gf_msg hdr;
   gf_bufref bufs[MAX_BUFS];
   Py_ssize_t nbufs;
-  Py_buffer payload;
+  Py_buffer head, body;
   uint64_t bytes;
 } outgoing;
 
-/* Fills out from a payload (bytes-like) and a list of export() tuples. Borrowed references. */
+static void outgoing_release(outgoing *out) {
+  if (out->head.obj != NULL)
+    PyBuffer_Release(&out->head);
+  if (out->body.obj != NULL)
+    PyBuffer_Release(&out->body);
+}
+
+/* Fills out from head and body (bytes-like; head may be None) and a list of export() tuples.
+ * Borrowed references. On failure the exported references are released. */
 static int outgoing_build(outgoing *out, shm_t *shm, uint64_t task_id, uint32_t kind,
-                          PyObject *payload, PyObject *bufs, size_t max_inline) {
+                          PyObject *head, PyObject *body, PyObject *bufs, size_t max_inline) {
   memset(&out->hdr, 0, sizeof(out->hdr));
-  out->payload.obj = NULL;
+  out->head.obj = out->body.obj = NULL;
   out->nbufs = 0;
-  if (!PyList_Check(bufs) && !PyTuple_Check(bufs)) {
-    PyErr_SetString(PyExc_TypeError, "bufs must be a list");
-    return -1;
-  }
+  out->bytes = 0;
   PyObject *seq = PySequence_Fast(bufs, "bufs must be a sequence");
   if (seq == NULL)
     return -1;
@@ -318,64 +323,92 @@ static int outgoing_build(outgoing *out, shm_t *shm, uint64_t task_id, uint32_t 
   if (n + 1 > MAX_BUFS) {
     Py_DECREF(seq);
     PyErr_SetString(PyExc_ValueError, "too many out-of-band buffers in one message");
-    return -1;
+    goto error;
   }
-  out->bytes = 0;
   for (Py_ssize_t i = 0; i < n; i++) {
     unsigned long long block, at, len;
     unsigned int flags;
     if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKKI", &block, &at, &len, &flags)) {
       Py_DECREF(seq);
-      return -1;
+      goto error;
     }
     out->bufs[out->nbufs++] = (gf_bufref){.block = block, .at = at, .len = len, .flags = flags};
     out->bytes += len;
   }
   Py_DECREF(seq);
-  if (PyObject_GetBuffer(payload, &out->payload, PyBUF_SIMPLE) < 0)
-    return -1;
+  if ((head != Py_None && PyObject_GetBuffer(head, &out->head, PyBUF_SIMPLE) < 0) ||
+      PyObject_GetBuffer(body, &out->body, PyBUF_SIMPLE) < 0)
+    goto error;
+  uint64_t head_len = out->head.obj ? (uint64_t)out->head.len : 0;
+  uint64_t payload_len = head_len + (uint64_t)out->body.len;
   out->hdr.task_id = task_id;
   out->hdr.kind = kind;
-  out->hdr.payload_len = (uint64_t)out->payload.len;
-  out->bytes += (uint64_t)out->payload.len;
+  out->hdr.head_len = (uint32_t)head_len;
+  out->hdr.payload_len = payload_len;
+  out->bytes += payload_len;
   size_t fixed = sizeof(gf_msg) + (size_t)(out->nbufs + 1) * sizeof(gf_bufref);
-  if ((size_t)out->payload.len + fixed > max_inline) {
+  if (payload_len + fixed > max_inline) {
     /* Too big for the ring: the payload itself travels through the arena. */
     uint64_t block;
-    int rc = shm_alloc(shm, (uint64_t)out->payload.len, &block);
+    int rc = shm_alloc(shm, payload_len, &block);
     if (rc < 0) {
-      for (Py_ssize_t i = 0; i < out->nbufs; i++)
-        shm_release(shm, out->bufs[i].block);
-      PyBuffer_Release(&out->payload);
       set_errno(rc);
-      return -1;
+      goto error;
     }
-    memcpy(gf_block_data(shm->arena, block), out->payload.buf, (size_t)out->payload.len);
-    out->bufs[out->nbufs++] = (gf_bufref){
-        .block = block, .at = 0, .len = (uint64_t)out->payload.len, .flags = GF_BUF_PAYLOAD};
+    unsigned char *dst = gf_block_data(shm->arena, block);
+    if (head_len)
+      memcpy(dst, out->head.buf, head_len);
+    memcpy(dst + head_len, out->body.buf, (size_t)out->body.len);
+    out->bufs[out->nbufs++] =
+        (gf_bufref){.block = block, .at = 0, .len = payload_len, .flags = GF_BUF_PAYLOAD};
     out->hdr.payload_len = 0;
   }
   out->hdr.nbufs = (uint32_t)out->nbufs;
   return 0;
+
+error:
+  for (Py_ssize_t i = 0; i < out->nbufs; i++)
+    if (gf_block_check(shm->arena, out->bufs[i].block) == 0)
+      shm_release(shm, out->bufs[i].block);
+  outgoing_release(out);
+  return -1;
 }
 
-static int outgoing_iov(outgoing *out, struct iovec iov[3]) {
+static int outgoing_iov(outgoing *out, struct iovec iov[4]) {
+  int inline_payload = out->hdr.payload_len != 0;
   iov[0] = (struct iovec){&out->hdr, sizeof(out->hdr)};
   iov[1] = (struct iovec){out->bufs, (size_t)out->nbufs * sizeof(gf_bufref)};
-  iov[2] = (struct iovec){out->payload.buf, (size_t)out->hdr.payload_len};
-  return 3;
+  iov[2] = (struct iovec){out->head.buf, inline_payload ? out->hdr.head_len : 0};
+  iov[3] = (struct iovec){out->body.buf, inline_payload ? (size_t)out->body.len : 0};
+  return 4;
 }
 
-/* Returns a new reference to (payload, views) for a received message; views take over the
- * message's block references. The payload is a bytes copy, or a view when it came by arena. */
+/* Returns a new reference to (kind, head, body, views) for a received message: head is the
+ * function bytes or None, body a bytes copy (or a view of the arena when the payload came that
+ * way). Views take over the message's block references. */
 static PyObject *incoming_decode(ShmOwner *owner, const gf_msg *msg) {
   const gf_bufref *bufs = (const gf_bufref *)(msg + 1);
-  const char *payload_bytes = (const char *)(bufs + msg->nbufs);
-  PyObject *payload = NULL, *views = PyList_New(0), *item;
+  const char *inline_payload = (const char *)(bufs + msg->nbufs);
+  PyObject *head = NULL, *body = NULL, *views = PyList_New(0), *item;
   if (views == NULL)
     return NULL;
   for (uint32_t i = 0; i < msg->nbufs; i++) {
-    item = shm_view(owner, &bufs[i]);
+    gf_bufref ref = bufs[i];
+    if (ref.flags & GF_BUF_PAYLOAD) {
+      if (gf_block_check(owner->shm.arena, ref.block) < 0 || ref.len < msg->head_len) {
+        PyErr_SetString(PyExc_ValueError, "corrupt payload reference in message");
+        item = NULL;
+      } else {
+        if (msg->head_len && head == NULL)
+          head = PyBytes_FromStringAndSize(
+              (const char *)gf_block_data(owner->shm.arena, ref.block) + ref.at, msg->head_len);
+        ref.at += msg->head_len;
+        ref.len -= msg->head_len;
+        item = (msg->head_len && head == NULL) ? NULL : shm_view(owner, &ref);
+      }
+    } else {
+      item = shm_view(owner, &ref);
+    }
     if (item == NULL) {
       /* Release the references no view took over. */
       for (uint32_t j = i + 1; j < msg->nbufs; j++)
@@ -384,7 +417,7 @@ static PyObject *incoming_decode(ShmOwner *owner, const gf_msg *msg) {
       goto error;
     }
     if (bufs[i].flags & GF_BUF_PAYLOAD) {
-      payload = item;
+      body = item;
       continue;
     }
     int rc = PyList_Append(views, item);
@@ -392,16 +425,20 @@ static PyObject *incoming_decode(ShmOwner *owner, const gf_msg *msg) {
     if (rc < 0)
       goto error;
   }
-  if (payload == NULL &&
-      (payload = PyBytes_FromStringAndSize(payload_bytes, (Py_ssize_t)msg->payload_len)) == NULL)
-    goto error;
-  PyObject *result = PyTuple_Pack(2, payload, views);
-  Py_DECREF(payload);
-  Py_DECREF(views);
-  return result;
+  if (body == NULL) {
+    if (msg->head_len &&
+        (head = PyBytes_FromStringAndSize(inline_payload, msg->head_len)) == NULL)
+      goto error;
+    body = PyBytes_FromStringAndSize(inline_payload + msg->head_len,
+                                     (Py_ssize_t)(msg->payload_len - msg->head_len));
+    if (body == NULL)
+      goto error;
+  }
+  return Py_BuildValue("(INNN)", msg->kind, head ? head : Py_NewRef(Py_None), body, views);
 
 error:
-  Py_XDECREF(payload);
+  Py_XDECREF(head);
+  Py_XDECREF(body);
   Py_DECREF(views);
   return NULL;
 }
@@ -507,13 +544,12 @@ static PyObject *batch_to_list(EngineObject *self, event_batch *b) {
     switch (ev->kind) {
     case GF_EV_RESULT: {
       /* The views take over the message's references: it must not be released again. */
-      uint32_t msg_kind = pe->msg->kind;
       PyObject *decoded = incoming_decode((ShmOwner *)self, pe->msg);
       free(pe->msg);
       pe->msg = NULL;
       if (decoded == NULL)
         goto fail;
-      item = Py_BuildValue("(iKIN)", ev->kind, (unsigned long long)ev->task_id, msg_kind, decoded);
+      item = Py_BuildValue("(iKN)", ev->kind, (unsigned long long)ev->task_id, decoded);
       break;
     }
     case GF_EV_DIED:
@@ -715,29 +751,31 @@ static PyObject *Engine_spawn(EngineObject *self, PyObject *arg) {
   Py_RETURN_NONE;
 }
 
-/* submit(task_id, payload, bufs): queue or dispatch a task. bufs: export() tuples, whose
- * references the message takes over (also on failure: they are released). */
+/* submit(task_id, chunk, head, body, bufs): queue or dispatch a task; head is the pickled
+ * function, body the pickled arguments; chunk: body is (items, star) for a map chunk. bufs:
+ * export() tuples, whose references the message takes over (also on failure: released). */
 static PyObject *Engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs) {
   outgoing *out;
-  struct iovec iov[3];
+  struct iovec iov[4];
   int rc;
-  if (!check_nargs("submit", nargs, 3) || engine_check(self) < 0)
+  if (!check_nargs("submit", nargs, 5) || engine_check(self) < 0)
     return NULL;
   unsigned long long task_id = PyLong_AsUnsignedLongLong(args[0]);
-  if (PyErr_Occurred())
+  int chunk = PyObject_IsTrue(args[1]);
+  if (PyErr_Occurred() || chunk < 0)
     return NULL;
   if ((out = PyMem_Malloc(sizeof(*out))) == NULL)
     return PyErr_NoMemory();
-  if (outgoing_build(out, &self->shm, task_id, GF_MSG_TASK, args[1], args[2], self->max_inline) <
-      0) {
+  if (outgoing_build(out, &self->shm, task_id, chunk ? GF_MSG_CHUNK : GF_MSG_TASK, args[2],
+                     args[3], args[4], self->max_inline) < 0) {
     PyMem_Free(out);
     return NULL;
   }
   outgoing_iov(out, iov);
-  rc = gf_manager_submit(&self->m, iov, 3);
+  rc = gf_manager_submit(&self->m, iov, 4);
   if (rc < 0)
     gf_msg_release(&self->m.arena, &out->hdr);
-  PyBuffer_Release(&out->payload);
+  outgoing_release(out);
   PyMem_Free(out);
   if (rc == -ESHUTDOWN) {
     PyErr_SetString(PyExc_RuntimeError, "cannot schedule new tasks after shutdown");
@@ -817,14 +855,16 @@ static PyObject *owner_scan(ShmOwner *owner, PyObject *unused) {
   return PyLong_FromSsize_t(owner->shm.nmaps ? shm_scan(&owner->shm) : 0);
 }
 
-/* collect() -> list of events waiting now (results, spawns, deaths). */
-static PyObject *Engine_collect(EngineObject *self, PyObject *unused) {
+/* collect(control) -> list of events waiting now: results and, with control, spawns and
+ * deaths. */
+static PyObject *Engine_collect(EngineObject *self, PyObject *arg) {
   event_batch batch = {0};
   int rc;
-  if (engine_check(self) < 0)
+  int control = PyObject_IsTrue(arg);
+  if (control < 0 || engine_check(self) < 0)
     return NULL;
   Py_BEGIN_ALLOW_THREADS
-  rc = gf_manager_collect(&self->m, batch_add, &batch);
+  rc = gf_manager_collect(&self->m, control, batch_add, &batch);
   Py_END_ALLOW_THREADS
   PyObject *list = batch_to_list(self, &batch);
   free(batch.items);
@@ -860,7 +900,7 @@ static void *waiter_main(void *arg) {
       break;
     if (rc == 0)
       continue;
-    rc = gf_manager_collect(&self->m, batch_add, &batch);
+    rc = gf_manager_collect(&self->m, 1, batch_add, &batch);
     if (batch.n == 0)
       continue;
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -958,7 +998,7 @@ static PyMethodDef Engine_methods[] = {
     {"addref", (PyCFunction)owner_addref, METH_O, NULL},
     {"release", (PyCFunction)owner_release, METH_O, NULL},
     {"scan", (PyCFunction)owner_scan, METH_NOARGS, NULL},
-    {"collect", (PyCFunction)Engine_collect, METH_NOARGS, NULL},
+    {"collect", (PyCFunction)Engine_collect, METH_O, NULL},
     {"spin", (PyCFunction)Engine_spin, METH_O, NULL},
     {"start_waiter", (PyCFunction)Engine_start_waiter, METH_O, NULL},
     {"close", (PyCFunction)Engine_close, METH_O, NULL},
@@ -1039,8 +1079,8 @@ static int Worker_traverse(WorkerObject *self, visitproc visit, void *arg) {
   return 0;
 }
 
-/* next(spin_seconds) -> (task_id, payload, views) or None when the template is gone. The
- * task is marked running. */
+/* next(spin_seconds) -> (task_id, (kind, head, body, views)) or None when the template is
+ * gone. The task is marked running. */
 static PyObject *Worker_next(WorkerObject *self, PyObject *arg) {
   const gf_msg *msg;
   size_t len;
@@ -1083,7 +1123,7 @@ static PyObject *Worker_next(WorkerObject *self, PyObject *arg) {
 /* reply(task_id, ok, payload, bufs): send a result (ok) or an exception (not ok). */
 static PyObject *Worker_reply(WorkerObject *self, PyObject *const *args, Py_ssize_t nargs) {
   outgoing *out;
-  struct iovec iov[3];
+  struct iovec iov[4];
   int rc;
   if (!check_nargs("reply", nargs, 4))
     return NULL;
@@ -1093,16 +1133,16 @@ static PyObject *Worker_reply(WorkerObject *self, PyObject *const *args, Py_ssiz
     return NULL;
   if ((out = PyMem_Malloc(sizeof(*out))) == NULL)
     return PyErr_NoMemory();
-  if (outgoing_build(out, &self->shm, task_id, ok ? GF_MSG_RESULT : GF_MSG_ERROR, args[2],
-                     args[3], self->max_inline) < 0) {
+  if (outgoing_build(out, &self->shm, task_id, ok ? GF_MSG_RESULT : GF_MSG_ERROR, Py_None,
+                     args[2], args[3], self->max_inline) < 0) {
     PyMem_Free(out);
     return NULL;
   }
   outgoing_iov(out, iov);
   Py_BEGIN_ALLOW_THREADS
-  rc = gf_worker_reply(&self->w, iov, 3, out->bytes);
+  rc = gf_worker_reply(&self->w, iov, 4, out->bytes);
   Py_END_ALLOW_THREADS
-  PyBuffer_Release(&out->payload);
+  outgoing_release(out);
   PyMem_Free(out);
   if (rc < 0)
     return set_errno(rc);
@@ -1268,6 +1308,46 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
   }
 }
 
+static int is_large_buffer(PyObject *obj) {
+  if (PyBytes_CheckExact(obj))
+    return PyBytes_GET_SIZE(obj) >= GF_BLOCK_MIN;
+  if (PyMemoryView_Check(obj))
+    return PyMemoryView_GET_BUFFER(obj)->len >= GF_BLOCK_MIN;
+  return 0;
+}
+
+static int scan_items(PyObject *obj, int depth);
+
+static int scan_one(PyObject *obj, int depth) {
+  if (is_large_buffer(obj))
+    return 1;
+  return depth > 0 ? scan_items(obj, depth - 1) : 0;
+}
+
+static int scan_items(PyObject *obj, int depth) {
+  if (PyTuple_CheckExact(obj) || PyList_CheckExact(obj)) {
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject **items = PySequence_Fast_ITEMS(obj);
+    for (Py_ssize_t i = 0; i < n; i++)
+      if (scan_one(items[i], depth))
+        return 1;
+  } else if (PyDict_CheckExact(obj)) {
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(obj, &pos, &key, &value))
+      if (scan_one(value, depth))
+        return 1;
+  }
+  return 0;
+}
+
+/* has_large_buffer(obj) -> bool: obj, or an item up to three containers (tuple, list, dict)
+ * down, is a bytes or memoryview of at least OUT_OF_BAND_MIN bytes. Plain pickle would copy
+ * those in-band (bytes) or refuse them (memoryview). */
+static PyObject *has_large_buffer(PyObject *module, PyObject *obj) {
+  return PyBool_FromLong(scan_one(obj, 3));
+}
+
 /* rss() -> resident set size of this process in bytes. */
 static PyObject *rss(PyObject *module, PyObject *unused) {
   uint64_t bytes;
@@ -1280,6 +1360,7 @@ static PyObject *rss(PyObject *module, PyObject *unused) {
 static PyMethodDef module_methods[] = {
     {"serve_template", (PyCFunction)(void (*)(void))serve_template, METH_FASTCALL, NULL},
     {"rss", rss, METH_NOARGS, NULL},
+    {"has_large_buffer", has_large_buffer, METH_O, NULL},
     {NULL},
 };
 
@@ -1300,6 +1381,8 @@ static int module_exec(PyObject *module) {
       PyModule_AddIntConstant(module, "EV_SPAWNED", GF_EV_SPAWNED) < 0 ||
       PyModule_AddIntConstant(module, "EV_DIED", GF_EV_DIED) < 0 ||
       PyModule_AddIntConstant(module, "EV_TEMPLATE_DIED", GF_EV_TEMPLATE_DIED) < 0 ||
+      PyModule_AddIntConstant(module, "MSG_TASK", GF_MSG_TASK) < 0 ||
+      PyModule_AddIntConstant(module, "MSG_CHUNK", GF_MSG_CHUNK) < 0 ||
       PyModule_AddIntConstant(module, "MSG_RESULT", GF_MSG_RESULT) < 0 ||
       PyModule_AddIntConstant(module, "MSG_ERROR", GF_MSG_ERROR) < 0 ||
       PyModule_AddIntConstant(module, "BUF_BYTES", GF_BUF_BYTES) < 0 ||
