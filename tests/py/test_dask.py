@@ -7,13 +7,13 @@ import sys
 import time
 
 import cloudpickle
+import dask
+import distributed
+import numpy
 import pytest
 
-dask = pytest.importorskip("dask")
-distributed = pytest.importorskip("distributed")
-
-from gilfree import Pool, TaskTimeout, WorkerCrashed  # noqa: E402
-from gilfree.cluster.dask import DaskPool  # noqa: E402
+from gilfree import Pool, TaskTimeout, WorkerCrashed
+from gilfree.cluster.dask import DaskPool
 
 # Tasks defined here travel by value, as a user's script functions would.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -155,7 +155,6 @@ def test_share_100_mb_buffer_reaches_tasks_as_read_only_view(pool):
 
 
 def test_share_numpy_array_arrives_read_only(pool):
-    numpy = pytest.importorskip("numpy")
     array = numpy.arange(1_000_000, dtype=numpy.float64)
     handle = pool.share(array)
 

@@ -30,7 +30,11 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import wait as futures_wait
 
 import cloudpickle
-import distributed
+
+try:
+    import distributed
+except ImportError as exc:
+    raise ImportError("gilfree.Pool(cluster=...) needs Dask distributed: pip install 'gilfree[dask]'") from exc
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
