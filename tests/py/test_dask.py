@@ -243,6 +243,17 @@ def test_pool_owns_and_closes_only_its_own_client(cluster, client, target):
     assert client.status == "running"
 
 
+def test_cancelled_future_never_runs(pool, tmp_path):
+    marker = tmp_path / "ran"
+    blockers = [pool.submit(time.sleep, 1.0) for _ in range(4)]
+    late = pool.submit(marker.write_text, "yes")
+    assert late.cancel() and late.cancelled()
+    for blocker in blockers:
+        blocker.result(timeout=60)
+    assert pool.submit(square, 4).result(timeout=30) == 16
+    assert not marker.exists()
+
+
 def test_cancel_futures_on_shutdown(client):
     pool = DaskPool(client)
     futures = [pool.submit(time.sleep, 0.5) for _ in range(8)]
