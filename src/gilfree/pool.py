@@ -301,9 +301,10 @@ class Pool(PoolBase):
         engine = self._engine
         if engine is None:
             return
-        spin = RESULT_SPIN_S if len(self._futures) <= self._spin_below else 0.0
-        if engine.spin(spin):
-            self._on_events(engine.collect(False))
+        spin = RESULT_SPIN_S if len(self._futures) <= self._spin_below else 1e-9
+        events = engine.collect(False, spin)
+        if events:
+            self._on_events(events)
 
     def _cancel(self, future):
         if self._engine.cancel(future._task_id):

@@ -861,16 +861,27 @@ static PyObject *owner_scan(ShmOwner *owner, PyObject *unused) {
   return PyLong_FromSsize_t(owner->shm.nmaps ? shm_scan(&owner->shm) : 0);
 }
 
-/* collect(control) -> list of events waiting now: results and, with control, spawns and
- * deaths. */
-static PyObject *Engine_collect(EngineObject *self, PyObject *arg) {
+/* collect(control, spin_seconds=0.0) -> list of events waiting now: results and, with
+ * control, spawns and deaths. With spin, first polls the result rings that long for a result
+ * (all without the GIL). Returns a new reference. */
+static PyObject *Engine_collect(EngineObject *self, PyObject *const *args, Py_ssize_t nargs) {
   event_batch batch = {0};
-  int rc;
-  int control = PyObject_IsTrue(arg);
-  if (control < 0 || engine_check(self) < 0)
+  int rc = 0, found = 1;
+  double spin = 0.0;
+  if (nargs < 1 || nargs > 2) {
+    PyErr_SetString(PyExc_TypeError, "collect(control, spin_seconds=0.0)");
+    return NULL;
+  }
+  int control = PyObject_IsTrue(args[0]);
+  if (nargs == 2)
+    spin = PyFloat_AsDouble(args[1]);
+  if (control < 0 || PyErr_Occurred() || engine_check(self) < 0)
     return NULL;
   Py_BEGIN_ALLOW_THREADS
-  rc = gf_manager_collect(&self->m, control, batch_add, &batch);
+  if (spin > 0)
+    found = gf_manager_spin(&self->m, (int64_t)(spin * 1e9));
+  if (found)
+    rc = gf_manager_collect(&self->m, control, batch_add, &batch);
   Py_END_ALLOW_THREADS
   PyObject *list = batch_to_list(self, &batch);
   free(batch.items);
@@ -879,18 +890,6 @@ static PyObject *Engine_collect(EngineObject *self, PyObject *arg) {
     return set_errno(rc);
   }
   return list;
-}
-
-/* spin(seconds) -> bool: poll the result rings without the GIL; True when results wait. */
-static PyObject *Engine_spin(EngineObject *self, PyObject *arg) {
-  double seconds = PyFloat_AsDouble(arg);
-  int found;
-  if (PyErr_Occurred() || engine_check(self) < 0)
-    return NULL;
-  Py_BEGIN_ALLOW_THREADS
-  found = gf_manager_spin(&self->m, (int64_t)(seconds * 1e9));
-  Py_END_ALLOW_THREADS
-  return PyBool_FromLong(found);
 }
 
 #define WAITER_SPIN_NS 5000
@@ -1008,8 +1007,7 @@ static PyMethodDef Engine_methods[] = {
     {"addref", (PyCFunction)owner_addref, METH_O, NULL},
     {"release", (PyCFunction)owner_release, METH_O, NULL},
     {"scan", (PyCFunction)owner_scan, METH_NOARGS, NULL},
-    {"collect", (PyCFunction)Engine_collect, METH_O, NULL},
-    {"spin", (PyCFunction)Engine_spin, METH_O, NULL},
+    {"collect", (PyCFunction)(void (*)(void))Engine_collect, METH_FASTCALL, NULL},
     {"start_waiter", (PyCFunction)Engine_start_waiter, METH_O, NULL},
     {"close", (PyCFunction)Engine_close, METH_O, NULL},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, NULL},
