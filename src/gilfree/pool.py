@@ -26,8 +26,11 @@ from .errors import TaskTimeout, WorkerCrashed
 
 RING_BYTES = 1 << 20
 ARENA_BYTES = 64 << 30  # virtual: the memfd is sparse, pages exist only while buffers do
-# How long a thread waiting for a result polls the rings itself before it sleeps.
-RESULT_SPIN_S = 200e-6
+# How long a thread waiting for a result polls the rings itself before it sleeps: adaptive,
+# since spinning only pays when a core is free for the worker meanwhile. A spin that finds its
+# result lets the next one be longer; a spin that finds nothing halves the next one.
+RESULT_SPIN_MAX_S = 200e-6
+RESULT_SPIN_MIN_S = 2e-6
 # Workers dying before they ever start (a failing initializer, say) break the pool after this
 # many attempts in a row: retrying forever would hide the error.
 MAX_START_FAILURES = 3
@@ -213,6 +216,7 @@ class Pool(PoolBase):
             raise ValueError("task_timeout must be positive")
         self._max_workers = max_workers
         self._spin_below = max(1, _available_cpus() - 1)
+        self._spin_s = RESULT_SPIN_MAX_S
         self._task_timeout = task_timeout
         self._ids = itertools.count(1)
         self._futures = {}
@@ -301,8 +305,14 @@ class Pool(PoolBase):
         engine = self._engine
         if engine is None:
             return
-        spin = RESULT_SPIN_S if len(self._futures) <= self._spin_below else 1e-9
-        events = engine.collect(False, spin)
+        if len(self._futures) > self._spin_below:
+            events = engine.collect(False, 1e-9)  # look once, do not spin
+        else:
+            events = engine.collect(False, self._spin_s)
+            if events:
+                self._spin_s = min(RESULT_SPIN_MAX_S, self._spin_s * 2)
+            else:
+                self._spin_s = max(RESULT_SPIN_MIN_S, self._spin_s / 2)
         if events:
             self._on_events(events)
 
