@@ -245,14 +245,16 @@ def test_many_threads_submit_at_once(pool):
 # ------------------------------------------------------------------ buffers
 
 
-def test_large_bytes_arrive_as_bytes_and_come_back(pool):
-    data = os.urandom(1 << 20)
-    assert pool.submit(f.nbytes_and_type, data).result() == ("bytes", 1 << 20, data[:4])
+@pytest.mark.parametrize("size", [1 << 20, 16 << 20], ids=["copied", "mapped"])
+def test_large_bytes_arrive_as_bytes_and_come_back(pool, size):
+    data = os.urandom(size)
+    assert pool.submit(f.nbytes_and_type, data).result() == ("bytes", size, data[:4])
     back = pool.submit(f.echo, data).result()
     assert type(back) is bytes and back == data
-    assert hash(back) == hash(data)
+    assert hash(back) == hash(data) and back[-3:] == data[-3:] and back.hex()[:8] == data.hex()[:8]
     nested = pool.submit(f.echo, {"k": [data, data[:10]]}).result()
     assert nested == {"k": [data, data[:10]]}
+    del back, nested
 
 
 def test_bytearray_memoryview_and_numpy(pool):

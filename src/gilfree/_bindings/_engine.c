@@ -213,6 +213,9 @@ error:
   return NULL;
 }
 
+/* bytes at least this long arrive mapped (zero-copy); shorter ones as a copy. */
+#define MAP_BYTES_MIN (4u << 20)
+
 /* Returns a new reference to a view of one buffer of a message. Takes over its reference. */
 static PyObject *shm_view(ShmOwner *owner, const gf_bufref *ref) {
   if (gf_block_check(owner->shm.arena, ref->block) < 0 ||
@@ -222,6 +225,13 @@ static PyObject *shm_view(ShmOwner *owner, const gf_bufref *ref) {
   }
   if (owner->shm.worker != NULL && gf_worker_hold(owner->shm.worker, ref->block) < 0) {
     /* Table full: still usable, only not reclaimed if this worker crashes. */
+  }
+  if ((ref->flags & GF_BUF_BYTES) && ref->len < MAP_BYTES_MIN) {
+    /* Mapping costs system calls and page faults; below a few MiB a copy is cheaper. */
+    PyObject *copy = PyBytes_FromStringAndSize(
+        (const char *)gf_block_data(owner->shm.arena, ref->block) + ref->at, (Py_ssize_t)ref->len);
+    shm_release(&owner->shm, ref->block);
+    return copy;
   }
   if (ref->flags & GF_BUF_BYTES)
     return shm_view_bytes(owner, ref->block, ref->len);
