@@ -515,3 +515,18 @@ def test_progress_bar_drawn_with_tqdm():
     drawn = b"".join(drawn)
     assert out.strip() == b"done"
     assert b"300/300" in drawn
+
+
+def test_share_handle_travels_without_copying_the_data(pool):
+    data = os.urandom(8 << 20)
+    handle = pool.share(data)
+    assert pool.submit(f.nbytes_and_type, handle).result() == ("memoryview", 8 << 20, data[:4])
+    first, first_refs = pool._codec.dumps(((handle,), {}))
+    second, second_refs = pool._codec.dumps(((handle,), {}))
+    try:
+        # A small message referencing the same arena block each time: the data is not copied.
+        assert len(first) < 4096 and len(second) < 4096
+        assert len(first_refs) == len(second_refs) == 1
+        assert first_refs[0][0] == second_refs[0][0] and first_refs[0][2] == 8 << 20
+    finally:
+        pool._codec.release(first_refs + second_refs)
