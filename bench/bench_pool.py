@@ -53,7 +53,7 @@ class Contender:
         if self.name == "mpire":
             import mpire
 
-            pool = mpire.WorkerPool(n_jobs=WORKERS, keep_alive=True)
+            pool = mpire.WorkerPool(n_jobs=WORKERS)
             pool.__enter__()
             return pool
         raise ValueError(self.name)
@@ -70,7 +70,12 @@ class Contender:
         if self.name == "multiprocessing.Pool":
             return self.pool.map(fn, items)  # its own chunking: len / (4 * workers)
         if self.name == "mpire":
-            return self.pool.map(fn, [(x,) for x in items])
+            import mpire
+
+            # mpire's map fails on a pool that already ran apply_async: a fresh pool, whose
+            # start-up (about 0.1 s) is then part of its time.
+            with mpire.WorkerPool(n_jobs=WORKERS) as fresh:
+                return fresh.map(fn, items)
         if self.name == "gilfree":
             return self.pool.map(fn, items)
         return self.pool.map(fn, items, chunksize=10_000)
