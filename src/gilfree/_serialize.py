@@ -12,11 +12,6 @@ import weakref
 
 from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
 
-# An in-band payload this large probably carries large bytes deeper than has_large_buffer
-# looks: worth a second, slower pass.
-_REPICKLE_ABOVE = 4 * OUT_OF_BAND_MIN
-
-
 def _memoryview_reduce(view):
     return memoryview, (pickle.PickleBuffer(view),)
 
@@ -60,6 +55,21 @@ class Codec:
 
     def dumps(self, obj):
         """Returns (payload, refs); refs hold arena references until the message is sent."""
+        if not has_large_buffer(obj):
+            # No large buffer within three levels, the common case: plain pickle. (One deeper
+            # still works, copied in-band.)
+            try:
+                payload = pickle.dumps(obj, 5)
+            except (TypeError, pickle.PicklingError, AttributeError):
+                pass  # a memoryview, or something only cloudpickle can do
+            else:
+                if b"__main__" not in payload:
+                    return payload, []
+        return self._dumps_large(obj)
+
+    def _dumps_large(self, obj):
+        """Large buffers out-of-band (bytes by persistent id, the rest by PickleBuffer), and
+        whatever the parent's __main__ defines by value."""
         refs = []
 
         def out_of_band(buffer):
@@ -71,23 +81,11 @@ class Codec:
 
         try:
             try:
-                if has_large_buffer(obj):
-                    payload = self._dumps_with_ids(obj, refs, out_of_band)
-                else:
-                    try:
-                        payload = pickle.dumps(obj, 5, buffer_callback=out_of_band)
-                    except TypeError:
-                        payload = None  # a memoryview deeper down
-                    if payload is None or len(payload) >= _REPICKLE_ABOVE:
-                        # Large bytes deeper down went in-band: send them out-of-band.
-                        self.release(refs)
-                        refs.clear()
-                        payload = self._dumps_with_ids(obj, refs, out_of_band)
-            except (pickle.PicklingError, AttributeError):
+                payload = self._dumps_with_ids(obj, refs, out_of_band)
+            except (TypeError, pickle.PicklingError, AttributeError):
                 # Classes or functions made at run time (e.g. in a task sent by value).
                 payload = b"__main__"
             if b"__main__" in payload:
-                # What the parent's __main__ defines does not exist in workers: by value.
                 self.release(refs)
                 refs.clear()
                 import cloudpickle

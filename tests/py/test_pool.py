@@ -471,3 +471,45 @@ def test_template_death_breaks_pool_instead_of_hanging():
     with pytest.raises(concurrent.futures.process.BrokenProcessPool):
         pool.submit(f.square, 2)
     pool.shutdown()
+
+
+def test_progress_bar_drawn_with_tqdm():
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, *sys.path]))
+    code = textwrap.dedent(
+        """
+        import gilfree, poolfuncs
+        with gilfree.Pool(2) as pool:
+            assert list(pool.map(poolfuncs.square, range(300), progress=True)) == [
+                x * x for x in range(300)]
+        print("done")
+        """
+    )
+    drawn = []
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            drawn.append(chunk)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=follower, env=env)
+    out, _ = proc.communicate(timeout=60)
+    os.close(follower)
+    reader.join(timeout=10)
+    os.close(leader)
+    drawn = b"".join(drawn)
+    assert out.strip() == b"done"
+    assert b"300/300" in drawn

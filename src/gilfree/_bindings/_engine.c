@@ -256,6 +256,9 @@ static PyObject *shm_export(shm_t *shm, PyObject *obj) {
     return NULL;
   uint32_t flags = PyBytes_CheckExact(obj) ? GF_BUF_BYTES : 0;
   uint64_t len = (uint64_t)view.len;
+  /* Blocks that died since the last scan are free again: reuse them (their pages are warm). */
+  if (shm->nmaps)
+    shm_scan(shm);
   if (shm_locate(shm, view.buf, len, &block, &at) &&
       (!(flags & GF_BUF_BYTES) || (at == 0 && gf_block_at(shm->arena, block)->len == len))) {
     gf_block_incref(shm->arena, block);
@@ -267,6 +270,7 @@ static PyObject *shm_export(shm_t *shm, PyObject *obj) {
     }
     unsigned char *dst = gf_block_data(shm->arena, block);
     Py_BEGIN_ALLOW_THREADS
+    gf_arena_prefault(dst, len);
     memcpy(dst, view.buf, len);
     Py_END_ALLOW_THREADS
     dst[len] = 0;
@@ -460,6 +464,7 @@ static void SharedBuffer_dealloc(SharedBufferObject *self) {
   Py_DECREF(tp);
 }
 
+/* nbytes -> int. Returns a new reference. */
 static PyObject *SharedBuffer_len(SharedBufferObject *self, void *closure) {
   return PyLong_FromUnsignedLongLong(self->len);
 }
@@ -817,6 +822,7 @@ static PyObject *owner_view(ShmOwner *owner, PyObject *const *args, Py_ssize_t n
   return shm_view(owner, &ref);
 }
 
+/* Engine.view: see owner_view. Returns a new reference. */
 static PyObject *Engine_view(EngineObject *self, PyObject *const *args, Py_ssize_t nargs) {
   if (engine_check(self) < 0)
     return NULL;
@@ -887,6 +893,8 @@ static PyObject *Engine_spin(EngineObject *self, PyObject *arg) {
   return PyBool_FromLong(found);
 }
 
+#define WAITER_SPIN_NS 5000
+
 static void *waiter_main(void *arg) {
   EngineObject *self = arg;
   event_batch batch = {0};
@@ -895,7 +903,8 @@ static void *waiter_main(void *arg) {
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, NULL);
   for (;;) {
-    int rc = gf_manager_wait(&self->m, 20000, -1);
+    /* A short spin only: threads waiting in Future.result() poll for themselves. */
+    int rc = gf_manager_wait(&self->m, WAITER_SPIN_NS, -1);
     if (rc == -ECANCELED)
       break;
     if (rc == 0)
@@ -981,6 +990,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
   return list;
 }
 
+/* queued() -> tasks waiting in the parent's queue. Returns a new reference. */
 static PyObject *Engine_queued(EngineObject *self, PyObject *unused) {
   if (engine_check(self) < 0)
     return NULL;
@@ -1007,6 +1017,7 @@ static PyMethodDef Engine_methods[] = {
     {NULL},
 };
 
+/* template_pid -> pid of the template process (0 before start). Returns a new reference. */
 static PyObject *Engine_template_pid(EngineObject *self, void *closure) {
   return PyLong_FromLong(self->initialized ? self->m.template_pid : 0);
 }
@@ -1149,10 +1160,12 @@ static PyObject *Worker_reply(WorkerObject *self, PyObject *const *args, Py_ssiz
   Py_RETURN_NONE;
 }
 
+/* Worker.export: see shm_export. Returns a new reference. */
 static PyObject *Worker_export(WorkerObject *self, PyObject *obj) {
   return shm_export(&self->shm, obj);
 }
 
+/* Worker.view: see owner_view. Returns a new reference. */
 static PyObject *Worker_view(WorkerObject *self, PyObject *const *args, Py_ssize_t nargs) {
   return owner_view((ShmOwner *)self, args, nargs);
 }
@@ -1313,7 +1326,17 @@ static int is_large_buffer(PyObject *obj) {
     return PyBytes_GET_SIZE(obj) >= GF_BLOCK_MIN;
   if (PyMemoryView_Check(obj))
     return PyMemoryView_GET_BUFFER(obj)->len >= GF_BLOCK_MIN;
-  return 0;
+  if (!PyObject_CheckBuffer(obj) || PyUnicode_Check(obj))
+    return 0;
+  /* numpy arrays, bytearray, array.array, PickleBuffer... */
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_FULL_RO) < 0) {
+    PyErr_Clear();
+    return 0;
+  }
+  int large = view.len >= GF_BLOCK_MIN;
+  PyBuffer_Release(&view);
+  return large;
 }
 
 static int scan_items(PyObject *obj, int depth);
@@ -1342,8 +1365,8 @@ static int scan_items(PyObject *obj, int depth) {
 }
 
 /* has_large_buffer(obj) -> bool: obj, or an item up to three containers (tuple, list, dict)
- * down, is a bytes or memoryview of at least OUT_OF_BAND_MIN bytes. Plain pickle would copy
- * those in-band (bytes) or refuse them (memoryview). */
+ * down, exposes a buffer of at least OUT_OF_BAND_MIN bytes (bytes, memoryview, numpy array,
+ * bytearray...). Those go out-of-band; plain pickle would copy them in-band. */
 static PyObject *has_large_buffer(PyObject *module, PyObject *obj) {
   return PyBool_FromLong(scan_one(obj, 3));
 }
