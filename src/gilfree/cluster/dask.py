@@ -166,10 +166,11 @@ class _Watchdog:
     """One thread per worker process that stops calls running past their task_timeout.
 
     At the deadline it raises TaskTimeout inside the task's thread (PyThreadState_SetAsyncExc,
-    seen at the next bytecode). A call stuck in C code never sees it: after _STUCK_GRACE_S the
-    watchdog reports the task as stuck and the pool fails it and restarts the worker.
+    seen at the next bytecode). A call that never lets it through (stuck in C code, or catching
+    it) is reported as stuck after _STUCK_GRACE_S; the pool then fails it and restarts the worker.
     """
 
+    # The C API behind asynchronous exceptions; Python has no other way into another thread.
     _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
     _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
 
@@ -210,6 +211,8 @@ class _Watchdog:
 
 
 class _Deadline:
+    # deadline and fired are written by the watchdog thread and read by the task's thread, both
+    # under the watchdog's lock (the task reads fired after disarm released it).
     __slots__ = ("thread_id", "deadline", "on_stuck", "fired")
 
     def __init__(self, thread_id, deadline, on_stuck):
