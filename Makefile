@@ -23,7 +23,12 @@ build/ctests: $(CORE_SRC) $(CTEST_SRC) $(wildcard core/include/gf/*.h) $(wildcar
 	$(CC) -std=gnu11 -g -O1 -Wall -Wextra -Wno-unused-parameter $(SAN_FLAGS) -Icore/include -Itests/c \
 		$(CORE_SRC) $(CTEST_SRC) -o $@ -lpthread -ldl
 
-ctest: build/ctests
+# A stand-in libpython for the gilhook tests, whose PLT they rewrite.
+build/libgf_gilhook_fixture.so: tests/c/fixtures/gilhook_fixture.c core/include/gf/gilhook.h
+	@mkdir -p build
+	$(CC) -std=gnu11 -g -O1 -fPIC -shared -Icore/include $< -o $@ -lpthread
+
+ctest: build/ctests build/libgf_gilhook_fixture.so
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 build/ctests
 
 pytest:
@@ -42,7 +47,7 @@ demo:
 
 bench:
 	@set -e; venv=$$(tools/venv $(PYTHON) test); $$venv/bin/python -m pip install -q -r bench/requirements.txt; \
-	for b in bench/bench_*.py; do $$venv/bin/python $$b; done
+	for b in bench/bench_*.py bench/beazley.py; do $$venv/bin/python $$b; done
 
 clean:
 	rm -rf build .venv src/*.egg-info src/gilfree/*.so

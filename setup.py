@@ -20,5 +20,13 @@ setup(
             depends=glob("core/include/gf/*.h"),
             extra_compile_args=CFLAGS,
         ),
+        Extension(
+            "gilfree._gilhook",
+            sources=["src/gilfree/_bindings/_gilhook.c", *core("gilhook")],
+            include_dirs=["core/include"],
+            depends=glob("core/include/gf/*.h"),
+            extra_compile_args=CFLAGS,
+            libraries=["dl"],
+        ),
     ],
 )

@@ -53,7 +53,7 @@ class Contender:
         if self.name == "mpire":
             import mpire
 
-            pool = mpire.WorkerPool(n_jobs=WORKERS, keep_alive=True)
+            pool = mpire.WorkerPool(n_jobs=WORKERS)
             pool.__enter__()
             return pool
         raise ValueError(self.name)
@@ -70,7 +70,12 @@ class Contender:
         if self.name == "multiprocessing.Pool":
             return self.pool.map(fn, items)  # its own chunking: len / (4 * workers)
         if self.name == "mpire":
-            return self.pool.map(fn, [(x,) for x in items])
+            import mpire
+
+            # mpire's map fails on a pool that already ran apply_async: a fresh pool, whose
+            # start-up (about 0.1 s) is then part of its time.
+            with mpire.WorkerPool(n_jobs=WORKERS) as fresh:
+                return fresh.map(fn, items)
         if self.name == "gilfree":
             return self.pool.map(fn, items)
         return self.pool.map(fn, items, chunksize=10_000)
@@ -89,6 +94,16 @@ class Contender:
         return time.perf_counter() - start
 
 
+def round_trip_s(c, fn, arg, n):
+    """Seconds per submit(fn, arg).result(), after a warm-up."""
+    for _ in range(200):
+        c.result(c.submit(fn, arg))
+    start = time.perf_counter()
+    for _ in range(n):
+        c.result(c.submit(fn, arg))
+    return (time.perf_counter() - start) / n
+
+
 def measure(name, which, quick):
     """Runs one benchmark for one contender; returns a dict of numbers."""
     import resource
@@ -98,13 +113,7 @@ def measure(name, which, quick):
     c = Contender(name)
     out = {}
     if which == "roundtrip":
-        n = 500 if quick else 3000
-        for i in range(200):
-            c.result(c.submit(noop, i))
-        start = time.perf_counter()
-        for i in range(n):
-            c.result(c.submit(noop, i))
-        out["us"] = (time.perf_counter() - start) / n * 1e6
+        out["us"] = round_trip_s(c, noop, 0, 500 if quick else 3000) * 1e6
     elif which == "burst":
         n = 20_000
         start = time.perf_counter()
@@ -132,13 +141,7 @@ def measure(name, which, quick):
         assert len(back) == size
     elif which == "share":
         data = os.urandom(100 << 20)
-        handle = c.pool.share(data)
-        c.result(c.submit(first_byte, handle))
-        n = 200
-        start = time.perf_counter()
-        for _ in range(n):
-            c.result(c.submit(first_byte, handle))
-        out["ms"] = (time.perf_counter() - start) / n * 1e3
+        out["ms"] = round_trip_s(c, first_byte, c.pool.share(data), 200) * 1e3
     elif which == "countdown":
         total = 50_000_000
         start = time.perf_counter()

@@ -31,10 +31,19 @@ int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t
 int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *len) {
   const void *at;
   int rc;
+  /* Adaptive: a spin that ends with a task may be longer next time, one that ends asleep is
+   * halved, so that on a busy machine an idle worker stops taking the core from the parent. */
+  if (w->spin_ns == 0 || w->spin_ns > spin_ns)
+    w->spin_ns = spin_ns;
   for (;;) {
+    int64_t start = gf_now_ns();
     /* Sleep in one-second slices: PR_SET_PDEATHSIG covers the template's death, and this
      * check covers the instant before it was set. */
-    rc = gf_ring_wait(w->requests, spin_ns, 1000000000);
+    rc = gf_ring_wait(w->requests, w->spin_ns, 1000000000);
+    if (gf_now_ns() - start > w->spin_ns)
+      w->spin_ns = w->spin_ns / 2 > 1000 ? w->spin_ns / 2 : 1000;
+    else if (w->spin_ns < spin_ns)
+      w->spin_ns = w->spin_ns * 2 < spin_ns ? w->spin_ns * 2 : spin_ns;
     if (rc == 0 && gf_ring_peek(w->requests, &at, len) == 0) {
       *msg = at;
       return 0;

@@ -1,9 +1,9 @@
 """What every gilfree pool shares: map/starmap/amap/run, lazy chunked input, ordering, progress.
 
 A pool subclasses PoolBase and provides ``submit`` and ``_submit_chunk(fn, items, star)``, a
-Future whose result is what ``run_chunk`` (from _worker) returns. Chunks are sized so that one takes about
-CHUNK_TARGET_S of worker time, and at most ``2 * workers + 2`` chunks are in flight: a
-generator of any length is consumed in bounded memory.
+Future whose result is what ``run_chunk`` (from _worker) returns. Chunks are sized so that one
+takes about ``_chunk_target_s`` of worker time, and at most ``2 * workers + 2`` chunks are in
+flight: a generator of any length is consumed in bounded memory.
 """
 import collections
 import concurrent.futures
@@ -13,7 +13,7 @@ import time
 
 from ._worker import run_chunk  # noqa: F401 - the chunk runner every pool sends
 
-CHUNK_TARGET_S = 0.01
+CHUNK_TARGET_S = 0.02
 CHUNK_FIRST = 8
 CHUNK_MAX = 100_000
 
@@ -27,9 +27,10 @@ def with_remote_traceback(exc, text):
 
 
 class _ChunkSizer:
-    """Grows chunks until one takes about CHUNK_TARGET_S of worker time."""
+    """Grows chunks until one takes about target_s of worker time."""
 
-    def __init__(self, chunksize):
+    def __init__(self, chunksize, target_s):
+        self.target_s = target_s
         self.fixed = None if chunksize == "auto" else int(chunksize)
         if self.fixed is not None and self.fixed < 1:
             raise ValueError("chunksize must be >= 1 or 'auto'")
@@ -39,7 +40,7 @@ class _ChunkSizer:
         if self.fixed is not None or items == 0:
             return
         per_item = elapsed / items
-        wanted = CHUNK_MAX if per_item <= 0 else int(CHUNK_TARGET_S / per_item)
+        wanted = CHUNK_MAX if per_item <= 0 else int(self.target_s / per_item)
         # Never more than quadruple at once: the first chunks' timings are noisy.
         self.size = max(1, min(wanted, CHUNK_MAX, self.size * 4))
 
@@ -52,7 +53,7 @@ class _Pipeline:
         self.fn = fn
         self.items = iter(items)
         self.star = star
-        self.sizer = _ChunkSizer(chunksize)
+        self.sizer = _ChunkSizer(chunksize, pool._chunk_target_s)
         self.ordered = ordered
         self.window = 2 * pool._max_workers + 2
         self.inflight = collections.deque()  # (future, item count)
@@ -108,6 +109,9 @@ class PoolBase(concurrent.futures.Executor):
     """map/starmap/amap/run and the context manager, over submit and _submit_chunk."""
 
     _max_workers = 1
+    # Worker time one chunk of an "auto"-sized map should take: enough to amortise the
+    # per-task overhead of the pool.
+    _chunk_target_s = CHUNK_TARGET_S
 
     def _submit_chunk(self, fn, items, star):
         raise NotImplementedError

@@ -12,11 +12,6 @@ import weakref
 
 from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
 
-# An in-band payload this large probably carries large buffers (bytes deeper than
-# has_large_buffer looks, numpy arrays): worth a second pass that sends them out-of-band.
-_REPICKLE_ABOVE = 4 * OUT_OF_BAND_MIN
-
-
 def _memoryview_reduce(view):
     return memoryview, (pickle.PickleBuffer(view),)
 
@@ -61,20 +56,22 @@ class Codec:
     def dumps(self, obj):
         """Returns (payload, refs); refs hold arena references until the message is sent."""
         if not has_large_buffer(obj):
-            # Small messages, the common case: plain pickle, nothing out-of-band.
+            # No large bytes or memoryview within three levels, the common case: plain pickle,
+            # with PickleBuffers (numpy arrays, share() handles) out-of-band. A large bytes
+            # deeper down still works, copied in-band.
+            refs = []
             try:
-                payload = pickle.dumps(obj, 5)
+                payload = pickle.dumps(obj, 5, buffer_callback=self._out_of_band(refs))
             except (TypeError, pickle.PicklingError, AttributeError):
-                pass  # a memoryview, or something only cloudpickle can do
+                self.release(refs)  # a memoryview, or something only cloudpickle can do
             else:
-                if len(payload) < _REPICKLE_ABOVE and b"__main__" not in payload:
-                    return payload, []
+                if b"__main__" not in payload:
+                    return payload, refs
+                self.release(refs)
         return self._dumps_large(obj)
 
-    def _dumps_large(self, obj):
-        """Large buffers out-of-band (bytes by persistent id, the rest by PickleBuffer), and
-        whatever the parent's __main__ defines by value."""
-        refs = []
+    def _out_of_band(self, refs):
+        """A pickle buffer_callback exporting large buffers to the arena, refs collecting them."""
 
         def out_of_band(buffer):
             view = buffer.raw()
@@ -83,6 +80,13 @@ class Codec:
             refs.append(self._owner.export(view))
             return False
 
+        return out_of_band
+
+    def _dumps_large(self, obj):
+        """Large buffers out-of-band (bytes by persistent id, the rest by PickleBuffer), and
+        whatever the parent's __main__ defines by value."""
+        refs = []
+        out_of_band = self._out_of_band(refs)
         try:
             try:
                 payload = self._dumps_with_ids(obj, refs, out_of_band)

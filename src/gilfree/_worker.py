@@ -1,7 +1,7 @@
 """The template process and the worker loop.
 
 The parent starts the template with ``python -c "...template_main()" memfd doorbell ctl nslots
-config sys_path``. The template imports what the pool preloads and then serves fork requests
+config *sys_path``. The template imports what the pool preloads and then serves fork requests
 (``_engine.serve_template``, in C); each forked child returns from it with its slot number and
 runs ``worker_main``.
 """

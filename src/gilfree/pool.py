@@ -10,7 +10,6 @@ Threads in the parent:
 import binascii
 import concurrent.futures
 import itertools
-import json
 import os
 import pickle
 import sys
@@ -27,15 +26,18 @@ from .errors import TaskTimeout, WorkerCrashed
 
 RING_BYTES = 1 << 20
 ARENA_BYTES = 64 << 30  # virtual: the memfd is sparse, pages exist only while buffers do
-# How long a thread waiting for a result polls the rings itself before it sleeps.
-RESULT_SPIN_S = 200e-6
+# How long a thread waiting for a result polls the rings itself before it sleeps: adaptive,
+# since spinning only pays when a core is free for the worker meanwhile. A spin that finds its
+# result lets the next one be longer; a spin that finds nothing halves the next one.
+RESULT_SPIN_MAX_S = 200e-6
+RESULT_SPIN_MIN_S = 2e-6
 # Workers dying before they ever start (a failing initializer, say) break the pool after this
 # many attempts in a row: retrying forever would hide the error.
 MAX_START_FAILURES = 3
 # The template must find gilfree (and the user's modules) on the parent's sys.path.
 _TEMPLATE_CODE = (
-    "import sys, json; sys.path[:] = json.loads(sys.argv[6]); "
-    "from gilfree._worker import template_main; template_main()"
+    "import sys; sys.path[:] = sys.argv[6:]; from gilfree._worker import template_main; "
+    "template_main()"
 )
 
 
@@ -44,7 +46,55 @@ class BrokenPool(concurrent.futures.process.BrokenProcessPool):
 
 
 class _Future(concurrent.futures.Future):
-    """A Future whose result() collects results itself before falling back to waiting."""
+    """A concurrent.futures.Future that is cheap to create and complete, and whose result()
+    collects results itself before falling back to waiting.
+
+    The Condition every Future carries is made only when somebody needs it (a waiter, a
+    callback, a timeout): most futures of a busy pool are completed and read without one.
+    Completion sets the state first and looks for a condition second, so a waiter that made one
+    meanwhile is either notified or sees the final state (the GIL orders the two)."""
+
+    def __init__(self, pool_ref, task_id):
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+        self._pool_ref = pool_ref
+        self._task_id = task_id
+
+    @property
+    def _condition(self):
+        condition = self.__dict__.get("_lazy_condition")
+        if condition is None:
+            condition = self.__dict__.setdefault("_lazy_condition", threading.Condition())
+        return condition
+
+    def _finish(self, state_setter):
+        if "_lazy_condition" in self.__dict__:
+            return False  # somebody waits or registered: the full protocol
+        if self._state != PENDING:
+            raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+        state_setter()
+        self._state = FINISHED
+        if "_lazy_condition" in self.__dict__:
+            with self._condition:
+                for waiter in self._waiters:
+                    if self._exception is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                self._condition.notify_all()
+        self._invoke_callbacks()
+        return True
+
+    def set_result(self, result):
+        if not self._finish(lambda: setattr(self, "_result", result)):
+            super().set_result(result)
+
+    def set_exception(self, exception):
+        if not self._finish(lambda: setattr(self, "_exception", exception)):
+            super().set_exception(exception)
 
     def _help(self):
         pool = self._pool_ref()
@@ -52,11 +102,19 @@ class _Future(concurrent.futures.Future):
             pool._help(self)
 
     def result(self, timeout=None):
-        self._help()
+        if self._state == PENDING:
+            self._help()
+        if self._state == FINISHED:
+            if self._exception is not None:
+                raise self._exception
+            return self._result
         return _wait_interruptibly(self, super().result, timeout)
 
     def exception(self, timeout=None):
-        self._help()
+        if self._state == PENDING:
+            self._help()
+        if self._state == FINISHED:
+            return self._exception
         return _wait_interruptibly(self, super().exception, timeout)
 
     def cancel(self):
@@ -157,6 +215,8 @@ class Pool(PoolBase):
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
         self._max_workers = max_workers
+        self._spin_below = max(1, _available_cpus() - 1)
+        self._spin_s = RESULT_SPIN_MAX_S
         self._task_timeout = task_timeout
         self._ids = itertools.count(1)
         self._futures = {}
@@ -178,6 +238,7 @@ class Pool(PoolBase):
         memfd, doorbell, ctl = self._engine.child_fds()
         argv = [
             sys.executable,
+            "-S",  # no site: the parent's sys.path, given below, already has what it added
             "-c",
             _TEMPLATE_CODE,
             str(memfd),
@@ -185,13 +246,14 @@ class Pool(PoolBase):
             str(ctl),
             str(max_workers),
             binascii.b2a_base64(_pickle_config(config), newline=False).decode(),
-            json.dumps(sys.path),
+            *sys.path,
         ]
         env = [f"{k}={v}" for k, v in os.environ.items()]
         self._engine.start_template(sys.executable, argv, env)
         for slot in range(max_workers):
             self._engine.spawn(slot)
-        self._engine.start_waiter(_events_callback(weakref.ref(self)))
+        self._weakself = weakref.ref(self)
+        self._engine.start_waiter(_events_callback(self._weakself))
         _live_pools.add(self)
 
     # ------------------------------------------------------------ submitting
@@ -210,9 +272,7 @@ class Pool(PoolBase):
         head = function_blob(fn)
         payload, refs = self._codec.dumps(body)
         task_id = next(self._ids)
-        future = _Future()
-        future._pool_ref = self._weakself
-        future._task_id = task_id
+        future = _Future(self._weakself, task_id)
         self._futures[task_id] = future
         try:
             self._engine.submit(task_id, chunk, head, payload, refs)
@@ -220,13 +280,6 @@ class Pool(PoolBase):
             self._futures.pop(task_id, None)
             raise
         return future
-
-    @property
-    def _weakself(self):
-        ref = self.__dict__.get("_weakref")
-        if ref is None:
-            ref = self.__dict__["_weakref"] = weakref.ref(self)
-        return ref
 
     def share(self, obj):
         """Places a read-only buffer (bytes, bytearray, memoryview, numpy array) in shared memory
@@ -246,9 +299,22 @@ class Pool(PoolBase):
     # ------------------------------------------------------------ results
 
     def _help(self, future):
-        """Collects results in the calling thread while it would otherwise just wait."""
-        if self._engine.spin(RESULT_SPIN_S):
-            self._on_events(self._engine.collect(False))
+        """Collects waiting results in the calling thread instead of sleeping until the waiter
+        thread does: no thread hand-off. It spins for a result only while few tasks are out, so
+        that spinning never takes a core from a busy worker."""
+        engine = self._engine
+        if engine is None:
+            return
+        if len(self._futures) > self._spin_below:
+            events = engine.collect(False, 1e-9)  # look once, do not spin
+        else:
+            events = engine.collect(False, self._spin_s)
+            if events:
+                self._spin_s = min(RESULT_SPIN_MAX_S, self._spin_s * 2)
+            else:
+                self._spin_s = max(RESULT_SPIN_MIN_S, self._spin_s / 2)
+        if events:
+            self._on_events(events)
 
     def _cancel(self, future):
         if self._engine.cancel(future._task_id):

@@ -245,14 +245,16 @@ def test_many_threads_submit_at_once(pool):
 # ------------------------------------------------------------------ buffers
 
 
-def test_large_bytes_arrive_as_bytes_and_come_back(pool):
-    data = os.urandom(1 << 20)
-    assert pool.submit(f.nbytes_and_type, data).result() == ("bytes", 1 << 20, data[:4])
+@pytest.mark.parametrize("size", [1 << 20, 16 << 20], ids=["copied", "mapped"])
+def test_large_bytes_arrive_as_bytes_and_come_back(pool, size):
+    data = os.urandom(size)
+    assert pool.submit(f.nbytes_and_type, data).result() == ("bytes", size, data[:4])
     back = pool.submit(f.echo, data).result()
     assert type(back) is bytes and back == data
-    assert hash(back) == hash(data)
+    assert hash(back) == hash(data) and back[-3:] == data[-3:] and back.hex()[:8] == data.hex()[:8]
     nested = pool.submit(f.echo, {"k": [data, data[:10]]}).result()
     assert nested == {"k": [data, data[:10]]}
+    del back, nested
 
 
 def test_bytearray_memoryview_and_numpy(pool):
@@ -513,3 +515,18 @@ def test_progress_bar_drawn_with_tqdm():
     drawn = b"".join(drawn)
     assert out.strip() == b"done"
     assert b"300/300" in drawn
+
+
+def test_share_handle_travels_without_copying_the_data(pool):
+    data = os.urandom(8 << 20)
+    handle = pool.share(data)
+    assert pool.submit(f.nbytes_and_type, handle).result() == ("memoryview", 8 << 20, data[:4])
+    first, first_refs = pool._codec.dumps(((handle,), {}))
+    second, second_refs = pool._codec.dumps(((handle,), {}))
+    try:
+        # A small message referencing the same arena block each time: the data is not copied.
+        assert len(first) < 4096 and len(second) < 4096
+        assert len(first_refs) == len(second_refs) == 1
+        assert first_refs[0][0] == second_refs[0][0] and first_refs[0][2] == 8 << 20
+    finally:
+        pool._codec.release(first_refs + second_refs)

@@ -213,6 +213,9 @@ error:
   return NULL;
 }
 
+/* bytes at least this long arrive mapped (zero-copy); shorter ones as a copy. */
+#define MAP_BYTES_MIN (4u << 20)
+
 /* Returns a new reference to a view of one buffer of a message. Takes over its reference. */
 static PyObject *shm_view(ShmOwner *owner, const gf_bufref *ref) {
   if (gf_block_check(owner->shm.arena, ref->block) < 0 ||
@@ -222,6 +225,13 @@ static PyObject *shm_view(ShmOwner *owner, const gf_bufref *ref) {
   }
   if (owner->shm.worker != NULL && gf_worker_hold(owner->shm.worker, ref->block) < 0) {
     /* Table full: still usable, only not reclaimed if this worker crashes. */
+  }
+  if ((ref->flags & GF_BUF_BYTES) && ref->len < MAP_BYTES_MIN) {
+    /* Mapping costs system calls and page faults; below a few MiB a copy is cheaper. */
+    PyObject *copy = PyBytes_FromStringAndSize(
+        (const char *)gf_block_data(owner->shm.arena, ref->block) + ref->at, (Py_ssize_t)ref->len);
+    shm_release(&owner->shm, ref->block);
+    return copy;
   }
   if (ref->flags & GF_BUF_BYTES)
     return shm_view_bytes(owner, ref->block, ref->len);
@@ -464,6 +474,7 @@ static void SharedBuffer_dealloc(SharedBufferObject *self) {
   Py_DECREF(tp);
 }
 
+/* nbytes -> int. Returns a new reference. */
 static PyObject *SharedBuffer_len(SharedBufferObject *self, void *closure) {
   return PyLong_FromUnsignedLongLong(self->len);
 }
@@ -821,6 +832,7 @@ static PyObject *owner_view(ShmOwner *owner, PyObject *const *args, Py_ssize_t n
   return shm_view(owner, &ref);
 }
 
+/* Engine.view: see owner_view. Returns a new reference. */
 static PyObject *Engine_view(EngineObject *self, PyObject *const *args, Py_ssize_t nargs) {
   if (engine_check(self) < 0)
     return NULL;
@@ -859,16 +871,27 @@ static PyObject *owner_scan(ShmOwner *owner, PyObject *unused) {
   return PyLong_FromSsize_t(owner->shm.nmaps ? shm_scan(&owner->shm) : 0);
 }
 
-/* collect(control) -> list of events waiting now: results and, with control, spawns and
- * deaths. */
-static PyObject *Engine_collect(EngineObject *self, PyObject *arg) {
+/* collect(control, spin_seconds=0.0) -> list of events waiting now: results and, with
+ * control, spawns and deaths. With spin, first polls the result rings that long for a result
+ * (all without the GIL). Returns a new reference. */
+static PyObject *Engine_collect(EngineObject *self, PyObject *const *args, Py_ssize_t nargs) {
   event_batch batch = {0};
-  int rc;
-  int control = PyObject_IsTrue(arg);
-  if (control < 0 || engine_check(self) < 0)
+  int rc = 0, found = 1;
+  double spin = 0.0;
+  if (nargs < 1 || nargs > 2) {
+    PyErr_SetString(PyExc_TypeError, "collect(control, spin_seconds=0.0)");
+    return NULL;
+  }
+  int control = PyObject_IsTrue(args[0]);
+  if (nargs == 2)
+    spin = PyFloat_AsDouble(args[1]);
+  if (control < 0 || PyErr_Occurred() || engine_check(self) < 0)
     return NULL;
   Py_BEGIN_ALLOW_THREADS
-  rc = gf_manager_collect(&self->m, control, batch_add, &batch);
+  if (spin > 0)
+    found = gf_manager_spin(&self->m, (int64_t)(spin * 1e9));
+  if (found)
+    rc = gf_manager_collect(&self->m, control, batch_add, &batch);
   Py_END_ALLOW_THREADS
   PyObject *list = batch_to_list(self, &batch);
   free(batch.items);
@@ -879,17 +902,7 @@ static PyObject *Engine_collect(EngineObject *self, PyObject *arg) {
   return list;
 }
 
-/* spin(seconds) -> bool: poll the result rings without the GIL; True when results wait. */
-static PyObject *Engine_spin(EngineObject *self, PyObject *arg) {
-  double seconds = PyFloat_AsDouble(arg);
-  int found;
-  if (PyErr_Occurred() || engine_check(self) < 0)
-    return NULL;
-  Py_BEGIN_ALLOW_THREADS
-  found = gf_manager_spin(&self->m, (int64_t)(seconds * 1e9));
-  Py_END_ALLOW_THREADS
-  return PyBool_FromLong(found);
-}
+#define WAITER_SPIN_NS 5000
 
 static void *waiter_main(void *arg) {
   EngineObject *self = arg;
@@ -899,7 +912,8 @@ static void *waiter_main(void *arg) {
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, NULL);
   for (;;) {
-    int rc = gf_manager_wait(&self->m, 20000, -1);
+    /* A short spin only: threads waiting in Future.result() poll for themselves. */
+    int rc = gf_manager_wait(&self->m, WAITER_SPIN_NS, -1);
     if (rc == -ECANCELED)
       break;
     if (rc == 0)
@@ -985,6 +999,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
   return list;
 }
 
+/* queued() -> tasks waiting in the parent's queue. Returns a new reference. */
 static PyObject *Engine_queued(EngineObject *self, PyObject *unused) {
   if (engine_check(self) < 0)
     return NULL;
@@ -1002,8 +1017,7 @@ static PyMethodDef Engine_methods[] = {
     {"addref", (PyCFunction)owner_addref, METH_O, NULL},
     {"release", (PyCFunction)owner_release, METH_O, NULL},
     {"scan", (PyCFunction)owner_scan, METH_NOARGS, NULL},
-    {"collect", (PyCFunction)Engine_collect, METH_O, NULL},
-    {"spin", (PyCFunction)Engine_spin, METH_O, NULL},
+    {"collect", (PyCFunction)(void (*)(void))Engine_collect, METH_FASTCALL, NULL},
     {"start_waiter", (PyCFunction)Engine_start_waiter, METH_O, NULL},
     {"close", (PyCFunction)Engine_close, METH_O, NULL},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, NULL},
@@ -1011,6 +1025,7 @@ static PyMethodDef Engine_methods[] = {
     {NULL},
 };
 
+/* template_pid -> pid of the template process (0 before start). Returns a new reference. */
 static PyObject *Engine_template_pid(EngineObject *self, void *closure) {
   return PyLong_FromLong(self->initialized ? self->m.template_pid : 0);
 }
@@ -1153,10 +1168,12 @@ static PyObject *Worker_reply(WorkerObject *self, PyObject *const *args, Py_ssiz
   Py_RETURN_NONE;
 }
 
+/* Worker.export: see shm_export. Returns a new reference. */
 static PyObject *Worker_export(WorkerObject *self, PyObject *obj) {
   return shm_export(&self->shm, obj);
 }
 
+/* Worker.view: see owner_view. Returns a new reference. */
 static PyObject *Worker_view(WorkerObject *self, PyObject *const *args, Py_ssize_t nargs) {
   return owner_view((ShmOwner *)self, args, nargs);
 }

@@ -1,0 +1,635 @@
+/* GIL accounting and priorities through GOT hooks of the GIL's pthread calls (see gf/gilhook.h).
+ *
+ * What the hooks see, per thread, in CPython 3.11-3.13 (Python/ceval_gil.c, FORCE_SWITCHING):
+ *   take_gil: lock(mutex) [timedwait(cond, mutex)]* lock(switch_mutex) locked=1
+ *             signal(switch_cond) unlock(switch_mutex) unlock(mutex)
+ *   drop_gil: lock(mutex) locked=0 signal(cond) unlock(mutex)
+ *             [when a drop was requested: lock(switch_mutex) [wait(switch_cond)] unlock(..)]
+ * So signal(switch_cond) marks an acquisition and signal(cond) a release, whatever state the
+ * thread was in when the hooks went in; lock(mutex) by a non-holder starts a wait; lock of
+ * unlock(mutex) while still waiting means take_gil gave up (thread exit at shutdown).
+ *
+ * A release that answers a drop request (asked by a waiter whose interval expired, or by
+ * priority) is forced: the thread wants the GIL back at once, so when its next take_gil comes
+ * within GF_HANDOVER_NS (drop_gil's hand-over wait, or the OS running something else first),
+ * its wait is counted from the release. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gf/gilhook.h"
+#include "gf/got.h"
+
+#define GF_CHUNK_EVENTS 4096
+#define GF_SLOTS_PER_FUNCTION 4
+#define GF_PRIORITY_SLOTS (2 * GF_GILHOOK_MAX_PRIORITY + 1)
+#define GF_HANDOVER_NS 20000000ull
+/* Longest a thread defers, per wait, to a higher-priority waiter before taking the GIL anyway. */
+#define GF_DEFER_NS 5000000ull
+
+/* Relaxed atomics for fields one thread writes and others read (tearing-free snapshots come
+ * from the per-record seqlock). */
+#define GF_LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define GF_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+#define GF_ADD(x, v) GF_STORE(x, GF_LOAD(x) + (v))
+
+struct gf_chunk {
+  struct gf_chunk *next; /* set once by the owner (release), read by the drainer (acquire) */
+  uint32_t count;        /* events published: owner stores with release, drainer loads acquire */
+  struct gf_gilhook_event events[GF_CHUNK_EVENTS];
+};
+
+struct gf_thread {
+  struct gf_thread *next; /* the global list is push-only and never freed, so readers need no lock */
+  uint32_t tid;
+  /* Seqlock over the stats below: odd while the owner updates them. */
+  uint32_t seq;
+  uint64_t first_ns, exit_ns, held_ns, wait_ns, acquisitions, waits, switches_in, forced,
+      drop_requests, timeouts, since_ns;
+  int state;
+  unsigned generation; /* the install this state belongs to */
+  int priority;        /* written by its owner or by reset_priorities; atomic */
+  /* Owner-only fields. */
+  int contended; /* the current wait had to sleep */
+  uint64_t forced_at; /* time of its last release if that was forced, else 0 */
+  int wait_slot; /* gf.waiting[] slot counted for the current wait, -1 if none */
+  unsigned wait_generation;
+  uint64_t defer_ns; /* deferral used in the current wait */
+  struct gf_thread *asked; /* the holder this wait already asked to drop */
+  uint32_t took_from;      /* see gf_gilhook_took_from */
+  struct gf_chunk *tail;
+  /* Set once by the owner (release); the drainer starts from it. */
+  struct gf_chunk *head;
+  /* Drainer-only fields. */
+  struct gf_chunk *drain_chunk;
+  uint32_t drain_pos;
+};
+
+struct gf_saved_slot {
+  void **slot;
+  void *original;
+};
+
+typedef int (*gf_mutex_fn)(pthread_mutex_t *);
+typedef int (*gf_timedwait_fn)(pthread_cond_t *, pthread_mutex_t *, const struct timespec *);
+typedef int (*gf_cond_fn)(pthread_cond_t *);
+
+static struct {
+  /* Written by install before any GOT slot points at a hook, then only read by the hooks. */
+  struct gf_gilhook_targets targets;
+  gf_mutex_fn mutex_lock, mutex_unlock;
+  gf_timedwait_fn cond_timedwait;
+  gf_cond_fn cond_signal, cond_broadcast;
+  uint64_t install_ns;
+  /* Atomic: hooks of a previous install may still be running while these change. */
+  int installed;
+  unsigned generation;
+  struct gf_thread *threads;
+  /* Written only under the GIL's mutex (at acquire/release/request), read holding it. */
+  struct gf_thread *holder, *last_holder, *asked_holder;
+  int cond_clock; /* the clock of the GIL's cond, learned from take_gil's deadline; -1 unknown */
+  int tracing;
+  size_t budget, used;
+  uint64_t dropped;
+  int priority_threads;                  /* threads with a nonzero priority; atomic */
+  int waiting[GF_PRIORITY_SLOTS];        /* waiters per priority; atomic */
+  struct gf_saved_slot saved[4 * GF_SLOTS_PER_FUNCTION];
+  int nsaved;
+  pthread_key_t key;
+  pthread_once_t once;
+} gf = {.cond_clock = -1, .once = PTHREAD_ONCE_INIT};
+
+static __thread struct gf_thread *gf_self;
+/* gf_self of a thread whose record was closed at exit: its last hooked calls are not counted. */
+static struct gf_thread gf_exited;
+
+uint64_t gf_gilhook_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void gf_write_begin(struct gf_thread *t) {
+  __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static void gf_write_end(struct gf_thread *t) {
+  __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELEASE);
+}
+
+static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
+  if (!__atomic_load_n(&gf.tracing, __ATOMIC_RELAXED))
+    return;
+  struct gf_chunk *chunk = t->tail;
+  if (chunk == NULL || chunk->count == GF_CHUNK_EVENTS) {
+    size_t used = __atomic_add_fetch(&gf.used, sizeof(*chunk), __ATOMIC_RELAXED);
+    struct gf_chunk *fresh = used <= gf.budget ? calloc(1, sizeof(*fresh)) : NULL;
+    if (fresh == NULL) {
+      __atomic_sub_fetch(&gf.used, sizeof(*chunk), __ATOMIC_RELAXED);
+      __atomic_add_fetch(&gf.dropped, 1, __ATOMIC_RELAXED);
+      return;
+    }
+    if (chunk != NULL)
+      __atomic_store_n(&chunk->next, fresh, __ATOMIC_RELEASE);
+    else
+      __atomic_store_n(&t->head, fresh, __ATOMIC_RELEASE);
+    t->tail = chunk = fresh;
+  }
+  chunk->events[chunk->count] = (struct gf_gilhook_event){t_ns, t->tid, kind};
+  __atomic_store_n(&chunk->count, chunk->count + 1, __ATOMIC_RELEASE);
+}
+
+static int gf_slot_of(int priority) { return priority + GF_GILHOOK_MAX_PRIORITY; }
+
+static void gf_end_wait_slot(struct gf_thread *t) {
+  if (t->wait_slot >= 0 && t->wait_generation == __atomic_load_n(&gf.generation, __ATOMIC_RELAXED))
+    __atomic_sub_fetch(&gf.waiting[t->wait_slot], 1, __ATOMIC_RELAXED);
+  t->wait_slot = -1;
+}
+
+static void gf_thread_exit(void *arg) {
+  struct gf_thread *t = arg;
+  uint64_t now = gf_gilhook_now_ns();
+  gf_end_wait_slot(t);
+  gf_write_begin(t);
+  GF_STORE(t->exit_ns, now);
+  GF_STORE(t->state, GF_GIL_FREE);
+  gf_write_end(t);
+  gf_emit_at(t, GF_GIL_EXIT, now);
+  if (__atomic_exchange_n(&t->priority, 0, __ATOMIC_RELAXED) != 0)
+    __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+  gf_self = &gf_exited;
+}
+
+static void gf_make_key(void) { pthread_key_create(&gf.key, gf_thread_exit); }
+
+/* The calling thread's record, created on first use; NULL if it cannot be had. */
+static struct gf_thread *gf_thread_self(void) {
+  struct gf_thread *t = gf_self;
+  if (t == &gf_exited)
+    return NULL;
+  if (t == NULL) {
+    pthread_once(&gf.once, gf_make_key);
+    t = calloc(1, sizeof(*t));
+    if (t == NULL)
+      return NULL;
+    t->tid = (uint32_t)syscall(SYS_gettid);
+    t->first_ns = gf_gilhook_now_ns();
+    t->wait_slot = -1;
+    t->generation = __atomic_load_n(&gf.generation, __ATOMIC_RELAXED);
+    t->next = __atomic_load_n(&gf.threads, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(&gf.threads, &t->next, t, 1, __ATOMIC_RELEASE,
+                                        __ATOMIC_RELAXED))
+      ;
+    pthread_setspecific(gf.key, t);
+    gf_self = t;
+  }
+  unsigned generation = __atomic_load_n(&gf.generation, __ATOMIC_RELAXED);
+  if (t->generation != generation) {
+    gf_write_begin(t);
+    GF_STORE(t->generation, generation);
+    GF_STORE(t->state, GF_GIL_UNKNOWN);
+    gf_write_end(t);
+    t->forced_at = 0;
+    t->wait_slot = -1;
+  }
+  return t;
+}
+
+/* Waiting since `since`; emits the WAIT event at that time. */
+static void gf_begin_wait(struct gf_thread *t, uint64_t since) {
+  gf_write_begin(t);
+  GF_STORE(t->state, GF_GIL_WANT);
+  GF_STORE(t->since_ns, since);
+  gf_write_end(t);
+  t->contended = 0;
+  t->forced_at = 0;
+  t->defer_ns = 0;
+  t->asked = NULL;
+  t->wait_slot = gf_slot_of(GF_LOAD(t->priority));
+  t->wait_generation = __atomic_load_n(&gf.generation, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&gf.waiting[t->wait_slot], 1, __ATOMIC_RELAXED);
+  gf_emit_at(t, GF_GIL_WAIT, since);
+}
+
+/* A thread in UNKNOWN state that is seen waiting was already waiting when the hooks went in. */
+static uint64_t gf_unknown_since(struct gf_thread *t) {
+  return t->first_ns > gf.install_ns ? t->first_ns : gf.install_ns;
+}
+
+static void gf_on_acquire(struct gf_thread *t) {
+  uint64_t now = gf_gilhook_now_ns();
+  int state = t->state;
+  if (state == GF_GIL_UNKNOWN) {
+    gf_begin_wait(t, gf_unknown_since(t));
+    state = GF_GIL_WANT;
+  }
+  gf_write_begin(t);
+  if (state == GF_GIL_WANT) {
+    GF_ADD(t->wait_ns, now - t->since_ns);
+    GF_ADD(t->waits, (uint64_t)t->contended);
+  }
+  GF_ADD(t->acquisitions, 1);
+  t->took_from = state == GF_GIL_WANT && t->contended && gf.last_holder && gf.last_holder != t
+                     ? gf.last_holder->tid
+                     : 0;
+  if (gf.last_holder != t)
+    GF_ADD(t->switches_in, 1);
+  GF_STORE(t->state, GF_GIL_HELD);
+  GF_STORE(t->since_ns, now);
+  gf_write_end(t);
+  gf_end_wait_slot(t);
+  gf.last_holder = gf.holder = t;
+  gf.asked_holder = NULL;
+  gf_emit_at(t, GF_GIL_ACQUIRE | (state == GF_GIL_WANT && t->contended ? GF_GIL_CONTENDED : 0), now);
+}
+
+static void gf_on_release(struct gf_thread *t) {
+  uint64_t now = gf_gilhook_now_ns();
+  int forced = gf.asked_holder == t;
+  gf_write_begin(t);
+  if (t->state == GF_GIL_HELD)
+    GF_ADD(t->held_ns, now - t->since_ns);
+  GF_ADD(t->forced, (uint64_t)forced);
+  GF_STORE(t->state, GF_GIL_FREE);
+  GF_STORE(t->since_ns, now);
+  gf_write_end(t);
+  gf.holder = NULL;
+  gf.asked_holder = NULL;
+  t->forced_at = forced ? now : 0;
+  gf_emit_at(t, GF_GIL_RELEASE, now);
+  if (forced)
+    gf_emit_at(t, GF_GIL_FORCED, now);
+}
+
+static int gf_higher_waiting(int priority) {
+  for (int slot = gf_slot_of(priority) + 1; slot < GF_PRIORITY_SLOTS; slot++)
+    if (__atomic_load_n(&gf.waiting[slot], __ATOMIC_RELAXED) > 0)
+      return 1;
+  return 0;
+}
+
+/* Counts one drop request of t's current wait against `holder`. */
+static void gf_count_request(struct gf_thread *t, struct gf_thread *holder) {
+  gf.asked_holder = holder;
+  if (t->asked == holder)
+    return;
+  t->asked = holder;
+  gf_write_begin(t);
+  GF_ADD(t->drop_requests, 1);
+  gf_write_end(t);
+}
+
+/* With the GIL's mutex held by waiting thread t: ask a lower-priority holder to drop. */
+static void gf_priority_request(struct gf_thread *t) {
+  if (!__atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) || gf.targets.request_drop == NULL)
+    return;
+  struct gf_thread *holder = gf.holder;
+  if (__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) == 1 && holder != NULL &&
+      holder != t && GF_LOAD(holder->priority) < GF_LOAD(t->priority)) {
+    gf.targets.request_drop(gf.targets.request_drop_arg);
+    gf_count_request(t, holder);
+  }
+}
+
+/* With the GIL's mutex held by waiting thread t and the GIL free: let a higher-priority waiter
+ * take it first (wake them all, sleep on the cond), within GF_DEFER_NS per wait. */
+static void gf_priority_defer(struct gf_thread *t, pthread_mutex_t *mutex) {
+  if (!__atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) || gf.cond_clock < 0 ||
+      gf.cond_broadcast == NULL)
+    return;
+  pthread_cond_t *cond = gf.targets.cond;
+  while (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) &&
+         gf_higher_waiting(GF_LOAD(t->priority)) && t->defer_ns < GF_DEFER_NS) {
+    uint64_t start = gf_gilhook_now_ns();
+    struct timespec deadline;
+    clock_gettime(gf.cond_clock, &deadline);
+    deadline.tv_nsec += 200000; /* recheck often: the higher waiter may have left */
+    if (deadline.tv_nsec >= 1000000000) {
+      deadline.tv_sec++;
+      deadline.tv_nsec -= 1000000000;
+    }
+    gf.cond_broadcast(cond);
+    gf.cond_timedwait(cond, mutex, &deadline);
+    t->defer_ns += gf_gilhook_now_ns() - start;
+  }
+}
+
+/* take_gil's deadline is "now + interval" on the cond's clock: whichever clock it is close to
+ * is the one our own timed waits must use. */
+static void gf_learn_clock(const struct timespec *abstime) {
+  static const clockid_t candidates[] = {CLOCK_MONOTONIC, CLOCK_REALTIME};
+  for (size_t i = 0; i < sizeof(candidates) / sizeof(candidates[0]); i++) {
+    struct timespec now;
+    clock_gettime(candidates[i], &now);
+    long long delta = (long long)(abstime->tv_sec - now.tv_sec);
+    if (delta >= -1 && delta <= 2) {
+      __atomic_store_n(&gf.cond_clock, (int)candidates[i], __ATOMIC_RELAXED);
+      return;
+    }
+  }
+}
+
+static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
+  struct gf_thread *t = NULL;
+  if (mutex == gf.targets.mutex) {
+    t = gf_thread_self();
+    if (t != NULL && t->state != GF_GIL_HELD) {
+      uint64_t now = gf_gilhook_now_ns();
+      int handover = t->forced_at != 0 && now - t->forced_at <= GF_HANDOVER_NS;
+      gf_begin_wait(t, handover ? t->forced_at : now);
+    }
+  }
+  int rc = gf.mutex_lock(mutex);
+  if (t != NULL && rc == 0 && t->state == GF_GIL_WANT) {
+    gf_priority_request(t);
+    gf_priority_defer(t, mutex);
+  }
+  return rc;
+}
+
+/* Ends a wait that did not take the GIL (take_gil gives up when the thread must exit). */
+static void gf_end_wait_without_gil(struct gf_thread *t) {
+  uint64_t now = gf_gilhook_now_ns();
+  gf_write_begin(t);
+  GF_ADD(t->wait_ns, now - t->since_ns);
+  GF_STORE(t->state, GF_GIL_FREE);
+  GF_STORE(t->since_ns, now);
+  gf_write_end(t);
+  gf_end_wait_slot(t);
+  gf_emit_at(t, GF_GIL_ABORT, now);
+}
+
+static int gf_hook_mutex_unlock(pthread_mutex_t *mutex) {
+  if (mutex == gf.targets.mutex) {
+    struct gf_thread *t = gf_thread_self();
+    if (t != NULL && t->state == GF_GIL_WANT)
+      gf_end_wait_without_gil(t);
+  }
+  return gf.mutex_unlock(mutex);
+}
+
+static int gf_hook_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
+                                  const struct timespec *abstime) {
+  if (cond != gf.targets.cond)
+    return gf.cond_timedwait(cond, mutex, abstime);
+  struct gf_thread *t = gf_thread_self();
+  if (t == NULL)
+    return gf.cond_timedwait(cond, mutex, abstime);
+  if (t->state != GF_GIL_WANT)
+    gf_begin_wait(t, t->state == GF_GIL_UNKNOWN ? gf_unknown_since(t) : gf_gilhook_now_ns());
+  t->contended = 1;
+  if (gf.cond_clock < 0)
+    gf_learn_clock(abstime);
+  gf_priority_request(t);
+  struct gf_thread *holder = gf.holder;
+  int rc = gf.cond_timedwait(cond, mutex, abstime);
+  if (rc == ETIMEDOUT) {
+    gf_write_begin(t);
+    GF_ADD(t->timeouts, 1);
+    gf_write_end(t);
+    /* Still locked by the same holder: take_gil now sets the drop request. */
+    if (__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) == 1 && gf.holder == holder &&
+        holder != NULL)
+      gf_count_request(t, holder);
+  }
+  gf_priority_defer(t, mutex);
+  return rc;
+}
+
+static int gf_hook_cond_signal(pthread_cond_t *cond) {
+  if (cond == gf.targets.switch_cond || cond == gf.targets.cond) {
+    struct gf_thread *t = gf_thread_self();
+    if (t != NULL) {
+      if (cond == gf.targets.switch_cond)
+        gf_on_acquire(t);
+      else
+        gf_on_release(t);
+    }
+  }
+  return gf.cond_signal(cond);
+}
+
+static void *gf_resolve(const char *name, const char *version) {
+  void *fn = version[0] ? dlvsym(RTLD_DEFAULT, name, version) : NULL;
+  return fn != NULL ? fn : dlsym(RTLD_DEFAULT, name);
+}
+
+static const struct {
+  const char *name;
+  void *hook;
+  size_t real_offset; /* where in gf the real function goes */
+} gf_hooked[] = {
+    {"pthread_mutex_lock", (void *)gf_hook_mutex_lock, offsetof(__typeof__(gf), mutex_lock)},
+    {"pthread_mutex_unlock", (void *)gf_hook_mutex_unlock, offsetof(__typeof__(gf), mutex_unlock)},
+    {"pthread_cond_timedwait", (void *)gf_hook_cond_timedwait,
+     offsetof(__typeof__(gf), cond_timedwait)},
+    {"pthread_cond_signal", (void *)gf_hook_cond_signal, offsetof(__typeof__(gf), cond_signal)},
+};
+#define GF_NHOOKED (sizeof(gf_hooked) / sizeof(gf_hooked[0]))
+
+int gf_gilhook_install(const void *object_addr, const struct gf_gilhook_targets *targets) {
+  struct gf_got_slot slots[GF_NHOOKED][GF_SLOTS_PER_FUNCTION];
+  int counts[GF_NHOOKED];
+  int rc = 0;
+  if (__atomic_load_n(&gf.installed, __ATOMIC_ACQUIRE))
+    return -EEXIST;
+  if (targets->mutex == NULL || targets->cond == NULL || targets->switch_mutex == NULL ||
+      targets->switch_cond == NULL || targets->locked == NULL)
+    return -EINVAL;
+  for (size_t i = 0; i < GF_NHOOKED; i++) {
+    counts[i] = gf_got_find(object_addr, gf_hooked[i].name, slots[i], GF_SLOTS_PER_FUNCTION);
+    if (counts[i] < 0)
+      return counts[i];
+    if (counts[i] == 0)
+      return -ENOENT;
+    void *real = gf_resolve(gf_hooked[i].name, slots[i][0].version);
+    if (real == NULL)
+      return -ENOENT;
+    memcpy((char *)&gf + gf_hooked[i].real_offset, &real, sizeof(real));
+  }
+  /* Our own wakeups use the same ABI version as the timed wait CPython links against. */
+  gf.cond_broadcast = (gf_cond_fn)gf_resolve("pthread_cond_broadcast", slots[2][0].version);
+  gf.targets = *targets;
+  gf.cond_clock = -1;
+  for (int slot = 0; slot < GF_PRIORITY_SLOTS; slot++)
+    __atomic_store_n(&gf.waiting[slot], 0, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&gf.generation, 1, __ATOMIC_RELAXED);
+  gf.install_ns = gf_gilhook_now_ns();
+
+  /* The caller holds the GIL: it is the one thread whose state is known right now. */
+  struct gf_thread *self = gf_thread_self();
+  if (self == NULL)
+    return -ENOMEM;
+  gf_write_begin(self);
+  GF_STORE(self->state, GF_GIL_HELD);
+  GF_STORE(self->since_ns, gf.install_ns);
+  gf_write_end(self);
+  gf.holder = gf.last_holder = self;
+
+  gf.nsaved = 0;
+  for (size_t i = 0; i < GF_NHOOKED; i++) {
+    for (int j = 0; j < counts[i]; j++) {
+      void **slot = slots[i][j].slot;
+      gf.saved[gf.nsaved] = (struct gf_saved_slot){slot, __atomic_load_n(slot, __ATOMIC_RELAXED)};
+      rc = gf_got_write(slot, gf_hooked[i].hook);
+      if (rc < 0)
+        goto error;
+      gf.nsaved++;
+    }
+  }
+  __atomic_store_n(&gf.installed, 1, __ATOMIC_RELEASE);
+  return 0;
+
+error:
+  for (int k = gf.nsaved - 1; k >= 0; k--)
+    gf_got_write(gf.saved[k].slot, gf.saved[k].original);
+  gf.nsaved = 0;
+  return rc;
+}
+
+int gf_gilhook_uninstall(void) {
+  int rc = 0;
+  if (!__atomic_load_n(&gf.installed, __ATOMIC_ACQUIRE))
+    return -ENOENT;
+  for (int k = gf.nsaved - 1; k >= 0; k--) {
+    int err = gf_got_write(gf.saved[k].slot, gf.saved[k].original);
+    if (err < 0)
+      rc = err;
+  }
+  /* Records still in this generation's states are stale from now on. */
+  __atomic_add_fetch(&gf.generation, 1, __ATOMIC_RELAXED);
+  gf.holder = NULL;
+  __atomic_store_n(&gf.installed, 0, __ATOMIC_RELEASE);
+  return rc;
+}
+
+int gf_gilhook_installed(void) { return __atomic_load_n(&gf.installed, __ATOMIC_ACQUIRE); }
+
+int gf_gilhook_slots_restored(void) {
+  if (gf_gilhook_installed())
+    return 0;
+  for (int k = 0; k < gf.nsaved; k++)
+    if (__atomic_load_n(gf.saved[k].slot, __ATOMIC_RELAXED) != gf.saved[k].original)
+      return 0;
+  return 1;
+}
+
+static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, uint64_t now) {
+  unsigned generation;
+  uint32_t seq;
+  do {
+    while ((seq = __atomic_load_n(&t->seq, __ATOMIC_ACQUIRE)) & 1)
+      ;
+    s->tid = t->tid;
+    s->first_ns = GF_LOAD(t->first_ns);
+    s->exit_ns = GF_LOAD(t->exit_ns);
+    s->held_ns = GF_LOAD(t->held_ns);
+    s->wait_ns = GF_LOAD(t->wait_ns);
+    s->acquisitions = GF_LOAD(t->acquisitions);
+    s->waits = GF_LOAD(t->waits);
+    s->switches_in = GF_LOAD(t->switches_in);
+    s->forced = GF_LOAD(t->forced);
+    s->drop_requests = GF_LOAD(t->drop_requests);
+    s->timeouts = GF_LOAD(t->timeouts);
+    s->state = GF_LOAD(t->state);
+    generation = GF_LOAD(t->generation);
+    uint64_t since = GF_LOAD(t->since_ns);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&t->seq, __ATOMIC_RELAXED) != seq)
+      continue;
+    if (!gf_gilhook_installed() || generation != __atomic_load_n(&gf.generation, __ATOMIC_RELAXED))
+      s->state = GF_GIL_UNKNOWN;
+    else if (s->state == GF_GIL_HELD && now > since)
+      s->held_ns += now - since;
+    else if (s->state == GF_GIL_WANT && now > since)
+      s->wait_ns += now - since;
+    break;
+  } while (1);
+  s->priority = GF_LOAD(t->priority);
+}
+
+void gf_gilhook_foreach_thread(uint64_t now,
+                               int (*fn)(const struct gf_gilhook_thread_stats *, void *),
+                               void *arg) {
+  for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = t->next) {
+    struct gf_gilhook_thread_stats s;
+    gf_snapshot(t, &s, now);
+    if (fn(&s, arg))
+      return;
+  }
+}
+
+void gf_gilhook_tracing(int delta, size_t budget_bytes) {
+  gf.budget = budget_bytes;
+  __atomic_add_fetch(&gf.tracing, delta, __ATOMIC_RELAXED);
+}
+
+size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap) {
+  size_t n = 0;
+  for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t && n < cap;
+       t = t->next) {
+    if (t->drain_chunk == NULL) {
+      t->drain_chunk = __atomic_load_n(&t->head, __ATOMIC_ACQUIRE);
+      t->drain_pos = 0;
+    }
+    while (t->drain_chunk != NULL && n < cap) {
+      struct gf_chunk *chunk = t->drain_chunk;
+      uint32_t count = __atomic_load_n(&chunk->count, __ATOMIC_ACQUIRE);
+      while (t->drain_pos < count && n < cap)
+        out[n++] = chunk->events[t->drain_pos++];
+      if (t->drain_pos < GF_CHUNK_EVENTS)
+        break;
+      struct gf_chunk *next = __atomic_load_n(&chunk->next, __ATOMIC_ACQUIRE);
+      if (next == NULL)
+        break;
+      /* The owner linked a successor, so it never touches this full chunk again. */
+      t->drain_chunk = next;
+      t->drain_pos = 0;
+      free(chunk);
+      __atomic_sub_fetch(&gf.used, sizeof(*chunk), __ATOMIC_RELAXED);
+    }
+  }
+  return n;
+}
+
+uint64_t gf_gilhook_dropped(void) { return __atomic_load_n(&gf.dropped, __ATOMIC_RELAXED); }
+
+uint32_t gf_gilhook_took_from(void) {
+  struct gf_thread *t = gf_self;
+  return t == NULL || t == &gf_exited ? 0 : t->took_from;
+}
+
+int gf_gilhook_set_priority(int level) {
+  struct gf_thread *t = gf_thread_self();
+  if (t == NULL)
+    return -ENOMEM;
+  if (level > GF_GILHOOK_MAX_PRIORITY)
+    level = GF_GILHOOK_MAX_PRIORITY;
+  if (level < -GF_GILHOOK_MAX_PRIORITY)
+    level = -GF_GILHOOK_MAX_PRIORITY;
+  int old = __atomic_exchange_n(&t->priority, level, __ATOMIC_RELAXED);
+  if (old == 0 && level != 0)
+    __atomic_add_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+  else if (old != 0 && level == 0)
+    __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+  return 0;
+}
+
+int gf_gilhook_get_priority(void) {
+  struct gf_thread *t = gf_self;
+  return t == NULL || t == &gf_exited ? 0 : GF_LOAD(t->priority);
+}
+
+void gf_gilhook_reset_priorities(void) {
+  for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = t->next)
+    if (__atomic_exchange_n(&t->priority, 0, __ATOMIC_RELAXED) != 0)
+      __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+}

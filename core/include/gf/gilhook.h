@@ -1,0 +1,104 @@
+/* gf_gilhook: sees every GIL acquisition, release and wait of a running CPython by rewriting
+ * the GOT slots through which its take_gil/drop_gil call pthread_mutex_lock/unlock,
+ * pthread_cond_timedwait and pthread_cond_signal. Pure C, no Python.h: the caller (the binding)
+ * finds and checks the GIL's addresses and passes them in.
+ *
+ * Threading model: each hooked thread updates only its own record (stats under a seqlock,
+ * events in its own chunk list); readers (stats, drain) may run on any thread. install,
+ * uninstall, drain and the tracing switch must be serialized by the caller (the binding holds
+ * the GIL). All functions return 0 or a negative errno unless stated. */
+#ifndef GF_GILHOOK_H
+#define GF_GILHOOK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Where the GIL lives in the hooked program. mutex/cond/switch_mutex/switch_cond are compared
+ * by address only; locked is read (never written) to know whether the GIL is taken. */
+struct gf_gilhook_targets {
+  void *mutex;        /* guards locked; take_gil waits on cond with it */
+  void *cond;         /* signalled by drop_gil right after locked = 0 */
+  void *switch_mutex; /* taken by take_gil before locked = 1, and by a forced drop_gil */
+  void *switch_cond;  /* signalled by take_gil right after locked = 1 */
+  const int *locked;
+  /* Asks the current holder to drop the GIL at once. Called with `mutex` held and
+   * *locked == 1, so the holder cannot release (nor free its state) meanwhile. May be NULL:
+   * priorities are then unavailable. */
+  void (*request_drop)(void *arg);
+  void *request_drop_arg;
+};
+
+enum gf_gilhook_kind {
+  GF_GIL_WAIT = 1, /* the thread starts waiting for the GIL */
+  GF_GIL_ACQUIRE,  /* it holds the GIL from now on */
+  GF_GIL_RELEASE,  /* it released the GIL */
+  GF_GIL_FORCED,   /* the release just before answered a drop request */
+  GF_GIL_ABORT,    /* it stopped waiting without the GIL (thread exit at shutdown) */
+  GF_GIL_EXIT,     /* the thread ended */
+};
+
+/* Set in an ACQUIRE event's kind when the thread had to wait for another holder. */
+#define GF_GIL_CONTENDED 0x100u
+
+struct gf_gilhook_event {
+  uint64_t t_ns; /* CLOCK_MONOTONIC */
+  uint32_t tid;  /* kernel thread id (threading.get_native_id()) */
+  uint32_t kind; /* enum gf_gilhook_kind, | GF_GIL_CONTENDED */
+};
+
+enum gf_gilhook_state { GF_GIL_UNKNOWN, GF_GIL_FREE, GF_GIL_WANT, GF_GIL_HELD };
+
+/* Cumulative since the thread was first seen; the in-progress interval is included. */
+struct gf_gilhook_thread_stats {
+  uint64_t tid;
+  uint64_t first_ns, exit_ns; /* exit_ns 0 while alive */
+  uint64_t held_ns, wait_ns;
+  uint64_t acquisitions; /* every take of the GIL */
+  uint64_t waits;        /* takes that had to wait for another holder */
+  uint64_t switches_in;  /* takes that followed a different holder */
+  uint64_t forced;       /* releases that answered a drop request */
+  uint64_t drop_requests; /* times this waiter asked the holder to drop (interval expired, or
+                             priority) */
+  uint64_t timeouts;     /* switch intervals that expired while waiting */
+  int state;             /* enum gf_gilhook_state */
+  int priority;
+};
+
+uint64_t gf_gilhook_now_ns(void);
+
+/* Rewrites the GOT slots of the ELF object containing `object_addr` (libpython, or the
+ * executable when Python is linked statically). The calling thread must hold the GIL.
+ * -ENOENT if the object has no slot for one of the four functions, -EEXIST if installed. */
+int gf_gilhook_install(const void *object_addr, const struct gf_gilhook_targets *targets);
+/* Restores the saved GOT slots. Threads inside a hook finish normally. */
+int gf_gilhook_uninstall(void);
+int gf_gilhook_installed(void);
+/* 1 when every slot holds the value install found (or nothing is installed), else 0. */
+int gf_gilhook_slots_restored(void);
+
+/* Calls fn for every thread record seen so far (until it returns nonzero), with the
+ * in-progress interval counted up to now_ns (gf_gilhook_now_ns()). */
+void gf_gilhook_foreach_thread(uint64_t now_ns,
+                               int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg);
+
+/* Events are recorded while tracing > 0, within `budget_bytes` of chunks; beyond it they are
+ * counted as dropped. */
+void gf_gilhook_tracing(int delta, size_t budget_bytes);
+/* Moves up to cap recorded events (per thread in time order) into out; returns how many. */
+size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap);
+uint64_t gf_gilhook_dropped(void);
+
+/* The tid the calling thread took the GIL from in its last acquisition if it had to wait for
+ * that holder, else 0 (the GIL was free). A sampler thread uses it to see who was running. */
+uint32_t gf_gilhook_took_from(void);
+
+/* Priority of the calling thread for the GIL (clamped to +-GF_GILHOOK_MAX_PRIORITY). A waiter
+ * asks a lower-priority holder to drop at once; a waiter does not take the GIL while a
+ * higher-priority waiter exists (bounded by one defer window, so no thread starves forever). */
+#define GF_GILHOOK_MAX_PRIORITY 8
+int gf_gilhook_set_priority(int level);
+int gf_gilhook_get_priority(void);
+/* Sets every thread's priority back to 0. */
+void gf_gilhook_reset_priorities(void);
+
+#endif

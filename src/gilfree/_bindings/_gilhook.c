@@ -1,0 +1,459 @@
+/* gilfree._gilhook: finds and self-checks the GIL of this interpreter, then drives the
+ * gf_gilhook core (GOT hooks of the GIL's pthread calls). Used by gilfree.gil and
+ * gilfree.priority; every function runs with the GIL held, which serializes install/uninstall,
+ * the user counts and draining. */
+#define PY_SSIZE_T_CLEAN
+/* The GIL's layout is internal: compile against this exact CPython's internal headers. */
+#define Py_BUILD_CORE_MODULE 1
+#include <Python.h>
+
+#include "internal/pycore_ceval.h"
+#include "internal/pycore_gil.h"
+#include "internal/pycore_interp.h"
+#include "internal/pycore_runtime.h"
+
+#include <dlfcn.h>
+#include <math.h>
+
+#include "gf/gilhook.h"
+
+#define GF_SUPPORTED(major, minor)                                                           \
+  ((major) == 3 && ((minor) == 11 || (minor) == 12 || (minor) == 13))
+
+#define GF_TRACE_BUDGET_DEFAULT (256u << 20)
+
+typedef struct {
+  PyObject *unsupported; /* gilfree.UnsupportedInterpreter */
+  int users;             /* acquire() calls not yet released */
+  int tracers;           /* of which asked for events */
+} gilhook_state;
+
+static gilhook_state *get_state(PyObject *module) { return PyModule_GetState(module); }
+
+static struct _gil_runtime_state *main_gil(void) {
+#if PY_VERSION_HEX < 0x030C0000
+  return &_PyRuntime.ceval.gil;
+#else
+  return _PyInterpreterState_Main()->ceval.gil;
+#endif
+}
+
+/* Asks the GIL's holder to drop it at once. The core calls it with the GIL's mutex held and
+ * locked == 1: the holder cannot release, so its thread state stays valid while we write. */
+static void request_drop(void *arg) {
+  struct _gil_runtime_state *gil = arg;
+#if PY_VERSION_HEX < 0x030D0000
+  (void)gil;
+  PyInterpreterState *interp = _PyInterpreterState_Main();
+  _Py_atomic_store_relaxed(&interp->ceval.gil_drop_request, 1);
+  _Py_atomic_store_relaxed(&interp->ceval.eval_breaker, 1);
+#else
+  PyThreadState *holder = (PyThreadState *)_Py_atomic_load_ptr_relaxed(&gil->last_holder);
+  if (holder != NULL)
+    _Py_set_eval_breaker_bit(holder, _PY_GIL_DROP_REQUEST_BIT);
+#endif
+}
+
+static unsigned long gil_interval(struct _gil_runtime_state *gil) {
+  return __atomic_load_n(&gil->interval, __ATOMIC_RELAXED);
+}
+
+static int gil_locked(struct _gil_runtime_state *gil) {
+  return __atomic_load_n((int *)&gil->locked, __ATOMIC_RELAXED);
+}
+
+static PyThreadState *gil_last_holder(struct _gil_runtime_state *gil) {
+  return (PyThreadState *)__atomic_load_n((uintptr_t *)&gil->last_holder, __ATOMIC_RELAXED);
+}
+
+/* sys.getswitchinterval() in microseconds, as CPython keeps it. Returns 0 with an exception
+ * set on failure. */
+static unsigned long get_switch_interval_us(PyObject *sys) {
+  PyObject *current = PyObject_CallMethod(sys, "getswitchinterval", NULL);
+  if (current == NULL)
+    return 0;
+  double seconds = PyFloat_AsDouble(current);
+  Py_DECREF(current);
+  return PyErr_Occurred() ? 0 : (unsigned long)llround(seconds * 1e6);
+}
+
+/* sys.setswitchinterval(seconds). Returns 0, or -1 with an exception set. */
+static int set_switch_interval(PyObject *sys, double seconds) {
+  PyObject *result = PyObject_CallMethod(sys, "setswitchinterval", "d", seconds);
+  Py_XDECREF(result);
+  return result == NULL ? -1 : 0;
+}
+
+/* Raises UnsupportedInterpreter(reason) and returns NULL. */
+static PyObject *unsupported(gilhook_state *st, const char *reason) {
+  PyErr_SetString(st->unsupported, reason);
+  return NULL;
+}
+
+/* Checks, holding the GIL, that the GIL is where and what the headers say. Returns 0, or -1
+ * with UnsupportedInterpreter (or another exception) set. Never writes into the GIL. */
+static int self_check(gilhook_state *st) {
+  char reason[256];
+#ifdef Py_GIL_DISABLED
+  unsupported(st, "free-threaded build: there is no GIL to account for");
+  return -1;
+#endif
+  unsigned long runtime = Py_Version;
+  if (!GF_SUPPORTED(PY_MAJOR_VERSION, PY_MINOR_VERSION) ||
+      (runtime >> 8) != ((unsigned long)PY_VERSION_HEX >> 8)) {
+    snprintf(reason, sizeof(reason),
+             "gilfree._gilhook was built for CPython %s and knows the GIL of 3.11-3.13 only; "
+             "this is %lu.%lu.%lu (rebuild gilfree for it)",
+             PY_VERSION, runtime >> 24, (runtime >> 16) & 0xff, (runtime >> 8) & 0xff);
+    unsupported(st, reason);
+    return -1;
+  }
+  PyThreadState *tstate = PyThreadState_Get();
+  if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+    unsupported(st, "running in a subinterpreter: only the main interpreter's GIL is covered");
+    return -1;
+  }
+  struct _gil_runtime_state *gil = main_gil();
+  if (gil != NULL && gil_last_holder(gil) != tstate) {
+    /* A thread state swap (subinterpreter calls) does not update last_holder; a release and
+     * take by this thread does. */
+    Py_BEGIN_ALLOW_THREADS;
+    Py_END_ALLOW_THREADS;
+  }
+  if (gil == NULL || gil_locked(gil) != 1 || gil_last_holder(gil) != tstate) {
+    unsupported(st, "GIL layout check failed: the GIL does not read as held by this thread");
+    return -1;
+  }
+  /* The interval must follow sys.setswitchinterval, in microseconds: probe it with another
+   * value, then put the user's back. */
+  PyObject *sys = PyImport_ImportModule("sys");
+  if (sys == NULL)
+    return -1;
+  int rc = -1;
+  unsigned long before = get_switch_interval_us(sys);
+  if (PyErr_Occurred())
+    goto done;
+  unsigned long layout_before = gil_interval(gil);
+  if (set_switch_interval(sys, (double)(before + 17) / 1e6) < 0)
+    goto done;
+  unsigned long probe = get_switch_interval_us(sys), layout_probe = gil_interval(gil);
+  if (PyErr_Occurred() || set_switch_interval(sys, (double)before / 1e6) < 0)
+    goto done;
+  unsigned long restored = get_switch_interval_us(sys);
+  if (PyErr_Occurred())
+    goto done;
+  if (layout_before != before || layout_probe != probe || probe == before ||
+      gil_interval(gil) != restored) {
+    unsupported(st, "GIL layout check failed: the switch interval is not where expected");
+    goto done;
+  }
+  rc = 0;
+done:
+  Py_DECREF(sys);
+  return rc;
+}
+
+struct own_stats {
+  uint64_t tid;
+  struct gf_gilhook_thread_stats stats;
+};
+
+static int find_own(const struct gf_gilhook_thread_stats *s, void *arg) {
+  struct own_stats *own = arg;
+  if (s->tid != own->tid)
+    return 0;
+  own->stats = *s;
+  return 1;
+}
+
+static struct gf_gilhook_thread_stats own_stats(void) {
+  struct own_stats own = {.tid = PyThread_get_thread_native_id()};
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), find_own, &own);
+  return own.stats;
+}
+
+/* Installs the hooks, then proves they see this thread release and retake the GIL. */
+static int install(gilhook_state *st) {
+  char reason[256];
+  if (self_check(st) < 0)
+    return -1;
+  struct _gil_runtime_state *gil = main_gil();
+  struct gf_gilhook_targets targets = {
+      .mutex = &gil->mutex,
+      .cond = &gil->cond,
+      .switch_mutex = &gil->switch_mutex,
+      .switch_cond = &gil->switch_cond,
+      .locked = (const int *)&gil->locked,
+      .request_drop = request_drop,
+      .request_drop_arg = gil,
+  };
+  /* _PyRuntime lives in the object whose take_gil/drop_gil we hook: libpython, or the
+   * executable when CPython is linked statically. */
+  int rc = gf_gilhook_install(&_PyRuntime, &targets);
+  if (rc < 0) {
+    snprintf(reason, sizeof(reason),
+             "cannot hook the GIL's pthread calls in the object holding _PyRuntime: %s",
+             strerror(-rc));
+    unsupported(st, reason);
+    return -1;
+  }
+  struct gf_gilhook_thread_stats before = own_stats();
+  Py_BEGIN_ALLOW_THREADS;
+  Py_END_ALLOW_THREADS;
+  struct gf_gilhook_thread_stats after = own_stats();
+  if (after.acquisitions != before.acquisitions + 1 || after.state != GF_GIL_HELD) {
+    gf_gilhook_uninstall();
+    unsupported(st, "the GIL hooks did not see this thread release and retake the GIL");
+    return -1;
+  }
+  return 0;
+}
+
+PyDoc_STRVAR(check_doc, "check()\n--\n\nRaises UnsupportedInterpreter (with the reason) if the "
+                        "GIL of this interpreter cannot be hooked.");
+
+static PyObject *gilhook_check(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  if (gf_gilhook_installed())
+    Py_RETURN_NONE;
+  if (self_check(get_state(module)) < 0)
+    return NULL;
+  Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(acquire_doc, "acquire(trace, budget_bytes)\n--\n\nAdds a user of the hooks "
+                          "(installing them on the first); with trace, events are recorded.");
+
+static PyObject *gilhook_acquire(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+  gilhook_state *st = get_state(module);
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "acquire(trace, budget_bytes)");
+    return NULL;
+  }
+  int trace = PyObject_IsTrue(args[0]);
+  Py_ssize_t budget = PyLong_AsSsize_t(args[1]);
+  if (trace < 0 || (budget == -1 && PyErr_Occurred()))
+    return NULL;
+  if (st->users == 0 && install(st) < 0)
+    return NULL;
+  st->users++;
+  if (trace) {
+    st->tracers++;
+    gf_gilhook_tracing(1, budget > 0 ? (size_t)budget : GF_TRACE_BUDGET_DEFAULT);
+  }
+  Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(release_doc, "release(trace)\n--\n\nRemoves a user; the last one uninstalls the "
+                          "hooks and restores the GOT.");
+
+static PyObject *gilhook_release(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+  gilhook_state *st = get_state(module);
+  if (nargs != 1) {
+    PyErr_SetString(PyExc_TypeError, "release(trace)");
+    return NULL;
+  }
+  int trace = PyObject_IsTrue(args[0]);
+  if (trace < 0)
+    return NULL;
+  if (st->users == 0 || (trace && st->tracers == 0)) {
+    PyErr_SetString(PyExc_RuntimeError, "release() without acquire()");
+    return NULL;
+  }
+  if (trace) {
+    st->tracers--;
+    gf_gilhook_tracing(-1, GF_TRACE_BUDGET_DEFAULT);
+  }
+  if (--st->users == 0) {
+    int rc = gf_gilhook_uninstall();
+    if (rc < 0) {
+      errno = -rc;
+      return PyErr_SetFromErrno(PyExc_OSError);
+    }
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *gilhook_installed(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  return PyBool_FromLong(gf_gilhook_installed());
+}
+
+static PyObject *gilhook_slots_restored(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  return PyBool_FromLong(gf_gilhook_slots_restored());
+}
+
+/* Appends one tuple per thread record to the list in arg; stops on error. */
+static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
+  PyObject *row = Py_BuildValue(
+      "(KKKKKKKKKKKii)", (unsigned long long)s->tid, (unsigned long long)s->first_ns,
+      (unsigned long long)s->exit_ns, (unsigned long long)s->held_ns,
+      (unsigned long long)s->wait_ns, (unsigned long long)s->acquisitions,
+      (unsigned long long)s->waits, (unsigned long long)s->switches_in,
+      (unsigned long long)s->forced, (unsigned long long)s->drop_requests,
+      (unsigned long long)s->timeouts, s->state, s->priority);
+  if (row == NULL)
+    return 1;
+  int rc = PyList_Append(arg, row);
+  Py_DECREF(row);
+  return rc < 0;
+}
+
+PyDoc_STRVAR(threads_doc,
+             "threads()\n--\n\nReturns a new tuple (now_ns, rows): rows is a list of (tid, first_ns, exit_ns, held_ns, wait_ns, "
+             "acquisitions, waits, switches_in, forced, drop_requests, timeouts, state, "
+             "priority), cumulative per thread up to now_ns, times on time.monotonic_ns()'s clock.");
+
+static PyObject *gilhook_threads(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  PyObject *rows = PyList_New(0);
+  if (rows == NULL)
+    return NULL;
+  uint64_t now = gf_gilhook_now_ns();
+  gf_gilhook_foreach_thread(now, append_thread, rows);
+  if (PyErr_Occurred()) {
+    Py_DECREF(rows);
+    return NULL;
+  }
+  return Py_BuildValue("(KN)", (unsigned long long)now, rows); /* N steals rows */
+}
+
+PyDoc_STRVAR(drain_doc, "drain()\n--\n\nReturns new bytes holding the recorded events as "
+                        "(t_ns: u64, tid: u32, kind: u32) records, and forgets them.");
+
+static PyObject *gilhook_drain(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  enum { BATCH = 8192 };
+  struct gf_gilhook_event *batch = PyMem_Malloc(BATCH * sizeof(*batch));
+  if (batch == NULL)
+    return PyErr_NoMemory();
+  PyObject *out = PyBytes_FromStringAndSize(NULL, 0);
+  size_t n;
+  while (out != NULL && (n = gf_gilhook_drain(batch, BATCH)) > 0) {
+    PyObject *chunk = PyBytes_FromStringAndSize((const char *)batch, n * sizeof(*batch));
+    PyBytes_ConcatAndDel(&out, chunk); /* steals chunk; on failure clears out */
+  }
+  PyMem_Free(batch);
+  return out;
+}
+
+static PyObject *gilhook_dropped(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  return PyLong_FromUnsignedLongLong(gf_gilhook_dropped());
+}
+
+/* Returns a new reference: the file of the object whose GOT the hooks rewrite. */
+static PyObject *gilhook_hooked_object(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  Dl_info info;
+  if (dladdr(&_PyRuntime, &info) == 0 || info.dli_fname == NULL)
+    Py_RETURN_NONE;
+  return PyUnicode_DecodeFSDefault(info.dli_fname);
+}
+
+static PyObject *gilhook_took_from(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  return PyLong_FromUnsignedLong(gf_gilhook_took_from());
+}
+
+PyDoc_STRVAR(set_priority_doc, "set_priority(level)\n--\n\nSets the calling thread's GIL "
+                               "priority (clamped to +-8).");
+
+static PyObject *gilhook_set_priority(PyObject *module, PyObject *arg) {
+  long level = PyLong_AsLong(arg);
+  if (level == -1 && PyErr_Occurred())
+    return NULL;
+  int rc = gf_gilhook_set_priority((int)(level > 1000 ? 1000 : level < -1000 ? -1000 : level));
+  if (rc < 0) {
+    errno = -rc;
+    return PyErr_SetFromErrno(PyExc_OSError);
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *gilhook_get_priority(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  return PyLong_FromLong(gf_gilhook_get_priority());
+}
+
+static PyObject *gilhook_reset_priorities(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  gf_gilhook_reset_priorities();
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef gilhook_methods[] = {
+    {"check", gilhook_check, METH_NOARGS, check_doc},
+    {"acquire", (PyCFunction)(void (*)(void))gilhook_acquire, METH_FASTCALL, acquire_doc},
+    {"release", (PyCFunction)(void (*)(void))gilhook_release, METH_FASTCALL, release_doc},
+    {"installed", gilhook_installed, METH_NOARGS, "installed()\n--\n\nTrue while hooked."},
+    {"slots_restored", gilhook_slots_restored, METH_NOARGS,
+     "slots_restored()\n--\n\nTrue when every GOT slot holds its original value."},
+    {"threads", gilhook_threads, METH_NOARGS, threads_doc},
+    {"drain", gilhook_drain, METH_NOARGS, drain_doc},
+    {"dropped", gilhook_dropped, METH_NOARGS, "dropped()\n--\n\nEvents lost to the budget."},
+    {"hooked_object", gilhook_hooked_object, METH_NOARGS,
+     "hooked_object()\n--\n\nThe file (libpython or the executable) whose GOT is hooked."},
+    {"took_from", gilhook_took_from, METH_NOARGS,
+     "took_from()\n--\n\nNative id of the thread this one last took the GIL from after "
+     "waiting for it, 0 if the GIL was free."},
+    {"set_priority", gilhook_set_priority, METH_O, set_priority_doc},
+    {"get_priority", gilhook_get_priority, METH_NOARGS,
+     "get_priority()\n--\n\nThe calling thread's GIL priority."},
+    {"reset_priorities", gilhook_reset_priorities, METH_NOARGS,
+     "reset_priorities()\n--\n\nSets every thread's priority back to 0."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int gilhook_exec(PyObject *module) {
+  gilhook_state *st = get_state(module);
+  PyObject *errors = PyImport_ImportModule("gilfree.errors");
+  if (errors == NULL)
+    return -1;
+  st->unsupported = PyObject_GetAttrString(errors, "UnsupportedInterpreter");
+  Py_DECREF(errors);
+  if (st->unsupported == NULL)
+    return -1;
+  if (PyModule_AddIntConstant(module, "STATE_UNKNOWN", GF_GIL_UNKNOWN) < 0 ||
+      PyModule_AddIntConstant(module, "STATE_FREE", GF_GIL_FREE) < 0 ||
+      PyModule_AddIntConstant(module, "STATE_WANT", GF_GIL_WANT) < 0 ||
+      PyModule_AddIntConstant(module, "STATE_HELD", GF_GIL_HELD) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_WAIT", GF_GIL_WAIT) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_ACQUIRE", GF_GIL_ACQUIRE) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_RELEASE", GF_GIL_RELEASE) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_FORCED", GF_GIL_FORCED) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_ABORT", GF_GIL_ABORT) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_EXIT", GF_GIL_EXIT) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_CONTENDED", GF_GIL_CONTENDED) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_PRIORITY", GF_GILHOOK_MAX_PRIORITY) < 0)
+    return -1;
+  return 0;
+}
+
+static int gilhook_traverse(PyObject *module, visitproc visit, void *arg) {
+  Py_VISIT(get_state(module)->unsupported);
+  return 0;
+}
+
+static int gilhook_clear(PyObject *module) {
+  Py_CLEAR(get_state(module)->unsupported);
+  return 0;
+}
+
+static void gilhook_free(void *module) { gilhook_clear(module); }
+
+static PyModuleDef_Slot gilhook_slots[] = {
+    {Py_mod_exec, gilhook_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef gilhook_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "gilfree._gilhook",
+    .m_doc = "Exact GIL accounting and GIL priorities through GOT hooks (see gilfree.gil).",
+    .m_size = sizeof(gilhook_state),
+    .m_methods = gilhook_methods,
+    .m_slots = gilhook_slots,
+    .m_traverse = gilhook_traverse,
+    .m_clear = gilhook_clear,
+    .m_free = gilhook_free,
+};
+
+PyMODINIT_FUNC PyInit__gilhook(void) { return PyModuleDef_Init(&gilhook_module); }

@@ -1,0 +1,500 @@
+"""Exact GIL accounting for a running program.
+
+``with gilfree.gil.monitor() as m: ...`` then ``m.report()``: per thread, how long it held the
+GIL, how long and how often it waited for it, how long it ran without it, how often it was
+asked to drop it; a verdict; ``m.write_trace(path)`` (Chrome trace JSON, opens in Perfetto) and
+``m.write_svg(path)``. ``counters()`` gives cheap cumulative numbers for a metrics endpoint.
+
+The measurements come from ``gilfree._gilhook``: hooks on the pthread calls of CPython's own
+take_gil/drop_gil, recorded without the GIL (see docs/gil.md).
+"""
+import html
+import json
+import os
+import struct
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import UnsupportedInterpreter
+
+__all__ = ["monitor", "counters", "stop", "Monitor", "Report", "ThreadReport", "UnsupportedInterpreter"]
+
+_EVENT = struct.Struct("=QII")
+_TRACE_BUDGET = 256 << 20
+# Rows of _gilhook.threads().
+_TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO = range(13)
+
+
+def _hook():
+    """The binding module; raises UnsupportedInterpreter if it cannot load here."""
+    try:
+        from . import _gilhook
+    except ImportError as exc:
+        raise UnsupportedInterpreter(f"gilfree._gilhook is not built for this interpreter: {exc}") from exc
+    return _gilhook
+
+
+@dataclass
+class ThreadReport:
+    name: str
+    tid: int
+    held_s: float
+    wait_s: float
+    waits: int
+    wait_p50_s: float
+    wait_p99_s: float
+    wait_max_s: float
+    free_s: float
+    acquisitions: int = 0
+    forced: int = 0
+    drop_requests: int = 0
+    timeouts: int = 0
+    alive_s: float = 0.0
+
+    @property
+    def wanted_s(self):
+        return self.held_s + self.wait_s
+
+
+@dataclass
+class Report:
+    wall_s: float
+    held_fraction: float
+    switches: int
+    forced_switches: int
+    threads: list
+    interval_s: float = 0.005
+    dropped_events: int = 0
+    top_functions: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    verdict: str = ""
+
+    def to_dict(self):
+        d = asdict(self)
+        d["threads"] = [asdict(t) for t in self.threads]
+        return d
+
+    def __str__(self):
+        lines = [
+            f"GIL report: wall {self.wall_s:.3f} s, GIL held {self.held_fraction:.1%}, "
+            f"{self.switches} switches, {self.forced_switches} forced (drop requests)",
+            f"{'thread':<24} {'tid':>8} {'held s':>8} {'wait s':>8} {'free s':>8} {'waits':>7} "
+            f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
+        ]
+        for t in sorted(self.threads, key=lambda t: -t.wanted_s):
+            lines.append(
+                f"{t.name[:24]:<24} {t.tid:>8} {t.held_s:>8.3f} {t.wait_s:>8.3f} {t.free_s:>8.3f} "
+                f"{t.waits:>7} {t.wait_p50_s * 1e3:>8.2f} {t.wait_p99_s * 1e3:>8.2f} {t.wait_max_s * 1e3:>8.2f}"
+            )
+        if self.top_functions:
+            lines.append("held the GIL most: " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
+        if self.dropped_events:
+            lines.append(f"({self.dropped_events} timeline events dropped: memory budget reached; totals are exact)")
+        lines.extend(f"note: {note}" for note in self.notes)
+        lines.append("verdict: " + self.verdict)
+        return "\n".join(lines)
+
+
+def _percentile(sorted_values, q):
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+class _ThreadNames:
+    """Native id -> thread name, also for threads that start and end while monitoring."""
+
+    def __init__(self):
+        self.names = {}
+        self._previous = None
+
+    def _record(self, *_):
+        self.names[threading.get_native_id()] = threading.current_thread().name
+        sys.setprofile(self._previous)
+
+    def start(self):
+        self.snapshot()
+        self._previous = threading.getprofile()
+        threading.setprofile(self._record)
+
+    def stop(self):
+        threading.setprofile(self._previous)
+        self.snapshot()
+
+    def snapshot(self):
+        for t in threading.enumerate():
+            if t.native_id is not None:
+                self.names[t.native_id] = t.name
+
+
+class _Sampler(threading.Thread):
+    """Wakes at a low rate; whoever it had to take the GIL from was running: count its function."""
+
+    def __init__(self, hook, rate_hz):
+        super().__init__(name="gilfree-sampler", daemon=True)
+        self._hook, self._period = hook, 1.0 / rate_hz
+        self._stop_event = threading.Event()
+        self.counts = {}
+
+    def run(self):
+        ids = {}
+        while not self._stop_event.wait(self._period):
+            holder = self._hook.took_from()
+            if not holder:
+                continue
+            if holder not in ids:
+                ids = {t.native_id: t.ident for t in threading.enumerate()}
+            frame = sys._current_frames().get(ids.get(holder))
+            if frame is None:
+                continue
+            code = frame.f_code
+            key = f"{getattr(code, 'co_qualname', code.co_name)} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
+
+
+_active = []  # monitors collecting events; drained events go to each of them
+
+
+def _drain(hook):
+    data = hook.drain()
+    if not data or not _active:
+        return
+    events = list(_EVENT.iter_unpack(data))
+    for m in _active:
+        m._events.extend(events)
+
+
+class Monitor:
+    """Context manager measuring the GIL between __enter__ and __exit__. Reusable, nestable."""
+
+    def __init__(self, trace=True, sample_hz=0.0):
+        self._trace = trace
+        self._sample_hz = sample_hz
+        self._report = None
+
+    def __enter__(self):
+        hook = self._hook = _hook()
+        self._events = []
+        self._names = _ThreadNames()
+        hook.acquire(self._trace, _TRACE_BUDGET)
+        self._dropped0 = hook.dropped()
+        self._names.start()
+        if self._trace:
+            _drain(hook)  # what came before belongs to earlier monitors
+            _active.append(self)
+        self._t0, rows = hook.threads()
+        self._start = {row[_TID]: row for row in rows}
+        self._sampler = _Sampler(hook, self._sample_hz) if self._sample_hz else None
+        if self._sampler:
+            self._sampler.start()
+        self._report = None
+        return self
+
+    def __exit__(self, *exc):
+        hook = self._hook
+        if self._sampler:
+            self._sampler.stop()
+        self._t1, rows = hook.threads()
+        self._end = {row[_TID]: row for row in rows}
+        self._interval = sys.getswitchinterval()
+        self._names.stop()
+        self._alive = {t.native_id for t in threading.enumerate()}
+        if self._trace:
+            _drain(hook)
+            _active.remove(self)
+        self._dropped = hook.dropped() - self._dropped0
+        hook.release(self._trace)
+        return False
+
+    def _window_events(self):
+        return [e for e in self._events if self._t0 <= e[0] <= self._t1]
+
+    def _intervals(self):
+        """tid -> list of (start_ns, end_ns, state) with state in held/wait, from the events."""
+        hook = self._hook
+        open_at, spans = {}, {}
+        for t_ns, tid, kind in sorted(self._window_events(), key=lambda e: (e[1], e[0])):
+            base = kind & 0xFF
+            if base == hook.EVENT_WAIT:
+                open_at[tid] = ("wait", t_ns)
+            elif base == hook.EVENT_ACQUIRE:
+                state, since = open_at.get(tid, ("wait", self._t0))
+                if state == "wait":
+                    spans.setdefault(tid, []).append((since, t_ns, "wait", bool(kind & hook.EVENT_CONTENDED)))
+                open_at[tid] = ("held", t_ns)
+            elif base in (hook.EVENT_RELEASE, hook.EVENT_ABORT):
+                state, since = open_at.pop(tid, ("held" if base == hook.EVENT_RELEASE else "wait", self._t0))
+                spans.setdefault(tid, []).append((since, t_ns, state, False))
+        for tid, (state, since) in open_at.items():
+            spans.setdefault(tid, []).append((since, self._t1, state, False))
+        return spans
+
+    def report(self):
+        """Returns the Report of the last monitored block (computed once)."""
+        if self._report is None:
+            self._report = self._build_report()
+        return self._report
+
+    def _build_report(self):
+        wall_ns = max(1, self._t1 - self._t0)
+        spans = self._intervals() if self._trace else {}
+        sampler_tid = self._sampler.native_id if self._sampler else None
+        threads, switches, forced, held_total = [], 0, 0, 0
+        tids = set(self._end) | {t for t in self._alive if t is not None}
+        for tid in tids:
+            if tid == sampler_tid:
+                continue
+            end = self._end.get(tid)
+            start = self._start.get(tid)
+            if end is None:
+                if tid not in self._alive:
+                    continue
+                end = (tid, self._t0, 0) + (0,) * 10
+            if end[_FIRST] > self._t1 or (end[_EXIT] and end[_EXIT] < self._t0):
+                continue
+
+            def delta(i):
+                return end[i] - (start[i] if start else 0)
+
+            held, wait = delta(_HELD), delta(_WAIT)
+            born = max(self._t0, end[_FIRST])
+            gone = end[_EXIT] if end[_EXIT] and end[_EXIT] < self._t1 else self._t1
+            if tid not in self._alive and not end[_EXIT]:
+                last = [s[1] for s in spans.get(tid, ())]
+                gone = max(last) if last else self._t1
+            alive = max(held + wait, gone - born)
+            waits_ns = sorted(s[1] - s[0] for s in spans.get(tid, ()) if s[2] == "wait" and s[3])
+            if held == 0 and wait == 0 and tid not in self._alive:
+                continue
+            switches += delta(_SWITCHES)
+            forced += delta(_REQUESTS)
+            held_total += held
+            threads.append(
+                ThreadReport(
+                    name=self._names.names.get(tid, f"thread-{tid}"),
+                    tid=tid,
+                    held_s=held / 1e9,
+                    wait_s=wait / 1e9,
+                    waits=delta(_WAITS),
+                    wait_p50_s=_percentile(waits_ns, 0.50) / 1e9,
+                    wait_p99_s=_percentile(waits_ns, 0.99) / 1e9,
+                    wait_max_s=(waits_ns[-1] if waits_ns else 0) / 1e9,
+                    free_s=max(0, alive - held - wait) / 1e9,
+                    acquisitions=delta(_ACQ),
+                    forced=delta(_FORCED),
+                    drop_requests=delta(_REQUESTS),
+                    timeouts=delta(_TIMEOUTS),
+                    alive_s=alive / 1e9,
+                )
+            )
+        top = []
+        if self._sampler and self._sampler.counts:
+            total = sum(self._sampler.counts.values())
+            top = [(name, n / total) for name, n in sorted(self._sampler.counts.items(), key=lambda kv: -kv[1])[:3]]
+        report = Report(
+            wall_s=wall_ns / 1e9,
+            held_fraction=min(1.0, held_total / wall_ns),
+            switches=switches,
+            forced_switches=forced,
+            threads=threads,
+            interval_s=self._interval,
+            dropped_events=self._dropped,
+            top_functions=top,
+            notes=_subinterpreter_notes(),
+        )
+        report.verdict = verdict(report)
+        return report
+
+    def write_trace(self, path):
+        """Writes the timeline as Chrome trace-event JSON (one track per thread; open in Perfetto)."""
+        if not self._trace:
+            raise ValueError("this monitor was created with trace=False")
+        report = self.report()
+        pid = os.getpid()
+        colors = {"held": "good", "wait": "terrible"}
+        events = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "GIL"}}]
+        for t in report.threads:
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": t.tid, "args": {"name": t.name}})
+        for tid, spans in self._intervals().items():
+            for start, end, state, _ in spans:
+                events.append(
+                    {
+                        "name": state,
+                        "cat": "gil",
+                        "ph": "X",
+                        "pid": pid,
+                        "tid": tid,
+                        "ts": (start - self._t0) / 1e3,
+                        "dur": max(0.0, (end - start) / 1e3),
+                        "cname": colors[state],
+                    }
+                )
+        with open(path, "w") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"verdict": report.verdict}}, f)
+
+    def write_svg(self, path, width=1200):
+        """Draws the timeline Beazley-style: held green, waiting red, free grey, one row per thread."""
+        if not self._trace:
+            raise ValueError("this monitor was created with trace=False")
+        report = self.report()
+        spans = self._intervals()
+        row, label, top = 22, 180, 30
+        rows = sorted(report.threads, key=lambda t: -t.wanted_s)
+        height = top + row * len(rows) + 40
+        scale = width / max(1, self._t1 - self._t0)
+        colors = {"held": "#2ca02c", "wait": "#d62728"}
+        out = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{label + width + 10}" height="{height}" '
+            f'font-family="sans-serif" font-size="12">',
+            f'<text x="4" y="18">GIL timeline, {report.wall_s:.3f} s, held {report.held_fraction:.0%}: '
+            f'green held, red waiting, grey free</text>',
+        ]
+        for i, t in enumerate(rows):
+            y = top + i * row
+            out.append(f'<text x="4" y="{y + 14}">{html.escape(t.name[:24])}</text>')
+            out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#cccccc"/>')
+            for x, w, state in _pixel_runs(spans.get(t.tid, ()), self._t0, scale, width):
+                out.append(f'<rect x="{label + x}" y="{y}" width="{w}" height="{row - 4}" fill="{colors[state]}"/>')
+        out.append(f'<text x="4" y="{height - 12}">{html.escape(report.verdict[:200])}</text>')
+        out.append("</svg>")
+        with open(path, "w") as f:
+            f.write("\n".join(out))
+
+
+def _subinterpreter_notes():
+    """Subinterpreters may have their own GIL, which the hooks (on the main one) do not see."""
+    for name in ("_interpreters", "_xxsubinterpreters"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        count = len(module.list_all())
+        if count > 1:
+            return [f"{count - 1} subinterpreter(s) exist: threads running under their own GIL are not covered"]
+        return []
+    return []
+
+
+def _pixel_runs(spans, t0, scale, width):
+    """Merges spans into runs of whole pixels, each pixel taking its dominant state."""
+    cover = {}
+    for start, end, state, _ in spans:
+        x0, x1 = (start - t0) * scale, (end - t0) * scale
+        px = int(x0)
+        while px < x1 and px < width:
+            part = min(x1, px + 1) - max(x0, px)
+            counts = cover.setdefault(px, {})
+            counts[state] = counts.get(state, 0) + part
+            px += 1
+    runs = []
+    for px in sorted(cover):
+        counts = cover[px]
+        state, amount = max(counts.items(), key=lambda kv: kv[1])
+        if amount < 0.5:
+            continue
+        if runs and runs[-1][2] == state and runs[-1][0] + runs[-1][1] == px:
+            runs[-1][1] += 1
+        else:
+            runs.append([px, 1, state])
+    return runs
+
+
+def verdict(report):
+    """A sentence a person can act on, from the numbers of a Report."""
+    wall = report.wall_s or 1e-9
+    busy = [t for t in report.threads if t.held_s > 0.1 * wall]
+    wanted = sum(t.wanted_s for t in report.threads)
+    waited = sum(t.wait_s for t in report.threads)
+    alive = sum(t.alive_s for t in report.threads) or 1e-9
+    free = sum(t.free_s for t in report.threads)
+    parts = []
+    if len(busy) >= 2 and wanted / wall > 1.2 and report.held_fraction > 0.7:
+        parts.append(
+            f"GIL-bound: {len(busy)} threads wanted the GIL for {wanted / wall:.2f}x the run's wall time; "
+            f"it was held {report.held_fraction:.0%} of the time; adding threads will not help - move this "
+            f"work to processes (gilfree.Pool) or to code that releases the GIL."
+        )
+    elif waited / wall < 0.1:
+        if len(busy) <= 1 and report.held_fraction > 0.7:
+            parts.append(
+                f"Not GIL-bound, but one thread held the GIL {report.held_fraction:.0%} of the time and nobody "
+                f"waited for it: the program is single-threaded CPU work; more cores need processes (gilfree.Pool)."
+            )
+        else:
+            parts.append(
+                f"Not GIL-bound: threads ran {free / alive:.0%} of their time without the GIL; threads scale here."
+            )
+    else:
+        parts.append(
+            f"Partly GIL-bound: threads waited for the GIL {waited / wall:.2f}x the run's wall time "
+            f"(held {report.held_fraction:.0%}); the waiting threads would run sooner in processes "
+            f"(gilfree.Pool) or with the CPU work in code that releases the GIL."
+        )
+    interval = report.interval_s or 0.005
+    for t in report.threads:
+        if t.acquisitions < 20:
+            continue
+        per_take, per_hold = t.wait_s / t.acquisitions, t.held_s / t.acquisitions
+        # Short holds between blocking calls, then about an interval to get the GIL back.
+        if per_hold < 0.2 * interval and per_take >= 0.5 * interval:
+            parts.append(
+                f"Convoy: I/O thread '{t.name}' waited {per_take * 1e3:.1f} ms per GIL reacquisition, about one "
+                f"switch interval ({interval * 1e3:.0f} ms): every blocking call costs it that while CPU threads "
+                f"run - give it priority (gilfree.priority.background() around the CPU work) or move the CPU "
+                f"work to processes."
+            )
+    if report.top_functions:
+        name, share = report.top_functions[0]
+        parts.append(f"The GIL was held most in {name} ({share:.0%} of samples).")
+    return " ".join(parts)
+
+
+def monitor(trace=True, sample_hz=0.0):
+    """A Monitor: ``with gilfree.gil.monitor() as m: ...; print(m.report())``.
+
+    trace: record the timeline (needed for wait percentiles, write_trace, write_svg).
+    sample_hz: sample which function holds the GIL this many times a second (0: off).
+    Raises UnsupportedInterpreter on entry where exact accounting is impossible.
+    """
+    return Monitor(trace=trace, sample_hz=sample_hz)
+
+
+_counting = False
+
+
+def counters():
+    """Cumulative GIL numbers since accounting started (the first call starts it; stop() ends it).
+
+    Returns a dict: held_s, wait_s, waits, acquisitions, switches, forced_switches, threads.
+    """
+    global _counting
+    hook = _hook()
+    if not _counting:
+        hook.acquire(False, 0)
+        _counting = True
+    _, rows = hook.threads()
+    return {
+        "held_s": sum(r[_HELD] for r in rows) / 1e9,
+        "wait_s": sum(r[_WAIT] for r in rows) / 1e9,
+        "waits": sum(r[_WAITS] for r in rows),
+        "acquisitions": sum(r[_ACQ] for r in rows),
+        "switches": sum(r[_SWITCHES] for r in rows),
+        "forced_switches": sum(r[_REQUESTS] for r in rows),
+        "threads": len(rows),
+    }
+
+
+def stop():
+    """Ends the accounting counters() started (monitors and priorities keep theirs)."""
+    global _counting
+    if _counting:
+        _hook().release(False)
+        _counting = False
+

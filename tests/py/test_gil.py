@@ -1,0 +1,433 @@
+"""gilfree.gil: exact GIL accounting against ground truth measured by the workloads themselves."""
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import threading
+import time
+
+import pytest
+
+import gilfree
+from gilfree import gil
+
+TOLERANCE = 0.02  # held and wait fractions of the wall time, as the issue fixes
+GAP_S = 200e-6  # a pure-Python loop that stalls longer than this lost the GIL
+
+
+def thread_of(report, name):
+    (t,) = [t for t in report.threads if t.name == name]
+    return t
+
+
+class Gated(threading.Thread):
+    """Starts before the monitor, blocks (without the GIL) until released, runs its workload."""
+
+    def __init__(self, name, work, *args):
+        super().__init__(name=name)
+        self.go, self.finished, self.leave = threading.Event(), threading.Event(), threading.Event()
+        self.work, self.args, self.truth = work, args, None
+
+    def run(self):
+        self.go.wait()
+        self.truth = self.work(*self.args)
+        self.finished.set()
+        self.leave.wait()
+
+
+def run_gated(threads, **monitor_args):
+    for t in threads:
+        t.start()
+    with gil.monitor(**monitor_args) as m:
+        for t in threads:
+            t.go.set()
+        for t in threads:
+            t.finished.wait()
+    for t in threads:
+        t.leave.set()
+        t.join()
+    return m.report()
+
+
+def duty_cycle(busy_s, idle_s, total_s):
+    """Busy-loops busy_s (holding the GIL), sleeps idle_s (without it). Returns the held time."""
+    held = 0.0
+    end = time.perf_counter() + total_s
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        while time.perf_counter() - start < busy_s:
+            pass
+        held += time.perf_counter() - start
+        time.sleep(idle_s)
+    return {"held": held}
+
+
+def cpu_loop(total_s):
+    """Pure-Python loop. Returns its window and the stretches it ran: it held the GIL then."""
+    start = last = time.perf_counter()
+    running, since = [], start
+    while last - start < total_s:
+        now = time.perf_counter()
+        if now - last > GAP_S:
+            running.append((since, last))
+            since = now
+        last = now
+    running.append((since, last))
+    return {"window": (start, last), "running": running}
+
+
+def overlap(spans, others):
+    """Total length of the intersection of two lists of disjoint (start, end) spans."""
+    total, j = 0.0, 0
+    others = sorted(others)
+    for start, end in sorted(spans):
+        for o_start, o_end in others:
+            total += max(0.0, min(end, o_end) - max(start, o_start))
+    return total
+
+
+def truth_bounds(me, others):
+    """Ground truth of a thread's GIL time from what the workloads saw: it held the GIL while it
+    ran; it waited while it did not run and another measured thread ran. Stretches where no
+    measured thread ran (a GIL hand-over, or the OS running something else) are ambiguous: the
+    truth lies within [certain, certain + ambiguous]."""
+    start, end = me["window"]
+    held = sum(b - a for a, b in me["running"])
+    gaps = [(a[1], b[0]) for a, b in zip(me["running"], me["running"][1:])]
+    waited = overlap(gaps, [span for o in others for span in o["running"]])
+    ambiguous = (end - start) - held - waited
+    return held, waited, ambiguous
+
+
+def assert_within(measured, certain, ambiguous, wall, what):
+    low, high = certain / wall - TOLERANCE, (certain + ambiguous) / wall + TOLERANCE
+    assert low <= measured / wall <= high, f"{what}: {measured / wall:.4f} not in [{low:.4f}, {high:.4f}]"
+
+
+def test_duty_cycle_thread_held_fraction_matches_ground_truth():
+    worker = Gated("duty", duty_cycle, 0.004, 0.006, 0.8)
+    report = run_gated([worker])
+    t = thread_of(report, "duty")
+    truth = worker.truth["held"] / report.wall_s
+    assert abs(t.held_s / report.wall_s - truth) <= TOLERANCE, (t, truth)
+    # Nobody else wanted the GIL: no waiting beyond noise, the rest of its life it was free.
+    assert t.wait_s / report.wall_s <= TOLERANCE
+    assert abs(report.held_fraction - truth) <= TOLERANCE
+    assert t.acquisitions >= 40
+    assert "Not GIL-bound" in report.verdict
+
+
+def test_two_cpu_threads_held_and_wait_match_ground_truth():
+    a, b = Gated("cpu-a", cpu_loop, 0.8), Gated("cpu-b", cpu_loop, 0.8)
+    report = run_gated([a, b])
+    for me, other in ((a, b), (b, a)):
+        t = thread_of(report, me.name)
+        held, waited, ambiguous = truth_bounds(me.truth, [other.truth])
+        # Outside its loop (start-up after the gate opens, the end) it waits at most a few ms.
+        assert_within(t.held_s, held, ambiguous, report.wall_s, f"{me.name} held")
+        assert_within(t.wait_s, waited, ambiguous + 0.01, report.wall_s, f"{me.name} wait")
+        assert t.waits >= 10 and t.wait_p50_s > 0 and t.wait_max_s >= t.wait_p99_s >= t.wait_p50_s
+    held = sum(truth_bounds(w.truth, [])[0] for w in (a, b))
+    assert report.held_fraction >= held / report.wall_s - TOLERANCE
+    assert report.forced_switches >= 10 and report.switches >= 10
+    assert report.verdict.startswith("GIL-bound: 2 threads")
+
+
+CLIENT = textwrap.dedent(
+    """
+    import socket, struct, sys, time
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    for i in range(int(sys.argv[2])):
+        sock.sendall(struct.pack("=dd", time.monotonic(), 0.0))
+        got = b""
+        while len(got) < 16:
+            got += sock.recv(16 - len(got))
+        time.sleep(0.001)
+    sock.sendall(struct.pack("=dd", -1.0, 0.0))
+    """
+)
+
+
+def echo_server(sock):
+    """Echoes 16-byte stamped messages. Ground truth: it ran between its socket calls; it waited
+    for the GIL at most from the moment its data was there (the client's stamp, or the call if
+    later) to the call's return, and at most the whole send; at least that minus the socket's
+    own latency and the OS's wake-up delay (estimated by the 10th percentile of those stretches:
+    some wake-ups find the GIL free)."""
+    recv_waits, send_waits, running = [], [], []
+    start = since = time.monotonic()
+    while True:
+        before = time.monotonic()
+        running.append((since, before))
+        data = b""
+        while len(data) < 16:
+            data += sock.recv(16 - len(data))
+        after = time.monotonic()
+        (stamp, _) = struct.unpack("=dd", data)
+        if stamp < 0:
+            upper = sum(recv_waits) + sum(send_waits)
+            latency = [sorted(ws)[len(ws) // 10] for ws in (recv_waits, send_waits)]
+            lower = sum(max(0.0, w - lat) for lat, ws in zip(latency, (recv_waits, send_waits)) for w in ws)
+            return {"wait": (lower, upper), "window": (start, after), "running": running}
+        recv_waits.append(after - max(stamp, before))
+        before = time.monotonic()
+        running.append((after, before))
+        sock.sendall(data)
+        since = time.monotonic()
+        send_waits.append(since - before)
+
+
+def test_cpu_thread_and_socket_echo_thread_match_ground_truth():
+    server_sock, client_sock = socket.socketpair()
+    client = subprocess.Popen([sys.executable, "-c", CLIENT, str(client_sock.fileno()), "120"], pass_fds=[client_sock.fileno()])
+    client_sock.close()
+    cpu, echo = Gated("cpu", cpu_loop, 0.9), Gated("echo", echo_server, server_sock)
+    try:
+        report = run_gated([cpu, echo])
+    finally:
+        client.wait(timeout=60)
+        server_sock.close()
+    c, e = thread_of(report, "cpu"), thread_of(report, "echo")
+    # perf_counter and monotonic are the same clock (CLOCK_MONOTONIC) on Linux.
+    held, waited, ambiguous = truth_bounds(cpu.truth, [echo.truth])
+    assert_within(c.held_s, held, ambiguous, report.wall_s, "cpu held")
+    assert_within(c.wait_s, waited, ambiguous + 0.01, report.wall_s, "cpu wait")
+    lower, upper = echo.truth["wait"]
+    assert_within(e.wait_s, lower, upper - lower, report.wall_s, "echo wait")
+    # The echo thread pays about a switch interval per reacquisition: the convoy.
+    assert e.acquisitions >= 200 and e.waits >= 30 and e.free_s > 0
+    assert "Convoy" in report.verdict
+
+
+def test_threads_started_before_and_ended_during_the_monitor_are_accounted():
+    early = Gated("early", cpu_loop, 0.05)
+    early.start()
+    with gil.monitor() as m:
+        early.go.set()
+        early.finished.wait()
+        late = threading.Thread(target=cpu_loop, args=(0.05,), name="short-lived")
+        late.start()
+        late.join()
+        time.sleep(0.02)
+    early.leave.set()
+    early.join()
+    report = m.report()
+    assert thread_of(report, "early").held_s >= 0.04
+    short = thread_of(report, "short-lived")
+    assert short.held_s >= 0.04 and short.acquisitions >= 1
+    assert short.held_s + short.wait_s + short.free_s <= report.wall_s
+    assert thread_of(report, "MainThread").free_s > 0
+
+
+def test_nested_and_repeated_monitors_each_report_their_own_window():
+    with gil.monitor() as outer:
+        cpu_loop(0.05)
+        with gil.monitor() as inner:
+            cpu_loop(0.05)
+        cpu_loop(0.05)
+    o, i = thread_of(outer.report(), "MainThread"), thread_of(inner.report(), "MainThread")
+    assert outer.report().wall_s > inner.report().wall_s
+    assert 0.04 <= i.held_s <= inner.report().wall_s
+    assert o.held_s >= i.held_s + 0.09
+    with outer:  # a monitor can be used again: the new block replaces the old report
+        pass
+    assert outer.report().wall_s < inner.report().wall_s
+    assert not gilfree._gilhook.installed()
+    assert gilfree._gilhook.slots_restored()
+
+
+def test_counters_accumulate_and_stop_uninstalls():
+    try:
+        first = gil.counters()
+        t = threading.Thread(target=cpu_loop, args=(0.05,))
+        t.start()
+        cpu_loop(0.05)
+        t.join()
+        second = gil.counters()
+    finally:
+        gil.stop()
+    assert second["held_s"] >= first["held_s"] + 0.04
+    assert second["acquisitions"] > first["acquisitions"]
+    assert second["waits"] >= first["waits"] + 1
+    assert not gilfree._gilhook.installed()
+
+
+def test_trace_and_svg_show_held_and_waiting_slices(tmp_path):
+    a, b = Gated("cpu-a", cpu_loop, 0.1), Gated("cpu-b", cpu_loop, 0.1)
+    for t in (a, b):
+        t.start()
+    with gil.monitor() as m:
+        a.go.set(), b.go.set()
+        a.finished.wait(), b.finished.wait()
+    for t in (a, b):
+        t.leave.set()
+        t.join()
+    m.write_trace(tmp_path / "t.json")
+    m.write_svg(tmp_path / "t.svg")
+    trace = json.loads((tmp_path / "t.json").read_text())
+    names = {e["args"]["name"]: e["tid"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == names["cpu-a"]]
+    assert {"held", "wait"} <= {e["name"] for e in slices}
+    held = sum(e["dur"] for e in slices if e["name"] == "held") / 1e6
+    assert abs(held - thread_of(m.report(), "cpu-a").held_s) < 0.005
+    svg = (tmp_path / "t.svg").read_text()
+    assert svg.startswith("<svg") and "#2ca02c" in svg and "#d62728" in svg and "cpu-b" in svg
+
+
+def test_report_table_dict_and_sampled_functions():
+    a = Gated("cpu-a", cpu_loop, 0.3)
+    b = Gated("cpu-b", cpu_loop, 0.3)
+    report = run_gated([a, b], sample_hz=50)
+    text = str(report)
+    assert "cpu-a" in text and "verdict: GIL-bound" in text
+    d = report.to_dict()
+    assert set(d) >= {"wall_s", "held_fraction", "switches", "forced_switches", "threads", "verdict"}
+    assert set(d["threads"][0]) >= {"name", "tid", "held_s", "wait_s", "waits", "wait_p50_s", "wait_p99_s", "wait_max_s", "free_s"}
+    assert report.top_functions and report.top_functions[0][0].startswith("cpu_loop")
+    assert all(t.name != "gilfree-sampler" for t in report.threads)
+
+
+def run_diagnose(*args, python=None, env=None):
+    return subprocess.run(
+        [python or sys.executable, "-m", "gilfree", "diagnose", *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+COUNTDOWN = """
+from threading import Thread
+def countdown(n):
+    while n > 0:
+        n -= 1
+threads = [Thread(target=countdown, args=(3_000_000,)) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("done")
+"""
+
+RELEASING = """
+import hashlib, threading
+data = bytes(4 << 20)
+def work():
+    for _ in range(40):
+        hashlib.sha256(data).digest()   # releases the GIL for buffers this big
+threads = [threading.Thread(target=work) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+"""
+
+
+def test_diagnose_countdown_is_gil_bound_and_writes_the_timeline(tmp_path):
+    script = tmp_path / "countdown.py"
+    script.write_text(COUNTDOWN)
+    out = run_diagnose("--trace", str(tmp_path / "c.json"), "--svg", str(tmp_path / "c.svg"), str(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+    assert "verdict: GIL-bound: 2 threads" in out.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["traceEvents"]
+    assert (tmp_path / "c.svg").read_text().startswith("<svg")
+
+
+def test_diagnose_gil_releasing_workload_is_not_gil_bound(tmp_path):
+    script = tmp_path / "releasing.py"
+    script.write_text(RELEASING)
+    out = run_diagnose(str(script))
+    assert out.returncode == 0, out.stderr
+    assert "verdict: Not GIL-bound" in out.stderr
+
+
+def test_diagnose_module_mode_passes_arguments_and_exit_code(tmp_path):
+    (tmp_path / "prog.py").write_text("import sys\nprint(sys.argv[1:])\nraise SystemExit(3)\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = run_diagnose("-m", "prog", "a", "b", env=env)
+    assert out.returncode == 3
+    assert out.stdout.strip() == "['a', 'b']"
+    assert "verdict:" in out.stderr
+
+
+def test_diagnose_reports_also_when_the_program_raises(tmp_path):
+    script = tmp_path / "boom.py"
+    script.write_text("raise ValueError('boom')\n")
+    out = run_diagnose(str(script))
+    assert out.returncode == 1
+    assert "ValueError: boom" in out.stderr and "verdict:" in out.stderr
+
+
+def test_unsupported_interpreter_runs_the_program_unmeasured(tmp_path):
+    """Debian's statically linked /usr/bin/python3.11 is another build than the one gilfree was
+    compiled for: the GIL layer must refuse it with the reason, and the program still runs."""
+    other = "/usr/bin/python3.11"
+    assert os.path.exists(other), "this test needs Debian's python3.11 (apt-get install python3.11)"
+    script = tmp_path / "countdown.py"
+    script.write_text(COUNTDOWN)
+    package_dir = os.path.dirname(os.path.dirname(gilfree.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_dir, sysconfig.get_paths()["purelib"]]))
+    out = run_diagnose(str(script), python=other, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+    assert "exact GIL accounting is unavailable here" in out.stderr
+    assert "running the program unmeasured" in out.stderr
+    assert "verdict:" not in out.stderr
+    probe = subprocess.run(
+        [other, "-c", "import gilfree.gil as g\ntry:\n    g.monitor().__enter__()\nexcept g.UnsupportedInterpreter as e:\n    print('refused:', e)"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert probe.stdout.startswith("refused: "), probe.stderr
+
+
+def test_hooks_libpython_of_a_shared_build():
+    import gilfree._gilhook as hook
+
+    expected = sysconfig.get_config_var("INSTSONAME") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+    name = hook.hooked_object()
+    assert expected is None or os.path.basename(name) == expected, name
+
+
+def test_debian_static_python_is_measured_through_the_executable(tmp_path):
+    """Debian's /usr/bin/python3.11 links CPython statically: the GIL's pthread calls go through
+    the executable's own GOT. Build the binding for it and diagnose the countdown."""
+    other, include = "/usr/bin/python3.11", "/usr/include/python3.11/internal"
+    assert os.path.exists(other) and os.path.isdir(include), "needs Debian's python3.11 and python3.11-dev"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(gilfree.__file__)))
+    # The package as installed, but for the GIL binding, which is rebuilt for Debian's headers.
+    package = tmp_path / "gilfree"
+    shutil.copytree(os.path.dirname(gilfree.__file__), package, ignore=shutil.ignore_patterns("_gilhook*", "__pycache__"))
+    suffix = subprocess.run([other, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    core = [os.path.join(root, "core", "gilhook", f) for f in os.listdir(os.path.join(root, "core", "gilhook"))]
+    subprocess.run(
+        ["cc", "-std=gnu11", "-shared", "-fPIC", "-O2", "-I/usr/include/python3.11", f"-I{root}/core/include",
+         os.path.join(root, "src", "gilfree", "_bindings", "_gilhook.c"), *core, "-o", str(package / f"_gilhook{suffix}"), "-ldl"],
+        check=True,
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), sysconfig.get_paths()["purelib"]]))
+    probe = subprocess.run([other, "-c", "import gilfree._gilhook as h; print(h.hooked_object())"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert probe.stdout.strip() == other, probe.stderr
+    script = tmp_path / "countdown.py"
+    script.write_text(COUNTDOWN)
+    out = run_diagnose(str(script), python=other, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "verdict: GIL-bound: 2 threads" in out.stderr
+
+
+def test_report_says_subinterpreters_are_not_covered():
+    import importlib
+
+    interpreters = importlib.import_module("_interpreters" if sys.version_info >= (3, 13) else "_xxsubinterpreters")
+    interp = interpreters.create()
+    try:
+        with gil.monitor() as m:
+            pass
+        assert any("subinterpreter" in note for note in m.report().notes)
+        assert "note: 1 subinterpreter(s)" in str(m.report())
+    finally:
+        interpreters.destroy(interp)
+    with gil.monitor() as m:
+        pass
+    assert m.report().notes == []

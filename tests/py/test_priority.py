@@ -1,0 +1,180 @@
+"""gilfree.priority: Beazley's priority GIL on stock CPython."""
+import os
+import random
+import select
+import sys
+import threading
+import time
+
+import pytest
+
+import gilfree
+from gilfree import _gilhook, gil, priority
+
+
+@pytest.fixture(autouse=True)
+def clean_priorities():
+    interval = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(interval)
+    priority.uninstall()
+    assert not _gilhook.installed()
+
+
+def spin_until(stop):
+    while not stop.is_set():
+        pass
+
+
+def sleepy_reacquisitions(cpu_level, rounds=4):
+    """A CPU thread (at cpu_level) runs while this thread sleeps `rounds` times: every wake-up
+    needs the GIL back from it. Returns this thread's report and its timed-out waits."""
+    stop = threading.Event()
+
+    def cpu():
+        if cpu_level:
+            priority.set(cpu_level)
+        spin_until(stop)
+
+    t = threading.Thread(target=cpu, name="cpu")
+    t.start()
+    time.sleep(0.02)
+    try:
+        with gil.monitor() as m:
+            for _ in range(rounds):
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        t.join()
+    (main,) = [t for t in m.report().threads if t.name == "MainThread"]
+    return main, m.report()
+
+
+def test_set_get_background_and_clamping():
+    assert priority.get() == 0
+    priority.set(3)
+    assert priority.get() == 3
+    with priority.background():
+        assert priority.get() == -1
+        with priority.background(-5):
+            assert priority.get() == -5
+        assert priority.get() == -1
+    assert priority.get() == 3
+    priority.set(100)
+    assert priority.get() == _gilhook.MAX_PRIORITY
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(priority.get()))
+    t.start()
+    t.join()
+    assert seen == [0]  # per thread
+
+
+def test_waiter_gets_a_background_holder_to_drop_at_once():
+    # A long interval: without priorities every wake-up would wait it out (timed out waits).
+    sys.setswitchinterval(0.25)
+    main, report = sleepy_reacquisitions(cpu_level=-1)
+    assert main.acquisitions >= 4
+    assert main.timeouts == 0, main
+    assert main.drop_requests >= 4
+    assert report.forced_switches >= 4
+
+
+def test_uninstall_restores_default_behaviour():
+    sys.setswitchinterval(0.25)
+    priority.set(0)
+    with priority.background():
+        pass
+    priority.uninstall()
+    assert priority.get() == 0
+    assert not _gilhook.installed() and _gilhook.slots_restored()
+    # The same workload as above, now with CPython's own GIL: each wake-up waits out the interval.
+    main, _ = sleepy_reacquisitions(cpu_level=0)
+    assert main.timeouts >= 4, main
+
+
+def test_works_with_a_monitor_already_active():
+    sys.setswitchinterval(0.25)
+    with gil.monitor() as outer:
+        main, inner = sleepy_reacquisitions(cpu_level=-1)
+    assert main.timeouts == 0
+    (outer_main,) = [t for t in outer.report().threads if t.name == "MainThread"]
+    assert outer_main.drop_requests >= main.drop_requests
+    assert _gilhook.installed()  # priorities still hold the hooks
+    priority.uninstall()
+    assert not _gilhook.installed() and _gilhook.slots_restored()
+
+
+def test_eight_threads_with_random_priorities_finish_without_deadlock_or_lost_wakeups():
+    """CPU bursts, pipe ping-pong between pairs (a lost wake-up would hang a pair), sleeps and
+    priority changes, for a while; everything must finish and every thread make progress."""
+    sys.setswitchinterval(0.001)
+    rng = random.Random(1234)
+    deadline = time.monotonic() + 2.0
+    progress = [0] * 8
+    errors = []
+    pipes = [os.pipe() for _ in range(8)]
+
+    def worker(i):
+        local = random.Random(rng.random())
+        partner = i ^ 1
+        try:
+            priority.set(local.randint(-3, 3))
+            while time.monotonic() < deadline:
+                kind = local.random()
+                if kind < 0.4:
+                    n = local.randint(1000, 20000)
+                    while n:
+                        n -= 1
+                elif kind < 0.8:
+                    os.write(pipes[partner][1], b"x")
+                    ready, _, _ = select.select([pipes[i][0]], [], [], 0.05)
+                    if ready:
+                        os.read(pipes[i][0], 4096)
+                else:
+                    time.sleep(local.random() * 0.002)
+                if local.random() < 0.05:
+                    priority.set(local.randint(-3, 3))
+                progress[i] += 1
+        except BaseException as exc:  # reported below: a worker must not die silently
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"mix-{i}") for i in range(8)]
+    with gil.monitor() as m:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    assert not [t.name for t in threads if t.is_alive()], "deadlock: threads still running"
+    assert not errors
+    assert all(p > 0 for p in progress), progress
+    report = m.report()
+    assert sum(t.held_s for t in report.threads) <= report.wall_s + 0.001
+    assert report.switches > 8
+
+
+def test_background_warns_and_runs_where_priorities_are_unavailable(tmp_path):
+    """On an interpreter gilfree was not built for, background() keeps CPython's behaviour."""
+    import subprocess
+    import sysconfig
+
+    other = "/usr/bin/python3.11"
+    assert os.path.exists(other), "this test needs Debian's python3.11 (apt-get install python3.11)"
+    package_dir = os.path.dirname(os.path.dirname(gilfree.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_dir, sysconfig.get_paths()["purelib"]]))
+    code = (
+        "import warnings, gilfree.priority as p\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    with p.background():\n"
+        "        print('ran', p.get())\n"
+        "print(w[0].category.__name__, 'unavailable' in str(w[0].message))\n"
+        "try:\n"
+        "    p.set(1)\n"
+        "except p.UnsupportedInterpreter:\n"
+        "    print('refused')\n"
+    )
+    out = subprocess.run([other, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split("\n")[:3] == ["ran 0", "RuntimeWarning True", "refused"], out.stderr
