@@ -215,26 +215,30 @@ def percentile(weighted, fraction):
 class Load:
     """One (system, workload): its wrk script, and what every round of it measured."""
 
-    def __init__(self, system, workload, server, names, root, workdir):
+    def __init__(self, system, workload, server, control, names, root, workdir):
         kind, self.method = SYSTEMS[system]
-        self.system, self.workload, self.server = system, workload, server
+        self.system, self.workload, self.server, self.control = system, workload, server, control
         self.script = Path(workdir) / f"{system.replace('/', '_')}_{workload}.lua"
         self.latency_out = self.script.with_suffix(".lat")
         lua_script(self.script, self.method, urls_for(kind, workload, names), root, self.latency_out)
-        self.runs, self.health, self.health_failures, self.cpu, self.wall = [], [], 0, 0.0, 0.0
+        self.runs, self.health, self.control_health, self.health_failures, self.cpu, self.wall = [], [], [], 0, 0.0, 0.0
 
     def warm_up(self, connections):
         run_wrk(self.server.port, self.script, self.latency_out, 2, connections)
 
     def round(self, duration, connections):
         probe = HealthProbe(self.server.port, self.server.health_path)
+        control = HealthProbe(self.control.port, self.control.health_path)
         cpu_before, wall_before = self.server.cpu_seconds(), time.monotonic()
         probe.start()
+        control.start()
         self.runs.append(run_wrk(self.server.port, self.script, self.latency_out, duration, connections))
         probe.stop()
+        control.stop()
         self.cpu += self.server.cpu_seconds() - cpu_before
         self.wall += time.monotonic() - wall_before
         self.health += probe.latencies
+        self.control_health += control.latencies
         self.health_failures += probe.failures
 
     def result(self):
@@ -244,6 +248,7 @@ class Load:
                 "p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
                 "errors": sum(r["errors"] for r in self.runs), "cpu_cores": self.cpu / self.wall,
                 "health_p99_ms": percentile(health, 0.99), "health_median_ms": percentile(health, 0.5),
+                "control_health_p99_ms": percentile([(ms, 1) for ms in self.control_health], 0.99),
                 "health_failures": self.health_failures, "rounds": len(self.runs)}
 
 
@@ -290,12 +295,15 @@ def main(argv=None):
                 systems.remove("thumbor")
         servers = {}
         try:
+            # Control: an idle server probed during every round; its /health p99 is what the
+            # machine's scheduling alone costs under that load.
+            control = servers["control"] = Server("threads", root, free_port())
             # Every server runs from the start (idle ones cost nothing) so the rounds can interleave.
             for system in systems:
                 kind = SYSTEMS[system][0]
                 if kind not in servers:
                     servers[kind] = Server(kind, root, free_port(), thumbor_exe, workdir)
-            loads = [Load(system, workload, servers[SYSTEMS[system][0]], names, root, workdir)
+            loads = [Load(system, workload, servers[SYSTEMS[system][0]], control, names, root, workdir)
                      for workload in WORKLOADS for system in systems]
             for load in loads:
                 load.warm_up(connections)  # workers started, code and files warm
@@ -317,7 +325,7 @@ def report(results, notes, connections, args):
     print(f"\nbench_images: {CORES} cores, concurrency {connections} (wrk), {args.duration} s per system and "
           f"workload in {args.rounds} interleaved rounds, {args.images} distinct 2K photos; machine shared, one run")
     header = (f"{'workload':10} {'system':32} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU':>5} "
-              f"{'health p99':>10} {'errors':>6} {'vs threads':>10} {'vs thumbor':>10}")
+              f"{'health p99':>10} {'(idle ctl)':>10} {'errors':>6} {'vs threads':>10} {'vs thumbor':>10}")
     print(header)
     print("-" * len(header))
     for workload in WORKLOADS:
@@ -328,9 +336,11 @@ def report(results, notes, connections, args):
                 continue
             ratio = lambda anchor: f"{r['rps'] / anchor['rps']:.2f}x" if anchor and anchor["rps"] else "-"  # noqa: E731
             print(f"{workload:10} {LABELS[system]:32} {r['rps']:7.1f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
-                  f"{r['cpu_cores']:5.2f} {r['health_p99_ms']:8.2f}ms {r['errors']:6d} {ratio(threads):>10} "
+                  f"{r['cpu_cores']:5.2f} {r['health_p99_ms']:8.2f}ms {r['control_health_p99_ms']:8.2f}ms "
+                  f"{r['errors']:6d} {ratio(threads):>10} "
                   f"{ratio(thumbor):>10}")
-    print("CPU: cores busy in the server's process tree (front + workers).")
+    print("CPU: cores busy in the server's process tree (front + workers). health p99: the loaded server's; "
+          "(idle ctl): an idle server's, probed at the same time (the machine's own scheduling delay).")
     print("Published for context only (another 2-vCPU machine, DIV2K, concurrency = CPUs): "
           "thumbor 51.6 req/s, imgproxy 79.6 req/s on the thumbnail workload.")
     goals(results)
