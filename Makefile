@@ -47,7 +47,7 @@ demo:
 
 bench:
 	@set -e; venv=$$(tools/venv $(PYTHON) test); $$venv/bin/python -m pip install -q -r bench/requirements.txt; \
-	for b in bench/bench_*.py; do $$venv/bin/python $$b; done
+	for b in bench/bench_*.py bench/beazley.py; do $$venv/bin/python $$b; done
 
 clean:
 	rm -rf build .venv src/*.egg-info src/gilfree/*.so

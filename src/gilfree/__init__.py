@@ -6,17 +6,29 @@
 """
 import importlib
 
-from .errors import TaskTimeout, UnsupportedInterpreter, WorkerCrashed
-from .pool import Pool
-
 __all__ = ["Pool", "WorkerCrashed", "TaskTimeout", "UnsupportedInterpreter", "gil", "priority"]
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = {"gil", "priority"}
+# Everything loads on first use: workers import this package too, and pool start-up time is
+# mostly the template process importing things.
+_LAZY = {
+    "Pool": "pool",
+    "WorkerCrashed": "errors",
+    "TaskTimeout": "errors",
+    "UnsupportedInterpreter": "errors",
+    "gil": None,
+    "priority": None,
+}
 
 
 def __getattr__(name):
-    # Workers import gilfree too: the GIL tools load only when a program asks for them.
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_LAZY[name] or name}")
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -24,6 +24,7 @@ void gf_test_register(const char *name, gf_test_fn fn) {
 
 int main(int argc, char **argv) {
   int passed = 0, failed = 0;
+  setvbuf(stdout, NULL, _IOLBF, 0);
   for (int i = 0; i < ntests; i++) {
     if (argc > 1 && strstr(tests[i].name, argv[1]) == NULL)
       continue;

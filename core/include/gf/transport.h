@@ -1,0 +1,137 @@
+/* gilfree transport: shared-memory rings, a block arena for out-of-band buffers, and the
+ * wake-up primitives between the pool's parent process and its workers.
+ *
+ * Everything here lives in one memfd mapped MAP_SHARED by the parent, the template process and
+ * every worker (workers inherit the mapping across fork). Offsets, never pointers, cross process
+ * boundaries. Functions return 0 or a negative errno.
+ */
+#ifndef GF_TRANSPORT_H
+#define GF_TRANSPORT_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#define GF_PAGE 4096u
+#define GF_CACHELINE 64u
+
+/* ---------------------------------------------------------------- wake-ups */
+
+/* Waits while *word == expected, at most timeout_ns (< 0: forever). Cross-process futex (the word
+ * is in MAP_SHARED memory, so FUTEX_PRIVATE_FLAG must not be used). Returns 0 when woken or the
+ * value differed, -ETIMEDOUT, or -EINTR when a signal handler ran. */
+int gf_futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t timeout_ns);
+/* Wakes up to n waiters of word. */
+void gf_futex_wake(_Atomic uint32_t *word, int n);
+/* CLOCK_MONOTONIC in nanoseconds. */
+int64_t gf_now_ns(void);
+/* One pause instruction: spinning politely. */
+void gf_cpu_relax(void);
+
+/* ------------------------------------------------------------------- rings */
+
+/* A single-producer single-consumer ring of length-prefixed messages in shared memory.
+ * head and tail count bytes ever consumed and produced (they never wrap, u64); the data area
+ * is `cap` bytes, a power of two. A message never straddles the end: a wrap record fills the
+ * rest of the area instead. Each counter has one writer (tail: producer, head: consumer) and
+ * is published with release and read with acquire, so the bytes it covers are visible. */
+typedef struct gf_ring {
+  _Atomic uint64_t tail; /* written by the producer only */
+  char pad0[GF_CACHELINE - 8];
+  _Atomic uint64_t head; /* written by the consumer only */
+  char pad1[GF_CACHELINE - 8];
+  /* The consumer sets waiting before it sleeps on wake_seq; the producer reads waiting after
+   * publishing tail. Both sides order the two with a seq_cst fence, so either the producer
+   * sees waiting == 1 and wakes, or the consumer sees the new tail and does not sleep. */
+  _Atomic uint32_t waiting;
+  _Atomic uint32_t wake_seq;
+  uint64_t cap; /* set once before any process attaches */
+  char pad2[GF_CACHELINE - 16];
+  unsigned char data[];
+} gf_ring;
+
+/* Bytes of shared memory a ring with a cap-byte data area takes. */
+size_t gf_ring_footprint(size_t cap);
+/* Lays out an empty ring in mem; cap must be a power of two >= 4096. */
+int gf_ring_init(gf_ring *ring, size_t cap);
+/* Empties the ring (only when neither end is in use: its worker is dead). */
+void gf_ring_reset(gf_ring *ring);
+/* Largest message gf_ring_write accepts. */
+size_t gf_ring_max_message(const gf_ring *ring);
+/* Appends one message made of the iovecs. -EAGAIN: not enough room now; -EMSGSIZE: never fits. */
+int gf_ring_write(gf_ring *ring, const struct iovec *iov, int iovcnt);
+/* Wakes the consumer if it sleeps; call after gf_ring_write. */
+void gf_ring_wake(gf_ring *ring);
+/* The oldest message, left in place. -EAGAIN when empty. */
+int gf_ring_peek(gf_ring *ring, const void **msg, size_t *len);
+/* The message at byte position pos (head <= pos < tail), and the position after it. Used to
+ * walk the unconsumed messages of a dead worker. -EAGAIN at tail. */
+int gf_ring_peek_at(gf_ring *ring, uint64_t pos, const void **msg, size_t *len, uint64_t *next);
+/* Drops the message gf_ring_peek returned. */
+void gf_ring_consume(gf_ring *ring);
+/* True when no message is waiting. */
+int gf_ring_empty(gf_ring *ring);
+/* Consumer side: spins up to spin_ns, then sleeps until a message arrives or timeout_ns passes
+ * (< 0: forever). Returns 0 when a message is there, -ETIMEDOUT or -EINTR. */
+int gf_ring_wait(gf_ring *ring, int64_t spin_ns, int64_t timeout_ns);
+
+/* ------------------------------------------------------------------ arena */
+
+/* Out-of-band buffers live in blocks of the arena. A block is a header page followed by the
+ * data, page aligned so that it can be mapped on its own (see gf_arena_map). Any process may
+ * hold references; the region's owner allocates and reuses blocks whose count fell to zero. */
+typedef struct gf_block {
+  uint32_t magic;
+  /* Cross-process reference count. A process only increments a block it already holds a
+   * reference to, so once it reaches zero nobody can revive it and the owner may reuse it. */
+  _Atomic uint32_t refs;
+  uint64_t size; /* bytes from this header to the next block; owner-written */
+  uint64_t len;  /* data bytes in use; written before the block is published */
+} gf_block;
+
+#define GF_BLOCK_MAGIC 0x6766626cu /* "gfbl" */
+#define GF_BLOCK_HEADER GF_PAGE
+#define GF_BLOCK_MIN (64u * 1024u)
+
+/* One allocator's share of the arena. Only the owning process allocates in it (under its own
+ * process-local lock), so `top` and the block sizes have one writer; other processes only
+ * touch the refs of blocks they hold. */
+typedef struct gf_region {
+  uint64_t start; /* arena offset of the first block */
+  uint64_t size;
+  uint64_t top;          /* bytes of the region carved into blocks */
+  uint64_t resident;     /* bytes below top known to be backed by pages */
+} gf_region;
+
+/* A process's mapping of the arena (process-local). */
+typedef struct gf_arena {
+  unsigned char *base;
+  uint64_t size;
+  int fd;
+  uint64_t offset; /* where the arena starts in fd */
+} gf_arena;
+
+void gf_region_init(gf_region *region, uint64_t start, uint64_t size);
+/* Allocates a block for len bytes with refs = 1 and stores its arena offset in *off.
+ * -ENOMEM when the region is full. The caller serialises calls per region. */
+int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *off);
+gf_block *gf_block_at(const gf_arena *arena, uint64_t off);
+unsigned char *gf_block_data(const gf_arena *arena, uint64_t off);
+/* Adds a reference; the caller must already hold one. */
+void gf_block_incref(const gf_arena *arena, uint64_t off);
+/* Drops a reference; returns 1 when it was the last. */
+int gf_block_decref(const gf_arena *arena, uint64_t off);
+/* Validates that off names a block inside the arena (a worker can be killed mid-write). */
+int gf_block_check(const gf_arena *arena, uint64_t off);
+
+/* Populates the pages of a large destination before a copy into it. */
+void gf_arena_prefault(unsigned char *data, uint64_t len);
+/* Maps the data of block off read-only at a fresh address with `before` bytes of private
+ * writable memory just in front of it (before <= GF_PAGE). *data points at the block's data.
+ * Lets a process wrap a header of its own around shared bytes. Undo with gf_arena_unmap. */
+int gf_arena_map(const gf_arena *arena, uint64_t off, size_t before, unsigned char **data);
+void gf_arena_unmap(unsigned char *data, uint64_t len);
+
+#endif

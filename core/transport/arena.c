@@ -1,0 +1,169 @@
+/* Block allocator for out-of-band buffers in the shared arena (see gf/transport.h).
+ *
+ * First fit over the region's blocks, coalescing free neighbours as it walks; past the last
+ * block it bumps `top`. Free space at the top beyond GF_KEEP_RESIDENT is punched out of the
+ * memfd so that memory returns to the system, while the rest stays warm for the next buffer. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "gf/transport.h"
+
+#define GF_KEEP_RESIDENT (256ull << 20)
+#define GF_PREFAULT_MIN (1ull << 20)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+#define GF_PAGE_ALIGN(n) (((n) + GF_PAGE - 1) & ~(uint64_t)(GF_PAGE - 1))
+
+void gf_region_init(gf_region *region, uint64_t start, uint64_t size) {
+  region->start = start;
+  region->size = size;
+  region->top = 0;
+  region->resident = 0;
+}
+
+gf_block *gf_block_at(const gf_arena *arena, uint64_t off) {
+  return (gf_block *)(arena->base + off);
+}
+
+unsigned char *gf_block_data(const gf_arena *arena, uint64_t off) {
+  return arena->base + off + GF_BLOCK_HEADER;
+}
+
+int gf_block_check(const gf_arena *arena, uint64_t off) {
+  if (off % GF_PAGE != 0 || off + GF_BLOCK_HEADER > arena->size)
+    return -EINVAL;
+  const gf_block *b = gf_block_at(arena, off);
+  if (b->magic != GF_BLOCK_MAGIC || b->size > arena->size - off ||
+      b->len + GF_BLOCK_HEADER > b->size)
+    return -EINVAL;
+  return 0;
+}
+
+void gf_block_incref(const gf_arena *arena, uint64_t off) {
+  atomic_fetch_add_explicit(&gf_block_at(arena, off)->refs, 1, memory_order_relaxed);
+}
+
+int gf_block_decref(const gf_arena *arena, uint64_t off) {
+  /* acq_rel: our reads of the data happen before the owner may reuse the block. */
+  return atomic_fetch_sub_explicit(&gf_block_at(arena, off)->refs, 1, memory_order_acq_rel) == 1;
+}
+
+static void gf_block_format(const gf_arena *arena, uint64_t off, uint64_t size) {
+  gf_block *b = gf_block_at(arena, off);
+  b->magic = GF_BLOCK_MAGIC;
+  b->size = size;
+  b->len = 0;
+  atomic_store_explicit(&b->refs, 0, memory_order_relaxed);
+}
+
+static int gf_block_free(const gf_arena *arena, uint64_t off) {
+  return atomic_load_explicit(&gf_block_at(arena, off)->refs, memory_order_acquire) == 0;
+}
+
+/* Gives back the pages of [start, end) of the arena. */
+static void gf_arena_punch(const gf_arena *arena, uint64_t start, uint64_t end) {
+  if (end > start)
+    fallocate(arena->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              (off_t)(arena->offset + start), (off_t)(end - start));
+}
+
+#define GF_NONE UINT64_MAX
+
+/* Gives back the pages above top + GF_KEEP_RESIDENT. */
+static void gf_region_release(const gf_arena *arena, gf_region *region) {
+  uint64_t keep = region->top + GF_KEEP_RESIDENT;
+  if (region->resident > keep) {
+    gf_arena_punch(arena, region->start + keep, region->start + region->resident);
+    region->resident = keep;
+  }
+  if (region->top > region->resident)
+    region->resident = region->top;
+}
+
+int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *off) {
+  uint64_t size = GF_PAGE_ALIGN(GF_BLOCK_HEADER + len);
+  uint64_t end = region->start + region->top;
+  uint64_t fit = GF_NONE, last_free = GF_NONE;
+
+  /* Coalescing merges every free successor, so a free block is followed by a used one or by
+   * the top: only the last block can be a free run at the top. */
+  for (uint64_t pos = region->start; pos < end;) {
+    gf_block *b = gf_block_at(arena, pos);
+    last_free = GF_NONE;
+    if (gf_block_free(arena, pos)) {
+      while (pos + b->size < end && gf_block_free(arena, pos + b->size))
+        b->size += gf_block_at(arena, pos + b->size)->size;
+      if (fit == GF_NONE && b->size >= size)
+        fit = pos;
+      last_free = pos;
+    }
+    pos += b->size;
+  }
+
+  uint64_t pos;
+  if (fit != GF_NONE) {
+    pos = fit;
+    gf_block *b = gf_block_at(arena, pos);
+    if (b->size - size >= GF_BLOCK_MIN + GF_BLOCK_HEADER) {
+      gf_block_format(arena, pos + size, b->size - size);
+      b->size = size;
+      if (last_free == pos)
+        last_free = pos + size;
+    } else if (last_free == pos) {
+      last_free = GF_NONE;
+    }
+    if (last_free != GF_NONE)
+      region->top = last_free - region->start;
+  } else {
+    /* Nothing fits below the top: start at the free block there, if any, or at the top. */
+    pos = last_free != GF_NONE ? last_free : end;
+    if (pos - region->start + size > region->size)
+      return -ENOMEM;
+    gf_block_format(arena, pos, size);
+    region->top = pos + size - region->start;
+  }
+  gf_region_release(arena, region);
+
+  gf_block *b = gf_block_at(arena, pos);
+  b->len = len;
+  atomic_store_explicit(&b->refs, 1, memory_order_release);
+  *off = pos;
+  return 0;
+}
+
+int gf_arena_map(const gf_arena *arena, uint64_t off, size_t before, unsigned char **data) {
+  const gf_block *b = gf_block_at(arena, off);
+  if (before > GF_PAGE)
+    return -EINVAL;
+  uint64_t span = GF_PAGE_ALIGN(b->len + 1);
+  unsigned char *reserve =
+      mmap(NULL, GF_PAGE + span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (reserve == MAP_FAILED)
+    return -errno;
+  void *shared = mmap(reserve + GF_PAGE, span, PROT_READ, MAP_SHARED | MAP_FIXED, arena->fd,
+                      (off_t)(arena->offset + off + GF_BLOCK_HEADER));
+  if (shared == MAP_FAILED) {
+    int err = errno;
+    munmap(reserve, GF_PAGE + span);
+    return -err;
+  }
+  *data = reserve + GF_PAGE;
+  return 0;
+}
+
+void gf_arena_prefault(unsigned char *data, uint64_t len) {
+  /* One system call instead of a page fault per 4 KiB (Linux >= 5.14; older kernels refuse,
+   * and the copy faults the pages in as usual). */
+  if (len >= GF_PREFAULT_MIN) {
+    uintptr_t start = (uintptr_t)data & ~(uintptr_t)(GF_PAGE - 1);
+    madvise((void *)start, (uintptr_t)data + len - start, MADV_POPULATE_WRITE);
+  }
+}
+
+void gf_arena_unmap(unsigned char *data, uint64_t len) {
+  munmap(data - GF_PAGE, GF_PAGE + GF_PAGE_ALIGN(len + 1));
+}

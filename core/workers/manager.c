@@ -1,0 +1,579 @@
+/* The parent's side of a pool: dispatching tasks to workers, collecting results, and
+ * recovering from a worker's death (see gf/workers.h). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "gf/workers.h"
+
+struct gf_pending {
+  gf_pending *next;
+  uint64_t task_id;
+  size_t len;
+  unsigned char msg[];
+};
+
+/* Tasks a worker may have queued in its ring: enough to hide wake-up latency for tiny tasks,
+ * one for long ones so that a slow task never holds others hostage. */
+#define GF_DEPTH_MAX 64u
+#define GF_DEPTH_TARGET_NS 200000
+
+static uint32_t gf_slot_depth(gf_slot *slot) {
+  uint64_t done = atomic_load_explicit(&slot->tasks_done, memory_order_relaxed);
+  uint64_t busy = atomic_load_explicit(&slot->busy_ns, memory_order_relaxed);
+  if (done == 0)
+    return 1; /* unknown durations: never queue a task behind one that may be long */
+  uint64_t avg = busy / done;
+  if (avg == 0)
+    return GF_DEPTH_MAX;
+  uint64_t depth = GF_DEPTH_TARGET_NS / avg + 1;
+  return depth > GF_DEPTH_MAX ? GF_DEPTH_MAX : (uint32_t)depth;
+}
+
+static int gf_slot_accepts(gf_manager *m, uint32_t i) {
+  uint32_t state = atomic_load(&m->seg->slots[i].state);
+  return state == GF_SLOT_STARTING || state == GF_SLOT_READY;
+}
+
+/* The slot with room and the fewest tasks in flight, or -1. Under m->lock. */
+static int gf_pick_slot(gf_manager *m) {
+  int best = -1;
+  for (uint32_t i = 0; i < m->seg->nslots; i++) {
+    if (!gf_slot_accepts(m, i) || m->sched[i].inflight >= gf_slot_depth(&m->seg->slots[i]))
+      continue;
+    if (best < 0 || m->sched[i].inflight < m->sched[best].inflight)
+      best = (int)i;
+  }
+  return best;
+}
+
+void gf_msg_release(const gf_arena *arena, const gf_msg *msg) {
+  const gf_bufref *bufs = (const gf_bufref *)(msg + 1);
+  for (uint32_t i = 0; i < msg->nbufs; i++)
+    if (gf_block_check(arena, bufs[i].block) == 0)
+      gf_block_decref(arena, bufs[i].block);
+}
+
+int gf_manager_init(gf_manager *m, uint32_t nslots, size_t ring_cap, uint64_t arena_size) {
+  int rc, sv[2];
+  struct epoll_event ev = {.events = EPOLLIN};
+  memset(m, 0, sizeof(*m));
+  m->memfd = m->ctl_fd = m->ctl_child_fd = m->epoll_fd = m->stop_fd = m->template_pidfd = -1;
+  pthread_mutex_init(&m->lock, NULL);
+  pthread_mutex_init(&m->drain_lock, NULL);
+  pthread_mutex_init(&m->alloc_lock, NULL);
+
+  size_t seg_size = gf_segment_footprint(nslots, ring_cap);
+  if ((rc = gf_shm_create(seg_size, arena_size, &m->memfd, &m->map)) < 0)
+    goto error;
+  m->map_size = seg_size + arena_size;
+  m->seg = (gf_segment *)m->map;
+  if ((rc = gf_segment_init(m->seg, nslots, ring_cap, arena_size)) < 0)
+    goto error;
+  m->arena.base = m->map + seg_size;
+  m->arena.size = arena_size;
+  m->arena.fd = m->memfd;
+  m->arena.offset = seg_size;
+  m->sched = calloc(nslots, sizeof(*m->sched));
+  if (m->sched == NULL) {
+    rc = -ENOMEM;
+    goto error;
+  }
+
+  m->seg->doorbell_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  m->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  m->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+  if (m->seg->doorbell_fd < 0 || m->stop_fd < 0 || m->epoll_fd < 0 ||
+      socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+    rc = -errno;
+    goto error;
+  }
+  m->ctl_fd = sv[0];
+  m->ctl_child_fd = sv[1];
+  int watched[] = {m->seg->doorbell_fd, m->stop_fd, m->ctl_fd};
+  for (size_t i = 0; i < sizeof(watched) / sizeof(watched[0]); i++) {
+    ev.data.fd = watched[i];
+    if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, watched[i], &ev) < 0) {
+      rc = -errno;
+      goto error;
+    }
+  }
+  return 0;
+
+error:
+  gf_manager_close(m, 0);
+  return rc;
+}
+
+void gf_manager_child_fds(const gf_manager *m, int fds[3]) {
+  fds[0] = m->memfd;
+  fds[1] = m->seg->doorbell_fd;
+  fds[2] = m->ctl_child_fd;
+}
+
+int gf_manager_start_template(gf_manager *m, const char *path, char *const argv[],
+                              char *const envp[]) {
+  int rc, fds[3];
+  struct epoll_event ev = {.events = EPOLLIN};
+  gf_manager_child_fds(m, fds);
+  if ((rc = gf_spawn(path, argv, envp, fds, 3, &m->template_pid, &m->template_pidfd)) < 0)
+    return rc;
+  close(m->ctl_child_fd);
+  m->ctl_child_fd = -1;
+  ev.data.fd = m->template_pidfd;
+  if (epoll_ctl(m->epoll_fd, EPOLL_CTL_ADD, m->template_pidfd, &ev) < 0)
+    return -errno;
+  return 0;
+}
+
+int gf_manager_spawn(gf_manager *m, uint32_t slot) {
+  gf_ctl msg = {.kind = GF_CTL_SPAWN, .slot = slot};
+  if (slot >= m->seg->nslots)
+    return -EINVAL;
+  atomic_store(&m->seg->slots[slot].state, GF_SLOT_STARTING);
+  if (send(m->ctl_fd, &msg, sizeof(msg), MSG_NOSIGNAL) < 0)
+    return -errno;
+  return 0;
+}
+
+static int gf_pending_push(gf_manager *m, const struct iovec *iov, int iovcnt, int front) {
+  size_t len = 0;
+  for (int i = 0; i < iovcnt; i++)
+    len += iov[i].iov_len;
+  gf_pending *p = malloc(sizeof(*p) + len);
+  if (p == NULL)
+    return -ENOMEM;
+  p->len = len;
+  unsigned char *dst = p->msg;
+  for (int i = 0; i < iovcnt; i++) {
+    memcpy(dst, iov[i].iov_base, iov[i].iov_len);
+    dst += iov[i].iov_len;
+  }
+  p->task_id = ((const gf_msg *)p->msg)->task_id;
+  p->next = NULL;
+  if (front) {
+    p->next = m->pending_head;
+    m->pending_head = p;
+    if (m->pending_tail == NULL)
+      m->pending_tail = p;
+  } else {
+    if (m->pending_tail != NULL)
+      m->pending_tail->next = p;
+    else
+      m->pending_head = p;
+    m->pending_tail = p;
+  }
+  m->npending++;
+  return 0;
+}
+
+/* Moves queued tasks into rings with room. Under m->lock. Returns a bitmask of slots to wake
+ * (the caller wakes them after unlocking). */
+static uint64_t gf_dispatch_pending(gf_manager *m) {
+  uint64_t wake = 0;
+  while (m->pending_head != NULL) {
+    int slot = gf_pick_slot(m);
+    if (slot < 0)
+      break;
+    gf_pending *p = m->pending_head;
+    struct iovec iov = {.iov_base = p->msg, .iov_len = p->len};
+    if (gf_ring_write(gf_slot_requests(m->seg, (uint32_t)slot), &iov, 1) < 0)
+      break;
+    m->sched[slot].inflight++;
+    wake |= 1ull << (slot & 63);
+    m->pending_head = p->next;
+    if (m->pending_head == NULL)
+      m->pending_tail = NULL;
+    m->npending--;
+    free(p);
+  }
+  return wake;
+}
+
+static void gf_wake_slots(gf_manager *m, uint64_t mask) {
+  for (uint32_t i = 0; i < m->seg->nslots; i++)
+    if (mask & (1ull << (i & 63)))
+      gf_ring_wake(gf_slot_requests(m->seg, i));
+}
+
+int gf_manager_submit(gf_manager *m, const struct iovec *iov, int iovcnt) {
+  int rc = 0, slot = -1;
+  pthread_mutex_lock(&m->lock);
+  if (m->closing) {
+    rc = -ESHUTDOWN;
+    goto done;
+  }
+  if (m->pending_head == NULL && (slot = gf_pick_slot(m)) >= 0) {
+    rc = gf_ring_write(gf_slot_requests(m->seg, (uint32_t)slot), iov, iovcnt);
+    if (rc == 0) {
+      m->sched[slot].inflight++;
+      goto done;
+    }
+    slot = -1;
+  }
+  rc = gf_pending_push(m, iov, iovcnt, 0);
+
+done:
+  pthread_mutex_unlock(&m->lock);
+  if (slot >= 0)
+    gf_ring_wake(gf_slot_requests(m->seg, (uint32_t)slot));
+  return rc;
+}
+
+int gf_manager_cancel(gf_manager *m, uint64_t task_id) {
+  int rc = -ENOENT;
+  pthread_mutex_lock(&m->lock);
+  for (gf_pending **link = &m->pending_head, *prev = NULL; *link != NULL;
+       prev = *link, link = &(*link)->next) {
+    gf_pending *p = *link;
+    if (p->task_id != task_id)
+      continue;
+    *link = p->next;
+    if (m->pending_tail == p)
+      m->pending_tail = prev;
+    m->npending--;
+    gf_msg_release(&m->arena, (const gf_msg *)p->msg);
+    free(p);
+    rc = 0;
+    break;
+  }
+  pthread_mutex_unlock(&m->lock);
+  return rc;
+}
+
+uint64_t gf_manager_queued(gf_manager *m) {
+  pthread_mutex_lock(&m->lock);
+  uint64_t n = m->npending;
+  pthread_mutex_unlock(&m->lock);
+  return n;
+}
+
+static int gf_any_response(gf_manager *m) {
+  for (uint32_t i = 0; i < m->seg->nslots; i++)
+    if (!gf_ring_empty(gf_slot_responses(m->seg, i)))
+      return 1;
+  return 0;
+}
+
+int gf_manager_spin(gf_manager *m, int64_t spin_ns) {
+  int found = 0;
+  int64_t start = gf_now_ns();
+  atomic_fetch_add(&m->seg->parent_spinning, 1);
+  do {
+    if ((found = gf_any_response(m)))
+      break;
+    for (int i = 0; i < 32; i++)
+      gf_cpu_relax();
+  } while (gf_now_ns() - start < spin_ns);
+  atomic_fetch_sub(&m->seg->parent_spinning, 1);
+  /* A worker that saw us spinning did not ring the doorbell: if its result is there, whoever
+   * sleeps in gf_manager_wait must hear of it. */
+  atomic_thread_fence(memory_order_seq_cst);
+  if (!found && gf_any_response(m) && atomic_load(&m->seg->parent_sleeping)) {
+    uint64_t one = 1;
+    if (write(m->seg->doorbell_fd, &one, sizeof(one)) < 0) {
+      /* EAGAIN: the counter is saturated, the waiter is woken anyway. */
+    }
+  }
+  return found;
+}
+
+/* Milliseconds until the first running task passes task_timeout; -1 without timeouts. */
+static int gf_timeout_ms(gf_manager *m, int64_t now) {
+  if (m->task_timeout_ns <= 0)
+    return -1;
+  int64_t first = INT64_MAX;
+  for (uint32_t i = 0; i < m->seg->nslots; i++) {
+    gf_slot *slot = &m->seg->slots[i];
+    if (atomic_load_explicit(&slot->current_task, memory_order_relaxed) == 0)
+      continue;
+    int64_t due = atomic_load_explicit(&slot->task_started_ns, memory_order_relaxed) +
+                  m->task_timeout_ns;
+    if (due < first)
+      first = due;
+  }
+  /* An idle pool still looks every 100 ms: a task may have started since. */
+  int64_t ms = first == INT64_MAX ? 100 : (first - now) / 1000000 + 1;
+  return ms < 1 ? 1 : ms > 100 ? 100 : (int)ms;
+}
+
+int gf_manager_wait(gf_manager *m, int64_t spin_ns, int64_t timeout_ns) {
+  struct epoll_event evs[8];
+  uint64_t counter;
+  int64_t start = gf_now_ns();
+  while (gf_now_ns() - start < spin_ns) {
+    if (gf_any_response(m))
+      return 1;
+    for (int i = 0; i < 32; i++)
+      gf_cpu_relax();
+  }
+  atomic_store(&m->seg->parent_sleeping, 1);
+  atomic_thread_fence(memory_order_seq_cst);
+  if (gf_any_response(m)) {
+    atomic_store(&m->seg->parent_sleeping, 0);
+    return 1;
+  }
+  int ms = gf_timeout_ms(m, start);
+  if (timeout_ns >= 0 && (ms < 0 || timeout_ns / 1000000 < ms))
+    ms = (int)(timeout_ns / 1000000);
+  int n = epoll_wait(m->epoll_fd, evs, 8, ms);
+  atomic_store(&m->seg->parent_sleeping, 0);
+  if (n < 0)
+    return -errno;
+  for (int i = 0; i < n; i++) {
+    if (evs[i].data.fd == m->stop_fd)
+      return -ECANCELED;
+    if (evs[i].data.fd == m->seg->doorbell_fd && read(m->seg->doorbell_fd, &counter, 8) < 0) {
+      /* EAGAIN: another thread read it first. */
+    }
+  }
+  return n > 0 || m->task_timeout_ns > 0;
+}
+
+void gf_manager_stop(gf_manager *m) {
+  uint64_t one = 1;
+  if (write(m->stop_fd, &one, sizeof(one)) < 0) {
+    /* EAGAIN: already signalled. */
+  }
+}
+
+/* Delivers every result waiting in slot's response ring. Under drain_lock. */
+static int gf_drain_slot(gf_manager *m, uint32_t slot, gf_event_fn fn, void *ctx) {
+  gf_ring *ring = gf_slot_responses(m->seg, slot);
+  const void *msg;
+  size_t len;
+  int n = 0, rc;
+  while (gf_ring_peek(ring, &msg, &len) == 0) {
+    const gf_msg *hdr = msg;
+    gf_event ev = {.kind = GF_EV_RESULT, .slot = slot, .task_id = hdr->task_id, .msg = hdr};
+    rc = fn(ctx, &ev);
+    gf_ring_consume(ring);
+    pthread_mutex_lock(&m->lock);
+    if (m->sched[slot].inflight > 0)
+      m->sched[slot].inflight--;
+    pthread_mutex_unlock(&m->lock);
+    n++;
+    if (rc < 0)
+      return rc;
+  }
+  return n;
+}
+
+/* A worker died: deliver what it finished, fail what it held, requeue what it never took,
+ * release what it referenced, and ask for a replacement. Under drain_lock. */
+static int gf_handle_death(gf_manager *m, uint32_t slot_index, int32_t pid, int32_t status,
+                           gf_event_fn fn, void *ctx) {
+  gf_slot *slot = &m->seg->slots[slot_index];
+  gf_ring *requests = gf_slot_requests(m->seg, slot_index);
+  int rc = gf_drain_slot(m, slot_index, fn, ctx);
+  if (rc < 0)
+    return rc;
+
+  pthread_mutex_lock(&m->lock);
+  uint32_t state = atomic_load(&slot->state);
+  uint64_t failed = atomic_load(&slot->current_task);
+  gf_event ev = {.kind = GF_EV_DIED,
+                 .slot = slot_index,
+                 .pid = pid,
+                 .status = status,
+                 .task_id = failed,
+                 .timed_out = failed != 0 && failed == m->sched[slot_index].timed_out_task,
+                 .was_ready = state == GF_SLOT_READY || state == GF_SLOT_EXITING};
+
+  /* Untaken tasks go back to the front of the queue, in order. The failed task may still be
+   * at the head if the worker died between marking it and consuming it. */
+  gf_pending *requeue_head = NULL, *requeue_last = NULL;
+  uint64_t requeued = 0, pos = atomic_load(&requests->head), next;
+  const void *msg;
+  size_t len;
+  while (gf_ring_peek_at(requests, pos, &msg, &len, &next) == 0) {
+    const gf_msg *hdr = msg;
+    if (hdr->task_id == failed) {
+      gf_msg_release(&m->arena, hdr);
+    } else {
+      gf_pending *p = malloc(sizeof(*p) + len);
+      if (p != NULL) {
+        memcpy(p->msg, msg, len);
+        p->len = len;
+        p->task_id = hdr->task_id;
+        p->next = NULL;
+        if (requeue_last != NULL)
+          requeue_last->next = p;
+        else
+          requeue_head = p;
+        requeue_last = p;
+        requeued++;
+      }
+    }
+    pos = next;
+  }
+  if (requeue_head != NULL) {
+    requeue_last->next = m->pending_head;
+    if (m->pending_head == NULL)
+      m->pending_tail = requeue_last;
+    m->pending_head = requeue_head;
+    m->npending += requeued;
+  }
+  for (int i = 0; i < GF_HOLDINGS; i++) {
+    if (slot->holdings[i] != 0 && gf_block_check(&m->arena, slot->holdings[i]) == 0)
+      gf_block_decref(&m->arena, slot->holdings[i]);
+    slot->holdings[i] = 0;
+  }
+  gf_ring_reset(requests);
+  gf_ring_reset(gf_slot_responses(m->seg, slot_index));
+  atomic_store(&slot->current_task, 0);
+  atomic_store(&slot->pid, 0);
+  m->sched[slot_index].inflight = 0;
+  m->sched[slot_index].timed_out_task = 0;
+  m->sched[slot_index].restarts++;
+  atomic_store(&slot->state, GF_SLOT_DEAD);
+  int respawn = !m->closing;
+  pthread_mutex_unlock(&m->lock);
+
+  if (respawn)
+    gf_manager_spawn(m, slot_index);
+  return fn(ctx, &ev);
+}
+
+static int gf_read_control(gf_manager *m, gf_event_fn fn, void *ctx) {
+  gf_ctl msg;
+  int n = 0, rc;
+  for (;;) {
+    ssize_t got = recv(m->ctl_fd, &msg, sizeof(msg), MSG_DONTWAIT);
+    if (got < 0 && (errno == EAGAIN || errno == EINTR))
+      return n;
+    if (got <= 0) {
+      /* EOF: the template is gone; its workers die with it (PR_SET_PDEATHSIG). */
+      gf_event ev = {.kind = GF_EV_TEMPLATE_DIED};
+      pthread_mutex_lock(&m->lock);
+      m->closing = 1;
+      pthread_mutex_unlock(&m->lock);
+      struct epoll_event unused;
+      epoll_ctl(m->epoll_fd, EPOLL_CTL_DEL, m->ctl_fd, &unused);
+      rc = fn(ctx, &ev);
+      return rc < 0 ? rc : n + 1;
+    }
+    if (got != sizeof(msg) || msg.slot >= m->seg->nslots)
+      continue;
+    n++;
+    if (msg.kind == GF_CTL_SPAWNED) {
+      atomic_store(&m->seg->slots[msg.slot].pid, msg.pid);
+      gf_event ev = {.kind = GF_EV_SPAWNED, .slot = msg.slot, .pid = msg.pid};
+      rc = fn(ctx, &ev);
+    } else if (msg.kind == GF_CTL_EXITED || msg.kind == GF_CTL_SPAWN_FAILED) {
+      rc = gf_handle_death(m, msg.slot, msg.pid, msg.status, fn, ctx);
+    } else {
+      rc = 0;
+    }
+    if (rc < 0)
+      return rc;
+  }
+}
+
+/* Kills workers whose task ran past task_timeout; their death is reported as a timeout. */
+static void gf_enforce_timeouts(gf_manager *m) {
+  if (m->task_timeout_ns <= 0)
+    return;
+  int64_t now = gf_now_ns();
+  pthread_mutex_lock(&m->lock);
+  for (uint32_t i = 0; i < m->seg->nslots; i++) {
+    gf_slot *slot = &m->seg->slots[i];
+    uint64_t task = atomic_load(&slot->current_task);
+    int32_t pid = atomic_load(&slot->pid);
+    if (task == 0 || pid <= 0 || m->sched[i].timed_out_task == task)
+      continue;
+    if (now - atomic_load(&slot->task_started_ns) < m->task_timeout_ns)
+      continue;
+    m->sched[i].timed_out_task = task;
+    kill(pid, SIGKILL);
+  }
+  pthread_mutex_unlock(&m->lock);
+}
+
+int gf_manager_collect(gf_manager *m, int control, gf_event_fn fn, void *ctx) {
+  int total = 0, rc = 0;
+  pthread_mutex_lock(&m->drain_lock);
+  for (uint32_t i = 0; i < m->seg->nslots; i++) {
+    if ((rc = gf_drain_slot(m, i, fn, ctx)) < 0)
+      goto done;
+    total += rc;
+  }
+  if (control) {
+    if ((rc = gf_read_control(m, fn, ctx)) < 0)
+      goto done;
+    total += rc;
+    gf_enforce_timeouts(m);
+  }
+  pthread_mutex_lock(&m->lock);
+  uint64_t wake = gf_dispatch_pending(m);
+  pthread_mutex_unlock(&m->lock);
+  gf_wake_slots(m, wake);
+  rc = total;
+
+done:
+  pthread_mutex_unlock(&m->drain_lock);
+  return rc;
+}
+
+int gf_manager_alloc(gf_manager *m, uint64_t len, uint64_t *off) {
+  pthread_mutex_lock(&m->alloc_lock);
+  int rc = gf_block_alloc(&m->arena, &m->seg->parent_region, len, off);
+  pthread_mutex_unlock(&m->alloc_lock);
+  return rc;
+}
+
+void gf_manager_close(gf_manager *m, int64_t timeout_ns) {
+  pthread_mutex_lock(&m->lock);
+  m->closing = 1;
+  while (m->pending_head != NULL) {
+    gf_pending *p = m->pending_head;
+    m->pending_head = p->next;
+    free(p);
+  }
+  m->pending_tail = NULL;
+  m->npending = 0;
+  pthread_mutex_unlock(&m->lock);
+
+  if (m->ctl_fd >= 0)
+    close(m->ctl_fd);
+  m->ctl_fd = -1;
+  if (m->template_pid > 0) {
+    /* The template sees EOF, kills its workers and exits; make sure of it. */
+    siginfo_t info;
+    struct pollfd exited = {.fd = m->template_pidfd, .events = POLLIN};
+    if (poll(&exited, 1, (int)(timeout_ns / 1000000)) <= 0)
+      kill(m->template_pid, SIGKILL);
+    waitid(P_PID, (id_t)m->template_pid, &info, WEXITED);
+    m->template_pid = 0;
+  }
+  int fds[] = {m->template_pidfd, m->ctl_child_fd, m->epoll_fd, m->stop_fd};
+  for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
+    if (fds[i] >= 0)
+      close(fds[i]);
+  m->template_pidfd = m->ctl_child_fd = m->epoll_fd = m->stop_fd = -1;
+  if (m->seg != NULL && m->seg->doorbell_fd >= 0) {
+    close(m->seg->doorbell_fd);
+    m->seg->doorbell_fd = -1;
+  }
+  free(m->sched);
+  m->sched = NULL;
+}
+
+void gf_manager_free(gf_manager *m) {
+  if (m->map != NULL)
+    munmap(m->map, m->map_size);
+  if (m->memfd >= 0)
+    close(m->memfd);
+  m->map = NULL;
+  m->seg = NULL;
+  m->memfd = -1;
+}

@@ -1,0 +1,119 @@
+/* A worker's side of its slot: take tasks, send results, track the blocks it references. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gf/workers.h"
+
+int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t slot, int fd) {
+  gf_segment *seg = (gf_segment *)map;
+  if (seg->magic != GF_SEGMENT_MAGIC || slot >= seg->nslots)
+    return -EINVAL;
+  memset(w, 0, sizeof(*w));
+  w->seg = seg;
+  w->arena.base = map + seg->size;
+  w->arena.size = seg->arena_size;
+  w->arena.fd = fd;
+  w->arena.offset = seg->size;
+  w->slot = &seg->slots[slot];
+  w->requests = gf_slot_requests(seg, slot);
+  w->responses = gf_slot_responses(seg, slot);
+  w->parent = getppid();
+  atomic_store(&w->slot->born_ns, gf_now_ns());
+  atomic_store(&w->slot->current_task, 0);
+  atomic_store(&w->slot->state, GF_SLOT_READY);
+  (void)map_size;
+  return 0;
+}
+
+int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *len) {
+  const void *at;
+  int rc;
+  /* Adaptive: a spin that ends with a task may be longer next time, one that ends asleep is
+   * halved, so that on a busy machine an idle worker stops taking the core from the parent. */
+  if (w->spin_ns == 0 || w->spin_ns > spin_ns)
+    w->spin_ns = spin_ns;
+  for (;;) {
+    int64_t start = gf_now_ns();
+    /* Sleep in one-second slices: PR_SET_PDEATHSIG covers the template's death, and this
+     * check covers the instant before it was set. */
+    rc = gf_ring_wait(w->requests, w->spin_ns, 1000000000);
+    if (gf_now_ns() - start > w->spin_ns)
+      w->spin_ns = w->spin_ns / 2 > 1000 ? w->spin_ns / 2 : 1000;
+    else if (w->spin_ns < spin_ns)
+      w->spin_ns = w->spin_ns * 2 < spin_ns ? w->spin_ns * 2 : spin_ns;
+    if (rc == 0 && gf_ring_peek(w->requests, &at, len) == 0) {
+      *msg = at;
+      return 0;
+    }
+    if (rc == -EINTR)
+      return rc;
+    if (getppid() != w->parent)
+      return -EPIPE;
+  }
+}
+
+void gf_worker_begin(gf_worker *w, uint64_t task_id, uint64_t bytes_in) {
+  /* current_task first: if we die before consuming, the parent finds the task both marked and
+   * still in the ring, and fails it rather than running it twice. */
+  atomic_store(&w->slot->task_started_ns, gf_now_ns());
+  atomic_store(&w->slot->current_task, task_id);
+  gf_ring_consume(w->requests);
+  atomic_fetch_add_explicit(&w->slot->bytes_in, bytes_in, memory_order_relaxed);
+}
+
+int gf_worker_hold(gf_worker *w, uint64_t block) {
+  for (int i = 0; i < GF_HOLDINGS; i++) {
+    if (w->slot->holdings[i] == 0) {
+      w->slot->holdings[i] = block;
+      return 0;
+    }
+  }
+  /* Full: the reference still works, it is only not released if this worker crashes. */
+  return -ENOSPC;
+}
+
+void gf_worker_release(gf_worker *w, uint64_t block) {
+  for (int i = 0; i < GF_HOLDINGS; i++) {
+    if (w->slot->holdings[i] == block) {
+      w->slot->holdings[i] = 0;
+      break;
+    }
+  }
+  gf_block_decref(&w->arena, block);
+}
+
+int gf_worker_reply(gf_worker *w, const struct iovec *iov, int iovcnt, uint64_t bytes_out) {
+  int rc;
+  struct timespec pause = {0, 50000};
+  /* The parent drains continuously; a full ring only means it is busy for a moment. */
+  while ((rc = gf_ring_write(w->responses, iov, iovcnt)) == -EAGAIN) {
+    if (getppid() != w->parent)
+      return -EPIPE;
+    nanosleep(&pause, NULL);
+  }
+  if (rc < 0)
+    return rc;
+  gf_slot *slot = w->slot;
+  int64_t started = atomic_load_explicit(&slot->task_started_ns, memory_order_relaxed);
+  atomic_fetch_add_explicit(&slot->busy_ns, (uint64_t)(gf_now_ns() - started),
+                            memory_order_relaxed);
+  atomic_fetch_add_explicit(&slot->tasks_done, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&slot->bytes_out, bytes_out, memory_order_relaxed);
+  atomic_store(&slot->current_task, 0);
+
+  atomic_thread_fence(memory_order_seq_cst);
+  if (atomic_load(&w->seg->parent_sleeping) && !atomic_load(&w->seg->parent_spinning)) {
+    uint64_t one = 1;
+    if (write(w->seg->doorbell_fd, &one, sizeof(one)) < 0) {
+      /* EAGAIN: the counter is saturated, the parent is woken anyway. */
+    }
+  }
+  return 0;
+}
+
+int gf_worker_alloc(gf_worker *w, uint64_t len, uint64_t *off) {
+  return gf_block_alloc(&w->arena, &w->slot->region, len, off);
+}

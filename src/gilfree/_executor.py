@@ -1,0 +1,216 @@
+"""What every gilfree pool shares: map/starmap/amap/run, lazy chunked input, ordering, progress.
+
+A pool subclasses PoolBase and provides ``submit`` and ``_submit_chunk(fn, items, star)``, a
+Future whose result is what ``run_chunk`` (from _worker) returns. Chunks are sized so that one takes about
+CHUNK_TARGET_S of worker time, and at most ``2 * workers + 2`` chunks are in flight: a
+generator of any length is consumed in bounded memory.
+"""
+import collections
+import concurrent.futures
+import itertools
+import sys
+import time
+
+from ._worker import run_chunk  # noqa: F401 - the chunk runner every pool sends
+
+CHUNK_TARGET_S = 0.02
+CHUNK_FIRST = 8
+CHUNK_MAX = 100_000
+
+
+def with_remote_traceback(exc, text):
+    """Attaches the worker's traceback text to exc as concurrent.futures does; returns exc."""
+    from concurrent.futures.process import _RemoteTraceback
+
+    exc.__cause__ = _RemoteTraceback(text)
+    return exc
+
+
+class _ChunkSizer:
+    """Grows chunks until one takes about CHUNK_TARGET_S of worker time."""
+
+    def __init__(self, chunksize):
+        self.fixed = None if chunksize == "auto" else int(chunksize)
+        if self.fixed is not None and self.fixed < 1:
+            raise ValueError("chunksize must be >= 1 or 'auto'")
+        self.size = self.fixed or CHUNK_FIRST
+
+    def observe(self, items, elapsed):
+        if self.fixed is not None or items == 0:
+            return
+        per_item = elapsed / items
+        wanted = CHUNK_MAX if per_item <= 0 else int(CHUNK_TARGET_S / per_item)
+        # Never more than quadruple at once: the first chunks' timings are noisy.
+        self.size = max(1, min(wanted, CHUNK_MAX, self.size * 4))
+
+
+class _Pipeline:
+    """Feeds chunks of an iterator to a pool, keeping a bounded number in flight."""
+
+    def __init__(self, pool, fn, items, star, chunksize, ordered):
+        self.pool = pool
+        self.fn = fn
+        self.items = iter(items)
+        self.star = star
+        self.sizer = _ChunkSizer(chunksize)
+        self.ordered = ordered
+        self.window = 2 * pool._max_workers + 2
+        self.inflight = collections.deque()  # (future, item count)
+        self.exhausted = False
+
+    def fill(self):
+        while not self.exhausted and len(self.inflight) < self.window:
+            chunk = list(itertools.islice(self.items, self.sizer.size))
+            if not chunk:
+                self.exhausted = True
+                break
+            self.inflight.append((self.pool._submit_chunk(self.fn, chunk, self.star), len(chunk)))
+
+    def finished(self):
+        return not self.inflight and self.exhausted
+
+    def take(self, future):
+        """Removes a completed chunk; returns its results or raises its first error."""
+        for i, (fut, count) in enumerate(self.inflight):
+            if fut is future:
+                del self.inflight[i]
+                break
+        results, error, elapsed = future.result()
+        self.sizer.observe(count, elapsed)
+        return results, error
+
+    def cancel(self):
+        for fut, _ in self.inflight:
+            fut.cancel()
+        self.inflight.clear()
+        self.exhausted = True
+
+
+class _Progress:
+    def __init__(self, enabled, items):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            total = len(items) if hasattr(items, "__len__") else None
+            self.bar = tqdm(total=total, file=sys.stderr)
+
+    def update(self, n):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PoolBase(concurrent.futures.Executor):
+    """map/starmap/amap/run and the context manager, over submit and _submit_chunk."""
+
+    _max_workers = 1
+
+    def _submit_chunk(self, fn, items, star):
+        raise NotImplementedError
+
+    def _interrupted(self):
+        """Called when Ctrl-C arrives while the caller waits on the pool."""
+
+    def run(self, fn, /, *args, **kwargs):
+        """Awaitable: the result of fn(*args, **kwargs) run in the pool."""
+        import asyncio
+
+        return asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def map(self, fn, *iterables, chunksize="auto", ordered=True, timeout=None, progress=False):
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        if len(iterables) == 1:
+            items, star = iterables[0], False
+        else:
+            items, star = zip(*iterables), True
+        return self._map(fn, items, star, chunksize, ordered, timeout, progress)
+
+    def starmap(self, fn, iterable, *, chunksize="auto", ordered=True, timeout=None, progress=False):
+        return self._map(fn, iterable, True, chunksize, ordered, timeout, progress)
+
+    def _map(self, fn, items, star, chunksize, ordered, timeout, progress):
+        pipeline = _Pipeline(self, fn, items, star, chunksize, ordered)
+        bar = _Progress(progress, items)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Like Executor.map, work starts now, not at the first next().
+        pipeline.fill()
+        return self._map_results(pipeline, bar, deadline)
+
+    def _map_results(self, pipeline, bar, deadline):
+        try:
+            while not pipeline.finished():
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if pipeline.ordered:
+                    future = pipeline.inflight[0][0]
+                    future.result(remaining)  # raises TimeoutError at the deadline
+                else:
+                    done, _ = concurrent.futures.wait(
+                        [f for f, _ in pipeline.inflight],
+                        timeout=remaining,
+                        return_when=concurrent.futures.FIRST_COMPLETED,
+                    )
+                    if not done:
+                        raise TimeoutError()
+                    future = next(iter(done))
+                results, error = pipeline.take(future)
+                pipeline.fill()
+                bar.update(len(results))
+                yield from results
+                if error is not None:
+                    raise with_remote_traceback(*error)
+        except KeyboardInterrupt:
+            pipeline.cancel()
+            self._interrupted()
+            raise
+        finally:
+            pipeline.cancel()
+            bar.close()
+
+    async def amap(self, fn, iterable, *, chunksize="auto", ordered=True, star=False, progress=False):
+        """Async iterator over fn(item) for each item, computed in the pool."""
+        import asyncio
+
+        pipeline = _Pipeline(self, fn, iterable, star, chunksize, ordered)
+        bar = _Progress(progress, iterable)
+        wrapped = {}
+        try:
+            pipeline.fill()
+            while not pipeline.finished():
+                for fut, _ in pipeline.inflight:
+                    if fut not in wrapped:
+                        wrapped[fut] = asyncio.wrap_future(fut)
+                if pipeline.ordered:
+                    future = pipeline.inflight[0][0]
+                    await wrapped[future]
+                else:
+                    done, _ = await asyncio.wait(
+                        [wrapped[f] for f, _ in pipeline.inflight],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    first = next(iter(done))
+                    future = next(f for f in wrapped if wrapped[f] is first)
+                wrapped.pop(future)
+                results, error = pipeline.take(future)
+                pipeline.fill()
+                bar.update(len(results))
+                for result in results:
+                    yield result
+                if error is not None:
+                    raise with_remote_traceback(*error)
+        finally:
+            pipeline.cancel()
+            bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is KeyboardInterrupt:
+            self._interrupted()
+        self.shutdown(wait=True)
+        return False

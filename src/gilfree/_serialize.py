@@ -1,0 +1,164 @@
+"""Pickling for the pool: protocol 5, large buffers out-of-band through the shared arena.
+
+`owner` is the process's end of the engine (``_engine.Engine`` in the parent,
+``_engine.Worker`` in a worker): ``export(buffer)`` places a buffer in the arena (or finds the
+block it already lives in) and returns a reference tuple; received references arrive as views:
+``bytes`` objects for exact bytes, ``SharedBuffer`` objects for everything else.
+"""
+import io
+# _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
+import _pickle as pickle
+import weakref
+
+from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
+
+def _memoryview_reduce(view):
+    return memoryview, (pickle.PickleBuffer(view),)
+
+
+class _BufferPickler(pickle.Pickler):
+    """Sends large exact bytes by persistent id (they arrive as bytes) and memoryviews as
+    PickleBuffers (they arrive as read-only memoryviews)."""
+
+    def __init__(self, file, owner, refs, buffer_callback):
+        super().__init__(file, 5, buffer_callback=buffer_callback)
+        self._owner = owner
+        self._refs = refs
+
+    def persistent_id(self, obj):
+        if type(obj) is bytes and len(obj) >= OUT_OF_BAND_MIN:
+            index = sum(1 for ref in self._refs if ref[3] & BUF_BYTES)
+            self._refs.append(self._owner.export(obj))
+            return index
+        return None
+
+    def reducer_override(self, obj):
+        if type(obj) is memoryview:
+            return _memoryview_reduce(obj)
+        return NotImplemented
+
+
+class _IdUnpickler(pickle.Unpickler):
+    def __init__(self, file, by_id, buffers):
+        super().__init__(file, buffers=buffers)
+        self._by_id = by_id
+
+    def persistent_load(self, pid):
+        return self._by_id[pid]
+
+
+class Codec:
+    """Encodes and decodes messages for one end of the engine."""
+
+    def __init__(self, owner):
+        self._owner = owner
+
+    def dumps(self, obj):
+        """Returns (payload, refs); refs hold arena references until the message is sent."""
+        if not has_large_buffer(obj):
+            # No large buffer within three levels, the common case: plain pickle. (One deeper
+            # still works, copied in-band.)
+            try:
+                payload = pickle.dumps(obj, 5)
+            except (TypeError, pickle.PicklingError, AttributeError):
+                pass  # a memoryview, or something only cloudpickle can do
+            else:
+                if b"__main__" not in payload:
+                    return payload, []
+        return self._dumps_large(obj)
+
+    def _dumps_large(self, obj):
+        """Large buffers out-of-band (bytes by persistent id, the rest by PickleBuffer), and
+        whatever the parent's __main__ defines by value."""
+        refs = []
+
+        def out_of_band(buffer):
+            view = buffer.raw()
+            if view.nbytes < OUT_OF_BAND_MIN:
+                return True
+            refs.append(self._owner.export(view))
+            return False
+
+        try:
+            try:
+                payload = self._dumps_with_ids(obj, refs, out_of_band)
+            except (TypeError, pickle.PicklingError, AttributeError):
+                # Classes or functions made at run time (e.g. in a task sent by value).
+                payload = b"__main__"
+            if b"__main__" in payload:
+                self.release(refs)
+                refs.clear()
+                import cloudpickle
+
+                payload = cloudpickle.dumps(obj, 5, buffer_callback=out_of_band)
+            return payload, refs
+        except BaseException:
+            self.release(refs)
+            raise
+
+    def _dumps_with_ids(self, obj, refs, out_of_band):
+        file = io.BytesIO()
+        _BufferPickler(file, self._owner, refs, out_of_band).dump(obj)
+        return file.getvalue()
+
+    def release(self, refs):
+        for ref in refs:
+            self._owner.release(ref[0])
+
+    @staticmethod
+    def loads(payload, views):
+        if not views:
+            return pickle.loads(payload)
+        by_id = [v for v in views if type(v) is bytes]
+        out_of_band = [v for v in views if type(v) is not bytes]
+        if not by_id:
+            return pickle.loads(payload, buffers=out_of_band)
+        return _IdUnpickler(io.BytesIO(payload), by_id, buffers=out_of_band).load()
+
+
+# ---------------------------------------------------------------- functions
+
+_blobs = weakref.WeakKeyDictionary()  # fn -> its pickled bytes
+_functions = {}  # worker side: pickled bytes -> fn
+_FUNCTIONS_KEPT = 1024
+
+
+def _pickles_by_reference(fn, blob):
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
+        return False
+    return b"__main__" not in blob
+
+
+def function_blob(fn):
+    """fn pickled once per function object: by reference when workers can import it, else by
+    value (cloudpickle: lambdas, closures, functions of __main__). Workers cache the function
+    under these bytes, so a task carries them but nobody unpickles them twice."""
+    try:
+        return _blobs[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        blob = pickle.dumps(fn, 5)
+    except Exception:
+        blob = None
+    if blob is None or not _pickles_by_reference(fn, blob):
+        import cloudpickle
+
+        blob = cloudpickle.dumps(fn, 5)
+    try:
+        _blobs[fn] = blob
+    except TypeError:
+        pass  # not weak-referenceable: pickled again next time
+    return blob
+
+
+def load_function(blob):
+    """Worker side: the function a blob names, unpickled once."""
+    fn = _functions.get(blob)
+    if fn is None:
+        if len(_functions) >= _FUNCTIONS_KEPT:
+            _functions.clear()
+        fn = _functions[blob] = pickle.loads(blob)
+    return fn

@@ -1,0 +1,126 @@
+"""The template process and the worker loop.
+
+The parent starts the template with ``python -c "...template_main()" memfd doorbell ctl nslots
+config *sys_path``. The template imports what the pool preloads and then serves fork requests
+(``_engine.serve_template``, in C); each forked child returns from it with its slot number and
+runs ``worker_main``.
+"""
+import binascii
+import importlib
+import os
+# _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
+import _pickle as pickle
+import signal
+import sys
+import time
+
+from . import _engine
+from ._serialize import Codec, load_function
+
+# A worker that just finished a task polls briefly for the next one before sleeping.
+NEXT_TASK_SPIN_S = 50e-6
+
+
+class WorkerConfig:
+    """What every worker of a pool is started with (pickled into the template's argv)."""
+
+    def __init__(self, initializer, initargs, max_tasks, max_memory, preload):
+        self.initializer = initializer
+        self.initargs = initargs
+        self.max_tasks = max_tasks
+        self.max_memory = max_memory
+        self.preload = preload
+
+
+def template_main():
+    memfd, _doorbell, ctl, nslots = (int(x) for x in sys.argv[1:5])
+    config = pickle.loads(binascii.a2b_base64(sys.argv[5]))
+    # The template runs in its own session; Ctrl-C belongs to the user's program.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for module in config.preload:
+        importlib.import_module(module)
+    slot = _engine.serve_template(ctl, nslots)
+    if slot is None:
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os._exit(worker_main(memfd, slot, config))
+
+
+def _error_payload(codec, exc):
+    """Pickles (exception, traceback text); an unpicklable exception travels as its repr."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return codec.dumps((exc, text))
+    except Exception:
+        return codec.dumps((RuntimeError(f"unpicklable exception {exc!r}"), text))
+
+
+def worker_main(memfd, slot, config):
+    if config.initializer is not None:
+        try:
+            config.initializer(*config.initargs)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            return 1
+    worker = _engine.Worker(memfd, slot)
+    codec = Codec(worker)
+    done = 0
+    while True:
+        task = worker.next(NEXT_TASK_SPIN_S)
+        if task is None:
+            return 0  # the template is gone
+        task_id, (kind, head, body, views) = task
+        try:
+            fn = load_function(head)
+            args = Codec.loads(body, views)
+            del body, views
+            if kind == _engine.MSG_CHUNK:
+                result = run_chunk(fn, *args)
+            else:
+                result = fn(*args[0], **args[1])
+            del fn, args
+            try:
+                data, refs = codec.dumps(result)
+                ok = True
+            except Exception as exc:
+                data, refs = _error_payload(codec, exc)
+                ok = False
+            del result
+        except BaseException as exc:
+            data, refs = _error_payload(codec, exc)
+            ok = False
+            del exc
+        worker.reply(task_id, ok, data, refs)
+        del data, refs
+        worker.scan()
+        done += 1
+        if (config.max_tasks and done >= config.max_tasks) or (
+            config.max_memory and _engine.rss() > config.max_memory
+        ):
+            worker.retire()
+            return 0
+
+
+def run_chunk(fn, items, star):
+    """Runs fn over items in order (fn(*item) when star). Returns (results, error, elapsed):
+    error is None or (exception, traceback text) for the first item that raised."""
+    results = []
+    append = results.append
+    start = time.perf_counter()
+    try:
+        if star:
+            for item in items:
+                append(fn(*item))
+        else:
+            for item in items:
+                append(fn(item))
+    except Exception as exc:
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return results, (exc, text), time.perf_counter() - start
+    return results, None, time.perf_counter() - start

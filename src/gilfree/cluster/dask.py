@@ -1,0 +1,661 @@
+"""gilfree's Pool API on a Dask distributed cluster.
+
+``DaskPool`` is ``gilfree._executor.PoolBase`` over ``distributed.Client.submit``: map, starmap,
+chunking, ``ordered=False``, ``progress``, ``run`` and ``amap`` come from PoolBase; this module
+only says how one call or one chunk runs on a Dask worker and how its outcome comes back.
+
+Each task is one cloudpickle payload ``(fn, args, kwargs)`` (lambdas and closures work) sent to
+``_execute`` on a worker; the outcome comes back pickled too, so errors keep their remote
+traceback text and ``stats()`` can count exact payload bytes. Shared buffers travel beside the
+payload as Dask futures (so the scheduler knows every task that needs one), and are swapped in by
+pickle's persistent-id hook wherever the handle sits inside the arguments.
+
+Threads: user threads call ``submit``; Dask's callback thread queues finished tasks
+(``_on_done``) for the pool's settler thread, which gathers their results in batches and settles
+the futures; the client's event loop delivers worker events (``_on_event``). ``_lock`` guards the
+bookkeeping they share, ``_done_cond`` the settler's queue.
+"""
+import ctypes
+import io
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+import warnings
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import wait as futures_wait
+
+import cloudpickle
+
+try:
+    import distributed
+except ImportError as exc:
+    raise ImportError("gilfree.Pool(cluster=...) needs Dask distributed: pip install 'gilfree[dask]'") from exc
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.scheduler import KilledWorker
+
+from .._executor import PoolBase, run_chunk, with_remote_traceback
+from ..errors import TaskTimeout, WorkerCrashed
+
+__all__ = ["DaskPool", "SharedHandle"]
+
+# A task still running this long after its async TaskTimeout is stuck in C code: restart its worker.
+_STUCK_GRACE_S = 1.0
+
+
+# ---------------------------------------------------------------- shared data
+
+
+class SharedHandle:
+    """A buffer broadcast to every Dask worker by ``DaskPool.share``.
+
+    Put it anywhere in a task's arguments (or a closure); inside the task it is a read-only
+    ``memoryview`` (or a read-only numpy array if a numpy array was shared). ``release()`` frees
+    the worker copies; they are freed anyway when the handle is garbage collected.
+    """
+
+    __slots__ = ("_future", "nbytes", "__weakref__")
+
+    def __init__(self, future, nbytes):
+        self._future = future
+        self.nbytes = nbytes
+
+    def release(self):
+        if self._future is not None:
+            self._future.release()
+            self._future = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def get(self):
+        """The shared data, as a task sees it (fetched from the cluster)."""
+        return _read_only(self._future.result())
+
+    def __reduce__(self):
+        raise TypeError("a SharedHandle only travels inside the arguments of its pool's tasks")
+
+    def __repr__(self):
+        state = "released" if self._future is None else self._future.key
+        return f"<SharedHandle {self.nbytes} bytes {state}>"
+
+
+class _TaskPickler(cloudpickle.Pickler):
+    """cloudpickle that replaces each SharedHandle with its index in ``self.futures``."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.futures = []
+        self._index = {}  # handle -> its index in futures, so a repeated handle travels once
+
+    def persistent_id(self, obj):
+        if type(obj) is not SharedHandle:
+            return None
+        if obj._future is None:
+            raise ValueError(f"{obj!r} was released")
+        if obj not in self._index:
+            self._index[obj] = len(self.futures)
+            self.futures.append(obj._future)
+        return self._index[obj]
+
+
+class _TaskUnpickler(pickle.Unpickler):
+    def __init__(self, file, shared):
+        super().__init__(file)
+        self._shared = shared
+
+    def persistent_load(self, index):
+        return _read_only(self._shared[index])
+
+
+def _read_only(value):
+    """The task's view of a shared buffer: zero-copy and not writable (tasks share one copy)."""
+    if isinstance(value, memoryview):
+        return value.toreadonly()
+    view = value.view()
+    view.flags.writeable = False
+    return view
+
+
+def _dump_task(obj):
+    """Returns (payload bytes, futures of the shared buffers the payload refers to)."""
+    buf = io.BytesIO()
+    pickler = _TaskPickler(buf)
+    pickler.dump(obj)
+    return buf.getvalue(), pickler.futures
+
+
+# ---------------------------------------------------------------- errors
+
+
+class RemoteTaskError(Exception):
+    """How a failed call travels from the worker: the pickled exception plus its traceback text.
+
+    Raised on the worker so that Dask marks the task erred; the pool unwraps it.
+    """
+
+    def __init__(self, summary, exc_bytes, tb_text):
+        super().__init__(summary, exc_bytes, tb_text)
+
+    def __str__(self):  # what Dask's logs and dashboard show
+        return self.args[0]
+
+    __repr__ = __str__
+
+
+def _portable_exception(exc, tb_text):
+    """Pickles exc for the trip home; an unpicklable exception travels as its repr."""
+    exc.__traceback__ = None  # the text carries the traceback; frames need not travel
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:
+        return cloudpickle.dumps(RuntimeError(f"unpicklable exception {exc!r}"))
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class _Watchdog:
+    """One thread per worker process that stops calls running past their task_timeout.
+
+    At the deadline it raises TaskTimeout inside the task's thread (PyThreadState_SetAsyncExc,
+    seen at the next bytecode). A call stuck in C code never sees it: after _STUCK_GRACE_S the
+    watchdog reports the task as stuck and the pool fails it and restarts the worker.
+    """
+
+    _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._armed = set()
+        threading.Thread(target=self._watch, name="gilfree-watchdog", daemon=True).start()
+
+    def arm(self, timeout, on_stuck):
+        entry = _Deadline(threading.get_ident(), time.monotonic() + timeout, on_stuck)
+        with self._cond:
+            self._armed.add(entry)
+            self._cond.notify()
+        return entry
+
+    def disarm(self, entry):
+        # Under the lock the watchdog cannot fire in between: after this, no TaskTimeout is
+        # pending in this thread to surface in Dask's own code.
+        with self._cond:
+            self._armed.discard(entry)
+            if entry.fired:
+                self._set_async_exc(entry.thread_id, None)
+
+    def _watch(self):
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for entry in list(self._armed):
+                    if not entry.fired and now >= entry.deadline:
+                        entry.fired = True
+                        entry.deadline = now + _STUCK_GRACE_S
+                        self._set_async_exc(entry.thread_id, id(TaskTimeout))
+                    elif entry.fired and now >= entry.deadline:
+                        self._armed.discard(entry)
+                        entry.on_stuck()
+                wake = min((e.deadline for e in self._armed), default=now + 3600)
+                self._cond.wait(max(0.0, wake - time.monotonic()))
+
+
+class _Deadline:
+    __slots__ = ("thread_id", "deadline", "on_stuck", "fired")
+
+    def __init__(self, thread_id, deadline, on_stuck):
+        self.thread_id = thread_id
+        self.deadline = deadline
+        self.on_stuck = on_stuck
+        self.fired = False
+
+
+_watchdog = None
+_watchdog_lock = threading.Lock()
+# Per-pool counters in this worker process, read by DaskPool.stats(); keyed by pool token. A
+# Dask worker may run several tasks at once in threads: every update holds _counters_lock.
+_counters = {}
+_counters_lock = threading.Lock()
+
+
+def _count(token, **deltas):
+    """Adds deltas to this process's counters for the pool; returns a copy of them."""
+    with _counters_lock:
+        counters = _counters.get(token)
+        if counters is None:
+            counters = _counters[token] = dict(
+                started=time.monotonic(), tasks=0, busy_s=0.0, bytes_in=0, bytes_out=0, running=0
+            )
+        for name, delta in deltas.items():
+            counters[name] += delta
+        return dict(counters)
+
+
+def _with_timeout(fn, timeout, token):
+    """fn, stopped with TaskTimeout when one call of it runs longer than timeout seconds."""
+    global _watchdog
+    with _watchdog_lock:
+        if _watchdog is None:
+            _watchdog = _Watchdog()
+    worker = distributed.get_worker()
+    key = worker.get_current_task()
+
+    def report_stuck():
+        worker.log_event(
+            f"gilfree-{token}",
+            {"kind": "stuck", "key": key, "timeout": timeout, "address": worker.address, "pid": os.getpid()},
+        )
+
+    def timed(*args, **kwargs):
+        entry = _watchdog.arm(timeout, report_stuck)
+        try:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _watchdog.disarm(entry)
+        except TaskTimeout:
+            if not entry.fired:
+                raise
+            raise TaskTimeout(f"the task ran past task_timeout={timeout}s") from None
+
+    return timed
+
+
+def _execute(token, kind, payload, timeout, *shared):
+    """The Dask task: run one call ("call") or one chunk ("chunk") of a DaskPool on this worker.
+
+    payload pickles (fn, args, kwargs) for a call, (fn, items, star) for a chunk; shared are the
+    values of the SharedHandles it refers to.
+    Returns the pickled outcome. A failed call raises RemoteTaskError; a chunk returns its error
+    beside the results before it, as ``run_chunk`` does.
+    """
+    _count(token, running=1, bytes_in=len(payload))
+    started = time.perf_counter()
+    tasks = bytes_out = 0
+    try:
+        fn, args, extra = _TaskUnpickler(io.BytesIO(payload), shared).load()
+        if timeout is not None:
+            fn = _with_timeout(fn, timeout, token)
+        if kind == "call":  # extra: the keyword arguments
+            tasks = 1
+            failure = None
+            try:
+                outcome = fn(*args, **extra)
+            except Exception as exc:
+                tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                failure = (f"{type(exc).__qualname__}: {exc}", _portable_exception(exc, tb_text), tb_text)
+            if failure is not None:
+                # Raised outside the except block: the user's exception must not ride along as
+                # __context__ (Dask pickles the chain, and it may not pickle).
+                raise RemoteTaskError(*failure)
+        else:  # a chunk: args are the items, extra says whether to star them
+            results, error, elapsed = run_chunk(fn, args, extra)
+            tasks = len(results) + (error is not None)
+            if error is not None:
+                error = (_portable_exception(*error), error[1])
+            outcome = (results, error, elapsed)
+        out = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        bytes_out = len(out)
+        return out
+    finally:
+        _count(token, running=-1, tasks=tasks, bytes_out=bytes_out, busy_s=time.perf_counter() - started)
+
+
+def _worker_stats(token, dask_worker):
+    counters = _count(token)
+    counters["uptime_s"] = time.monotonic() - counters.pop("started")
+    counters.update(pid=os.getpid(), name=dask_worker.name, nthreads=dask_worker.state.nthreads)
+    return counters
+
+
+class _PoolPlugin(WorkerPlugin):
+    """Runs the pool's preload imports and initializer in every worker process, including
+    workers that join or restart later, and announces each worker start to the pool."""
+
+    def __init__(self, token, setup_bytes):
+        self.token = token
+        self.setup_bytes = setup_bytes  # cloudpickled (initializer, initargs, preload)
+
+    async def setup(self, worker):
+        initializer, initargs, preload = pickle.loads(self.setup_bytes)
+        for module in preload:
+            __import__(module)
+        _count(self.token)
+        if initializer is not None:
+            initializer(*initargs)
+        # By RPC: a starting worker runs plugins before its event stream to the scheduler is
+        # up, and Worker.log_event drops what it cannot send yet.
+        await worker.scheduler.log_event(
+            topic=f"gilfree-{self.token}", msg={"kind": "start", "name": str(worker.name), "pid": os.getpid()}
+        )
+
+    def teardown(self, worker):
+        with _counters_lock:
+            _counters.pop(self.token, None)
+
+
+# ---------------------------------------------------------------- client side
+
+
+class _ClusterFuture(Future):
+    """A concurrent.futures.Future over a Dask future; cancelling it cancels the Dask task."""
+
+    def __init__(self, dask_future, decode):
+        super().__init__()
+        self.dask_future = dask_future
+        self.decode = decode  # turns the task's pickled outcome into this future's result
+
+    def cancel(self):
+        if not super().cancel():
+            return False
+        self.dask_future.cancel()
+        return True
+
+
+class DaskPool(PoolBase):
+    """The gilfree Pool API on a Dask distributed cluster.
+
+    ``cluster`` is a scheduler address (``"tcp://host:8786"``), a ``distributed.Client`` (used as
+    is, never closed by the pool) or a Dask cluster object such as ``LocalCluster``.
+    ``max_workers`` is the parallelism the pool plans chunking for (default: the cluster's
+    threads); Dask decides placement. ``task_timeout`` fails a call with TaskTimeout;
+    ``initializer``/``initargs`` and ``preload`` run in every worker process. Worker recycling
+    (``max_tasks_per_worker``) and memory caps (``max_memory_per_worker``) belong to the Dask
+    workers' own configuration (``dask worker --memory-limit``, ``--lifetime``); the pool warns
+    and ignores them.
+    """
+
+    def __init__(
+        self,
+        cluster,
+        max_workers=None,
+        *,
+        initializer=None,
+        initargs=(),
+        task_timeout=None,
+        max_tasks_per_worker=None,
+        max_memory_per_worker=None,
+        preload=(),
+    ):
+        if max_tasks_per_worker is not None:
+            warnings.warn(
+                "max_tasks_per_worker does not apply to a Dask cluster; use `dask worker --lifetime` "
+                "to recycle workers", stacklevel=2,
+            )
+        if max_memory_per_worker is not None:
+            warnings.warn(
+                "max_memory_per_worker does not apply to a Dask cluster; use `dask worker "
+                "--memory-limit` (the nanny restarts a worker past it)", stacklevel=2,
+            )
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be > 0")
+        if isinstance(cluster, distributed.Client):
+            self._client, self._owns_client = cluster, False
+        else:
+            self._client, self._owns_client = distributed.Client(cluster, set_as_default=False), True
+        if self._client.asynchronous:
+            raise ValueError("DaskPool needs a synchronous distributed.Client (asynchronous=False)")
+        self._token = uuid.uuid4().hex
+        self._topic = f"gilfree-{self._token}"
+        self._task_timeout = task_timeout
+        self._lock = threading.Lock()
+        self._outstanding = {}  # dask key -> _ClusterFuture, until settled
+        self._tasks_done = 0
+        self._stuck_handlers = []
+        self._shutdown = False
+        setup_bytes = cloudpickle.dumps((initializer, tuple(initargs), tuple(preload)))
+        try:
+            # Runs setup on every current worker now, raising the initializer's error here.
+            self._client.register_plugin(_PoolPlugin(self._token, setup_bytes), name=self._topic)
+        except BaseException:
+            self._close_client()
+            raise
+        self._client.subscribe_topic(self._topic, self._on_event)
+        self._done_cond = threading.Condition()
+        self._done = []  # finished Dask futures the settler thread has not taken yet
+        self._settler_stop = False
+        self._settler = threading.Thread(target=self._settle_loop, name="gilfree-dask-settler", daemon=True)
+        self._settler.start()
+        # PoolBase sizes its read-ahead window on this.
+        self._max_workers = max_workers or max(1, sum(self._client.nthreads().values()))
+
+    # -- what PoolBase builds on
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self._submit("call", fn, args, kwargs, _decode_call)
+
+    def _submit_chunk(self, fn, items, star):
+        return self._submit("chunk", fn, items, star, _decode_chunk)
+
+    def _submit(self, kind, fn, args, extra, decode):
+        payload, shared = _dump_task((fn, args, extra))
+        name = getattr(fn, "__name__", type(fn).__name__).replace("<", "").replace(">", "")
+        key = f"{name}-{uuid.uuid4().hex}"
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            dask_future = self._client.submit(
+                _execute, self._token, kind, payload, self._task_timeout, *shared, key=key, pure=False
+            )
+            self._outstanding[key] = _ClusterFuture(dask_future, decode)
+            future = self._outstanding[key]
+        dask_future.add_done_callback(self._on_done)
+        return future
+
+    def _on_done(self, dask_future):
+        """Runs in Dask's callback thread: hands the finished Dask task to the settler thread."""
+        with self._done_cond:
+            self._done.append(dask_future)
+            self._done_cond.notify()
+
+    def _settle_loop(self):
+        """The settler thread: fetches finished results in batches, one round trip per batch
+        rather than one per task, and settles their futures."""
+        while True:
+            with self._done_cond:
+                while not self._done and not self._settler_stop:
+                    self._done_cond.wait()
+                if not self._done:
+                    return
+                batch, self._done = self._done, []
+            finished = [f for f in batch if f.status == "finished"]
+            try:
+                outs = dict(zip([f.key for f in finished], self._client.gather(finished)))
+            except Exception:  # e.g. a result was lost with its worker: fetch one by one below
+                outs = {}
+            for dask_future in batch:
+                self._settle(dask_future, outs)
+
+    def _settle(self, dask_future, outs):
+        with self._lock:
+            future = self._outstanding.get(dask_future.key)
+        if future is None:
+            return
+        try:
+            out = outs[dask_future.key] if dask_future.key in outs else dask_future.result()
+            value, error = future.decode(out), None
+            done_count = len(value[0]) + (value[1] is not None) if future.decode is _decode_chunk else 1
+        except CancelledError:
+            if not future.cancelled():
+                future.cancel()
+            value, error, done_count = None, None, 0
+        except BaseException as exc:
+            value, error, done_count = None, _translate(exc), 1
+        if not self._claim(future, dask_future.key, done_count):
+            return  # cancelled, or already failed by a stuck-task report
+        # Outside the lock: done-callbacks may submit more work (PoolBase's read-ahead).
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+    def _claim(self, future, key, done_count):
+        """Moves future to RUNNING if nobody settled or cancelled it yet; True if this call did."""
+        with self._lock:
+            self._outstanding.pop(key, None)
+            try:
+                # PENDING -> RUNNING (ours); CANCELLED -> CANCELLED_AND_NOTIFIED, which wakes
+                # concurrent.futures.wait(); RuntimeError: already settled.
+                if not future.set_running_or_notify_cancel():
+                    return False
+            except RuntimeError:
+                return False
+            self._tasks_done += done_count
+            return True
+
+    def _on_event(self, event):
+        """Runs on the client's event loop for each event a worker logged for this pool."""
+        _, msg = event
+        if msg["kind"] == "stuck":
+            # Client calls block: never on the event loop.
+            thread = threading.Thread(target=self._fail_stuck, args=(msg,), name="gilfree-stuck-task")
+            with self._lock:
+                self._stuck_handlers.append(thread)
+            thread.start()
+
+    def _fail_stuck(self, msg):
+        """A task ignored its TaskTimeout (stuck in C code): fail it, and kill its worker process
+        (the Dask nanny starts a new one) since its thread is lost until the C call returns."""
+        with self._lock:
+            future = self._outstanding.get(msg["key"])
+        if future is None or not self._claim(future, msg["key"], 1):
+            return
+        future.set_exception(
+            TaskTimeout(f"the task ran past task_timeout={msg['timeout']}s; its worker was restarted")
+        )
+        # Forgotten by the scheduler first, so the worker's death does not reschedule it.
+        future.dask_future.cancel()
+        self._client.run(_kill_process, msg["pid"], workers=[msg["address"]], nanny=True, on_error="ignore")
+
+    # -- the rest of the Pool API
+
+    def share(self, buf):
+        """Broadcasts ``buf`` (bytes-like or numpy array) to every worker; returns a SharedHandle
+        that tasks receive as a read-only view of the worker's single copy."""
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and isinstance(buf, numpy.ndarray):
+            data = buf
+        else:
+            data = memoryview(buf).cast("B")
+        future = self._client.scatter(data, broadcast=True, hash=False)
+        return SharedHandle(future, data.nbytes)
+
+    def stats(self):
+        per_worker = self._client.run(_worker_stats, self._token, on_error="return")
+        # The scheduler keeps the pool's events: every worker process that started for the pool
+        # announced (name, pid); more than one pid under a name are restarts.
+        pids_by_name = {}
+        for _, msg in self._client.get_events(self._topic):
+            if msg["kind"] == "start":
+                pids_by_name.setdefault(msg["name"], set()).add(msg["pid"])
+        rows = []
+        for address in sorted(per_worker):
+            s = per_worker[address]
+            if isinstance(s, BaseException):  # a worker that is restarting right now
+                continue
+            restarts = max(0, len(pids_by_name.get(str(s["name"]), ())) - 1)
+            rows.append({
+                "slot": len(rows),
+                "pid": s["pid"],
+                "tasks": s["tasks"],
+                "busy_s": s["busy_s"],
+                "idle_s": max(0.0, s["uptime_s"] * s["nthreads"] - s["busy_s"]),
+                "bytes_in": s["bytes_in"],
+                "bytes_out": s["bytes_out"],
+                "restarts": restarts,
+                "busy": s["running"] > 0,
+                "address": address,
+                "name": s["name"],
+                "nthreads": s["nthreads"],
+            })
+        with self._lock:
+            outstanding, tasks = len(self._outstanding), self._tasks_done
+        running = sum(per_worker[r["address"]]["running"] for r in rows)
+        return {
+            "workers": rows,
+            "tasks": tasks,
+            "queued": max(0, outstanding - running),
+            "running": running,
+            "busy_workers": sum(r["busy"] for r in rows),
+            "restarts": sum(r["restarts"] for r in rows),
+            "bytes_in": sum(r["bytes_in"] for r in rows),
+            "bytes_out": sum(r["bytes_out"] for r in rows),
+        }
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            pending = list(self._outstanding.values())
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            self._release(pending)
+        else:
+            threading.Thread(target=self._release, args=(pending,), name="gilfree-dask-shutdown", daemon=True).start()
+
+    def _release(self, pending):
+        """Waits for the pool's last tasks, then lets go of what the pool holds on the cluster."""
+        futures_wait(pending)
+        for thread in self._stuck_handlers:
+            thread.join()
+        with self._done_cond:
+            self._settler_stop = True
+            self._done_cond.notify()
+        self._settler.join()
+        self._client.unsubscribe_topic(self._topic)
+        self._client.unregister_worker_plugin(self._topic)
+        self._close_client()
+
+    def _close_client(self):
+        if self._owns_client:
+            self._client.close()
+
+    @property
+    def client(self):
+        """The distributed.Client the pool submits to."""
+        return self._client
+
+
+def _kill_process(pid, dask_worker):
+    """Run on the nanny of the worker process pid: kill that process if it is still the worker."""
+    if dask_worker.pid == pid:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _decode_call(out):
+    return pickle.loads(out)
+
+
+def _decode_chunk(out):
+    """The chunk's outcome as run_chunk returned it on the worker."""
+    results, error, elapsed = pickle.loads(out)
+    if error is not None:
+        error = (pickle.loads(error[0]), error[1])
+    return results, error, elapsed
+
+
+def _translate(exc):
+    """The gilfree exception for what a Dask future raised."""
+    if isinstance(exc, RemoteTaskError):
+        _, exc_bytes, tb_text = exc.args
+        return with_remote_traceback(pickle.loads(exc_bytes), tb_text)
+    if isinstance(exc, KilledWorker):
+        last = exc.last_worker
+        return WorkerCrashed(
+            pid=getattr(last, "pid", None),
+            detail=f"{exc.allowed_failures + 1} Dask workers died while running this task "
+            f"(last: {getattr(last, 'address', last)}, pid {getattr(last, 'pid', '?')})",
+        )
+    return exc

@@ -1,0 +1,9 @@
+"""gilfree.images: an image-processing HTTP service whose event loop never does image work.
+
+``python -m gilfree.images --host 127.0.0.1 --port 8080 [--workers N] [--root DIR]
+[--executor pool|threads|mp]``; see docs/images.md. Needs the ``images`` extra (aiohttp, Pillow).
+"""
+from .app import Config, create_app
+from .server import serve
+
+__all__ = ["Config", "create_app", "serve"]

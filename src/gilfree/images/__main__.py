@@ -1,0 +1,46 @@
+"""python -m gilfree.images: the image service (see docs/images.md)."""
+import argparse
+import asyncio
+import os
+import sys
+
+from .app import MB, Config
+from .executors import KINDS
+from .server import serve
+
+
+def parse_args(argv):
+    defaults = Config()
+    p = argparse.ArgumentParser(prog="python -m gilfree.images", description=__doc__)
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=int, default=defaults.port, help="0 lets the OS choose (printed on start)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image workers (default: one per core)")
+    p.add_argument("--root", help="directory GET /v1/transform/<path> reads from (nothing outside it)")
+    p.add_argument("--executor", choices=KINDS, default=defaults.executor,
+                   help="pool: gilfree.Pool (default); threads and mp: the naive and the textbook ways, for comparison")
+    p.add_argument("--max-body-mb", type=float, default=defaults.max_body / MB, help="413 above (default 25)")
+    p.add_argument("--max-megapixels", type=float, default=defaults.max_pixels / 1e6, help="422 above (default 50)")
+    p.add_argument("--budget", type=float, default=defaults.budget, help="seconds per request, then 504 (default 10)")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="requests waiting beyond one per worker, then 503 (default 128)")
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.max_queue < 0 or args.budget <= 0:
+        p.error("--workers must be >= 1, --max-queue >= 0, --budget > 0")
+    return Config(host=args.host, port=args.port, workers=args.workers, root=args.root, executor=args.executor,
+                  max_body=int(args.max_body_mb * MB), max_pixels=int(args.max_megapixels * 1e6),
+                  budget=args.budget, max_queue=args.max_queue)
+
+
+def main(argv=None):
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+
+    def ready(port):
+        print(f"gilfree.images listening on http://{config.host}:{port} "
+              f"(executor={config.executor}, workers={config.workers})", flush=True)
+
+    asyncio.run(serve(config, ready))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The HTTP front: an aiohttp app whose event loop parses, admits and answers, never decodes.
+
+Threading model: one event loop thread owns the app, the metrics and the admission count; image
+work runs in the executor (gilfree.Pool workers by default). The loop only waits on futures, so
+/health stays fast however busy the workers are.
+"""
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..errors import TaskTimeout, WorkerCrashed
+from . import ops
+from .executors import make_executor
+from .metrics import Metrics
+from .spec import ImageError, parse
+
+MB = 1 << 20
+_ACCEPTED_TYPES = ("application/octet-stream",)  # and image/*; aiohttp reports a missing type as octet-stream
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = os.cpu_count() or 1
+    root: str | None = None
+    executor: str = "pool"
+    max_body: int = 25 * MB
+    max_pixels: int = 50_000_000
+    budget: float = 10.0
+    max_queue: int = 128  # waiting requests beyond one per worker, then 503
+
+
+class Service:
+    """One running service: config, executor, metrics and the admission count."""
+
+    def __init__(self, config, executor):
+        self.config = config
+        self.executor = executor
+        self.metrics = Metrics()
+        self.in_flight = 0  # event loop thread only
+        self.capacity = config.workers + config.max_queue
+        self.root = os.path.realpath(config.root) if config.root else None
+
+    async def transform_body(self, request):
+        spec = parse(request.query.items(), self.config.max_pixels)
+        if request.content_type not in _ACCEPTED_TYPES and not request.content_type.startswith("image/"):
+            raise ImageError(415, "unsupported_media_type",
+                             f"Content-Type {request.content_type!r}: send the image as image/* or application/octet-stream")
+        self._check_length(request.content_length)
+        async with self._admitted():
+            body = await self._read_body(request)
+            if not body:
+                raise ImageError(415, "unsupported_media_type", "the request body is empty: not an image")
+            return await self._run(request, body, spec)
+
+    async def transform_path(self, request):
+        spec = parse(request.query.items(), self.config.max_pixels)
+        path = self._confine(request.match_info["path"])
+        async with self._admitted():
+            return await self._run(request, path, spec)
+
+    async def health(self, request):
+        return web.json_response({"status": "ok"})
+
+    async def metrics_text(self, request):
+        text = self.metrics.render(self.executor.stats(), self.config.workers, self.in_flight)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    def _check_length(self, length):
+        if length is not None and length > self.config.max_body:
+            raise ImageError(413, "payload_too_large", f"body of {length} bytes is over the {self.config.max_body} byte limit")
+
+    async def _read_body(self, request):
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            self._check_length(size)  # chunked bodies declare no length: stop at the limit
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _confine(self, relative):
+        """The real path of relative under --root, or 404: no '..', no absolute path, no symlink out."""
+        not_found = ImageError(404, "not_found", "no such image")
+        if self.root is None:
+            raise ImageError(404, "not_found", "the service was started without --root")
+        if relative.startswith("/") or "\0" in relative or ".." in relative.split("/"):
+            raise not_found
+        real = os.path.realpath(os.path.join(self.root, relative))
+        if os.path.commonpath((self.root, real)) != self.root or not os.path.isfile(real):
+            raise not_found
+        return real
+
+    def _admitted(self):
+        if self.in_flight >= self.capacity:
+            raise ImageError(503, "overloaded",
+                             f"{self.in_flight} requests in flight, the limit is {self.capacity}; retry shortly")
+        return _InFlight(self)
+
+    async def _run(self, request, source, spec):
+        deadline = request["started"] + self.config.budget
+        future = self.executor.submit(ops.transform, source, spec)
+        try:
+            body, mime, width, height = await asyncio.wait_for(asyncio.wrap_future(future), deadline - time.monotonic())
+        except TaskTimeout:
+            raise ImageError(504, "timeout", f"over the {self.config.budget:g} s budget; its worker was replaced") from None
+        except TimeoutError:  # the wait ended: the task is cancelled if queued, else the pool stops it
+            raise ImageError(504, "timeout", f"over the {self.config.budget:g} s budget") from None
+        except WorkerCrashed as exc:
+            raise ImageError(500, "worker_crashed", f"{exc}; the worker was replaced") from None
+        return web.Response(body=body, content_type=mime, headers={"X-Image-Size": f"{width}x{height}"})
+
+
+SERVICE = web.AppKey("service", Service)
+
+
+class _InFlight:
+    """Counts a request as in flight from admission to answer."""
+
+    def __init__(self, service):
+        self.service = service
+
+    async def __aenter__(self):
+        self.service.in_flight += 1
+
+    async def __aexit__(self, *exc):
+        self.service.in_flight -= 1
+
+
+def _error(status, error, detail):
+    response = web.json_response({"error": error, "detail": detail}, status=status,
+                                 dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
+    if status == 503:
+        response.headers["Retry-After"] = "1"
+    if status == 413:
+        response.force_close()  # do not drain a body we refused
+    return response
+
+
+@web.middleware
+async def _errors_as_json(request, handler):
+    request["started"] = time.monotonic()
+    service = request.app[SERVICE]
+    try:
+        response = await handler(request)
+    except ImageError as exc:
+        response = _error(exc.status, exc.error, exc.detail)
+    except web.HTTPException as exc:  # routing: unknown path, wrong method
+        response = _error(exc.status, exc.reason.lower().replace(" ", "_"), f"{request.method} {request.path}: {exc.reason}")
+        if "Allow" in exc.headers:  # 405 names the methods the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception as exc:  # a bug: answer, log, stay up
+        request.app.logger.exception("unexpected error on %s %s", request.method, request.path)
+        response = _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    if request.path.startswith("/v1/transform"):
+        service.metrics.observe(response.status, time.monotonic() - request["started"])
+    return response
+
+
+def create_app(config):
+    """The aiohttp Application; its executor starts with the app and shuts down with it."""
+    app = web.Application(middlewares=[_errors_as_json], client_max_size=config.max_body)
+
+    async def executor_lifetime(app):
+        executor = make_executor(config.executor, config.workers, config.budget)
+        app[SERVICE] = Service(config, executor)
+        yield
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    app.cleanup_ctx.append(executor_lifetime)
+    app.router.add_post("/v1/transform", _transform_body)
+    app.router.add_get("/v1/transform/{path:.+}", _transform_path)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _transform_body(request):
+    return await request.app[SERVICE].transform_body(request)
+
+
+async def _transform_path(request):
+    return await request.app[SERVICE].transform_path(request)
+
+
+async def _health(request):
+    return await request.app[SERVICE].health(request)
+
+
+async def _metrics(request):
+    return await request.app[SERVICE].metrics_text(request)

@@ -1,0 +1,183 @@
+"""Worker-side image work: pure functions of (source, Spec), importable by name so they pickle.
+
+Order of operations: decode (JPEG draft mode when the target is much smaller) -> EXIF orientation
+-> crop -> resize (w, h, fit) -> rotate (clockwise) -> flip -> grayscale -> blur -> sharpen -> encode.
+Metadata (EXIF, XMP, comments) is dropped; the ICC colour profile is kept so colours stay right.
+"""
+import io
+import zlib
+
+from PIL import Image, ImageFilter, ImageOps
+
+from .spec import MAX_SIDE, ImageError
+
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+# The pixel limit is checked here against the header before decoding, with the operator's value;
+# Pillow's own fixed bomb check would otherwise warn or refuse on its different threshold.
+Image.MAX_IMAGE_PIXELS = None
+
+_ORIENTATION_TAG = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter
+_ROTATE_CLOCKWISE = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+_FLIP = {"h": Image.Transpose.FLIP_LEFT_RIGHT, "v": Image.Transpose.FLIP_TOP_BOTTOM}
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+# Decoders report truncated or corrupt data with any of these.
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, zlib.error, Image.DecompressionBombError)
+
+
+def transform(source, spec):
+    """Runs ``spec`` on ``source`` (image bytes, or a path to read). Returns (bytes, mime, w, h).
+
+    Raises ImageError for anything the client must hear about (404, 415, 422, 400).
+    """
+    image = _open(source, spec)
+    fmt = spec.format or _default_format(image.format)
+    try:
+        _draft(image, spec)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except _CORRUPT as exc:
+        raise ImageError(422, "corrupt_image", f"cannot decode the {image.format} image: {exc}") from None
+    icc = image.info.get("icc_profile")
+    if spec.crop:
+        image = _crop(image, spec.crop)
+    image = _resize(image, spec)
+    if spec.rotate:
+        image = image.transpose(_ROTATE_CLOCKWISE[spec.rotate])
+    if spec.flip:
+        image = image.transpose(_FLIP[spec.flip])
+    if spec.grayscale:
+        image = image.convert("LA" if _has_alpha(image) else "L")
+    if spec.blur:
+        image = image.filter(ImageFilter.GaussianBlur(spec.blur))
+    if spec.sharpen:
+        image = image.filter(ImageFilter.SHARPEN)
+    return _encode(image, fmt, spec.quality, icc), MIME[fmt], image.width, image.height
+
+
+def _open(source, spec):
+    if isinstance(source, str):
+        try:
+            with open(source, "rb") as f:
+                source = f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ImageError(404, "not_found", "no such image") from None
+    try:
+        image = Image.open(io.BytesIO(source), formats=SOURCE_FORMATS)
+    except Image.UnidentifiedImageError:
+        if _signed(source):  # the right magic bytes, an unreadable header: damaged, not foreign
+            raise ImageError(422, "corrupt_image", "the image header is damaged or truncated") from None
+        raise ImageError(415, "unsupported_media_type",
+                         "not an image, or not one of " + ", ".join(SOURCE_FORMATS)) from None
+    except _CORRUPT as exc:
+        raise ImageError(422, "corrupt_image", f"cannot read the image header: {exc}") from None
+    pixels = image.width * image.height
+    if pixels > spec.max_pixels:
+        raise ImageError(422, "too_many_pixels",
+                         f"{image.width}x{image.height} is {pixels} pixels, over the {spec.max_pixels} limit")
+    return image
+
+
+def _signed(data):
+    head = bytes(data[:12])
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _default_format(source_format):
+    name = (source_format or "").lower()
+    return name if name in MIME else "png"
+
+
+def _draft(image, spec):
+    """Lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is at least twice smaller."""
+    if image.format != "JPEG" or spec.crop or not (spec.w or spec.h):
+        return
+    width, height = image.size
+    quarter_turn = image.getexif().get(_ORIENTATION_TAG) in _SWAPS_SIDES
+    if quarter_turn:
+        width, height = height, width
+    target = _target_size((width, height), spec)
+    # cover and fill need the source to cover the box on both sides; contain and inside on one.
+    scale = (max if spec.fit in ("cover", "fill") else min)(target[0] / width, target[1] / height)
+    # Twice the needed size keeps the final Lanczos step's quality (Pillow's thumbnail does the same).
+    need = (width * scale * 2, height * scale * 2)
+    if quarter_turn:
+        need = need[::-1]
+    image.draft(image.mode, (max(1, int(need[0])), max(1, int(need[1]))))
+
+
+def _target_size(size, spec):
+    """The box the resize aims at: (w, h) given, or the missing side from the aspect ratio."""
+    width, height = size
+    if spec.w and spec.h:
+        return spec.w, spec.h
+    if spec.w:
+        return spec.w, max(1, round(height * spec.w / width))
+    if spec.h:
+        return max(1, round(width * spec.h / height)), spec.h
+    return None
+
+
+def _crop(image, box):
+    x, y, w, h = box
+    if x + w > image.width or y + h > image.height:
+        raise ImageError(400, "bad_value",
+                         f"op 'crop': {x},{y},{w},{h} reaches outside the {image.width}x{image.height} image")
+    return image.crop((x, y, x + w, y + h))
+
+
+def _resize(image, spec):
+    target = _target_size(image.size, spec)
+    if target is None:
+        return image
+    width, height = image.size
+    box_w, box_h = target
+    if box_w * box_h > spec.max_pixels or max(box_w, box_h) > MAX_SIDE:
+        raise ImageError(422, "output_too_large", f"the output would be {box_w}x{box_h} pixels")
+    if not (spec.w and spec.h) or spec.fit == "fill":
+        return _lanczos(image, (box_w, box_h))
+    if spec.fit == "cover":
+        scale = max(box_w / width, box_h / height)
+        crop_w, crop_h = box_w / scale, box_h / scale
+        left, top = (width - crop_w) / 2, (height - crop_h) / 2
+        return _lanczos(image, (box_w, box_h), (left, top, left + crop_w, top + crop_h))
+    scale = min(box_w / width, box_h / height)
+    inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = _lanczos(image, inner)
+    if spec.fit == "inside":
+        return image
+    # contain: letterbox into exactly w x h, transparent where the image has alpha, black otherwise.
+    mode = image.mode if image.mode in ("RGB", "RGBA", "L", "LA") else "RGBA" if _has_alpha(image) else "RGB"
+    canvas = Image.new(mode, (box_w, box_h))
+    canvas.paste(image.convert(mode), ((box_w - inner[0]) // 2, (box_h - inner[1]) // 2))
+    return canvas
+
+
+def _lanczos(image, size, box=None):
+    if image.mode == "P":
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+    # reducing_gap=3: integer pre-reduction first; Pillow documents it as indistinguishable from fair.
+    return image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def _has_alpha(image):
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def _encode(image, fmt, quality, icc):
+    out = io.BytesIO()
+    options = {"icc_profile": icc} if icc else {}
+    if fmt == "jpeg":
+        if image.mode not in ("RGB", "L", "CMYK"):
+            image = image.convert("L" if image.mode in ("LA", "I", "I;16", "F") else "RGB")
+        image.save(out, "JPEG", quality=quality, **options)
+    elif fmt == "webp":
+        if image.mode not in ("RGB", "RGBA"):
+            image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+        image.save(out, "WEBP", quality=quality, **options)
+    else:  # png: lossless, quality does not apply
+        if image.mode == "CMYK":
+            image = image.convert("RGB")
+        image.save(out, "PNG", **options)
+    return out.getvalue()

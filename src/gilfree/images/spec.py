@@ -1,0 +1,117 @@
+"""The transform request as a value: parsed and validated in the HTTP front, run in a worker.
+
+``Spec`` and ``ImageError`` live in an importable module so they pickle by name: the front builds a
+Spec, the worker receives it; the worker raises an ImageError, the front receives it.
+"""
+from dataclasses import dataclass
+
+FITS = ("contain", "cover", "fill", "inside")
+OUTPUT_FORMATS = ("jpeg", "png", "webp")
+MAX_SIDE = 16383  # WebP's limit, and a sane bound for every output side
+DEFAULT_QUALITY = 85
+
+
+class ImageError(Exception):
+    """A request the service refuses: carries the HTTP status and the JSON error body's fields."""
+
+    def __init__(self, status, error, detail):
+        super().__init__(status, error, detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One transform: every op with its validated value (None/False when absent)."""
+
+    w: int | None = None
+    h: int | None = None
+    fit: str = "cover"
+    crop: tuple[int, int, int, int] | None = None
+    rotate: int = 0
+    flip: str | None = None
+    grayscale: bool = False
+    blur: float | None = None
+    sharpen: bool = False
+    format: str | None = None
+    quality: int = DEFAULT_QUALITY
+    max_pixels: int = 50_000_000
+
+
+def _bad(op, value, expected):
+    return ImageError(400, "bad_value", f"op {op!r}: {value!r} is not {expected}")
+
+
+def _int(op, value, lo, hi):
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise _bad(op, value, f"an integer in {lo}..{hi}") from None
+    if not lo <= number <= hi:
+        raise _bad(op, value, f"an integer in {lo}..{hi}")
+    return number
+
+
+def _flag(op, value):
+    if value in ("", "1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    raise _bad(op, value, "a flag (empty, 1, true, 0 or false)")
+
+
+def _choice(op, value, choices):
+    if value not in choices:
+        raise _bad(op, value, "one of " + "|".join(choices))
+    return value
+
+
+def _crop(value):
+    parts = value.split(",")
+    if len(parts) != 4:
+        raise _bad("crop", value, "x,y,w,h")
+    x, y = (_int("crop", p, 0, 1 << 30) for p in parts[:2])
+    w, h = (_int("crop", p, 1, 1 << 30) for p in parts[2:])
+    return (x, y, w, h)
+
+
+def _sigma(value):
+    try:
+        sigma = float(value)
+    except ValueError:
+        raise _bad("blur", value, "a sigma in (0, 100]") from None
+    if not 0 < sigma <= 100:  # also rejects nan and inf
+        raise _bad("blur", value, "a sigma in (0, 100]")
+    return sigma
+
+
+_PARSERS = {
+    "w": lambda v: _int("w", v, 1, MAX_SIDE),
+    "h": lambda v: _int("h", v, 1, MAX_SIDE),
+    "fit": lambda v: _choice("fit", v, FITS),
+    "crop": _crop,
+    "rotate": lambda v: int(_choice("rotate", v, ("0", "90", "180", "270"))),
+    "flip": lambda v: _choice("flip", v, ("h", "v")),
+    "grayscale": lambda v: _flag("grayscale", v),
+    "blur": _sigma,
+    "sharpen": lambda v: _flag("sharpen", v),
+    "format": lambda v: _choice("format", v.lower().replace("jpg", "jpeg"), OUTPUT_FORMATS),
+    "quality": lambda v: _int("quality", v, 1, 100),
+}
+
+
+def parse(query, max_pixels):
+    """Builds a Spec from (name, value) pairs; raises ImageError(400) naming the first bad op."""
+    values = {}
+    for name, value in query:
+        parser = _PARSERS.get(name)
+        if parser is None:
+            raise ImageError(400, "unknown_op", f"unknown op {name!r}; known: {', '.join(_PARSERS)}")
+        if name in values:
+            raise ImageError(400, "bad_value", f"op {name!r} given more than once")
+        values[name] = parser(value)
+    w, h = values.get("w"), values.get("h")
+    if w and h and w * h > max_pixels:
+        raise ImageError(400, "bad_value", f"ops 'w' and 'h': {w}x{h} is over the {max_pixels} pixel limit")
+    return Spec(max_pixels=max_pixels, **values)

@@ -1,0 +1,492 @@
+"""gilfree.Pool: a process pool whose transport, scheduling and worker management are C.
+
+Threads in the parent:
+- the caller's threads run ``submit`` (pickling, then a C call that writes the task into a
+  worker's ring or the queue) and may collect results themselves while they wait in
+  ``Future.result`` (spinning briefly without the GIL: no thread hand-off on the fast path);
+- one C thread (started by ``Engine.start_waiter``) sleeps in epoll without the GIL, wakes on
+  results, worker exits and timeouts, and completes futures in batches (``_on_events``).
+"""
+import binascii
+import concurrent.futures
+import itertools
+import os
+import pickle
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures._base import FINISHED, PENDING
+
+from . import _engine
+from ._executor import PoolBase, with_remote_traceback
+from ._serialize import Codec, function_blob
+from ._worker import WorkerConfig
+from .errors import TaskTimeout, WorkerCrashed
+
+RING_BYTES = 1 << 20
+ARENA_BYTES = 64 << 30  # virtual: the memfd is sparse, pages exist only while buffers do
+# How long a thread waiting for a result polls the rings itself before it sleeps: adaptive,
+# since spinning only pays when a core is free for the worker meanwhile. A spin that finds its
+# result lets the next one be longer; a spin that finds nothing halves the next one.
+RESULT_SPIN_MAX_S = 200e-6
+RESULT_SPIN_MIN_S = 2e-6
+# Workers dying before they ever start (a failing initializer, say) break the pool after this
+# many attempts in a row: retrying forever would hide the error.
+MAX_START_FAILURES = 3
+# The template must find gilfree (and the user's modules) on the parent's sys.path.
+_TEMPLATE_CODE = (
+    "import sys; sys.path[:] = sys.argv[6:]; from gilfree._worker import template_main; "
+    "template_main()"
+)
+
+
+class BrokenPool(concurrent.futures.process.BrokenProcessPool):
+    """The pool cannot run tasks any more (its template died, or workers cannot start)."""
+
+
+class _Future(concurrent.futures.Future):
+    """A concurrent.futures.Future that is cheap to create and complete, and whose result()
+    collects results itself before falling back to waiting.
+
+    The Condition every Future carries is made only when somebody needs it (a waiter, a
+    callback, a timeout): most futures of a busy pool are completed and read without one.
+    Completion sets the state first and looks for a condition second, so a waiter that made one
+    meanwhile is either notified or sees the final state (the GIL orders the two)."""
+
+    def __init__(self, pool_ref, task_id):
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+        self._pool_ref = pool_ref
+        self._task_id = task_id
+
+    @property
+    def _condition(self):
+        condition = self.__dict__.get("_lazy_condition")
+        if condition is None:
+            condition = self.__dict__.setdefault("_lazy_condition", threading.Condition())
+        return condition
+
+    def _finish(self, state_setter):
+        if "_lazy_condition" in self.__dict__:
+            return False  # somebody waits or registered: the full protocol
+        if self._state != PENDING:
+            raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+        state_setter()
+        self._state = FINISHED
+        if "_lazy_condition" in self.__dict__:
+            with self._condition:
+                for waiter in self._waiters:
+                    if self._exception is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                self._condition.notify_all()
+        self._invoke_callbacks()
+        return True
+
+    def set_result(self, result):
+        if not self._finish(lambda: setattr(self, "_result", result)):
+            super().set_result(result)
+
+    def set_exception(self, exception):
+        if not self._finish(lambda: setattr(self, "_exception", exception)):
+            super().set_exception(exception)
+
+    def _help(self):
+        pool = self._pool_ref()
+        if pool is not None and self._state == PENDING:
+            pool._help(self)
+
+    def result(self, timeout=None):
+        if self._state == PENDING:
+            self._help()
+        if self._state == FINISHED:
+            if self._exception is not None:
+                raise self._exception
+            return self._result
+        return _wait_interruptibly(self, super().result, timeout)
+
+    def exception(self, timeout=None):
+        if self._state == PENDING:
+            self._help()
+        if self._state == FINISHED:
+            return self._exception
+        return _wait_interruptibly(self, super().exception, timeout)
+
+    def cancel(self):
+        pool = self._pool_ref()
+        with self._condition:
+            if self._state != PENDING:
+                return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
+        if pool is None or not pool._cancel(self):
+            return False
+        return super().cancel()
+
+
+def _wait_interruptibly(future, wait, timeout):
+    """Waits in short slices so that Ctrl-C is seen within 100 ms even when the signal went to
+    another thread; on Ctrl-C the pool is terminated, leaving no processes behind."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            remaining = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
+            try:
+                return wait(remaining)
+            except TimeoutError:
+                if future.done() or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+    except KeyboardInterrupt:
+        pool = future._pool_ref()
+        if pool is not None:
+            pool._interrupted()
+        raise
+
+
+class SharedHandle:
+    """A read-only buffer placed in shared memory once by ``Pool.share``. Pass it in any number
+    of tasks: workers receive a zero-copy read-only memoryview (numpy arrays as numpy arrays)."""
+
+    __slots__ = ("_view", "_meta", "__weakref__")
+
+    def __init__(self, view, meta):
+        self._view = view
+        self._meta = meta
+
+    @property
+    def nbytes(self):
+        return self._view.nbytes
+
+    def __reduce_ex__(self, protocol):
+        # The view pickles out-of-band: the arena block is referenced, never copied.
+        return _attach_shared, (pickle.PickleBuffer(self._view), self._meta)
+
+    def get(self):
+        """The shared data, as a worker sees it."""
+        return _attach_shared(self._view, self._meta)
+
+
+def _attach_shared(buffer, meta):
+    view = memoryview(buffer).toreadonly()
+    if meta is None:
+        return view
+    import numpy
+
+    dtype, shape = meta
+    return numpy.frombuffer(view, dtype=numpy.dtype(dtype)).reshape(shape)
+
+
+def _available_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Pool(PoolBase):
+    """A drop-in ProcessPoolExecutor with a C core. See the README for the whole API."""
+
+    def __new__(cls, max_workers=None, *, cluster=None, **kwargs):
+        if cluster is not None:
+            from .cluster.dask import DaskPool
+
+            return DaskPool(cluster, max_workers=max_workers, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        max_workers=None,
+        *,
+        initializer=None,
+        initargs=(),
+        task_timeout=None,
+        max_tasks_per_worker=None,
+        max_memory_per_worker=None,
+        preload=(),
+        cluster=None,
+    ):
+        if max_workers is None:
+            max_workers = _available_cpus()
+        if not 1 <= max_workers <= 64:
+            raise ValueError("max_workers must be between 1 and 64")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be positive")
+        self._max_workers = max_workers
+        self._spin_below = max(1, _available_cpus() - 1)
+        self._spin_s = RESULT_SPIN_MAX_S
+        self._task_timeout = task_timeout
+        self._ids = itertools.count(1)
+        self._futures = {}
+        self._shutdown = False
+        self._broken = None
+        self._start_failures = 0
+        self._lock = threading.Lock()
+        self._restarts = 0
+        self._engine = _engine.Engine(max_workers, RING_BYTES, ARENA_BYTES, task_timeout or 0.0)
+        self._codec = Codec(self._engine)
+
+        config = WorkerConfig(
+            initializer,
+            tuple(initargs),
+            max_tasks_per_worker,
+            max_memory_per_worker,
+            tuple(preload),
+        )
+        memfd, doorbell, ctl = self._engine.child_fds()
+        argv = [
+            sys.executable,
+            "-S",  # no site: the parent's sys.path, given below, already has what it added
+            "-c",
+            _TEMPLATE_CODE,
+            str(memfd),
+            str(doorbell),
+            str(ctl),
+            str(max_workers),
+            binascii.b2a_base64(_pickle_config(config), newline=False).decode(),
+            *sys.path,
+        ]
+        env = [f"{k}={v}" for k, v in os.environ.items()]
+        self._engine.start_template(sys.executable, argv, env)
+        for slot in range(max_workers):
+            self._engine.spawn(slot)
+        self._weakself = weakref.ref(self)
+        self._engine.start_waiter(_events_callback(self._weakself))
+        _live_pools.add(self)
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self._submit(False, fn, (args, kwargs))
+
+    def _submit_chunk(self, fn, items, star):
+        return self._submit(True, fn, (items, star))
+
+    def _submit(self, chunk, fn, body):
+        if self._broken is not None:
+            raise BrokenPool(self._broken)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        head = function_blob(fn)
+        payload, refs = self._codec.dumps(body)
+        task_id = next(self._ids)
+        future = _Future(self._weakself, task_id)
+        self._futures[task_id] = future
+        try:
+            self._engine.submit(task_id, chunk, head, payload, refs)
+        except BaseException:
+            self._futures.pop(task_id, None)
+            raise
+        return future
+
+    def share(self, obj):
+        """Places a read-only buffer (bytes, bytearray, memoryview, numpy array) in shared memory
+        once; pass the returned handle to tasks instead of the data."""
+        meta = None
+        if type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":
+            import numpy
+
+            obj = numpy.ascontiguousarray(obj)
+            meta = (obj.dtype.str, obj.shape)
+        view = memoryview(obj)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        block, at, length, _flags = self._engine.export(view)
+        return SharedHandle(self._engine.view(block, at, length, 0), meta)
+
+    # ------------------------------------------------------------ results
+
+    def _help(self, future):
+        """Collects waiting results in the calling thread instead of sleeping until the waiter
+        thread does: no thread hand-off. It spins for a result only while few tasks are out, so
+        that spinning never takes a core from a busy worker."""
+        engine = self._engine
+        if engine is None:
+            return
+        if len(self._futures) > self._spin_below:
+            events = engine.collect(False, 1e-9)  # look once, do not spin
+        else:
+            events = engine.collect(False, self._spin_s)
+            if events:
+                self._spin_s = min(RESULT_SPIN_MAX_S, self._spin_s * 2)
+            else:
+                self._spin_s = max(RESULT_SPIN_MIN_S, self._spin_s / 2)
+        if events:
+            self._on_events(events)
+
+    def _cancel(self, future):
+        if self._engine.cancel(future._task_id):
+            self._futures.pop(future._task_id, None)
+            return True
+        return False
+
+    def _on_events(self, events):
+        futures = self._futures
+        loads = pickle.loads
+        for event in events:
+            kind = event[0]
+            if kind == _engine.EV_RESULT:
+                _, task_id, (msg_kind, _, payload, views) = event
+                future = futures.pop(task_id, None)
+                if future is None:
+                    continue
+                try:
+                    value = loads(payload) if not views else Codec.loads(payload, views)
+                except BaseException as exc:
+                    _complete(future, None, exc)
+                    continue
+                if msg_kind == _engine.MSG_RESULT:
+                    _complete(future, value, None)
+                else:
+                    _complete(future, None, with_remote_traceback(*value))
+            elif kind == _engine.EV_DIED:
+                self._worker_died(*event[1:])
+            elif kind == _engine.EV_TEMPLATE_DIED:
+                if not self._shutdown:
+                    self._break("the pool's template process died")
+        engine = self._engine
+        if engine is not None:
+            engine.scan()
+
+    def _worker_died(self, task_id, slot, pid, status, timed_out, was_ready):
+        self._restarts += 1
+        if task_id:
+            future = self._futures.pop(task_id, None)
+            if future is not None:
+                if timed_out:
+                    error = TaskTimeout(
+                        f"task ran longer than task_timeout={self._task_timeout}s; "
+                        f"worker {pid} was killed and replaced"
+                    )
+                else:
+                    error = _crash_error(pid, status)
+                _complete(future, None, error)
+        if was_ready:
+            self._start_failures = 0
+        else:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES * self._max_workers:
+                self._break(
+                    "workers die while starting (see the initializer's traceback above), "
+                    f"last: {_crash_error(pid, status)}"
+                )
+
+    def _break(self, reason):
+        # Runs on the waiter thread: the engine is closed later, by shutdown.
+        self._broken = reason
+        self._fail_all(BrokenPool(reason))
+
+    def _fail_all(self, error):
+        while self._futures:
+            _, future = self._futures.popitem()
+            _complete(future, None, error)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def stats(self):
+        """Per-worker counters and pool totals."""
+        if self._engine is None:
+            return {"workers": [], "tasks": 0, "queued": 0, "running": 0, "busy_workers": 0,
+                    "restarts": self._restarts, "bytes_in": 0, "bytes_out": 0}
+        workers = self._engine.stats()
+        for w in workers:
+            w["idle_s"] = max(0.0, w.pop("alive_s") - w["busy_s"])
+        return {
+            "workers": workers,
+            "tasks": sum(w["tasks"] for w in workers),
+            "queued": self._engine.queued(),
+            "running": len(self._futures),
+            "busy_workers": sum(1 for w in workers if w["busy"]),
+            "restarts": sum(w["restarts"] for w in workers),
+            "bytes_in": sum(w["bytes_in"] for w in workers),
+            "bytes_out": sum(w["bytes_out"] for w in workers),
+        }
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            if self._engine is None:
+                return
+            self._shutdown = True
+        if cancel_futures:
+            for future in list(self._futures.values()):
+                future.cancel()
+        if wait:
+            for future in list(self._futures.values()):
+                try:
+                    future.exception()
+                except concurrent.futures.CancelledError:
+                    pass
+        self._close(grace=1.0)
+
+    def _interrupted(self):
+        """Ctrl-C while waiting: kill the workers now and fail what is left."""
+        self._shutdown = True
+        self._close(grace=0.0)
+
+    def _close(self, grace):
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        engine.close(grace)
+        self._fail_all(concurrent.futures.CancelledError("the pool was shut down"))
+        _live_pools.discard(self)
+
+    def __repr__(self):
+        state = "broken" if self._broken else "shut down" if self._shutdown else "running"
+        return f"<gilfree.Pool max_workers={self._max_workers} {state}>"
+
+
+def _pickle_config(config):
+    """The workers' configuration; an initializer from __main__ or a closure goes by value."""
+    try:
+        blob = pickle.dumps(config, 5)
+        if b"__main__" not in blob:
+            return blob
+    except (pickle.PicklingError, AttributeError, TypeError):
+        pass
+    import cloudpickle
+
+    return cloudpickle.dumps(config, 5)
+
+
+def _complete(future, value, error):
+    """Sets a future's outcome unless it was cancelled meanwhile."""
+    try:
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _crash_error(pid, status):
+    if os.WIFSIGNALED(status):
+        return WorkerCrashed(pid=pid, signal=os.WTERMSIG(status))
+    return WorkerCrashed(pid=pid, exitcode=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+
+
+def _events_callback(pool_ref):
+    """The waiter thread's callback; holds the pool weakly so an unused pool can be collected."""
+
+    def on_events(events):
+        pool = pool_ref()
+        if pool is not None:
+            pool._on_events(events)
+
+    return on_events
+
+
+_live_pools = weakref.WeakSet()
+
+
+def _shutdown_at_exit():
+    for pool in list(_live_pools):
+        pool.shutdown(wait=True)
+
+
+# Like concurrent.futures: stop pools before the interpreter tears threads down.
+threading._register_atexit(_shutdown_at_exit)

@@ -1,0 +1,206 @@
+/* Unit tests of core/transport: rings, arena blocks, futex wake-ups. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "gf/transport.h"
+#include "gf_test.h"
+
+static gf_ring *ring_new(size_t cap) {
+  gf_ring *ring = aligned_alloc(GF_CACHELINE, gf_ring_footprint(cap));
+  gf_ring_init(ring, cap);
+  return ring;
+}
+
+GF_TEST(ring_rejects_bad_capacity) {
+  gf_ring ring;
+  GF_CHECK_EQ(gf_ring_init(&ring, 1000), -EINVAL);
+  GF_CHECK_EQ(gf_ring_init(&ring, 1024), -EINVAL);
+}
+
+GF_TEST(ring_fifo_and_wrap) {
+  gf_ring *ring = ring_new(4096);
+  char out[600];
+  /* Many more bytes than the capacity: messages must wrap and come out in order. */
+  for (int i = 0; i < 200; i++) {
+    size_t len = (size_t)(i * 37) % 500 + 1;
+    memset(out, 'a' + i % 26, len);
+    struct iovec iov = {out, len};
+    GF_CHECK_EQ(gf_ring_write(ring, &iov, 1), 0);
+    const void *msg;
+    size_t got;
+    GF_CHECK_EQ(gf_ring_peek(ring, &msg, &got), 0);
+    GF_CHECK_EQ(got, len);
+    GF_CHECK(memcmp(msg, out, len) == 0);
+    gf_ring_consume(ring);
+    GF_CHECK(gf_ring_empty(ring));
+  }
+  free(ring);
+}
+
+GF_TEST(ring_full_and_too_big) {
+  gf_ring *ring = ring_new(4096);
+  char buf[1000] = {0};
+  struct iovec iov = {buf, sizeof(buf)};
+  int written = 0;
+  while (gf_ring_write(ring, &iov, 1) == 0)
+    written++;
+  GF_CHECK_EQ(written, 4);
+  GF_CHECK_EQ(gf_ring_write(ring, &iov, 1), -EAGAIN);
+  struct iovec huge = {buf, gf_ring_max_message(ring) + 1};
+  GF_CHECK_EQ(gf_ring_write(ring, &huge, 1), -EMSGSIZE);
+  free(ring);
+}
+
+GF_TEST(ring_gather_write_and_walk) {
+  gf_ring *ring = ring_new(4096);
+  struct iovec iov[2] = {{"head", 4}, {"-tail", 5}};
+  GF_CHECK_EQ(gf_ring_write(ring, iov, 2), 0);
+  GF_CHECK_EQ(gf_ring_write(ring, iov, 1), 0);
+  const void *msg;
+  size_t len;
+  uint64_t pos = 0, next;
+  GF_CHECK_EQ(gf_ring_peek_at(ring, pos, &msg, &len, &next), 0);
+  GF_CHECK(len == 9 && memcmp(msg, "head-tail", 9) == 0);
+  GF_CHECK_EQ(gf_ring_peek_at(ring, next, &msg, &len, &next), 0);
+  GF_CHECK(len == 4 && memcmp(msg, "head", 4) == 0);
+  GF_CHECK_EQ(gf_ring_peek_at(ring, next, &msg, &len, &next), -EAGAIN);
+  free(ring);
+}
+
+GF_TEST(ring_wait_times_out) {
+  gf_ring *ring = ring_new(4096);
+  int64_t start = gf_now_ns();
+  GF_CHECK_EQ(gf_ring_wait(ring, 1000, 20000000), -ETIMEDOUT);
+  GF_CHECK(gf_now_ns() - start >= 20000000);
+  free(ring);
+}
+
+struct producer_arg {
+  gf_ring *ring;
+  int count;
+};
+
+static void *producer(void *p) {
+  struct producer_arg *arg = p;
+  for (int i = 0; i < arg->count; i++) {
+    struct iovec iov = {&i, sizeof(i)};
+    while (gf_ring_write(arg->ring, &iov, 1) == -EAGAIN)
+      gf_cpu_relax();
+    gf_ring_wake(arg->ring);
+    if (i % 1000 == 0)
+      usleep(200); /* let the consumer fall asleep now and then */
+  }
+  return NULL;
+}
+
+GF_TEST(ring_two_threads_no_lost_wakeups) {
+  gf_ring *ring = ring_new(4096);
+  struct producer_arg arg = {ring, 100000};
+  pthread_t t;
+  pthread_create(&t, NULL, producer, &arg);
+  for (int expect = 0; expect < arg.count; expect++) {
+    /* No spinning: every wait that finds the ring empty goes to sleep on the futex. */
+    GF_CHECK_EQ(gf_ring_wait(ring, 0, 5000000000LL), 0);
+    const void *msg;
+    size_t len;
+    GF_CHECK_EQ(gf_ring_peek(ring, &msg, &len), 0);
+    GF_CHECK_EQ(*(const int *)msg, expect);
+    gf_ring_consume(ring);
+  }
+  pthread_join(t, NULL);
+  free(ring);
+}
+
+static int arena_new(gf_arena *arena, gf_region *region, uint64_t size) {
+  int fd = memfd_create("gf-test", MFD_CLOEXEC);
+  if (fd < 0 || ftruncate(fd, (off_t)size) < 0)
+    return -1;
+  arena->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  arena->size = size;
+  arena->fd = fd;
+  arena->offset = 0;
+  gf_region_init(region, 0, size);
+  return arena->base == MAP_FAILED ? -1 : 0;
+}
+
+static void arena_free(gf_arena *arena) {
+  munmap(arena->base, arena->size);
+  close(arena->fd);
+}
+
+GF_TEST(arena_alloc_reuse_and_coalesce) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  uint64_t a, b, c, d;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 100000, &a), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 100000, &b), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 100000, &c), 0);
+  GF_CHECK(a != b && b != c);
+  GF_CHECK_EQ(gf_block_check(&arena, b), 0);
+  GF_CHECK_EQ(gf_block_at(&arena, b)->len, 100000);
+  memset(gf_block_data(&arena, b), 7, 100000);
+  /* Freeing the first two lets a block of twice the size reuse their space. */
+  GF_CHECK_EQ(gf_block_decref(&arena, a), 1);
+  gf_block_incref(&arena, b);
+  GF_CHECK_EQ(gf_block_decref(&arena, b), 0);
+  GF_CHECK_EQ(gf_block_decref(&arena, b), 1);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 200000, &d), 0);
+  GF_CHECK_EQ(d, a);
+  GF_CHECK_EQ(gf_block_check(&arena, c), 0);
+  GF_CHECK_EQ(gf_block_check(&arena, 12345), -EINVAL);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_full_region) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 1u << 20), 0);
+  uint64_t off;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2u << 20, &off), -ENOMEM);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 500000, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 600000, &off), -ENOMEM);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_steady_churn_stays_bounded) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 256u << 20), 0);
+  uint64_t live[8] = {0};
+  unsigned seed = 1;
+  for (int i = 0; i < 5000; i++) {
+    int k = i % 8;
+    if (live[k])
+      gf_block_decref(&arena, live[k]);
+    uint64_t len = 65536 + (uint64_t)(rand_r(&seed) % (4u << 20));
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, len, &live[k]), 0);
+  }
+  /* Eight live blocks of at most ~4 MiB never need more than a few dozen MiB. */
+  GF_CHECK(region.top < (96u << 20));
+  arena_free(&arena);
+}
+
+GF_TEST(arena_map_private_header) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 8u << 20), 0);
+  uint64_t off;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 70000, &off), 0);
+  memset(gf_block_data(&arena, off), 'x', 70000);
+  gf_block_data(&arena, off)[70000] = 0;
+  gf_block_at(&arena, off)->len = 70000;
+  unsigned char *data;
+  GF_CHECK_EQ(gf_arena_map(&arena, off, 32, &data), 0);
+  GF_CHECK(data[0] == 'x' && data[69999] == 'x' && data[70000] == 0);
+  memset(data - 32, 0, 32); /* the header bytes in front are private and writable */
+  gf_block_data(&arena, off)[1] = 'y';
+  GF_CHECK(data[1] == 'y'); /* and the data is the shared block itself */
+  gf_arena_unmap(data, 70000);
+  arena_free(&arena);
+}

@@ -1,0 +1,137 @@
+/* Unit tests of core/workers: dispatch, results and crash recovery, with this process playing
+ * both the template (through the control socket) and the worker (through a gf_worker). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "gf/workers.h"
+#include "gf_test.h"
+
+typedef struct {
+  int results, deaths;
+  uint64_t last_task, died_task;
+  int timed_out;
+} seen;
+
+static int record(void *ctx, const gf_event *ev) {
+  seen *s = ctx;
+  if (ev->kind == GF_EV_RESULT) {
+    s->results++;
+    s->last_task = ev->task_id;
+  } else if (ev->kind == GF_EV_DIED) {
+    s->deaths++;
+    s->died_task = ev->task_id;
+    s->timed_out = ev->timed_out;
+  }
+  return 0;
+}
+
+static int submit(gf_manager *m, uint64_t id) {
+  gf_msg hdr = {.task_id = id, .kind = GF_MSG_TASK, .payload_len = 8};
+  struct iovec iov[2] = {{&hdr, sizeof(hdr)}, {&id, 8}};
+  return gf_manager_submit(m, iov, 2);
+}
+
+static int reply(gf_worker *w, uint64_t id) {
+  gf_msg hdr = {.task_id = id, .kind = GF_MSG_RESULT};
+  struct iovec iov = {&hdr, sizeof(hdr)};
+  return gf_worker_reply(w, &iov, 1, 0);
+}
+
+static uint64_t take(gf_worker *w) {
+  const gf_msg *msg;
+  size_t len;
+  if (gf_worker_next(w, 0, &msg, &len) < 0)
+    return 0;
+  uint64_t id = msg->task_id;
+  gf_worker_begin(w, id, len);
+  return id;
+}
+
+GF_TEST(manager_dispatch_result_and_crash_recovery) {
+  gf_manager m;
+  gf_worker w;
+  gf_ctl ctl;
+  seen s = {0};
+  GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 16u << 20), 0);
+  GF_CHECK_EQ(gf_manager_spawn(&m, 0), 0);
+  GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+  GF_CHECK_EQ(ctl.kind, GF_CTL_SPAWN);
+
+  /* A new worker, whose task durations are unknown, gets one task; the rest wait. */
+  for (uint64_t id = 1; id <= 3; id++)
+    GF_CHECK_EQ(submit(&m, id), 0);
+  GF_CHECK_EQ(gf_manager_queued(&m), 2);
+
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(take(&w), 1);
+  GF_CHECK_EQ(reply(&w, 1), 0);
+  GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000000), 1);
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
+  GF_CHECK_EQ(s.results, 1);
+  GF_CHECK_EQ(s.last_task, 1);
+  GF_CHECK_EQ(gf_manager_queued(&m), 0); /* a fast worker: tasks 2 and 3 moved to its ring */
+
+  /* The worker dies while running task 2: task 2 fails, task 3 is requeued. */
+  GF_CHECK_EQ(take(&w), 2);
+  gf_ctl died = {.kind = GF_CTL_EXITED, .slot = 0, .pid = 4242, .status = SIGKILL};
+  GF_CHECK_EQ(send(m.ctl_child_fd, &died, sizeof(died), 0), (ssize_t)sizeof(died));
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
+  GF_CHECK_EQ(s.deaths, 1);
+  GF_CHECK_EQ(s.died_task, 2);
+  GF_CHECK_EQ(s.timed_out, 0);
+  GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+  GF_CHECK_EQ(ctl.kind, GF_CTL_SPAWN); /* a replacement was asked for */
+
+  /* The replacement finds exactly task 3. */
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(take(&w), 3);
+  GF_CHECK(gf_ring_empty(w.requests));
+
+  /* Cancelling works only while a task is queued in the parent. */
+  GF_CHECK_EQ(gf_manager_cancel(&m, 3), -ENOENT);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
+GF_TEST(manager_blocks_released_on_crash) {
+  gf_manager m;
+  gf_worker w;
+  seen s = {0};
+  GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 16u << 20), 0);
+  GF_CHECK_EQ(gf_manager_spawn(&m, 0), 0);
+  uint64_t block;
+  GF_CHECK_EQ(gf_manager_alloc(&m, 100000, &block), 0);
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(gf_worker_hold(&w, block), 0); /* the worker took over the reference */
+  gf_ctl died = {.kind = GF_CTL_EXITED, .slot = 0, .pid = 1, .status = SIGSEGV};
+  GF_CHECK_EQ(send(m.ctl_child_fd, &died, sizeof(died), 0), (ssize_t)sizeof(died));
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
+  GF_CHECK_EQ(atomic_load(&gf_block_at(&m.arena, block)->refs), 0);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
+GF_TEST(spawn_runs_program_and_reports_exec_failure) {
+  pid_t pid;
+  int pidfd;
+  char *argv[] = {"/bin/sh", "-c", "exit 7", NULL};
+  char *envp[] = {NULL};
+  GF_CHECK_EQ(gf_spawn("/bin/sh", argv, envp, NULL, 0, &pid, &pidfd), 0);
+  int status;
+  GF_CHECK_EQ(waitpid(pid, &status, 0), pid);
+  GF_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 7);
+  close(pidfd);
+  char *missing[] = {"/nonexistent/program", NULL};
+  GF_CHECK_EQ(gf_spawn("/nonexistent/program", missing, envp, NULL, 0, &pid, &pidfd), -ENOENT);
+}
+
+GF_TEST(rss_is_positive) {
+  uint64_t rss = 0;
+  GF_CHECK_EQ(gf_rss_bytes(&rss), 0);
+  GF_CHECK(rss > 0);
+}

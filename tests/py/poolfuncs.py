@@ -1,0 +1,82 @@
+"""Task functions for the pool tests, importable by workers (they pickle by reference)."""
+import ctypes
+import os
+import time
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def echo(x):
+    return x
+
+
+def pid(_=None):
+    return os.getpid()
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def spin_forever():
+    while True:
+        pass
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def exit_hard(code):
+    os._exit(code)
+
+
+class Boom(ValueError):
+    pass
+
+
+def boom(x):
+    raise Boom(f"boom {x}")
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise Boom(f"bad item {x}")
+    return x
+
+
+def nbytes_and_type(buf):
+    return type(buf).__name__, len(memoryview(buf).cast("B")), bytes(memoryview(buf).cast("B")[:4])
+
+
+def array_sum(arr):
+    return type(arr).__name__, int(arr.sum()), arr.flags.writeable
+
+
+def grow_memory(mb):
+    global _hog
+    _hog = bytearray(mb << 20)
+    return os.getpid()
+
+
+_initialized = None
+
+
+def init_marker(value):
+    global _initialized
+    _initialized = value
+
+
+def initialized(_=None):
+    return _initialized
+
+
+def failing_initializer():
+    raise RuntimeError("initializer failed on purpose")

@@ -1,0 +1,332 @@
+"""DaskPool against a real distributed.LocalCluster with two worker processes (one thread each)."""
+import hashlib
+import logging
+import os
+import signal
+import sys
+import time
+
+import cloudpickle
+import dask
+import distributed
+import numpy
+import pytest
+
+from gilfree import Pool, TaskTimeout, WorkerCrashed
+from gilfree.cluster.dask import DaskPool
+
+# Tasks defined here travel by value, as a user's script functions would.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LOCAL_POOL_STATS = {"workers", "tasks", "queued", "running", "busy_workers", "restarts", "bytes_in", "bytes_out"}
+LOCAL_WORKER_STATS = {"slot", "pid", "tasks", "busy_s", "idle_s", "bytes_in", "bytes_out", "restarts", "busy"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # One retry after a worker death (Dask's default is 3), so the crash tests stay short.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = distributed.LocalCluster(
+            processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        )
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def pool(client):
+    with DaskPool(client) as pool:
+        yield pool
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y):
+    return x + y
+
+
+def fail_when_five(x):
+    if x == 5:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def raise_deep(depth):
+    if depth == 0:
+        raise KeyError("deep")
+    return raise_deep(depth - 1)
+
+
+def test_submit_returns_results_with_args_and_kwargs(pool):
+    assert pool.submit(add, 2, y=40).result(timeout=30) == 42
+    assert pool.submit(pow, 2, 10).result(timeout=30) == 1024
+
+
+@pytest.mark.parametrize("chunksize", [1, 7, "auto"])
+def test_map_keeps_input_order(pool, chunksize):
+    assert list(pool.map(square, range(300), chunksize=chunksize)) == [x * x for x in range(300)]
+
+
+def test_map_reads_lazy_input(pool):
+    assert list(pool.map(square, (x for x in range(50)))) == [x * x for x in range(50)]
+
+
+def test_map_unordered_yields_every_result(pool):
+    out = list(pool.map(square, range(200), chunksize=3, ordered=False))
+    assert sorted(out) == [x * x for x in range(200)]
+
+
+def test_map_of_several_iterables_and_starmap(pool):
+    assert list(pool.map(add, range(10), range(100, 110))) == [100 + 2 * x for x in range(10)]
+    assert list(pool.starmap(add, [(1, 2), (3, 4)])) == [3, 7]
+
+
+def test_runs_on_both_worker_processes(pool):
+    pids = set(pool.map(lambda _: (time.sleep(0.05), os.getpid())[1], range(20), chunksize=1))
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_exception_carries_remote_traceback(pool):
+    with pytest.raises(KeyError) as info:
+        pool.submit(raise_deep, 3).result(timeout=30)
+    remote = str(info.value.__cause__)
+    assert remote.count("in raise_deep") == 4 and "KeyError: 'deep'" in remote
+
+
+def test_map_raises_after_the_results_before_the_error(pool):
+    seen = []
+    with pytest.raises(ValueError, match="bad item 5") as info:
+        for value in pool.map(fail_when_five, range(10), chunksize=2):
+            seen.append(value)
+    assert seen == [0, 1, 2, 3, 4]
+    assert "in fail_when_five" in str(info.value.__cause__)
+
+
+def test_unpicklable_exception_becomes_runtime_error(pool):
+    class Local(Exception):
+        def __reduce__(self):
+            raise TypeError("no")
+
+    def fail():
+        raise Local("gone")
+
+    with pytest.raises(RuntimeError, match="unpicklable exception Local.'gone'") as info:
+        pool.submit(fail).result(timeout=30)
+    assert "in fail" in str(info.value.__cause__)
+
+
+def test_lambdas_and_closures(pool):
+    offset = 1000
+    counter = {"n": 0}
+
+    def closure(x):
+        counter["n"] += 1  # the worker's copy: the caller's dict stays untouched
+        return x + offset + counter["n"]
+
+    assert list(pool.map(lambda x: x - offset, [offset, offset + 1])) == [0, 1]
+    assert pool.submit(closure, 1).result(timeout=30) == 1002
+    assert counter["n"] == 0
+
+
+def test_share_100_mb_buffer_reaches_tasks_as_read_only_view(pool):
+    payload = bytes(range(256)) * (100 * 1024 * 1024 // 256)
+    digest = hashlib.sha256(payload).hexdigest()
+    with pool.share(payload) as handle:
+        assert handle.nbytes == len(payload)
+        assert bytes(handle.get()[:3]) == b"\x00\x01\x02"
+
+        def inspect(i):
+            view = handle  # inside the task the handle is the worker's buffer
+            return type(view).__name__, view.readonly, len(view), hashlib.sha256(view).hexdigest(), view[i]
+
+        results = list(pool.map(inspect, range(4), chunksize=1))
+    assert results == [("memoryview", True, len(payload), digest, i) for i in range(4)]
+    with pytest.raises(ValueError, match="released"):
+        pool.submit(inspect, 0)
+
+
+def test_share_numpy_array_arrives_read_only(pool):
+    array = numpy.arange(1_000_000, dtype=numpy.float64)
+    handle = pool.share(array)
+
+    def use(scale):
+        try:
+            handle[0] = 1.0
+            writable = True
+        except ValueError:
+            writable = False
+        return type(handle).__name__, writable, float(handle.sum()) * scale
+
+    assert pool.submit(use, 2).result(timeout=30) == ("ndarray", False, float(array.sum()) * 2)
+    handle.release()
+
+
+async def test_run_awaits_one_call(pool):
+    assert await pool.run(add, 1, y=2) == 3
+
+
+async def test_amap_yields_results_in_order(pool):
+    assert [r async for r in pool.amap(square, range(40))] == [x * x for x in range(40)]
+
+
+def test_initializer_and_preload_run_on_every_worker(client):
+    def remember(value):
+        import builtins
+
+        builtins._gilfree_test_value = value
+
+    def probe():
+        import builtins
+
+        return builtins._gilfree_test_value, "colorsys" in sys.modules
+
+    with DaskPool(client, initializer=remember, initargs=(7,), preload=("colorsys",)) as pool:
+        assert set(pool.map(lambda _: (time.sleep(0.05), probe())[1], range(20), chunksize=1)) == {(7, True)}
+
+
+def test_failing_initializer_fails_pool_creation(client):
+    def broken():
+        raise OSError("no database")
+
+    with pytest.raises(OSError, match="no database"):
+        DaskPool(client, initializer=broken)
+
+
+def test_options_that_belong_to_dask_workers_warn(client):
+    with pytest.warns(UserWarning, match="max_tasks_per_worker"):
+        DaskPool(client, max_tasks_per_worker=10).shutdown()
+    with pytest.warns(UserWarning, match="max_memory_per_worker"):
+        DaskPool(client, max_memory_per_worker=1 << 30).shutdown()
+
+
+def test_stats_per_dask_worker(client):
+    with DaskPool(client) as pool:
+        list(pool.map(square, range(30), chunksize=5))
+        pool.submit(square, 3).result(timeout=30)
+        stats = pool.stats()
+    assert LOCAL_POOL_STATS <= stats.keys()
+    assert len(stats["workers"]) == 2
+    for row in stats["workers"]:
+        assert LOCAL_WORKER_STATS <= row.keys()
+        assert row["pid"] != os.getpid() and row["busy"] is False
+    assert stats["tasks"] == 31 == sum(row["tasks"] for row in stats["workers"])
+    assert stats["bytes_in"] > 0 and stats["bytes_out"] > 0
+    assert stats["running"] == stats["queued"] == 0
+
+
+def test_pool_with_cluster_argument_is_a_dask_pool(client):
+    with Pool(cluster=client, task_timeout=30) as pool:
+        assert isinstance(pool, DaskPool)
+        assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("target", ["address", "cluster object"])
+def test_pool_owns_and_closes_only_its_own_client(cluster, client, target):
+    pool = DaskPool(cluster.scheduler_address if target == "address" else cluster, max_workers=3)
+    assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
+    own_client = pool.client
+    assert own_client is not client
+    pool.shutdown()
+    assert own_client.status == "closed"
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(square, 2)
+    DaskPool(client).shutdown()
+    assert client.status == "running"
+
+
+def test_cancelled_future_never_runs(pool, tmp_path):
+    marker = tmp_path / "ran"
+    blockers = [pool.submit(time.sleep, 1.0) for _ in range(4)]
+    late = pool.submit(marker.write_text, "yes")
+    assert late.cancel() and late.cancelled()
+    for blocker in blockers:
+        blocker.result(timeout=60)
+    assert pool.submit(square, 4).result(timeout=30) == 16
+    assert not marker.exists()
+
+
+def test_cancel_futures_on_shutdown(client):
+    pool = DaskPool(client)
+    futures = [pool.submit(time.sleep, 0.5) for _ in range(8)]
+    pool.shutdown(cancel_futures=True)
+    assert all(f.done() for f in futures)
+    assert any(f.cancelled() for f in futures)
+
+
+# -- failures that take worker processes down: last, since the cluster restarts workers
+
+
+def kill_own_worker():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_task_killing_its_worker_each_time_fails_with_worker_crashed(pool):
+    with pytest.raises(WorkerCrashed) as info:
+        pool.submit(kill_own_worker).result(timeout=60)
+    assert info.value.pid is not None
+    assert pool.submit(square, 9).result(timeout=60) == 81
+    assert list(pool.map(square, range(10))) == [x * x for x in range(10)]
+
+
+def test_task_whose_worker_dies_once_is_retried(pool, tmp_path):
+    marker = tmp_path / "died-once"
+
+    def die_first_time(x):
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x * 2
+
+    assert pool.submit(die_first_time, 21).result(timeout=60) == 42
+    assert marker.exists()
+    assert wait_for_restart(pool)["restarts"] >= 1
+
+
+def spin(x=None):
+    while True:
+        pass
+
+
+def test_task_timeout_stops_python_code_and_keeps_the_worker(client):
+    client.wait_for_workers(2, timeout=60)  # the crash tests above restarted workers
+    with DaskPool(client, task_timeout=0.5) as pool:
+        pids = {row["pid"] for row in pool.stats()["workers"]}
+        started = time.monotonic()
+        with pytest.raises(TaskTimeout):
+            pool.submit(spin).result(timeout=30)
+        assert time.monotonic() - started < 10
+        with pytest.raises(TaskTimeout):
+            list(pool.map(lambda x: spin() if x == 3 else x, range(6), chunksize=2))
+        assert pool.submit(os.getpid).result(timeout=30) in pids
+        stats = pool.stats()
+        assert {row["pid"] for row in stats["workers"]} == pids and stats["restarts"] == 0
+
+
+def wait_for_restart(pool, timeout=30):
+    deadline = time.monotonic() + timeout
+    while pool.stats()["restarts"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pool.stats()
+
+
+def test_task_timeout_restarts_a_worker_stuck_in_c(client):
+    client.wait_for_workers(2, timeout=60)
+    with DaskPool(client, task_timeout=0.5) as pool:
+        pids = {row["pid"] for row in pool.stats()["workers"]}
+        started = time.monotonic()
+        with pytest.raises(TaskTimeout, match="restarted"):
+            pool.submit(time.sleep, 60).result(timeout=30)
+        assert time.monotonic() - started < 15
+        stats = wait_for_restart(pool)
+        assert stats["restarts"] == 1
+        assert len(pids - {row["pid"] for row in stats["workers"]}) == 1  # the stuck one is gone
+        assert list(pool.map(square, range(10))) == [x * x for x in range(10)]

@@ -1,0 +1,529 @@
+"""gilfree.images: the ops (in process) and the real service (a subprocess on 127.0.0.1, OS-chosen port)."""
+import asyncio
+import io
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from gilfree.errors import UnsupportedInterpreter
+from gilfree.images import ops, samples
+from gilfree.images.spec import ImageError, parse
+
+MP = 1_000_000
+
+
+# ---------------------------------------------------------------- images made for the tests
+
+
+def encode(image, fmt, **options):
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def halves(size=(200, 100), left=(255, 0, 0), right=(0, 0, 255)):
+    """Left half one colour, right half another: orientation and flips become visible."""
+    image = Image.new("RGB", size, right)
+    image.paste(left, (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+def png_declaring(width, height):
+    """A tiny PNG whose header declares width x height: a decompression bomb's first bytes."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def slow_png(side):
+    """A small file (a gradient compresses well) whose blur+sharpen+webp takes seconds."""
+    return encode(Image.linear_gradient("L").resize((side, side)).convert("RGB"), "PNG")
+
+
+SLOW_OPS = "blur=60&sharpen&format=webp&quality=100"
+
+
+def spec(query, max_pixels=50 * MP):
+    return parse([tuple(item.partition("=")[::2]) for item in query.split("&") if item], max_pixels)
+
+
+def run(source, query=""):
+    """ops.transform in process: (Image, mime, raw bytes)."""
+    body, mime, width, height = ops.transform(source, spec(query))
+    image = Image.open(io.BytesIO(body))
+    assert image.size == (width, height)
+    return image, mime, body
+
+
+def near(pixel, colour, tolerance=40):
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, colour))
+
+
+# ---------------------------------------------------------------- ops, in process
+
+PHOTO = samples.photo_jpeg(0, size=(800, 600))
+
+
+@pytest.mark.parametrize("query, size", [
+    ("w=400", (400, 300)),
+    ("h=150", (200, 150)),
+    ("w=300&h=300", (300, 300)),  # cover is the default fit
+    ("w=300&h=300&fit=cover", (300, 300)),
+    ("w=300&h=100&fit=fill", (300, 100)),
+    ("w=300&h=300&fit=contain", (300, 300)),
+    ("w=300&h=300&fit=inside", (300, 225)),
+    ("w=1600&h=1600&fit=inside", (1600, 1200)),
+    ("crop=10,20,300,200", (300, 200)),
+    ("crop=0,0,400,300&w=100", (100, 75)),
+    ("rotate=90", (600, 800)),
+    ("rotate=180", (800, 600)),
+    ("rotate=270&w=100", (75, 100)),
+    ("", (800, 600)),
+])
+def test_op_output_dimensions(query, size):
+    image, mime, _ = run(PHOTO, query)
+    assert image.size == size
+    assert (mime, image.format) == ("image/jpeg", "JPEG")  # a JPEG source stays JPEG by default
+
+
+def test_contain_letterboxes_and_cover_crops_the_centre():
+    source = encode(halves((400, 100)), "PNG")
+    contained, _, _ = run(source, "w=100&h=100&fit=contain&format=png")
+    assert contained.getpixel((50, 5)) == (0, 0, 0)  # padding above the 100x25 picture
+    assert near(contained.getpixel((10, 50)), (255, 0, 0)) and near(contained.getpixel((90, 50)), (0, 0, 255))
+    covered, _, _ = run(source, "w=100&h=100&fit=cover&format=png")
+    assert near(covered.getpixel((10, 50)), (255, 0, 0)) and near(covered.getpixel((90, 50)), (0, 0, 255))
+
+
+@pytest.mark.parametrize("fmt, pil_format, mime", [
+    ("jpeg", "JPEG", "image/jpeg"), ("jpg", "JPEG", "image/jpeg"),
+    ("png", "PNG", "image/png"), ("webp", "WEBP", "image/webp"),
+])
+def test_output_formats(fmt, pil_format, mime):
+    image, got_mime, _ = run(PHOTO, f"format={fmt}&w=200")
+    assert (image.format, got_mime, image.size) == (pil_format, mime, (200, 150))
+
+
+def test_default_format_follows_the_source_and_png_for_others():
+    assert run(encode(halves(), "PNG"))[0].format == "PNG"
+    assert run(encode(halves(), "WEBP"))[0].format == "WEBP"
+    assert run(encode(halves(), "GIF"))[0].format == "PNG"
+    assert run(encode(halves(), "BMP"))[0].format == "PNG"
+
+
+def test_quality_changes_the_jpeg():
+    low = run(PHOTO, "quality=10")[2]
+    high = run(PHOTO, "quality=95")[2]
+    assert len(low) * 3 < len(high)
+
+
+def test_rotate_is_clockwise_and_flips_mirror():
+    source = encode(halves(), "PNG")
+    rotated, _, _ = run(source, "rotate=90")
+    assert rotated.size == (100, 200)
+    assert near(rotated.getpixel((50, 10)), (255, 0, 0)) and near(rotated.getpixel((50, 190)), (0, 0, 255))
+    flipped, _, _ = run(source, "flip=h")
+    assert near(flipped.getpixel((10, 50)), (0, 0, 255)) and near(flipped.getpixel((190, 50)), (255, 0, 0))
+    top_red = Image.new("RGB", (100, 100), (0, 0, 255))
+    top_red.paste((255, 0, 0), (0, 0, 100, 50))
+    flipped, _, _ = run(encode(top_red, "PNG"), "flip=v")
+    assert near(flipped.getpixel((50, 90)), (255, 0, 0)) and near(flipped.getpixel((50, 10)), (0, 0, 255))
+
+
+def test_grayscale_blur_sharpen():
+    image, _, _ = run(PHOTO, "grayscale")
+    assert image.mode == "L" and image.size == (800, 600)
+    original = Image.open(io.BytesIO(PHOTO)).convert("RGB")
+    for query in ("blur=3", "sharpen"):
+        image, _, _ = run(PHOTO, query + "&format=png")
+        assert image.size == original.size
+        assert image.convert("RGB").tobytes() != original.tobytes()
+    edge = halves()  # a blur softens the edge between the halves
+    blurred, _, _ = run(encode(edge, "PNG"), "blur=5")
+    assert blurred.getpixel((99, 50)) not in ((255, 0, 0), (0, 0, 255))
+
+
+@pytest.mark.parametrize("orientation, size, top", [(1, (200, 100), None), (6, (100, 200), (255, 0, 0)),
+                                                     (8, (100, 200), (0, 0, 255)), (3, (200, 100), None)])
+def test_exif_orientation_applied_and_stripped(orientation, size, top):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "gilfree-test-camera"
+    source = encode(halves(), "JPEG", exif=exif.tobytes(), quality=95)
+    image, _, body = run(source, "")
+    assert image.size == size
+    if top:  # 6 turns the red left half to the top, 8 the blue right half
+        assert near(image.getpixel((50, 10)), top)
+    if orientation == 3:  # upside down: red ends on the right
+        assert near(image.getpixel((190, 50)), (255, 0, 0))
+    assert not image.getexif() and b"gilfree-test-camera" not in body  # metadata stripped
+
+
+def test_exif_orientation_with_draft_mode_resize():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    source = samples.photo_jpeg(1, size=(2000, 1000))
+    source = encode(Image.open(io.BytesIO(source)), "JPEG", exif=exif.tobytes())
+    image, _, _ = run(source, "w=250&h=250&fit=inside")
+    assert image.size == (125, 250)
+
+
+def test_icc_profile_kept():
+    profile = b"fake-icc-profile-bytes" * 8
+    source = encode(halves(), "JPEG", icc_profile=profile)
+    assert run(source, "w=50")[0].info.get("icc_profile") == profile
+
+
+@pytest.mark.parametrize("query, name", [
+    ("zoom=2", "zoom"), ("w=0", "w"), ("w=abc", "w"), ("h=99999", "h"), ("fit=stretch", "fit"),
+    ("crop=1,2,3", "crop"), ("crop=a,b,c,d", "crop"), ("crop=0,0,0,5", "crop"), ("rotate=45", "rotate"),
+    ("flip=x", "flip"), ("grayscale=maybe", "grayscale"), ("blur=0", "blur"), ("blur=nan", "blur"),
+    ("blur=500", "blur"), ("sharpen=2", "sharpen"), ("format=gif", "format"), ("quality=0", "quality"),
+    ("quality=101", "quality"), ("w=10&w=20", "w"), ("w=16000&h=16000", "w"),
+])
+def test_bad_ops_name_the_op(query, name):
+    with pytest.raises(ImageError) as caught:
+        spec(query)
+    assert caught.value.status == 400 and f"'{name}'" in caught.value.detail
+
+
+def test_crop_outside_the_image_is_400():
+    with pytest.raises(ImageError) as caught:
+        run(PHOTO, "crop=700,0,200,100")
+    assert caught.value.status == 400 and "crop" in caught.value.detail
+
+
+def test_errors_pickle_by_name():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ImageError(422, "corrupt_image", "x")))
+    assert (error.status, error.error, error.detail) == (422, "corrupt_image", "x")
+    assert pickle.loads(pickle.dumps(spec("w=5&crop=0,0,1,1"))) == spec("w=5&crop=0,0,1,1")
+
+
+# ---------------------------------------------------------------- the service
+
+
+class Service:
+    """python -m gilfree.images in a subprocess, on 127.0.0.1 with the port the OS picked."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "gilfree.images", "--host", "127.0.0.1", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"service did not start: {line!r} {self.proc.stderr.read()}")
+        self.executor = args[args.index("--executor") + 1] if "--executor" in args else "pool"
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+        self.port = int(match.group(1))
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("the service did not stop on SIGTERM")
+        assert self.proc.returncode == 0, self.proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("images")
+    (base / "root" / "sub").mkdir(parents=True)
+    (base / "root" / "sub" / "photo.jpg").write_bytes(PHOTO)
+    (base / "secret.jpg").write_bytes(PHOTO)  # outside the root
+    (base / "root" / "escape.jpg").symlink_to(base / "secret.jpg")
+    (base / "root" / "inside-link.jpg").symlink_to(base / "root" / "sub" / "photo.jpg")
+    (base / "root" / "notes.txt").write_text("not an image")
+    return base / "root"
+
+
+@pytest.fixture(scope="module", params=["pool", "threads", "mp"])
+def service(request, root):
+    server = Service("--executor", request.param, "--workers", "2", "--root", str(root))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["pool", "threads"])
+def strict(request):
+    """One worker, one queue slot, a 1 s budget, 1 MB bodies, 30 MP: the limits within reach."""
+    server = Service("--executor", request.param, "--workers", "1", "--max-queue", "1", "--budget", "1", "--max-body-mb", "1",
+                     "--max-megapixels", "30")
+    yield server
+    server.stop()
+
+
+async def post(url, body, query="", content_type="image/jpeg"):
+    """(status, headers, body bytes) of POST /v1/transform."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/transform?{query}", data=body, headers={"Content-Type": content_type}) as r:
+            return r.status, r.headers, await r.read()
+
+
+async def get(url, path):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + path) as r:
+            return r.status, r.headers, await r.read()
+
+
+async def raw(port, request_bytes):
+    """Sends bytes as they are (no client-side path normalising); returns (status, headers+body text)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request_bytes)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return int(head.split()[1]), head.decode("latin-1")
+    finally:
+        writer.close()
+
+
+def error_of(status, body, expected_status, expected_error):
+    import json
+
+    payload = json.loads(body)
+    assert set(payload) == {"error", "detail"}, payload
+    assert (status, payload["error"]) == (expected_status, expected_error), payload
+    return payload["detail"]
+
+
+async def metrics(url):
+    _, _, body = await get(url, "/metrics")
+    return body.decode()
+
+
+def metric(text, name):
+    match = re.search(rf"^gilfree_images_{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def gil_accounting_available():
+    try:
+        from gilfree import gil
+
+        gil.counters()
+    except (ImportError, UnsupportedInterpreter):
+        return False
+    gil.stop()
+    return True
+
+
+async def test_post_roundtrip_each_format(service):
+    for fmt, magic in (("jpeg", b"\xff\xd8\xff"), ("png", b"\x89PNG"), ("webp", b"RIFF")):
+        status, headers, body = await post(service.url, PHOTO, f"w=200&format={fmt}&quality=80")
+        assert status == 200 and headers["Content-Type"] == f"image/{fmt}" and body.startswith(magic)
+        assert Image.open(io.BytesIO(body)).size == (200, 150) and headers["X-Image-Size"] == "200x150"
+
+
+async def test_get_under_root_and_confinement(service):
+    status, _, body = await get(service.url, "/v1/transform/sub/photo.jpg?w=100&h=100&fit=inside")
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (100, 75)
+    status, _, _ = await get(service.url, "/v1/transform/inside-link.jpg?w=10")
+    assert status == 200  # a symlink that stays inside the root is fine
+    for path in ("/v1/transform/escape.jpg", "/v1/transform/sub/../../secret.jpg",
+                 "/v1/transform/%2e%2e/secret.jpg", "/v1/transform/sub/%2E%2E/%2E%2E/secret.jpg",
+                 "/v1/transform//etc/passwd", "/v1/transform/%2Fetc%2Fpasswd", "/v1/transform/missing.jpg",
+                 "/v1/transform/sub", "/v1/transform/sub/%00.jpg"):
+        status, head = await raw(service.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert status == 404, (path, head)
+    status, _, body = await get(service.url, "/v1/transform/notes.txt")
+    error_of(status, body, 415, "unsupported_media_type")
+
+
+async def test_service_applies_exif_orientation(service):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    status, _, body = await post(service.url, encode(halves(), "JPEG", exif=exif.tobytes()))
+    image = Image.open(io.BytesIO(body))
+    assert status == 200 and image.size == (100, 200) and not image.getexif()
+
+
+async def test_bad_input_corpus(service):
+    jpeg = samples.photo_jpeg(2, size=(640, 480))
+    png = encode(samples.photo(3, size=(320, 240)), "PNG")
+    rng = random.Random(5)
+    cases = [
+        (jpeg[: len(jpeg) // 2], "image/jpeg", 422, "corrupt_image"),
+        (jpeg[:400], "image/jpeg", 422, "corrupt_image"),
+        (png[: len(png) // 2], "image/png", 422, "corrupt_image"),
+        (png[:60], "image/png", 422, "corrupt_image"),
+        (bytes(rng.randrange(256) for _ in range(5000)), "image/jpeg", 415, "unsupported_media_type"),
+        (b"", "image/png", 415, "unsupported_media_type"),
+        (png_declaring(100_000, 100_000), "image/png", 422, "too_many_pixels"),
+        (jpeg, "text/plain", 415, "unsupported_media_type"),
+        (jpeg, "application/json", 415, "unsupported_media_type"),
+        (encode(halves(), "TIFF"), "image/tiff", 415, "unsupported_media_type"),
+        (b"GIF89a" + bytes(20), "image/gif", 422, "corrupt_image"),
+    ]
+    for body, content_type, status, error in cases:
+        got = await post(service.url, body, "w=50", content_type)
+        error_of(got[0], got[2], status, error)
+    status, _, body = await post(service.url, jpeg, "w=64")  # still up and right
+    assert status == 200 and Image.open(io.BytesIO(body)).width == 64
+
+
+async def test_unknown_op_and_bad_value_are_400_naming_it(service):
+    status, _, body = await post(service.url, PHOTO, "w=10&resize=2")
+    assert "resize" in error_of(status, body, 400, "unknown_op")
+    status, _, body = await post(service.url, PHOTO, "fit=squash")
+    assert "'fit'" in error_of(status, body, 400, "bad_value")
+    status, _, body = await get(service.url, "/v1/transform/sub/photo.jpg?quality=900")
+    assert "'quality'" in error_of(status, body, 400, "bad_value")
+
+
+async def test_routing_errors_are_json(service):
+    status, _, body = await get(service.url, "/nowhere")
+    error_of(status, body, 404, "not_found")
+    async with aiohttp.ClientSession() as session:
+        async with session.put(f"{service.url}/v1/transform") as r:
+            error_of(r.status, await r.read(), 405, "method_not_allowed")
+            assert "POST" in r.headers["Allow"]
+
+
+async def test_100_concurrent_requests_all_correct(service):
+    sources = [encode(samples.photo(seed, size=(320, 240)), "JPEG", quality=80) for seed in range(5)]
+
+    async def one(session, i):
+        width = 20 + i  # distinct per request: a mixed-up answer shows
+        async with session.post(f"{service.url}/v1/transform?w={width}&format=png",
+                                data=sources[i % 5], headers={"Content-Type": "image/jpeg"}) as r:
+            body = await r.read()
+            return r.status, Image.open(io.BytesIO(body)).size if r.status == 200 else body
+
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        results = await asyncio.gather(*(one(session, i) for i in range(100)))
+    assert results == [(200, (20 + i, round((20 + i) * 3 / 4))) for i in range(100)]
+    text = await metrics(service.url)
+    assert metric(text, 'requests_total{status="200"}') >= 100 and metric(text, "in_flight") == 0
+    if service.executor == "pool":  # bodies and results went through the pool's shared memory
+        assert metric(text, 'transferred_bytes_total{direction="in"}') > sum(map(len, sources)) * 20
+        assert metric(text, 'transferred_bytes_total{direction="out"}') > 0
+
+
+async def test_health_and_metrics(service):
+    status, headers, body = await get(service.url, "/health")
+    assert status == 200 and body == b'{"status": "ok"}'
+    text = await metrics(service.url)
+    for name in ("requests_total", "request_duration_seconds", "queue_depth", "busy_workers",
+                 "worker_restarts_total", "in_flight", "workers"):
+        assert f"# TYPE gilfree_images_{name} " in text
+    assert metric(text, "workers") == 2
+    # The GIL series are there exactly when gilfree.gil can account on this interpreter.
+    held = metric(text, "gil_held_fraction")
+    assert (held is not None) == gil_accounting_available(), text
+    if held is not None:
+        assert 0 <= held <= 1 and metric(text, "gil_held_seconds_total") > 0
+    assert metric(text, 'request_duration_seconds_bucket{le="+Inf"}') == metric(text, "request_duration_seconds_count")
+
+
+async def test_body_limit_413_before_reading_it_all(strict):
+    # Headers promise 100 MB; only 1 KB is sent: the answer must come without the rest.
+    status, head = await raw(strict.port, b"POST /v1/transform HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                          b"Content-Length: 104857600\r\n\r\n" + bytes(1024))
+    assert status == 413, head
+    big = encode(samples.photo(4, size=(1200, 900)), "PNG")  # > 1 MB
+    assert len(big) > 1 << 20
+    status, _, body = await post(strict.url, big, content_type="image/png")
+    error_of(status, body, 413, "payload_too_large")
+
+    async def chunks():  # no Content-Length: the limit applies while streaming
+        for start in range(0, len(big), 65536):
+            yield big[start:start + 65536]
+
+    status, _, body = await post(strict.url, chunks(), content_type="image/png")
+    error_of(status, body, 413, "payload_too_large")
+
+
+async def test_pixel_limit_422_from_the_header(strict):
+    over = encode(Image.new("RGB", (6000, 6000)), "PNG")  # 36 MP, a small file
+    status, _, body = await post(strict.url, over, content_type="image/png")
+    assert "36000000 pixels" in error_of(status, body, 422, "too_many_pixels")
+    status, _, body = await post(strict.url, png_declaring(40_000, 40_000), content_type="image/png")
+    error_of(status, body, 422, "too_many_pixels")
+    status, _, _ = await post(strict.url, encode(Image.new("RGB", (5000, 5000)), "PNG"), "w=10", "image/png")
+    assert status == 200  # 25 MP is under the 30 MP limit
+
+
+async def test_budget_504_then_the_service_goes_on(strict):
+    started = time.monotonic()
+    status, _, body = await post(strict.url, slow_png(5000), SLOW_OPS, "image/png")
+    error_of(status, body, 504, "timeout")
+    assert time.monotonic() - started < 5
+    await wait_for_metric(strict.url, "busy_workers", 0)
+    status, _, _ = await post(strict.url, PHOTO, "w=10")
+    assert status == 200
+    restarts = metric(await metrics(strict.url), "worker_restarts_total")
+    # The pool kills and replaces the worker; a thread cannot be stopped and runs the task to its end.
+    assert restarts >= 1 if strict.executor == "pool" else restarts == 0
+
+
+async def test_queue_full_503_with_retry_after(strict):
+    slow = slow_png(5000)
+    async with aiohttp.ClientSession() as session:
+        async def send():
+            async with session.post(f"{strict.url}/v1/transform?{SLOW_OPS}", data=slow,
+                                    headers={"Content-Type": "image/png"}) as r:
+                return r.status
+
+        first = [asyncio.ensure_future(send()) for _ in range(2)]  # one runs, one waits: capacity 2
+        await wait_for_metric(strict.url, "in_flight", 2)
+        async with session.post(f"{strict.url}/v1/transform", data=PHOTO, headers={"Content-Type": "image/jpeg"}) as r:
+            error_of(r.status, await r.read(), 503, "overloaded")
+            assert r.headers["Retry-After"] == "1"
+        assert sorted(await asyncio.gather(*first)) == [504, 504]  # the 1 s budget ends both
+    await wait_for_metric(strict.url, "busy_workers", 0)
+    status, _, _ = await post(strict.url, PHOTO, "w=10")
+    assert status == 200
+
+
+async def wait_for_metric(url, name, value, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metric(await metrics(url), name) == value:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{name} never reached {value}: {await metrics(url)}")
+
+
+async def test_worker_crash_is_500_for_that_request_only():
+    server = Service("--workers", "1")
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def send(body, query, content_type):
+                async with session.post(f"{server.url}/v1/transform?{query}", data=body,
+                                        headers={"Content-Type": content_type}) as r:
+                    return r.status, await r.read()
+
+            victim = asyncio.ensure_future(send(slow_png(5000), SLOW_OPS, "image/png"))
+            await wait_for_metric(server.url, "busy_workers", 1)
+            text = await metrics(server.url)
+            pid = int(re.search(r'worker_busy\{slot="0",pid="(\d+)"\} 1', text).group(1))
+            os.kill(pid, signal.SIGKILL)
+            status, body = await victim
+            assert "SIGKILL" in error_of(status, body, 500, "worker_crashed")
+            status, body = await send(PHOTO, "w=32", "image/jpeg")  # the replacement serves
+            assert status == 200 and Image.open(io.BytesIO(body)).width == 32
+            assert metric(await metrics(server.url), "worker_restarts_total") == 1
+            status, body = await send(b"", "", "image/png")
+            assert status == 415
+    finally:
+        server.stop()

@@ -1,0 +1,517 @@
+"""Behaviour of gilfree.Pool: results, errors, crashes, timeouts, signals, buffers, threads."""
+import asyncio
+import concurrent.futures
+import ctypes
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import gilfree
+import poolfuncs as f
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with gilfree.Pool(2) as p:
+        yield p
+
+
+def busy_worker_pid(pool, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = [w["pid"] for w in pool.stats()["workers"] if w["busy"]]
+        if busy:
+            return busy[0]
+        time.sleep(0.005)
+    raise AssertionError("no worker became busy")
+
+
+def run_script(code, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, *sys.path]))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children_of(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().split(") ")[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return found
+
+
+# ------------------------------------------------------------------ results
+
+
+def test_submit_and_map(pool):
+    assert pool.submit(f.square, 12).result(timeout=10) == 144
+    assert pool.submit(f.add, 1, b=2).result() == 3
+    assert list(pool.map(f.square, range(100))) == [x * x for x in range(100)]
+    assert list(pool.map(f.add, range(5), range(5))) == [0, 2, 4, 6, 8]
+    assert list(pool.starmap(f.add, [(1, 2), (3, 4)])) == [3, 7]
+
+
+def test_map_unordered_and_chunksizes(pool):
+    for chunksize in (1, 7, "auto"):
+        got = list(pool.map(f.square, range(500), chunksize=chunksize, ordered=False))
+        assert sorted(got) == [x * x for x in range(500)]
+    delays = [0.3, 0.0, 0.0]
+    first = next(iter(pool.map(f.sleep_then, delays, delays, chunksize=1, ordered=False)))
+    assert first == 0.0
+
+
+def test_map_consumes_input_lazily(pool):
+    taken = 0
+
+    def numbers():
+        nonlocal taken
+        for i in range(10**8):
+            taken += 1
+            yield i
+
+    results = pool.map(f.square, numbers())
+    for i, value in zip(range(2000), results):
+        assert value == i * i
+    # Read-ahead is bounded: nowhere near the generator's 10**8 items.
+    assert taken < 2000 + 10 * 100_000
+    results.close()
+
+
+def test_map_timeout(pool):
+    with pytest.raises(TimeoutError):
+        list(pool.map(f.sleep_then, [2.0], timeout=0.2))
+
+
+def test_map_error_after_partial_results(pool):
+    results = pool.map(f.fail_on, range(20), [13] * 20, chunksize=4)
+    got = []
+    with pytest.raises(f.Boom, match="bad item 13"):
+        for value in results:
+            got.append(value)
+    assert got == list(range(13))
+
+
+def test_lambdas_closures_and_main_functions(pool):
+    offset = 10
+    assert pool.submit(lambda x: x + offset, 1).result() == 11
+
+    def closure(x):
+        return x * offset
+
+    assert list(pool.map(closure, [1, 2])) == [10, 20]
+    script = """
+        import gilfree
+        def triple(x):
+            return 3 * x
+        class Point:
+            def __init__(self, x): self.x = x
+        def norm(p):
+            return Point(p.x * 2)
+        if __name__ == "__main__":
+            with gilfree.Pool(2) as pool:
+                print(list(pool.map(triple, range(4))), pool.submit(norm, Point(4)).result().x)
+    """
+    proc = run_script(script)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "[0, 3, 6, 9] 8"
+
+
+def test_user_exception_type_and_remote_traceback(pool):
+    future = pool.submit(f.boom, 3)
+    with pytest.raises(f.Boom, match="boom 3") as info:
+        future.result()
+    assert "in boom" in str(info.value.__cause__)
+    assert isinstance(future.exception(), f.Boom)
+
+
+def test_unpicklable_argument_is_refused_before_sending(pool):
+    before = pool.stats()["tasks"]
+    with pytest.raises((TypeError, pickle.PicklingError)):
+        pool.submit(f.echo, threading.Lock())
+    assert pool.submit(f.square, 3).result() == 9
+    assert pool.stats()["tasks"] == before + 1
+
+
+def test_unpicklable_result_is_an_error_not_a_crash(pool):
+    with pytest.raises(Exception, match="pickle"):
+        pool.submit(threading.Lock).result()
+    assert pool.submit(f.square, 4).result() == 16
+
+
+# ------------------------------------------------------------------ futures API
+
+
+def test_futures_work_with_concurrent_futures_and_asyncio(pool):
+    futures = [pool.submit(f.square, i) for i in range(50)]
+    assert sorted(fut.result() for fut in concurrent.futures.as_completed(futures)) == sorted(
+        i * i for i in range(50)
+    )
+    done, not_done = concurrent.futures.wait(futures)
+    assert len(done) == 50 and not not_done
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        a = await asyncio.wrap_future(pool.submit(f.square, 5))
+        b = await loop.run_in_executor(pool, f.square, 6)
+        c = await pool.run(f.add, 1, b=1)
+        items = [x async for x in pool.amap(f.square, range(10))]
+        unordered = [x async for x in pool.amap(f.square, range(10), ordered=False)]
+        return a, b, c, items, sorted(unordered)
+
+    a, b, c, items, unordered = asyncio.run(main())
+    assert (a, b, c) == (25, 36, 2)
+    assert items == unordered == [x * x for x in range(10)]
+
+
+def test_cancel_queued_tasks():
+    with gilfree.Pool(1) as pool:
+        blocker = pool.submit(f.sleep_then, 0.5)
+        time.sleep(0.1)
+        queued = [pool.submit(f.square, i) for i in range(20)]
+        cancelled = [fut.cancel() for fut in queued]
+        # The first tasks may already sit in the worker's ring; later ones are in the queue.
+        assert cancelled[-1]
+        assert blocker.result() is None
+        for fut, was_cancelled in zip(queued, cancelled):
+            if was_cancelled:
+                assert fut.cancelled()
+            else:
+                assert fut.result() is not None
+
+
+def test_shutdown_cancel_futures():
+    pool = gilfree.Pool(1)
+    pool.submit(f.sleep_then, 0.3)
+    time.sleep(0.05)
+    queued = [pool.submit(f.square, i) for i in range(50)]
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert any(fut.cancelled() for fut in queued)
+    with pytest.raises(RuntimeError):
+        pool.submit(f.square, 1)
+
+
+def test_many_threads_submit_at_once(pool):
+    errors = []
+
+    def hammer(base):
+        try:
+            futs = [pool.submit(f.add, base, i) for i in range(500)]
+            assert [fut.result() for fut in futs] == [base + i for i in range(500)]
+            assert list(pool.map(f.square, range(base, base + 100))) == [
+                x * x for x in range(base, base + 100)
+            ]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(k * 1000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+# ------------------------------------------------------------------ buffers
+
+
+@pytest.mark.parametrize("size", [1 << 20, 16 << 20], ids=["copied", "mapped"])
+def test_large_bytes_arrive_as_bytes_and_come_back(pool, size):
+    data = os.urandom(size)
+    assert pool.submit(f.nbytes_and_type, data).result() == ("bytes", size, data[:4])
+    back = pool.submit(f.echo, data).result()
+    assert type(back) is bytes and back == data
+    assert hash(back) == hash(data) and back[-3:] == data[-3:] and back.hex()[:8] == data.hex()[:8]
+    nested = pool.submit(f.echo, {"k": [data, data[:10]]}).result()
+    assert nested == {"k": [data, data[:10]]}
+    del back, nested
+
+
+def test_bytearray_memoryview_and_numpy(pool):
+    blob = bytearray(os.urandom(300_000))
+    assert pool.submit(f.echo, blob).result() == blob
+    view = memoryview(bytes(blob))
+    got = pool.submit(f.echo, view).result()
+    assert bytes(got) == bytes(blob)
+    arr = np.arange(1_000_000, dtype=np.int64).reshape(1000, 1000)
+    back = pool.submit(f.echo, arr).result()
+    assert isinstance(back, np.ndarray) and back.shape == arr.shape and np.array_equal(back, arr)
+    assert pool.submit(f.array_sum, arr).result() == ("ndarray", int(arr.sum()), False)
+
+
+def test_share_buffers(pool):
+    data = os.urandom(5 << 20)
+    handle = pool.share(data)
+    results = [pool.submit(f.nbytes_and_type, handle) for _ in range(20)]
+    assert all(r.result() == ("memoryview", 5 << 20, data[:4]) for r in results)
+    arr = np.random.default_rng(1).integers(0, 1000, size=(500, 400))
+    shared = pool.share(arr)
+    assert pool.submit(f.array_sum, shared).result() == ("ndarray", int(arr.sum()), False)
+    assert np.array_equal(shared.get(), arr)
+
+
+def test_random_payloads_round_trip_with_stable_fds_and_rss():
+    rng = random.Random(7)
+    source = os.urandom(8 << 20)
+    libc = ctypes.CDLL(None)
+
+    def payload():
+        # Mostly small, some up to 8 MB: every size class crosses the transport.
+        size = rng.randrange(0, 4096) if rng.random() < 0.99 else rng.randrange(0, 8 << 20)
+        start = rng.randrange(0, len(source) - size + 1)
+        return source[start : start + size]
+
+    def memory():
+        """(private, shared) resident bytes: the heap, and arena pages this process touches."""
+        libc.malloc_trim(0)  # the test's own freed payloads must not count
+        fields = {}
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                fields[key] = int(value.split()[0]) * 1024 if value.strip().endswith("kB") else 0
+        return fields["RssAnon"], fields["RssShmem"]
+
+    with gilfree.Pool(2) as pool:
+        fds_before = rss_before = None
+        for batch in range(100):
+            items = [payload() for _ in range(1000)]
+            for sent, got in zip(items, pool.map(f.echo, items, chunksize=50)):
+                assert got == sent
+            del items, sent, got
+            if batch == 9:
+                fds_before = len(os.listdir("/proc/self/fd"))
+                heap_before, _ = memory()
+        heap, shared = memory()
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+        assert heap - heap_before < 32 << 20
+        # The arena keeps some free pages warm, within a fixed bound.
+        assert shared < 512 << 20
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_sigkill_fails_only_that_task_and_pool_continues():
+    with gilfree.Pool(2) as pool:
+        victim = pool.submit(f.sleep_then, 30)
+        pid = busy_worker_pid(pool)
+        others = [pool.submit(f.square, i) for i in range(10)]
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(gilfree.WorkerCrashed) as info:
+            victim.result(timeout=5)
+        assert time.monotonic() - start < 1.0
+        assert info.value.pid == pid and info.value.signal == signal.SIGKILL
+        assert "SIGKILL" in str(info.value) and "likely killed for memory" in str(info.value)
+        assert [o.result() for o in others] == [i * i for i in range(10)]
+        assert list(pool.map(f.square, range(1000), chunksize=1)) == [i * i for i in range(1000)]
+        assert pool.stats()["restarts"] >= 1
+
+
+def test_segfault_is_reported_and_pool_continues():
+    with gilfree.Pool(2) as pool:
+        with pytest.raises(gilfree.WorkerCrashed, match="SIGSEGV") as info:
+            pool.submit(f.segfault).result(timeout=10)
+        assert info.value.signal == signal.SIGSEGV
+        with pytest.raises(gilfree.WorkerCrashed, match="exited with code 3"):
+            pool.submit(f.exit_hard, 3).result(timeout=10)
+        assert pool.submit(f.square, 5).result() == 25
+
+
+def test_task_timeout_kills_and_replaces_worker():
+    with gilfree.Pool(2, task_timeout=0.5) as pool:
+        stuck = pool.submit(f.spin_forever)
+        fine = pool.submit(f.sleep_then, 0.1, "ok")
+        with pytest.raises(gilfree.TaskTimeout):
+            stuck.result(timeout=10)
+        assert isinstance(stuck.exception(), TimeoutError)
+        assert fine.result() == "ok"
+        assert list(pool.map(f.square, range(50))) == [i * i for i in range(50)]
+
+
+def test_recycling_by_task_count_loses_nothing():
+    with gilfree.Pool(2, max_tasks_per_worker=10) as pool:
+        pids = list(pool.map(f.pid, range(200), chunksize=1))
+        assert len(pids) == 200
+        assert len(set(pids)) >= 200 // 10
+        assert pool.stats()["restarts"] >= 10
+
+
+def test_recycling_by_memory():
+    with gilfree.Pool(1, max_memory_per_worker=200 << 20) as pool:
+        first = pool.submit(f.grow_memory, 300).result()
+        second = pool.submit(f.pid).result()
+        assert first != second
+
+
+def test_initializer_and_preload():
+    with gilfree.Pool(2, initializer=f.init_marker, initargs=("ready",), preload=["json"]) as pool:
+        assert set(pool.map(f.initialized, range(10))) == {"ready"}
+
+
+def test_failing_initializer_breaks_pool_with_clear_error():
+    with gilfree.Pool(1, initializer=f.failing_initializer) as pool:
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool, match="initializer"):
+            pool.submit(f.square, 2).result(timeout=30)
+
+
+def test_stats_shape(pool):
+    pool.submit(f.square, 2).result()
+    stats = pool.stats()
+    assert len(stats["workers"]) == 2
+    for w in stats["workers"]:
+        assert {"pid", "tasks", "busy_s", "idle_s", "bytes_in", "bytes_out", "restarts"} <= set(w)
+    assert stats["tasks"] == sum(w["tasks"] for w in stats["workers"]) > 0
+
+
+# ------------------------------------------------------------------ processes and signals
+
+
+def test_parent_sigkilled_takes_workers_and_shm_along():
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = run_script(
+        """
+        import sys, time, gilfree, poolfuncs
+        pool = gilfree.Pool(2)
+        pool.submit(poolfuncs.square, 2).result()
+        print(pool._engine.template_pid, *[w["pid"] for w in pool.stats()["workers"]], flush=True)
+        time.sleep(60)
+        """
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 2.0
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(p) for p in pids)
+    assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_ctrl_c_during_map_raises_and_leaves_no_children():
+    proc = run_script(
+        """
+        import os, sys, time, gilfree, poolfuncs
+        pool = gilfree.Pool(2)
+        print("ready", flush=True)
+        try:
+            list(pool.map(poolfuncs.sleep_then, [30] * 8, chunksize=1))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            time.sleep(0.3)
+            kids = [p for p in os.listdir("/proc") if p.isdigit() and
+                    open(f"/proc/{p}/stat").read().split(") ")[1].split()[1] == str(os.getpid())]
+            print("children", len(kids), flush=True)
+        """
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    assert proc.stdout.readline().strip() == "interrupted"
+    assert time.monotonic() - start < 1.0
+    assert proc.stdout.readline().strip() == "children 0"
+    proc.wait(timeout=10)
+
+
+def test_ctrl_c_during_result_raises_quickly():
+    proc = run_script(
+        """
+        import gilfree, poolfuncs
+        with gilfree.Pool(1) as pool:
+            print("ready", flush=True)
+            pool.submit(poolfuncs.sleep_then, 30).result()
+        """
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - start < 1.0
+    assert "KeyboardInterrupt" in err
+
+
+def test_template_death_breaks_pool_instead_of_hanging():
+    pool = gilfree.Pool(2)
+    running = pool.submit(f.sleep_then, 30)
+    busy_worker_pid(pool)
+    os.kill(pool._engine.template_pid, signal.SIGKILL)
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool, match="template"):
+        running.result(timeout=5)
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+        pool.submit(f.square, 2)
+    pool.shutdown()
+
+
+def test_progress_bar_drawn_with_tqdm():
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, *sys.path]))
+    code = textwrap.dedent(
+        """
+        import gilfree, poolfuncs
+        with gilfree.Pool(2) as pool:
+            assert list(pool.map(poolfuncs.square, range(300), progress=True)) == [
+                x * x for x in range(300)]
+        print("done")
+        """
+    )
+    drawn = []
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            drawn.append(chunk)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=follower, env=env)
+    out, _ = proc.communicate(timeout=60)
+    os.close(follower)
+    reader.join(timeout=10)
+    os.close(leader)
+    drawn = b"".join(drawn)
+    assert out.strip() == b"done"
+    assert b"300/300" in drawn
