@@ -304,7 +304,7 @@ from threading import Thread
 def countdown(n):
     while n > 0:
         n -= 1
-threads = [Thread(target=countdown, args=(3_000_000,)) for _ in range(2)]
+threads = [Thread(target=countdown, args=(6_000_000,)) for _ in range(2)]
 for t in threads: t.start()
 for t in threads: t.join()
 print("done")
