@@ -279,7 +279,8 @@ def accuracy_table():
 
 
 def hook_cost_ns(runs=7, n=100_000):
-    """Cost the hooks add to one GIL release + take (os.fstat releases the GIL), best of runs."""
+    """Cost the hooks add to one GIL release + take (os.fstat releases the GIL): best of runs,
+    off and on alternated so a shared machine's load drifts into both."""
     from gilfree import gil
 
     fd = os.open("/dev/null", os.O_RDONLY)
@@ -291,11 +292,13 @@ def hook_cost_ns(runs=7, n=100_000):
             stat(fd)
         return (time.perf_counter() - start) / n * 1e9
 
-    off = min(per_call() for _ in range(runs))
-    with gil.monitor():
-        on = min(per_call() for _ in range(runs))
+    off, on = [], []
+    for _ in range(runs):
+        off.append(per_call())
+        with gil.monitor():
+            on.append(per_call())
     os.close(fd)
-    return off, on
+    return min(off), min(on)
 
 
 def overhead_table(runs=5):
