@@ -362,6 +362,9 @@ class Monitor:
             out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#cccccc"/>')
             for x, w, state in _pixel_runs(spans.get(t.tid, ()), self._t0, scale, width):
                 out.append(f'<rect x="{label + x}" y="{y}" width="{w}" height="{row - 4}" fill="{colors[state]}"/>')
+        axis = top + row * len(rows) + 12
+        for i in range(6):
+            out.append(f'<text x="{label + i * width // 5 - (20 if i == 5 else 0)}" y="{axis}">{report.wall_s * i / 5 * 1e3:.0f} ms</text>')
         out.append(f'<text x="4" y="{height - 12}">{html.escape(report.verdict[:200])}</text>')
         out.append("</svg>")
         with open(path, "w") as f:
