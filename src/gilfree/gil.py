@@ -174,16 +174,17 @@ def _drain(hook):
 class Monitor:
     """Context manager measuring the GIL between __enter__ and __exit__. Reusable, nestable."""
 
-    def __init__(self, trace=True, sample_hz=0.0):
+    def __init__(self, trace=True, sample_hz=0.0, trace_budget_bytes=_TRACE_BUDGET):
         self._trace = trace
         self._sample_hz = sample_hz
+        self._budget = trace_budget_bytes
         self._report = None
 
     def __enter__(self):
         hook = self._hook = _hook()
         self._events = []
         self._names = _ThreadNames()
-        hook.acquire(self._trace, _TRACE_BUDGET)
+        hook.acquire(self._trace, self._budget)
         self._dropped0 = hook.dropped()
         self._names.start()
         if self._trace:
@@ -459,14 +460,16 @@ def verdict(report):
     return " ".join(parts)
 
 
-def monitor(trace=True, sample_hz=0.0):
+def monitor(trace=True, sample_hz=0.0, trace_budget_bytes=_TRACE_BUDGET):
     """A Monitor: ``with gilfree.gil.monitor() as m: ...; print(m.report())``.
 
     trace: record the timeline (needed for wait percentiles, write_trace, write_svg).
     sample_hz: sample which function holds the GIL this many times a second (0: off).
+    trace_budget_bytes: memory for timeline events (64 KB chunks); beyond it events are
+    counted as dropped (report.dropped_events) and the totals stay exact.
     Raises UnsupportedInterpreter on entry where exact accounting is impossible.
     """
-    return Monitor(trace=trace, sample_hz=sample_hz)
+    return Monitor(trace=trace, sample_hz=sample_hz, trace_budget_bytes=trace_budget_bytes)
 
 
 _counting = False

@@ -431,3 +431,16 @@ def test_report_says_subinterpreters_are_not_covered():
     with gil.monitor() as m:
         pass
     assert m.report().notes == []
+
+
+def test_event_budget_drops_timeline_events_but_keeps_totals_exact():
+    a, b = Gated("cpu-a", cpu_loop, 0.2), Gated("cpu-b", cpu_loop, 0.2)
+    report = run_gated([a, b], trace_budget_bytes=1)  # no room for a single 64 KB chunk
+    assert report.dropped_events > 0
+    assert "timeline events dropped" in str(report)
+    for me, other in ((a, b), (b, a)):
+        held, _, ambiguous = truth_bounds(me.truth, [other.truth])
+        assert_within(thread_of(report, me.name).held_s, held, ambiguous, report.wall_s, f"{me.name} held")
+    with gil.monitor() as m:  # the default budget again: nothing lost
+        cpu_loop(0.01)
+    assert m.report().dropped_events == 0
