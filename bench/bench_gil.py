@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -304,7 +303,7 @@ def hook_cost_ns(runs=7, n=100_000):
 def overhead_table(runs=5):
     off_ns, on_ns = hook_cost_ns()
     cost = max(0.0, on_ns - off_ns)
-    print(f"\nOverhead of gilfree.gil.monitor()")
+    print("\nOverhead of gilfree.gil.monitor()")
     print(f"per GIL release+take (os.fstat loop, best of 7): {off_ns:.0f} ns off, {on_ns:.0f} ns on: +{cost:.0f} ns")
     print(f"wall times: best of {runs} alternated runs, anchor = the same workload unmonitored; 'implied' = "
           f"GIL takes per second x the per-take cost (robust to a shared machine's noise)")

@@ -14,7 +14,6 @@ import os
 import struct
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 
 from .errors import UnsupportedInterpreter

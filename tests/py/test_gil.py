@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 
-import pytest
 
 import gilfree
 from gilfree import gil
@@ -83,7 +82,7 @@ def cpu_loop(total_s):
 
 def overlap(spans, others):
     """Total length of the intersection of two lists of disjoint (start, end) spans."""
-    total, j = 0.0, 0
+    total = 0.0
     others = sorted(others)
     for start, end in sorted(spans):
         for o_start, o_end in others:
