@@ -11,14 +11,16 @@
  *
  * A release that answers a drop request (asked by a waiter whose interval expired, or by
  * priority) is forced: the thread wants the GIL back at once, so when its next take_gil comes
- * within GF_HANDOVER_NS (drop_gil's hand-over wait, or the OS running something else first),
- * its wait is counted from the release. */
+ * within GF_HANDOVER_NS without the thread having blocked in between (drop_gil's hand-over
+ * wait aside; blocking means it went on to I/O: a voluntary release that met a request), its
+ * wait is counted from the release. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -58,6 +60,8 @@ struct gf_thread {
   /* Owner-only fields. */
   int contended; /* the current wait had to sleep */
   uint64_t forced_at; /* time of its last release if that was forced, else 0 */
+  long blocked_at;    /* its voluntary context switches then (or after drop_gil's hand-over) */
+  int handing_over;   /* inside drop_gil's forced hand-over (switch_mutex held) */
   int wait_slot; /* gf.waiting[] slot counted for the current wait, -1 if none */
   unsigned wait_generation;
   uint64_t defer_ns; /* deferral used in the current wait */
@@ -146,6 +150,12 @@ static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
   __atomic_store_n(&chunk->count, chunk->count + 1, __ATOMIC_RELEASE);
 }
 
+/* Voluntary context switches of the calling thread: it blocked (I/O, sleep, a cond wait). */
+static long gf_blocked_count(void) {
+  struct rusage usage;
+  return getrusage(RUSAGE_THREAD, &usage) == 0 ? usage.ru_nvcsw : -1;
+}
+
 static int gf_slot_of(int priority) { return priority + GF_GILHOOK_MAX_PRIORITY; }
 
 static void gf_end_wait_slot(struct gf_thread *t) {
@@ -198,6 +208,7 @@ static struct gf_thread *gf_thread_self(void) {
     GF_STORE(t->state, GF_GIL_UNKNOWN);
     gf_write_end(t);
     t->forced_at = 0;
+    t->handing_over = 0;
     t->wait_slot = -1;
   }
   return t;
@@ -264,6 +275,8 @@ static void gf_on_release(struct gf_thread *t) {
   gf.holder = NULL;
   gf.asked_holder = NULL;
   t->forced_at = forced ? now : 0;
+  if (forced)
+    t->blocked_at = gf_blocked_count();
   gf_emit_at(t, GF_GIL_RELEASE, now);
   if (forced)
     gf_emit_at(t, GF_GIL_FORCED, now);
@@ -343,9 +356,15 @@ static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
     t = gf_thread_self();
     if (t != NULL && t->state != GF_GIL_HELD) {
       uint64_t now = gf_gilhook_now_ns();
-      int handover = t->forced_at != 0 && now - t->forced_at <= GF_HANDOVER_NS;
+      int handover = t->forced_at != 0 && now - t->forced_at <= GF_HANDOVER_NS &&
+                     t->blocked_at >= 0 && gf_blocked_count() == t->blocked_at;
       gf_begin_wait(t, handover ? t->forced_at : now);
     }
+  } else if (mutex == gf.targets.switch_mutex) {
+    t = gf_thread_self();
+    if (t != NULL)
+      t->handing_over = t->forced_at != 0 && t->state == GF_GIL_FREE;
+    t = NULL;
   }
   int rc = gf.mutex_lock(mutex);
   if (t != NULL && rc == 0 && t->state == GF_GIL_WANT) {
@@ -368,7 +387,14 @@ static void gf_end_wait_without_gil(struct gf_thread *t) {
 }
 
 static int gf_hook_mutex_unlock(pthread_mutex_t *mutex) {
-  if (mutex == gf.targets.mutex) {
+  if (mutex == gf.targets.switch_mutex) {
+    struct gf_thread *t = gf_thread_self();
+    if (t != NULL && t->handing_over) {
+      /* The hand-over's cond wait blocked on purpose: count blocking from here on. */
+      t->handing_over = 0;
+      t->blocked_at = gf_blocked_count();
+    }
+  } else if (mutex == gf.targets.mutex) {
     struct gf_thread *t = gf_thread_self();
     if (t != NULL && t->state == GF_GIL_WANT)
       gf_end_wait_without_gil(t);
