@@ -34,6 +34,10 @@
 #define GF_HANDOVER_NS 20000000ull
 /* Longest a thread defers, per wait, to a higher-priority waiter before taking the GIL anyway. */
 #define GF_DEFER_NS 5000000ull
+/* Longest a higher-priority waiter polls for the GIL it asked a holder to drop, instead of
+ * sleeping on the cond: the holder drops within microseconds, a futex wake-up takes longer. */
+#define GF_PRIORITY_SPIN_NS 50000ull
+#define GF_PRIORITY_SPIN_MIN_NS 1000ull
 
 /* Relaxed atomics for fields one thread writes and others read (tearing-free snapshots come
  * from the per-record seqlock). */
@@ -65,6 +69,7 @@ struct gf_thread {
   int wait_slot; /* gf.waiting[] slot counted for the current wait, -1 if none */
   unsigned wait_generation;
   uint64_t defer_ns; /* deferral used in the current wait */
+  uint64_t spin_ns;  /* current adaptive poll for a requested drop (0: not yet set) */
   struct gf_thread *asked; /* the holder this wait already asked to drop */
   uint32_t took_from;      /* see gf_gilhook_took_from */
   struct gf_chunk *tail;
@@ -300,16 +305,54 @@ static void gf_count_request(struct gf_thread *t, struct gf_thread *holder) {
   gf_write_end(t);
 }
 
-/* With the GIL's mutex held by waiting thread t: ask a lower-priority holder to drop. */
-static void gf_priority_request(struct gf_thread *t) {
+/* With the GIL's mutex held by waiting thread t: ask a lower-priority holder to drop. Returns
+ * 1 when it asked. */
+static int gf_priority_request(struct gf_thread *t) {
   if (!__atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) || gf.targets.request_drop == NULL)
-    return;
+    return 0;
   struct gf_thread *holder = gf.holder;
   if (__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) == 1 && holder != NULL &&
       holder != t && GF_LOAD(holder->priority) < GF_LOAD(t->priority)) {
     gf.targets.request_drop(gf.targets.request_drop_arg);
     gf_count_request(t, holder);
+    return 1;
   }
+  return 0;
+}
+
+static inline void gf_gilhook_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* With the GIL's mutex held by t, which just asked the holder to drop: releases the mutex and
+ * polls `locked` for a while, then takes the mutex back. Returns 1 when the GIL came free:
+ * the caller then returns from the cond wait at once (take_gil re-checks `locked` under the
+ * mutex, as after any spurious wake-up). Adaptive: a poll that fails halves the next one, so
+ * that on a busy machine the waiter stops taking the core the holder needs. */
+static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
+  if (t->spin_ns == 0)
+    t->spin_ns = GF_PRIORITY_SPIN_NS;
+  gf.mutex_unlock(mutex);
+  uint64_t start = gf_gilhook_now_ns();
+  int freed = 0;
+  do {
+    if (!__atomic_load_n(gf.targets.locked, __ATOMIC_ACQUIRE)) {
+      freed = 1;
+      break;
+    }
+    for (int i = 0; i < 16; i++)
+      gf_gilhook_cpu_relax();
+  } while (gf_gilhook_now_ns() - start < t->spin_ns);
+  gf.mutex_lock(mutex);
+  if (freed)
+    t->spin_ns = t->spin_ns * 2 < GF_PRIORITY_SPIN_NS ? t->spin_ns * 2 : GF_PRIORITY_SPIN_NS;
+  else
+    t->spin_ns = t->spin_ns / 2 > GF_PRIORITY_SPIN_MIN_NS ? t->spin_ns / 2 : GF_PRIORITY_SPIN_MIN_NS;
+  return freed;
 }
 
 /* With the GIL's mutex held by waiting thread t and the GIL free: let a higher-priority waiter
@@ -414,9 +457,9 @@ static int gf_hook_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
   t->contended = 1;
   if (gf.cond_clock < 0)
     gf_learn_clock(abstime);
-  gf_priority_request(t);
+  int asked = gf_priority_request(t);
   struct gf_thread *holder = gf.holder;
-  int rc = gf.cond_timedwait(cond, mutex, abstime);
+  int rc = asked && gf_priority_poll(t, mutex) ? 0 : gf.cond_timedwait(cond, mutex, abstime);
   if (rc == ETIMEDOUT) {
     gf_write_begin(t);
     GF_ADD(t->timeouts, 1);
