@@ -11,14 +11,16 @@
  *
  * A release that answers a drop request (asked by a waiter whose interval expired, or by
  * priority) is forced: the thread wants the GIL back at once, so when its next take_gil comes
- * within GF_HANDOVER_NS (drop_gil's hand-over wait, or the OS running something else first),
- * its wait is counted from the release. */
+ * within GF_HANDOVER_NS without the thread having blocked in between (drop_gil's hand-over
+ * wait aside; blocking means it went on to I/O: a voluntary release that met a request), its
+ * wait is counted from the release. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -32,6 +34,10 @@
 #define GF_HANDOVER_NS 20000000ull
 /* Longest a thread defers, per wait, to a higher-priority waiter before taking the GIL anyway. */
 #define GF_DEFER_NS 5000000ull
+/* Longest a higher-priority waiter polls for the GIL it asked a holder to drop, instead of
+ * sleeping on the cond: the holder drops within microseconds, a futex wake-up takes longer. */
+#define GF_PRIORITY_SPIN_NS 50000ull
+#define GF_PRIORITY_SPIN_MIN_NS 1000ull
 
 /* Relaxed atomics for fields one thread writes and others read (tearing-free snapshots come
  * from the per-record seqlock). */
@@ -58,9 +64,12 @@ struct gf_thread {
   /* Owner-only fields. */
   int contended; /* the current wait had to sleep */
   uint64_t forced_at; /* time of its last release if that was forced, else 0 */
+  long blocked_at;    /* its voluntary context switches then (or after drop_gil's hand-over) */
+  int handing_over;   /* inside drop_gil's forced hand-over (switch_mutex held) */
   int wait_slot; /* gf.waiting[] slot counted for the current wait, -1 if none */
   unsigned wait_generation;
   uint64_t defer_ns; /* deferral used in the current wait */
+  uint64_t spin_ns;  /* current adaptive poll for a requested drop (0: not yet set) */
   struct gf_thread *asked; /* the holder this wait already asked to drop */
   uint32_t took_from;      /* see gf_gilhook_took_from */
   struct gf_chunk *tail;
@@ -146,6 +155,12 @@ static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
   __atomic_store_n(&chunk->count, chunk->count + 1, __ATOMIC_RELEASE);
 }
 
+/* Voluntary context switches of the calling thread: it blocked (I/O, sleep, a cond wait). */
+static long gf_blocked_count(void) {
+  struct rusage usage;
+  return getrusage(RUSAGE_THREAD, &usage) == 0 ? usage.ru_nvcsw : -1;
+}
+
 static int gf_slot_of(int priority) { return priority + GF_GILHOOK_MAX_PRIORITY; }
 
 static void gf_end_wait_slot(struct gf_thread *t) {
@@ -198,6 +213,7 @@ static struct gf_thread *gf_thread_self(void) {
     GF_STORE(t->state, GF_GIL_UNKNOWN);
     gf_write_end(t);
     t->forced_at = 0;
+    t->handing_over = 0;
     t->wait_slot = -1;
   }
   return t;
@@ -264,6 +280,8 @@ static void gf_on_release(struct gf_thread *t) {
   gf.holder = NULL;
   gf.asked_holder = NULL;
   t->forced_at = forced ? now : 0;
+  if (forced)
+    t->blocked_at = gf_blocked_count();
   gf_emit_at(t, GF_GIL_RELEASE, now);
   if (forced)
     gf_emit_at(t, GF_GIL_FORCED, now);
@@ -287,16 +305,54 @@ static void gf_count_request(struct gf_thread *t, struct gf_thread *holder) {
   gf_write_end(t);
 }
 
-/* With the GIL's mutex held by waiting thread t: ask a lower-priority holder to drop. */
-static void gf_priority_request(struct gf_thread *t) {
+/* With the GIL's mutex held by waiting thread t: ask a lower-priority holder to drop. Returns
+ * 1 when it asked. */
+static int gf_priority_request(struct gf_thread *t) {
   if (!__atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) || gf.targets.request_drop == NULL)
-    return;
+    return 0;
   struct gf_thread *holder = gf.holder;
   if (__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) == 1 && holder != NULL &&
       holder != t && GF_LOAD(holder->priority) < GF_LOAD(t->priority)) {
     gf.targets.request_drop(gf.targets.request_drop_arg);
     gf_count_request(t, holder);
+    return 1;
   }
+  return 0;
+}
+
+static inline void gf_gilhook_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* With the GIL's mutex held by t, which just asked the holder to drop: releases the mutex and
+ * polls `locked` for a while, then takes the mutex back. Returns 1 when the GIL came free:
+ * the caller then returns from the cond wait at once (take_gil re-checks `locked` under the
+ * mutex, as after any spurious wake-up). Adaptive: a poll that fails halves the next one, so
+ * that on a busy machine the waiter stops taking the core the holder needs. */
+static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
+  if (t->spin_ns == 0)
+    t->spin_ns = GF_PRIORITY_SPIN_NS;
+  gf.mutex_unlock(mutex);
+  uint64_t start = gf_gilhook_now_ns();
+  int freed = 0;
+  do {
+    if (!__atomic_load_n(gf.targets.locked, __ATOMIC_ACQUIRE)) {
+      freed = 1;
+      break;
+    }
+    for (int i = 0; i < 16; i++)
+      gf_gilhook_cpu_relax();
+  } while (gf_gilhook_now_ns() - start < t->spin_ns);
+  gf.mutex_lock(mutex);
+  if (freed)
+    t->spin_ns = t->spin_ns * 2 < GF_PRIORITY_SPIN_NS ? t->spin_ns * 2 : GF_PRIORITY_SPIN_NS;
+  else
+    t->spin_ns = t->spin_ns / 2 > GF_PRIORITY_SPIN_MIN_NS ? t->spin_ns / 2 : GF_PRIORITY_SPIN_MIN_NS;
+  return freed;
 }
 
 /* With the GIL's mutex held by waiting thread t and the GIL free: let a higher-priority waiter
@@ -343,9 +399,15 @@ static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
     t = gf_thread_self();
     if (t != NULL && t->state != GF_GIL_HELD) {
       uint64_t now = gf_gilhook_now_ns();
-      int handover = t->forced_at != 0 && now - t->forced_at <= GF_HANDOVER_NS;
+      int handover = t->forced_at != 0 && now - t->forced_at <= GF_HANDOVER_NS &&
+                     t->blocked_at >= 0 && gf_blocked_count() == t->blocked_at;
       gf_begin_wait(t, handover ? t->forced_at : now);
     }
+  } else if (mutex == gf.targets.switch_mutex) {
+    t = gf_thread_self();
+    if (t != NULL)
+      t->handing_over = t->forced_at != 0 && t->state == GF_GIL_FREE;
+    t = NULL;
   }
   int rc = gf.mutex_lock(mutex);
   if (t != NULL && rc == 0 && t->state == GF_GIL_WANT) {
@@ -368,7 +430,14 @@ static void gf_end_wait_without_gil(struct gf_thread *t) {
 }
 
 static int gf_hook_mutex_unlock(pthread_mutex_t *mutex) {
-  if (mutex == gf.targets.mutex) {
+  if (mutex == gf.targets.switch_mutex) {
+    struct gf_thread *t = gf_thread_self();
+    if (t != NULL && t->handing_over) {
+      /* The hand-over's cond wait blocked on purpose: count blocking from here on. */
+      t->handing_over = 0;
+      t->blocked_at = gf_blocked_count();
+    }
+  } else if (mutex == gf.targets.mutex) {
     struct gf_thread *t = gf_thread_self();
     if (t != NULL && t->state == GF_GIL_WANT)
       gf_end_wait_without_gil(t);
@@ -388,9 +457,9 @@ static int gf_hook_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
   t->contended = 1;
   if (gf.cond_clock < 0)
     gf_learn_clock(abstime);
-  gf_priority_request(t);
+  int asked = gf_priority_request(t);
   struct gf_thread *holder = gf.holder;
-  int rc = gf.cond_timedwait(cond, mutex, abstime);
+  int rc = asked && gf_priority_poll(t, mutex) ? 0 : gf.cond_timedwait(cond, mutex, abstime);
   if (rc == ETIMEDOUT) {
     gf_write_begin(t);
     GF_ADD(t->timeouts, 1);

@@ -14,7 +14,6 @@ import os
 import struct
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 
 from .errors import UnsupportedInterpreter
@@ -174,16 +173,17 @@ def _drain(hook):
 class Monitor:
     """Context manager measuring the GIL between __enter__ and __exit__. Reusable, nestable."""
 
-    def __init__(self, trace=True, sample_hz=0.0):
+    def __init__(self, trace=True, sample_hz=0.0, trace_budget_bytes=_TRACE_BUDGET):
         self._trace = trace
         self._sample_hz = sample_hz
+        self._budget = trace_budget_bytes
         self._report = None
 
     def __enter__(self):
         hook = self._hook = _hook()
         self._events = []
         self._names = _ThreadNames()
-        hook.acquire(self._trace, _TRACE_BUDGET)
+        hook.acquire(self._trace, self._budget)
         self._dropped0 = hook.dropped()
         self._names.start()
         if self._trace:
@@ -362,6 +362,9 @@ class Monitor:
             out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#cccccc"/>')
             for x, w, state in _pixel_runs(spans.get(t.tid, ()), self._t0, scale, width):
                 out.append(f'<rect x="{label + x}" y="{y}" width="{w}" height="{row - 4}" fill="{colors[state]}"/>')
+        axis = top + row * len(rows) + 12
+        for i in range(6):
+            out.append(f'<text x="{label + i * width // 5 - (20 if i == 5 else 0)}" y="{axis}">{report.wall_s * i / 5 * 1e3:.0f} ms</text>')
         out.append(f'<text x="4" y="{height - 12}">{html.escape(report.verdict[:200])}</text>')
         out.append("</svg>")
         with open(path, "w") as f:
@@ -456,14 +459,16 @@ def verdict(report):
     return " ".join(parts)
 
 
-def monitor(trace=True, sample_hz=0.0):
+def monitor(trace=True, sample_hz=0.0, trace_budget_bytes=_TRACE_BUDGET):
     """A Monitor: ``with gilfree.gil.monitor() as m: ...; print(m.report())``.
 
     trace: record the timeline (needed for wait percentiles, write_trace, write_svg).
     sample_hz: sample which function holds the GIL this many times a second (0: off).
+    trace_budget_bytes: memory for timeline events (64 KB chunks); beyond it events are
+    counted as dropped (report.dropped_events) and the totals stay exact.
     Raises UnsupportedInterpreter on entry where exact accounting is impossible.
     """
-    return Monitor(trace=trace, sample_hz=sample_hz)
+    return Monitor(trace=trace, sample_hz=sample_hz, trace_budget_bytes=trace_budget_bytes)
 
 
 _counting = False

@@ -317,7 +317,8 @@ class Pool(PoolBase):
             self._on_events(events)
 
     def _cancel(self, future):
-        if self._engine.cancel(future._task_id):
+        engine = self._engine
+        if engine is not None and engine.cancel(future._task_id):
             self._futures.pop(future._task_id, None)
             return True
         return False
@@ -393,11 +394,12 @@ class Pool(PoolBase):
         workers = self._engine.stats()
         for w in workers:
             w["idle_s"] = max(0.0, w.pop("alive_s") - w["busy_s"])
+        queued = self._engine.queued()
         return {
             "workers": workers,
             "tasks": sum(w["tasks"] for w in workers),
-            "queued": self._engine.queued(),
-            "running": len(self._futures),
+            "queued": queued,
+            "running": max(0, len(self._futures) - queued),
             "busy_workers": sum(1 for w in workers if w["busy"]),
             "restarts": sum(w["restarts"] for w in workers),
             "bytes_in": sum(w["bytes_in"] for w in workers),

@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 
-import pytest
 
 import gilfree
 from gilfree import gil
@@ -83,7 +82,7 @@ def cpu_loop(total_s):
 
 def overlap(spans, others):
     """Total length of the intersection of two lists of disjoint (start, end) spans."""
-    total, j = 0.0, 0
+    total = 0.0
     others = sorted(others)
     for start, end in sorted(spans):
         for o_start, o_end in others:
@@ -304,7 +303,7 @@ from threading import Thread
 def countdown(n):
     while n > 0:
         n -= 1
-threads = [Thread(target=countdown, args=(3_000_000,)) for _ in range(2)]
+threads = [Thread(target=countdown, args=(6_000_000,)) for _ in range(2)]
 for t in threads: t.start()
 for t in threads: t.join()
 print("done")
@@ -431,3 +430,16 @@ def test_report_says_subinterpreters_are_not_covered():
     with gil.monitor() as m:
         pass
     assert m.report().notes == []
+
+
+def test_event_budget_drops_timeline_events_but_keeps_totals_exact():
+    a, b = Gated("cpu-a", cpu_loop, 0.2), Gated("cpu-b", cpu_loop, 0.2)
+    report = run_gated([a, b], trace_budget_bytes=1)  # no room for a single 64 KB chunk
+    assert report.dropped_events > 0
+    assert "timeline events dropped" in str(report)
+    for me, other in ((a, b), (b, a)):
+        held, _, ambiguous = truth_bounds(me.truth, [other.truth])
+        assert_within(thread_of(report, me.name).held_s, held, ambiguous, report.wall_s, f"{me.name} held")
+    with gil.monitor() as m:  # the default budget again: nothing lost
+        cpu_loop(0.01)
+    assert m.report().dropped_events == 0

@@ -398,7 +398,6 @@ def test_stats_shape(pool):
 
 
 def test_parent_sigkilled_takes_workers_and_shm_along():
-    shm_before = set(os.listdir("/dev/shm"))
     proc = run_script(
         """
         import sys, time, gilfree, poolfuncs
@@ -410,13 +409,18 @@ def test_parent_sigkilled_takes_workers_and_shm_along():
     )
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 3 and all(alive(p) for p in pids)
+    for pid in [proc.pid, *pids]:
+        with open(f"/proc/{pid}/maps") as maps:
+            mapped = maps.read()
+        # The shared memory is an anonymous memfd: it can never outlive its last process.
+        assert "/dev/shm/" not in mapped
+        assert pid == pids[0] or "memfd:gilfree" in mapped
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 2.0
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not any(alive(p) for p in pids)
-    assert set(os.listdir("/dev/shm")) <= shm_before
 
 
 def test_ctrl_c_during_map_raises_and_leaves_no_children():

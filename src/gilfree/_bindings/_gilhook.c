@@ -22,8 +22,9 @@
 
 #define GF_TRACE_BUDGET_DEFAULT (256u << 20)
 
+/* Touched only with the GIL held (every entry point is a Python call): no other locking. */
 typedef struct {
-  PyObject *unsupported; /* gilfree.UnsupportedInterpreter */
+  PyObject *unsupported; /* gilfree.UnsupportedInterpreter (strong reference) */
   int users;             /* acquire() calls not yet released */
   int tracers;           /* of which asked for events */
 } gilhook_state;
@@ -84,7 +85,7 @@ static int set_switch_interval(PyObject *sys, double seconds) {
   return result == NULL ? -1 : 0;
 }
 
-/* Raises UnsupportedInterpreter(reason) and returns NULL. */
+/* Raises UnsupportedInterpreter(reason) and returns NULL (no reference). */
 static PyObject *unsupported(gilhook_state *st, const char *reason) {
   PyErr_SetString(st->unsupported, reason);
   return NULL;
@@ -212,6 +213,7 @@ static int install(gilhook_state *st) {
 PyDoc_STRVAR(check_doc, "check()\n--\n\nRaises UnsupportedInterpreter (with the reason) if the "
                         "GIL of this interpreter cannot be hooked.");
 
+/* Returns a new reference (None), or NULL with the reason raised. */
 static PyObject *gilhook_check(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   if (gf_gilhook_installed())
     Py_RETURN_NONE;
@@ -223,6 +225,7 @@ static PyObject *gilhook_check(PyObject *module, PyObject *Py_UNUSED(ignored)) {
 PyDoc_STRVAR(acquire_doc, "acquire(trace, budget_bytes)\n--\n\nAdds a user of the hooks "
                           "(installing them on the first); with trace, events are recorded.");
 
+/* Borrows args. Returns a new reference (None), or NULL with an exception set. */
 static PyObject *gilhook_acquire(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
   gilhook_state *st = get_state(module);
   if (nargs != 2) {
@@ -246,6 +249,7 @@ static PyObject *gilhook_acquire(PyObject *module, PyObject *const *args, Py_ssi
 PyDoc_STRVAR(release_doc, "release(trace)\n--\n\nRemoves a user; the last one uninstalls the "
                           "hooks and restores the GOT.");
 
+/* Borrows args. Returns a new reference (None), or NULL with an exception set. */
 static PyObject *gilhook_release(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
   gilhook_state *st = get_state(module);
   if (nargs != 1) {
@@ -273,15 +277,18 @@ static PyObject *gilhook_release(PyObject *module, PyObject *const *args, Py_ssi
   Py_RETURN_NONE;
 }
 
+/* Returns a new reference to a bool. */
 static PyObject *gilhook_installed(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyBool_FromLong(gf_gilhook_installed());
 }
 
+/* Returns a new reference to a bool. */
 static PyObject *gilhook_slots_restored(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyBool_FromLong(gf_gilhook_slots_restored());
 }
 
-/* Appends one tuple per thread record to the list in arg; stops on error. */
+/* Appends a new tuple for the record to the list in arg (borrowed; the list takes its own
+ * reference); stops the walk with an exception set on error. */
 static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
   PyObject *row = Py_BuildValue(
       "(KKKKKKKKKKKii)", (unsigned long long)s->tid, (unsigned long long)s->first_ns,
@@ -302,6 +309,7 @@ PyDoc_STRVAR(threads_doc,
              "acquisitions, waits, switches_in, forced, drop_requests, timeouts, state, "
              "priority), cumulative per thread up to now_ns, times on time.monotonic_ns()'s clock.");
 
+/* Returns a new reference, or NULL with an exception set. */
 static PyObject *gilhook_threads(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   PyObject *rows = PyList_New(0);
   if (rows == NULL)
@@ -318,6 +326,7 @@ static PyObject *gilhook_threads(PyObject *module, PyObject *Py_UNUSED(ignored))
 PyDoc_STRVAR(drain_doc, "drain()\n--\n\nReturns new bytes holding the recorded events as "
                         "(t_ns: u64, tid: u32, kind: u32) records, and forgets them.");
 
+/* Returns a new reference, or NULL with an exception set. */
 static PyObject *gilhook_drain(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   enum { BATCH = 8192 };
   struct gf_gilhook_event *batch = PyMem_Malloc(BATCH * sizeof(*batch));
@@ -333,6 +342,7 @@ static PyObject *gilhook_drain(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return out;
 }
 
+/* Returns a new reference. */
 static PyObject *gilhook_dropped(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyLong_FromUnsignedLongLong(gf_gilhook_dropped());
 }
@@ -345,6 +355,7 @@ static PyObject *gilhook_hooked_object(PyObject *module, PyObject *Py_UNUSED(ign
   return PyUnicode_DecodeFSDefault(info.dli_fname);
 }
 
+/* Returns a new reference. */
 static PyObject *gilhook_took_from(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyLong_FromUnsignedLong(gf_gilhook_took_from());
 }
@@ -352,6 +363,7 @@ static PyObject *gilhook_took_from(PyObject *module, PyObject *Py_UNUSED(ignored
 PyDoc_STRVAR(set_priority_doc, "set_priority(level)\n--\n\nSets the calling thread's GIL "
                                "priority (clamped to +-8).");
 
+/* Borrows arg. Returns a new reference (None), or NULL with an exception set. */
 static PyObject *gilhook_set_priority(PyObject *module, PyObject *arg) {
   long level = PyLong_AsLong(arg);
   if (level == -1 && PyErr_Occurred())
@@ -364,10 +376,12 @@ static PyObject *gilhook_set_priority(PyObject *module, PyObject *arg) {
   Py_RETURN_NONE;
 }
 
+/* Returns a new reference. */
 static PyObject *gilhook_get_priority(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyLong_FromLong(gf_gilhook_get_priority());
 }
 
+/* Returns a new reference (None). */
 static PyObject *gilhook_reset_priorities(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   gf_gilhook_reset_priorities();
   Py_RETURN_NONE;
