@@ -309,8 +309,7 @@ def main(argv=None):
                 load.warm_up(connections)  # workers started, code and files warm
             seconds = max(1, round(args.duration / args.rounds))
             for number in range(args.rounds):
-                print(f"round {number + 1}/{args.rounds}: " + ", ".join(f"{LABELS[load.system]} {load.workload}"
-                                                                        for load in loads), flush=True)
+                print(f"round {number + 1}/{args.rounds} ({len(loads)} loads of {seconds} s)", flush=True)
                 for load in loads:
                     load.round(seconds, connections)
         finally:
