@@ -1,7 +1,6 @@
 """python -m gilfree.images: the image service (see docs/images.md)."""
 import argparse
 import asyncio
-import os
 import sys
 
 from .app import MB, Config
@@ -14,7 +13,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m gilfree.images", description=__doc__)
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port, help="0 lets the OS choose (printed on start)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image workers (default: one per core)")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="image workers (default: one per usable core)")
     p.add_argument("--root", help="directory GET /v1/transform/<path> reads from (nothing outside it)")
     p.add_argument("--executor", choices=KINDS, default=defaults.executor,
                    help="pool: gilfree.Pool (default); threads and mp: the naive and the textbook ways, for comparison")

@@ -26,7 +26,7 @@ _ACCEPTED_TYPES = ("application/octet-stream",)  # and image/*; aiohttp reports 
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = os.cpu_count() or 1
+    workers: int = len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
     root: str | None = None
     executor: str = "pool"
     max_body: int = 25 * MB
