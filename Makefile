@@ -46,6 +46,7 @@ demo:
 	for step in demo/[0-9]*.py; do $$venv/bin/python $$step; done
 
 bench:
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@set -e; venv=$$(tools/venv $(PYTHON) test); $$venv/bin/python -m pip install -q -r bench/requirements.txt; \
 	for b in bench/bench_*.py bench/beazley.py; do $$venv/bin/python $$b; done
 

@@ -14,7 +14,7 @@ import time
 from ._worker import run_chunk  # noqa: F401 - the chunk runner every pool sends
 
 CHUNK_TARGET_S = 0.02
-CHUNK_FIRST = 8
+CHUNK_FIRST = 1
 CHUNK_MAX = 100_000
 
 
