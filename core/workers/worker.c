@@ -7,6 +7,8 @@
 
 #include "gf/workers.h"
 
+#define GF_WORKER_SPIN_MIN_NS 1000
+
 int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t slot, int fd) {
   gf_segment *seg = (gf_segment *)map;
   if (seg->magic != GF_SEGMENT_MAGIC || slot >= seg->nslots)
@@ -31,8 +33,6 @@ int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t
 int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *len) {
   const void *at;
   int rc;
-  /* Adaptive: a spin that ends with a task may be longer next time, one that ends asleep is
-   * halved, so that on a busy machine an idle worker stops taking the core from the parent. */
   if (w->spin_ns == 0 || w->spin_ns > spin_ns)
     w->spin_ns = spin_ns;
   for (;;) {
@@ -40,10 +40,7 @@ int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *le
     /* Sleep in one-second slices: PR_SET_PDEATHSIG covers the template's death, and this
      * check covers the instant before it was set. */
     rc = gf_ring_wait(w->requests, w->spin_ns, 1000000000);
-    if (gf_now_ns() - start > w->spin_ns)
-      w->spin_ns = w->spin_ns / 2 > 1000 ? w->spin_ns / 2 : 1000;
-    else if (w->spin_ns < spin_ns)
-      w->spin_ns = w->spin_ns * 2 < spin_ns ? w->spin_ns * 2 : spin_ns;
+    w->spin_ns = gf_adapt_spin(w->spin_ns, gf_now_ns() - start, GF_WORKER_SPIN_MIN_NS, spin_ns);
     if (rc == 0 && gf_ring_peek(w->requests, &at, len) == 0) {
       *msg = at;
       return 0;

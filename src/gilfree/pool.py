@@ -26,9 +26,9 @@ from .errors import TaskTimeout, WorkerCrashed
 
 RING_BYTES = 1 << 20
 ARENA_BYTES = 64 << 30  # virtual: the memfd is sparse, pages exist only while buffers do
-# How long a thread waiting for a result polls the rings itself before it sleeps: adaptive,
-# since spinning only pays when a core is free for the worker meanwhile. A spin that finds its
-# result lets the next one be longer; a spin that finds nothing halves the next one.
+# How long a thread waiting for a result polls the rings itself before it sleeps: about twice
+# the recent waits while they are short, halved after long ones (slow tasks, or a machine too
+# busy to run the worker while we spin).
 RESULT_SPIN_MAX_S = 200e-6
 RESULT_SPIN_MIN_S = 2e-6
 # Workers dying before they ever start (a failing initializer, say) break the pool after this
@@ -70,12 +70,9 @@ class _Future(concurrent.futures.Future):
             condition = self.__dict__.setdefault("_lazy_condition", threading.Condition())
         return condition
 
-    def _finish(self, state_setter):
-        if "_lazy_condition" in self.__dict__:
-            return False  # somebody waits or registered: the full protocol
-        if self._state != PENDING:
-            raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
-        state_setter()
+    def _finish(self):
+        """Marks the future done after its result or exception was stored; False when the full
+        protocol must run instead (somebody made the condition, or it is not pending)."""
         self._state = FINISHED
         if "_lazy_condition" in self.__dict__:
             with self._condition:
@@ -85,37 +82,44 @@ class _Future(concurrent.futures.Future):
                     else:
                         waiter.add_exception(self)
                 self._condition.notify_all()
-        self._invoke_callbacks()
-        return True
+        if self._done_callbacks:
+            self._invoke_callbacks()
 
     def set_result(self, result):
-        if not self._finish(lambda: setattr(self, "_result", result)):
-            super().set_result(result)
+        if self._state != PENDING or "_lazy_condition" in self.__dict__:
+            return super().set_result(result)  # waiters, callbacks, or an error to raise
+        self._result = result
+        self._finish()
 
     def set_exception(self, exception):
-        if not self._finish(lambda: setattr(self, "_exception", exception)):
-            super().set_exception(exception)
+        if self._state != PENDING or "_lazy_condition" in self.__dict__:
+            return super().set_exception(exception)
+        self._exception = exception
+        self._finish()
 
-    def _help(self):
+    def _wait(self, wait, timeout):
+        """Collects results itself first, then waits; tells the pool how long it took."""
         pool = self._pool_ref()
-        if pool is not None and self._state == PENDING:
+        if pool is None or self._state != PENDING:
+            return _wait_interruptibly(self, wait, timeout)
+        started = time.perf_counter()
+        try:
             pool._help(self)
+            return _wait_interruptibly(self, wait, timeout)
+        finally:
+            pool._waited(time.perf_counter() - started)
 
     def result(self, timeout=None):
-        if self._state == PENDING:
-            self._help()
         if self._state == FINISHED:
             if self._exception is not None:
                 raise self._exception
             return self._result
-        return _wait_interruptibly(self, super().result, timeout)
+        return self._wait(super().result, timeout)
 
     def exception(self, timeout=None):
-        if self._state == PENDING:
-            self._help()
         if self._state == FINISHED:
             return self._exception
-        return _wait_interruptibly(self, super().exception, timeout)
+        return self._wait(super().exception, timeout)
 
     def cancel(self):
         pool = self._pool_ref()
@@ -220,6 +224,7 @@ class Pool(PoolBase):
         self._task_timeout = task_timeout
         self._ids = itertools.count(1)
         self._futures = {}
+        self._last_function = (None, None)
         self._shutdown = False
         self._broken = None
         self._start_failures = 0
@@ -269,7 +274,12 @@ class Pool(PoolBase):
             raise BrokenPool(self._broken)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        head = function_blob(fn)
+        last = self._last_function  # one tuple: read and replaced atomically under the GIL
+        if last[0] is fn:
+            head = last[1]
+        else:
+            head = function_blob(fn)
+            self._last_function = (fn, head)
         payload, refs = self._codec.dumps(body)
         task_id = next(self._ids)
         future = _Future(self._weakself, task_id)
@@ -305,16 +315,14 @@ class Pool(PoolBase):
         engine = self._engine
         if engine is None:
             return
-        if len(self._futures) > self._spin_below:
-            events = engine.collect(False, 1e-9)  # look once, do not spin
-        else:
-            events = engine.collect(False, self._spin_s)
-            if events:
-                self._spin_s = min(RESULT_SPIN_MAX_S, self._spin_s * 2)
-            else:
-                self._spin_s = max(RESULT_SPIN_MIN_S, self._spin_s / 2)
+        busy = len(self._futures) > self._spin_below
+        events = engine.collect(False, 1e-9 if busy else self._spin_s)  # busy: look once
         if events:
             self._on_events(events)
+
+    def _waited(self, seconds):
+        spin = 2 * seconds if seconds < RESULT_SPIN_MAX_S else self._spin_s / 2
+        self._spin_s = min(RESULT_SPIN_MAX_S, max(RESULT_SPIN_MIN_S, spin))
 
     def _cancel(self, future):
         engine = self._engine
