@@ -39,11 +39,3 @@ int gf_futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t timeout_ns)
 void gf_futex_wake(_Atomic uint32_t *word, int n) {
   syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, n, NULL, NULL, 0);
 }
-
-int64_t gf_adapt_spin(int64_t current, int64_t waited, int64_t min_ns, int64_t max_ns) {
-  /* Spin about twice the gaps seen lately, as long as they are short: a task or result that
-   * comes within max_ns is worth polling for. Longer gaps (slow tasks, or a machine too busy
-   * to run the other side while we spin) halve the spin. One short gap restores it. */
-  int64_t next = waited < max_ns ? 2 * waited : current / 2;
-  return next < min_ns ? min_ns : next > max_ns ? max_ns : next;
-}

@@ -7,8 +7,6 @@
 
 #include "gf/workers.h"
 
-#define GF_WORKER_SPIN_MIN_NS 1000
-
 int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t slot, int fd) {
   gf_segment *seg = (gf_segment *)map;
   if (seg->magic != GF_SEGMENT_MAGIC || slot >= seg->nslots)
@@ -33,14 +31,10 @@ int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t
 int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *len) {
   const void *at;
   int rc;
-  if (w->spin_ns == 0 || w->spin_ns > spin_ns)
-    w->spin_ns = spin_ns;
   for (;;) {
-    int64_t start = gf_now_ns();
     /* Sleep in one-second slices: PR_SET_PDEATHSIG covers the template's death, and this
      * check covers the instant before it was set. */
-    rc = gf_ring_wait(w->requests, w->spin_ns, 1000000000);
-    w->spin_ns = gf_adapt_spin(w->spin_ns, gf_now_ns() - start, GF_WORKER_SPIN_MIN_NS, spin_ns);
+    rc = gf_ring_wait(w->requests, spin_ns, 1000000000);
     if (rc == 0 && gf_ring_peek(w->requests, &at, len) == 0) {
       *msg = at;
       return 0;

@@ -26,11 +26,11 @@ from .errors import TaskTimeout, WorkerCrashed
 
 RING_BYTES = 1 << 20
 ARENA_BYTES = 64 << 30  # virtual: the memfd is sparse, pages exist only while buffers do
-# How long a thread waiting for a result polls the rings itself before it sleeps: about twice
-# the recent waits while they are short, halved after long ones (slow tasks, or a machine too
-# busy to run the worker while we spin).
+# How long a thread waiting for a result polls the rings itself before it sleeps (see
+# Pool._waited).
 RESULT_SPIN_MAX_S = 200e-6
-RESULT_SPIN_MIN_S = 2e-6
+RESULT_SPIN_MIN_S = 50e-6
+SPIN_PROBE_EVERY = 64
 # Workers dying before they ever start (a failing initializer, say) break the pool after this
 # many attempts in a row: retrying forever would hide the error.
 MAX_START_FAILURES = 3
@@ -103,11 +103,12 @@ class _Future(concurrent.futures.Future):
         if pool is None or self._state != PENDING:
             return _wait_interruptibly(self, wait, timeout)
         started = time.perf_counter()
+        found = False
         try:
-            pool._help(self)
+            found = pool._help(self)
             return _wait_interruptibly(self, wait, timeout)
         finally:
-            pool._waited(time.perf_counter() - started)
+            pool._waited(time.perf_counter() - started, found)
 
     def result(self, timeout=None):
         if self._state == FINISHED:
@@ -221,6 +222,7 @@ class Pool(PoolBase):
         self._max_workers = max_workers
         self._spin_below = max(1, _available_cpus() - 1)
         self._spin_s = RESULT_SPIN_MAX_S
+        self._misses = 0
         self._task_timeout = task_timeout
         self._ids = itertools.count(1)
         self._futures = {}
@@ -314,14 +316,24 @@ class Pool(PoolBase):
         that spinning never takes a core from a busy worker."""
         engine = self._engine
         if engine is None:
-            return
+            return False
         busy = len(self._futures) > self._spin_below
         events = engine.collect(False, 1e-9 if busy else self._spin_s)  # busy: look once
         if events:
             self._on_events(events)
+        return future._state == FINISHED
 
-    def _waited(self, seconds):
-        spin = 2 * seconds if seconds < RESULT_SPIN_MAX_S else self._spin_s / 2
+    def _waited(self, seconds, found):
+        """Sizes the next spin: about 2.5x a wait the spin caught; halved after one it missed
+        (a slow task, or a machine too busy to run the worker meanwhile), with a full-length
+        probe every SPIN_PROBE_EVERY misses so that a spin stuck short can grow back."""
+        if found:
+            spin = 2.5 * seconds
+        else:
+            spin = self._spin_s / 2
+            self._misses += 1
+            if self._misses % SPIN_PROBE_EVERY == 0:
+                spin = RESULT_SPIN_MAX_S
         self._spin_s = min(RESULT_SPIN_MAX_S, max(RESULT_SPIN_MIN_S, spin))
 
     def _cancel(self, future):

@@ -29,8 +29,6 @@ void gf_futex_wake(_Atomic uint32_t *word, int n);
 int64_t gf_now_ns(void);
 /* One pause instruction: spinning politely. */
 void gf_cpu_relax(void);
-/* The next spin length after waiting `waited` ns with a spin of `current` ns (adaptive). */
-int64_t gf_adapt_spin(int64_t current, int64_t waited, int64_t min_ns, int64_t max_ns);
 
 /* ------------------------------------------------------------------- rings */
 

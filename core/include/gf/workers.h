@@ -212,12 +212,11 @@ typedef struct gf_worker {
   gf_ring *requests;
   gf_ring *responses;
   pid_t parent; /* the template: the worker exits when it is gone */
-  int64_t spin_ns; /* current adaptive spin before sleeping for the next task */
 } gf_worker;
 
 int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t slot, int fd);
-/* Waits for the next task (spin up to spin_ns, adaptively less, then futex; checks every second
- * that the template lives).
+/* Waits for the next task (spin up to spin_ns, then futex; checks every second that the
+ * template lives).
  * On success *msg points at the message inside the ring. -EPIPE when the template is gone. */
 int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *len);
 /* Marks the task of the message at the ring head as running, then drops the message from the
