@@ -168,7 +168,6 @@ class PoolBase(concurrent.futures.Executor):
                 if error is not None:
                     raise with_remote_traceback(*error)
         except KeyboardInterrupt:
-            pipeline.cancel()
             self._interrupted()
             raise
         finally:

@@ -231,7 +231,6 @@ class Pool(PoolBase):
         self._broken = None
         self._start_failures = 0
         self._lock = threading.Lock()
-        self._restarts = 0
         self._engine = _engine.Engine(max_workers, RING_BYTES, ARENA_BYTES, task_timeout or 0.0)
         self._codec = Codec(self._engine)
 
@@ -372,7 +371,6 @@ class Pool(PoolBase):
             engine.scan()
 
     def _worker_died(self, task_id, slot, pid, status, timed_out, was_ready):
-        self._restarts += 1
         if task_id:
             future = self._futures.pop(task_id, None)
             if future is not None:
@@ -407,14 +405,15 @@ class Pool(PoolBase):
     # ------------------------------------------------------------ lifecycle
 
     def stats(self):
-        """Per-worker counters and pool totals."""
-        if self._engine is None:
-            return {"workers": [], "tasks": 0, "queued": 0, "running": 0, "busy_workers": 0,
-                    "restarts": self._restarts, "bytes_in": 0, "bytes_out": 0}
-        workers = self._engine.stats()
+        """Per-worker counters and pool totals (after shutdown: as they were at shutdown)."""
+        engine = self._engine
+        return self._final_stats if engine is None else self._stats_of(engine)
+
+    def _stats_of(self, engine):
+        workers = engine.stats()
         for w in workers:
             w["idle_s"] = max(0.0, w.pop("alive_s") - w["busy_s"])
-        queued = self._engine.queued()
+        queued = engine.queued()
         return {
             "workers": workers,
             "tasks": sum(w["tasks"] for w in workers),
@@ -452,6 +451,7 @@ class Pool(PoolBase):
             engine, self._engine = self._engine, None
         if engine is None:
             return
+        self._final_stats = self._stats_of(engine)
         engine.close(grace)
         self._fail_all(concurrent.futures.CancelledError("the pool was shut down"))
         _live_pools.discard(self)

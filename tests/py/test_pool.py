@@ -534,3 +534,11 @@ def test_share_handle_travels_without_copying_the_data(pool):
         assert first_refs[0][0] == second_refs[0][0] and first_refs[0][2] == 8 << 20
     finally:
         pool._codec.release(first_refs + second_refs)
+
+
+def test_stats_survive_shutdown():
+    pool = gilfree.Pool(1)
+    assert list(pool.map(f.square, range(5), chunksize=1)) == [0, 1, 4, 9, 16]
+    pool.shutdown()
+    stats = pool.stats()
+    assert stats["tasks"] >= 5 and len(stats["workers"]) == 1
