@@ -47,6 +47,21 @@ class _IdUnpickler(pickle.Unpickler):
         return self._by_id[pid]
 
 
+class _OutOfBandNeeded(Exception):
+    pass
+
+
+def _in_band_only(buffer):
+    """The common case's buffer_callback: small PickleBuffers stay in the pickle; a large one
+    sends the object down the out-of-band path."""
+    if buffer.raw().nbytes < OUT_OF_BAND_MIN:
+        return True
+    raise _OutOfBandNeeded
+
+
+_NO_REFS = ()  # shared: a payload without arena references (nobody appends to it)
+
+
 class Codec:
     """Encodes and decodes messages for one end of the engine."""
 
@@ -59,15 +74,13 @@ class Codec:
             # No large bytes or memoryview within three levels, the common case: plain pickle,
             # with PickleBuffers (numpy arrays, share() handles) out-of-band. A large bytes
             # deeper down still works, copied in-band.
-            refs = []
             try:
-                payload = pickle.dumps(obj, 5, buffer_callback=self._out_of_band(refs))
-            except (TypeError, pickle.PicklingError, AttributeError):
-                self.release(refs)  # a memoryview, or something only cloudpickle can do
+                payload = pickle.dumps(obj, 5, buffer_callback=_in_band_only)
+            except (_OutOfBandNeeded, TypeError, pickle.PicklingError, AttributeError):
+                pass  # a large PickleBuffer, a memoryview, or something only cloudpickle can do
             else:
                 if b"__main__" not in payload:
-                    return payload, refs
-                self.release(refs)
+                    return payload, _NO_REFS
         return self._dumps_large(obj)
 
     def _out_of_band(self, refs):

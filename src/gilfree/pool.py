@@ -45,54 +45,77 @@ class BrokenPool(concurrent.futures.process.BrokenProcessPool):
     """The pool cannot run tasks any more (its template died, or workers cannot start)."""
 
 
+_lazy_lock = threading.Lock()  # makes a future's condition or lists, once (rare path)
+
+
 class _Future(concurrent.futures.Future):
     """A concurrent.futures.Future that is cheap to create and complete, and whose result()
     collects results itself before falling back to waiting.
 
-    The Condition every Future carries is made only when somebody needs it (a waiter, a
-    callback, a timeout): most futures of a busy pool are completed and read without one.
+    The Condition and the two lists every Future carries are made only when somebody needs them
+    (a waiter, a callback, a timeout): most futures of a busy pool are completed and read
+    without them, and fewer objects per future also means less work for the garbage collector.
     Completion sets the state first and looks for a condition second, so a waiter that made one
     meanwhile is either notified or sees the final state (the GIL orders the two)."""
+
+    _lazy_condition = None
+    _lazy_waiters = None
+    _lazy_callbacks = None
 
     def __init__(self, pool_ref, task_id):
         self._state = PENDING
         self._result = None
         self._exception = None
-        self._waiters = []
-        self._done_callbacks = []
         self._pool_ref = pool_ref
         self._task_id = task_id
 
+    def _make_lazy(self, name, factory):
+        """Returns the attribute `name`, made by factory() on first use by whichever thread."""
+        with _lazy_lock:
+            value = getattr(self, name)
+            if value is None:
+                value = factory()
+                setattr(self, name, value)
+        return value
+
     @property
     def _condition(self):
-        condition = self.__dict__.get("_lazy_condition")
-        if condition is None:
-            condition = self.__dict__.setdefault("_lazy_condition", threading.Condition())
-        return condition
+        condition = self._lazy_condition
+        return condition if condition is not None else self._make_lazy("_lazy_condition", threading.Condition)
+
+    @property
+    def _waiters(self):
+        waiters = self._lazy_waiters
+        return waiters if waiters is not None else self._make_lazy("_lazy_waiters", list)
+
+    @property
+    def _done_callbacks(self):
+        callbacks = self._lazy_callbacks
+        return callbacks if callbacks is not None else self._make_lazy("_lazy_callbacks", list)
 
     def _finish(self):
-        """Marks the future done after its result or exception was stored; False when the full
-        protocol must run instead (somebody made the condition, or it is not pending)."""
+        """Marks the future done after its result or exception was stored."""
         self._state = FINISHED
-        if "_lazy_condition" in self.__dict__:
-            with self._condition:
+        condition = self._lazy_condition
+        if condition is not None:
+            with condition:
                 for waiter in self._waiters:
                     if self._exception is None:
                         waiter.add_result(self)
                     else:
                         waiter.add_exception(self)
-                self._condition.notify_all()
-        if self._done_callbacks:
+                condition.notify_all()
+        if self._lazy_callbacks:
             self._invoke_callbacks()
 
     def set_result(self, result):
-        if self._state != PENDING or "_lazy_condition" in self.__dict__:
+        if self._state != PENDING or self._lazy_condition is not None:
             return super().set_result(result)  # waiters, callbacks, or an error to raise
         self._result = result
         self._finish()
 
     def set_exception(self, exception):
-        if self._state != PENDING or "_lazy_condition" in self.__dict__:
+        if self._state != PENDING or self._lazy_condition is not None:
             return super().set_exception(exception)
         self._exception = exception
         self._finish()
@@ -358,7 +381,12 @@ class Pool(PoolBase):
                     _complete(future, None, exc)
                     continue
                 if msg_kind == _engine.MSG_RESULT:
-                    _complete(future, value, None)
+                    if future._lazy_condition is None:
+                        # Nobody waits on it or has a callback on it (the common case).
+                        future._result = value
+                        future._finish()
+                    else:
+                        _complete(future, value, None)
                 else:
                     _complete(future, None, with_remote_traceback(*value))
             elif kind == _engine.EV_DIED:

@@ -204,3 +204,28 @@ GF_TEST(arena_map_private_header) {
   gf_arena_unmap(data, 70000);
   arena_free(&arena);
 }
+
+GF_TEST(arena_fill_copies_every_byte) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  /* Sizes below, at and well above the split threshold, with odd lengths: every part of a
+   * split copy must land at its place and the last part take the remainder. */
+  const uint64_t sizes[] = {0, 1, 4097, (8u << 20) - 3, (16u << 20) + 12345, (40u << 20) + 1};
+  unsigned char *src = malloc(41u << 20);
+  GF_CHECK(src != NULL);
+  for (uint64_t i = 0; i < (41u << 20); i++)
+    src[i] = (unsigned char)(i * 2654435761u >> 13);
+  for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+    uint64_t off;
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, sizes[k] + 1, &off), 0);
+    unsigned char *dst = gf_block_data(&arena, off);
+    dst[sizes[k]] = 0xA5;
+    gf_arena_fill(dst, src + k, sizes[k]);
+    GF_CHECK(memcmp(dst, src + k, sizes[k]) == 0);
+    GF_CHECK_EQ(dst[sizes[k]], 0xA5); /* nothing written past the end */
+    GF_CHECK_EQ(gf_block_decref(&arena, off), 1);
+  }
+  free(src);
+  arena_free(&arena);
+}

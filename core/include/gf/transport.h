@@ -126,8 +126,9 @@ int gf_block_decref(const gf_arena *arena, uint64_t off);
 /* Validates that off names a block inside the arena (a worker can be killed mid-write). */
 int gf_block_check(const gf_arena *arena, uint64_t off);
 
-/* Populates the pages of a large destination before a copy into it. */
-void gf_arena_prefault(unsigned char *data, uint64_t len);
+/* Copies len bytes into arena memory at dst: pages populated in one call, and large copies
+ * split over a few short-lived threads (one per usable CPU, at most 4). */
+void gf_arena_fill(unsigned char *dst, const void *src, uint64_t len);
 /* Maps the data of block off read-only at a fresh address with `before` bytes of private
  * writable memory just in front of it (before <= GF_PAGE). *data points at the block's data.
  * Lets a process wrap a header of its own around shared bytes. Undo with gf_arena_unmap. */

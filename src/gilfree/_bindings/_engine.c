@@ -280,8 +280,7 @@ static PyObject *shm_export(shm_t *shm, PyObject *obj) {
     }
     unsigned char *dst = gf_block_data(shm->arena, block);
     Py_BEGIN_ALLOW_THREADS
-    gf_arena_prefault(dst, len);
-    memcpy(dst, view.buf, len);
+    gf_arena_fill(dst, view.buf, len);
     Py_END_ALLOW_THREADS
     dst[len] = 0;
     gf_block_at(shm->arena, block)->len = len;
