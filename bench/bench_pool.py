@@ -28,6 +28,7 @@ class Contender:
 
     def __init__(self, name):
         self.name = name
+        self._apply_style = name in ("multiprocessing.Pool", "mpire")
         start = time.perf_counter()
         self.pool = self._make()
         self.result(self.submit(noop, 0))  # ready = can run a task
@@ -62,12 +63,13 @@ class Contender:
         raise ValueError(self.name)
 
     def submit(self, fn, *args):
-        if self.name in ("multiprocessing.Pool", "mpire"):
+        if self._apply_style:
             return self.pool.apply_async(fn, args)
         return self.pool.submit(fn, *args)
 
     def result(self, handle):
-        return handle.get() if hasattr(handle, "get") and not hasattr(handle, "result") else handle.result()
+        # By name, not hasattr: a failed attribute lookup costs about a microsecond per call.
+        return handle.get() if self._apply_style else handle.result()
 
     def map(self, fn, items):
         if self.name == "multiprocessing.Pool":

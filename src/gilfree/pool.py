@@ -120,30 +120,28 @@ class _Future(concurrent.futures.Future):
         self._exception = exception
         self._finish()
 
-    def _wait(self, wait, timeout):
-        """Collects results itself first, then waits; tells the pool how long it took."""
+    def _helped(self):
+        """Collects results in this thread first (no thread hand-off); True when that finished
+        this future. Tells the pool how long it took."""
         pool = self._pool_ref()
         if pool is None or self._state != PENDING:
-            return _wait_interruptibly(self, wait, timeout)
+            return False
         started = time.perf_counter()
-        found = False
-        try:
-            found = pool._help(self)
-            return _wait_interruptibly(self, wait, timeout)
-        finally:
-            pool._waited(time.perf_counter() - started, found)
+        found = pool._help(self)
+        pool._waited(time.perf_counter() - started, found)
+        return found
 
     def result(self, timeout=None):
-        if self._state == FINISHED:
+        if self._state == FINISHED or self._helped():
             if self._exception is not None:
                 raise self._exception
             return self._result
-        return self._wait(super().result, timeout)
+        return _wait_interruptibly(self, super().result, timeout)
 
     def exception(self, timeout=None):
-        if self._state == FINISHED:
+        if self._state == FINISHED or self._helped():
             return self._exception
-        return self._wait(super().exception, timeout)
+        return _wait_interruptibly(self, super().exception, timeout)
 
     def cancel(self):
         pool = self._pool_ref()
