@@ -37,7 +37,9 @@
 /* Longest a higher-priority waiter polls for the GIL it asked a holder to drop, instead of
  * sleeping on the cond: the holder drops within microseconds, a futex wake-up takes longer. */
 #define GF_PRIORITY_SPIN_NS 50000ull
-#define GF_PRIORITY_SPIN_MIN_NS 1000ull
+#define GF_PRIORITY_SPIN_MIN_NS 10000ull
+/* trylock rounds (16 pauses each, about 10 us in all) before sleeping on the GIL's mutex. */
+#define GF_RELOCK_TRIES 256
 
 /* Relaxed atomics for fields one thread writes and others read (tearing-free snapshots come
  * from the per-record seqlock). */
@@ -328,11 +330,26 @@ static inline void gf_gilhook_cpu_relax(void) {
 #endif
 }
 
+/* Takes the GIL's mutex back after a poll without it. The releasing holder keeps the mutex for
+ * a moment after clearing `locked`: spinning on trylock avoids sleeping in the futex for it and
+ * paying a wake-up that costs more than the whole hand-over. */
+static void gf_relock(pthread_mutex_t *mutex) {
+  for (int i = 0; i < GF_RELOCK_TRIES; i++) {
+    if (pthread_mutex_trylock(mutex) == 0)
+      return;
+    for (int j = 0; j < 16; j++)
+      gf_gilhook_cpu_relax();
+  }
+  gf.mutex_lock(mutex);
+}
+
 /* With the GIL's mutex held by t, which just asked the holder to drop: releases the mutex and
  * polls `locked` for a while, then takes the mutex back. Returns 1 when the GIL came free:
  * the caller then returns from the cond wait at once (take_gil re-checks `locked` under the
- * mutex, as after any spurious wake-up). Adaptive: a poll that fails halves the next one, so
- * that on a busy machine the waiter stops taking the core the holder needs. */
+ * mutex, as after any spurious wake-up). A poll that fails halves the next one, so that a
+ * holder stuck in a long C call does not cost a core per wait; the floor stays above the
+ * microsecond or two a Python holder takes to drop (a poll shorter than that would never
+ * succeed again), and one success restores the full poll. */
 static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
   if (t->spin_ns == 0)
     t->spin_ns = GF_PRIORITY_SPIN_NS;
@@ -347,9 +364,9 @@ static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
     for (int i = 0; i < 16; i++)
       gf_gilhook_cpu_relax();
   } while (gf_gilhook_now_ns() - start < t->spin_ns);
-  gf.mutex_lock(mutex);
+  gf_relock(mutex);
   if (freed)
-    t->spin_ns = t->spin_ns * 2 < GF_PRIORITY_SPIN_NS ? t->spin_ns * 2 : GF_PRIORITY_SPIN_NS;
+    t->spin_ns = GF_PRIORITY_SPIN_NS;
   else
     t->spin_ns = t->spin_ns / 2 > GF_PRIORITY_SPIN_MIN_NS ? t->spin_ns / 2 : GF_PRIORITY_SPIN_MIN_NS;
   return freed;
