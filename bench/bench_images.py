@@ -133,34 +133,46 @@ class Server:
             self.proc.wait()
 
 
-class HealthProbe(threading.Thread):
-    """GET the health path every 20 ms on one keep-alive connection; latencies in ms."""
+# The probe loop, run in a process of its own: two probe threads in one Python process would
+# wait for each other's GIL (up to the 5 ms switch interval) and measure that instead.
+PROBE_CODE = r"""
+import http.client, json, select, sys, time
+port, path = int(sys.argv[1]), sys.argv[2]
+latencies, failures = [], 0
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+while not select.select([sys.stdin], [], [], 0.02)[0]:
+    started = time.perf_counter()
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise OSError(response.status)
+        latencies.append((time.perf_counter() - started) * 1000)
+    except (OSError, http.client.HTTPException):
+        failures += 1
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+print(json.dumps({"latencies": latencies, "failures": failures}))
+"""
+
+
+class HealthProbe:
+    """GET the health path every 20 ms on one keep-alive connection, from its own process;
+    latencies in ms."""
 
     def __init__(self, port, path):
-        super().__init__(daemon=True)
         self.port, self.path = port, path
         self.latencies, self.failures = [], 0
-        self._done = threading.Event()
 
-    def run(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        while not self._done.wait(0.02):
-            started = time.perf_counter()
-            try:
-                conn.request("GET", self.path)
-                response = conn.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise OSError(response.status)
-                self.latencies.append((time.perf_counter() - started) * 1000)
-            except (OSError, http.client.HTTPException):
-                self.failures += 1
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+    def start(self):
+        self._proc = subprocess.Popen([sys.executable, "-c", PROBE_CODE, str(self.port), self.path],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def stop(self):
-        self._done.set()
-        self.join()
+        out, _ = self._proc.communicate("stop\n", timeout=60)
+        result = json.loads(out)
+        self.latencies, self.failures = result["latencies"], result["failures"]
 
 
 def lua_script(path, method, urls, root, latency_out):

@@ -22,6 +22,7 @@ from gilfree.images.spec import parse
 WORKLOADS = {"thumbnail": "w=512&h=512&fit=inside&format=jpeg&quality=85", "re-encode": "format=jpeg&quality=85"}
 IMAGES = 24
 CORES = os.cpu_count() or 1
+THREADED_RUN_S = 3.0  # seconds of the threaded run diagnose watches
 
 
 def spec_of(workload):
@@ -43,7 +44,9 @@ def run_batch(executor, images, spec):
 def threaded(workload, directory):
     images = load(directory)
     with ThreadPoolExecutor(CORES) as executor:
-        for _ in range(4):  # long enough that the steady state, not the imports, makes the verdict
+        # Long enough that the steady state, not the imports, makes the verdict.
+        deadline = time.perf_counter() + THREADED_RUN_S
+        while time.perf_counter() < deadline:
             run_batch(executor, images, spec_of(workload))
 
 

@@ -418,7 +418,10 @@ def verdict(report):
     alive = sum(t.alive_s for t in report.threads) or 1e-9
     free = sum(t.free_s for t in report.threads)
     parts = []
-    if len(busy) >= 2 and wanted / wall > 1.2 and report.held_fraction > 0.7:
+    saturated = wanted / wall > 1.2 and report.held_fraction > 0.7
+    if len(busy) >= 2 and (saturated or waited / wall >= 0.5):
+        # Held nearly all the time, or half a thread's worth of waiting on average: the GIL is
+        # the bottleneck even if part of the work releases it.
         parts.append(
             f"GIL-bound: {len(busy)} threads wanted the GIL for {wanted / wall:.2f}x the run's wall time; "
             f"it was held {report.held_fraction:.0%} of the time; adding threads will not help - move this "
@@ -434,6 +437,12 @@ def verdict(report):
             parts.append(
                 f"Not GIL-bound: threads ran {free / alive:.0%} of their time without the GIL; threads scale here."
             )
+    elif report.held_fraction < 0.5:
+        parts.append(
+            f"Mostly releases the GIL: it was held {report.held_fraction:.0%} of the time, so threads do most "
+            f"of their work in parallel; their waits ({waited / wall:.2f}x the run's wall time) are what "
+            f"processes (gilfree.Pool) would still win back."
+        )
     else:
         parts.append(
             f"Partly GIL-bound: threads waited for the GIL {waited / wall:.2f}x the run's wall time "

@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 
+import pytest
 
 import gilfree
 from gilfree import gil
@@ -319,6 +320,33 @@ threads = [threading.Thread(target=work) for _ in range(2)]
 for t in threads: t.start()
 for t in threads: t.join()
 """
+
+
+def synthetic_report(held_fraction, per_thread):
+    """A 10 s Report of two worker threads and an idle main thread; per_thread: (held_s, wait_s)."""
+    from gilfree.gil import Report, ThreadReport
+
+    threads = [ThreadReport(f"w{i}", i, held, wait, 100, 0.001, 0.005, 0.01, 10 - held - wait, 100, alive_s=10)
+               for i, (held, wait) in enumerate(per_thread)]
+    threads.append(ThreadReport("MainThread", 99, 0.01, 0.0, 0, 0, 0, 0, 9.99, 1, alive_s=10))
+    return Report(10.0, held_fraction, 200, 50, threads)
+
+
+@pytest.mark.parametrize(
+    "held_fraction, per_thread, opening",
+    [
+        (0.99, [(5.0, 4.9), (4.9, 5.0)], "GIL-bound: 2 threads"),  # two CPU threads
+        (0.65, [(3.3, 3.3), (3.2, 3.3)], "GIL-bound: 2 threads"),  # re-encode: half a thread always waits
+        (0.23, [(1.2, 1.0), (1.1, 0.9)], "Mostly releases the GIL"),  # thumbnails: Pillow releases it
+        (0.60, [(3.0, 1.0), (3.0, 1.0)], "Partly GIL-bound"),
+        (0.30, [(1.5, 0.2), (1.5, 0.2)], "Not GIL-bound: threads ran"),
+        (0.95, [(9.5, 0.0), (0.0, 0.0)], "Not GIL-bound, but one thread"),
+    ],
+)
+def test_verdict_classes(held_fraction, per_thread, opening):
+    from gilfree.gil import verdict
+
+    assert verdict(synthetic_report(held_fraction, per_thread)).startswith(opening)
 
 
 def test_diagnose_countdown_is_gil_bound_and_writes_the_timeline(tmp_path):

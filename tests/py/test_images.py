@@ -429,6 +429,38 @@ async def test_100_concurrent_requests_all_correct(service):
         assert metric(text, 'transferred_bytes_total{direction="out"}') > 0
 
 
+def tree_task_niceness(pid):
+    """{tid: niceness} of every thread of pid and of its descendants (/proc stat field 19)."""
+    parents = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    parents[int(stat)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(child for child, parent in parents.items() if parent == current)
+    niceness = {}
+    for process in tree:
+        for tid in os.listdir(f"/proc/{process}/task"):
+            with open(f"/proc/{process}/task/{tid}/stat") as f:
+                niceness[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+    return niceness
+
+
+async def test_workers_run_nicer_than_the_front(service, root):
+    status, _, _ = await get(service.url, "/v1/transform/sub/photo.jpg?w=16")
+    assert status == 200  # a worker exists and ran a task
+    niceness = tree_task_niceness(service.proc.pid)
+    front = niceness[service.proc.pid]  # the event loop's thread
+    assert front == os.getpriority(os.PRIO_PROCESS, os.getpid())  # the service's own, inherited
+    assert list(niceness.values()).count(front + 10) >= 1  # the default --worker-nice
+
+
 async def test_health_and_metrics(service):
     status, headers, body = await get(service.url, "/health")
     assert status == 200 and body == b'{"status": "ok"}'

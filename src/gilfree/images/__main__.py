@@ -22,12 +22,15 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=defaults.budget, help="seconds per request, then 504 (default 10)")
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="requests waiting beyond one per worker, then 503 (default 128)")
+    p.add_argument("--worker-nice", type=int, default=defaults.worker_nice,
+                   help="workers run this much nicer than the server, so /health stays fast when every core is "
+                        "busy (default 10; 0 to disable)")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.max_queue < 0 or args.budget <= 0:
-        p.error("--workers must be >= 1, --max-queue >= 0, --budget > 0")
+    if args.workers < 1 or args.max_queue < 0 or args.budget <= 0 or not 0 <= args.worker_nice <= 19:
+        p.error("--workers must be >= 1, --max-queue >= 0, --budget > 0, --worker-nice in 0..19")
     return Config(host=args.host, port=args.port, workers=args.workers, root=args.root, executor=args.executor,
                   max_body=int(args.max_body_mb * MB), max_pixels=int(args.max_megapixels * 1e6),
-                  budget=args.budget, max_queue=args.max_queue)
+                  budget=args.budget, max_queue=args.max_queue, worker_nice=args.worker_nice)
 
 
 def main(argv=None):

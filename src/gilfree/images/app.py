@@ -33,6 +33,7 @@ class Config:
     max_pixels: int = 50_000_000
     budget: float = 10.0
     max_queue: int = 128  # waiting requests beyond one per worker, then 503
+    worker_nice: int = 10  # workers' niceness above the server's: the front wins a busy machine's cores
 
 
 class Service:
@@ -167,7 +168,7 @@ def create_app(config):
     app = web.Application(middlewares=[_errors_as_json], client_max_size=config.max_body)
 
     async def executor_lifetime(app):
-        executor = make_executor(config.executor, config.workers, config.budget)
+        executor = make_executor(config.executor, config.workers, config.budget, config.worker_nice)
         app[SERVICE] = Service(config, executor)
         yield
         executor.shutdown(wait=True, cancel_futures=True)

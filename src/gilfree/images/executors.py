@@ -11,21 +11,27 @@
 """
 import concurrent.futures
 import multiprocessing
+import os
 import threading
 
 KINDS = ("pool", "threads", "mp")
 
 
-def make_executor(kind, workers, task_timeout):
-    """Returns the executor for kind; task_timeout is only enforced by ``pool``."""
+def make_executor(kind, workers, task_timeout, worker_nice=0):
+    """Returns the executor for kind; task_timeout is only enforced by ``pool``. Every kind's
+    workers (processes or threads) run `worker_nice` steps nicer than the server, so that the
+    event loop answering /health gets a core as soon as it wants one on a saturated machine."""
+    # os.nice is per thread on Linux: in a worker thread it leaves the event loop's thread alone.
+    initializer, initargs = (os.nice, (worker_nice,)) if worker_nice else (None, ())
     if kind == "pool":
         from .. import Pool
 
-        return Pool(max_workers=workers, task_timeout=task_timeout, preload=("gilfree.images.ops",))
+        return Pool(max_workers=workers, task_timeout=task_timeout, preload=("gilfree.images.ops",),
+                    initializer=initializer, initargs=initargs)
     if kind == "threads":
-        return ThreadExecutor(workers)
+        return ThreadExecutor(workers, initializer, initargs)
     if kind == "mp":
-        return MultiprocessingExecutor(workers)
+        return MultiprocessingExecutor(workers, initializer, initargs)
     raise ValueError(f"executor must be one of {', '.join(KINDS)}, not {kind!r}")
 
 
@@ -70,8 +76,9 @@ class _Counts:
 class ThreadExecutor(concurrent.futures.ThreadPoolExecutor):
     """A ThreadPoolExecutor that counts busy threads."""
 
-    def __init__(self, workers):
-        super().__init__(max_workers=workers, thread_name_prefix="gilfree-images")
+    def __init__(self, workers, initializer=None, initargs=()):
+        super().__init__(max_workers=workers, thread_name_prefix="gilfree-images", initializer=initializer,
+                         initargs=initargs)
         self._counts = _Counts(workers)
 
     def submit(self, fn, /, *args, **kwargs):
@@ -93,9 +100,9 @@ class ThreadExecutor(concurrent.futures.ThreadPoolExecutor):
 class MultiprocessingExecutor(concurrent.futures.Executor):
     """multiprocessing.Pool's apply_async behind concurrent.futures Futures."""
 
-    def __init__(self, workers):
+    def __init__(self, workers, initializer=None, initargs=()):
         # spawn: the server has threads by the time anything could fork.
-        self._pool = multiprocessing.get_context("spawn").Pool(workers)
+        self._pool = multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
         self._counts = _Counts(workers)
 
     def submit(self, fn, /, *args, **kwargs):
