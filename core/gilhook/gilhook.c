@@ -18,6 +18,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -363,6 +364,7 @@ static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
     }
     for (int i = 0; i < 16; i++)
       gf_gilhook_cpu_relax();
+    sched_yield(); /* the holder may share this CPU: let it run to its drop */
   } while (gf_gilhook_now_ns() - start < t->spin_ns);
   gf_relock(mutex);
   if (freed)

@@ -116,8 +116,7 @@ int gf_ring_wait(gf_ring *ring, int64_t spin_ns, int64_t timeout_ns) {
   while (gf_ring_empty(ring)) {
     int64_t now = gf_now_ns();
     if (now - start < spin_ns) {
-      for (int i = 0; i < 64; i++)
-        gf_cpu_relax();
+      gf_spin_step();
       continue;
     }
     if (deadline >= 0 && now >= deadline)

@@ -1,6 +1,7 @@
 /* Futex wake-ups and clocks shared by the rings and the worker manager. */
 #include <errno.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -19,6 +20,16 @@ void gf_cpu_relax(void) {
 #elif defined(__aarch64__)
   __asm__ __volatile__("yield");
 #endif
+}
+
+void gf_spin_step(void) {
+  for (int i = 0; i < 32; i++)
+    gf_cpu_relax();
+  /* Both ends of a ring can land on one CPU: a spinner there would keep the other end, whose
+   * message it waits for, off the CPU until its time slice ends (measured: a round trip of
+   * 150 us instead of 35). A yield lets it run, and costs a fraction of a microsecond when
+   * nobody else wants the CPU. */
+  sched_yield();
 }
 
 int gf_futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t timeout_ns) {

@@ -271,8 +271,7 @@ int gf_manager_spin(gf_manager *m, int64_t spin_ns) {
   do {
     if ((found = gf_any_response(m)))
       break;
-    for (int i = 0; i < 32; i++)
-      gf_cpu_relax();
+    gf_spin_step();
   } while (gf_now_ns() - start < spin_ns);
   atomic_fetch_sub(&m->seg->parent_spinning, 1);
   /* A worker that saw us spinning did not ring the doorbell: if its result is there, whoever
@@ -313,8 +312,7 @@ int gf_manager_wait(gf_manager *m, int64_t spin_ns, int64_t timeout_ns) {
   while (gf_now_ns() - start < spin_ns) {
     if (gf_any_response(m))
       return 1;
-    for (int i = 0; i < 32; i++)
-      gf_cpu_relax();
+    gf_spin_step();
   }
   atomic_store(&m->seg->parent_sleeping, 1);
   atomic_thread_fence(memory_order_seq_cst);

@@ -29,6 +29,8 @@ void gf_futex_wake(_Atomic uint32_t *word, int n);
 int64_t gf_now_ns(void);
 /* One pause instruction: spinning politely. */
 void gf_cpu_relax(void);
+/* One step of a spin-wait: about half a microsecond of pause instructions, then a yield. */
+void gf_spin_step(void);
 
 /* ------------------------------------------------------------------- rings */
 
