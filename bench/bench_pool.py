@@ -18,6 +18,7 @@ sys.path.insert(0, HERE)
 from benchtasks import countdown, first_byte, noop  # noqa: E402
 
 WORKERS = 2
+SETTLE_S = 3.0  # pause before each isolated measurement (see run_isolated)
 
 
 # ---------------------------------------------------------------- contenders
@@ -160,6 +161,10 @@ def measure(name, which, quick):
 
 
 def run_isolated(name, which, quick):
+    # The machine settles first: right after a measurement that freed gigabytes (the 100 MB
+    # rounds), the next one ran about 10% slower on this machine (countdown 0.68-0.70 s against
+    # 0.61-0.63 s after a pause), and every group starts with the same contender.
+    time.sleep(SETTLE_S)
     proc = subprocess.run(
         [sys.executable, __file__, "--one", name, which] + (["--quick"] if quick else []),
         capture_output=True,
