@@ -185,6 +185,8 @@ static void *gf_fill_run(void *arg) {
  * GF_FILL_PART_MIN (a thread costs tens of microseconds; a MiB copies in about 0.2 ms). */
 static int gf_fill_threads(uint64_t len) {
   cpu_set_t cpus;
+  if (len < 2 * GF_FILL_PART_MIN)
+    return 1; /* the common case, without the system call */
   int n = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
   if (n > GF_FILL_THREADS_MAX)
     n = GF_FILL_THREADS_MAX;

@@ -53,7 +53,7 @@ class _OutOfBandNeeded(Exception):
 
 def _in_band_only(buffer):
     """The common case's buffer_callback: small PickleBuffers stay in the pickle; a large one
-    sends the object down the out-of-band path."""
+    stops it (the object is pickled again with an exporting callback)."""
     if buffer.raw().nbytes < OUT_OF_BAND_MIN:
         return True
     raise _OutOfBandNeeded
@@ -71,16 +71,23 @@ class Codec:
     def dumps(self, obj):
         """Returns (payload, refs); refs hold arena references until the message is sent."""
         if not has_large_buffer(obj):
-            # No large bytes or memoryview within three levels, the common case: plain pickle,
-            # with PickleBuffers (numpy arrays, share() handles) out-of-band. A large bytes
-            # deeper down still works, copied in-band.
+            # No large bytes or memoryview within three levels, the common case: plain pickle.
+            # Small PickleBuffers stay in it; a large one (a numpy array, a share() handle)
+            # means pickling again with the large buffers out-of-band. A large bytes deeper
+            # down still works, copied in-band.
+            refs = _NO_REFS
             try:
-                payload = pickle.dumps(obj, 5, buffer_callback=_in_band_only)
-            except (_OutOfBandNeeded, TypeError, pickle.PicklingError, AttributeError):
-                pass  # a large PickleBuffer, a memoryview, or something only cloudpickle can do
+                try:
+                    payload = pickle.dumps(obj, 5, buffer_callback=_in_band_only)
+                except _OutOfBandNeeded:
+                    refs = []
+                    payload = pickle.dumps(obj, 5, buffer_callback=self._out_of_band(refs))
+            except (TypeError, pickle.PicklingError, AttributeError):
+                self.release(refs)  # a memoryview, or something only cloudpickle can do
             else:
                 if b"__main__" not in payload:
-                    return payload, _NO_REFS
+                    return payload, refs
+                self.release(refs)
         return self._dumps_large(obj)
 
     def _out_of_band(self, refs):
