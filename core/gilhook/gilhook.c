@@ -21,6 +21,7 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -31,6 +32,7 @@
 
 #define GF_CHUNK_EVENTS 4096
 #define GF_SLOTS_PER_FUNCTION 4
+#define GF_HOOKED_FUNCTIONS 5 /* the entries of gf_hooked */
 #define GF_PRIORITY_SLOTS (2 * GF_GILHOOK_MAX_PRIORITY + 1)
 #define GF_HANDOVER_NS 20000000ull
 /* Longest a thread defers, per wait, to a higher-priority waiter before taking the GIL anyway. */
@@ -39,6 +41,12 @@
  * sleeping on the cond: the holder drops within microseconds, a futex wake-up takes longer. */
 #define GF_PRIORITY_SPIN_NS 50000ull
 #define GF_PRIORITY_SPIN_MIN_NS 10000ull
+/* A waiter below the holder's priority sleeps in slices starting at GF_SLICE_NS and doubling up
+ * to the maximum, which bounds how long a free GIL can stay unnoticed (see gf_cond_wait_sliced).
+ * Its timer slack is GF_SLICE_SLACK_NS meanwhile: the default 50 us would outlast a slice. */
+#define GF_SLICE_NS 20000ull
+#define GF_SLICE_MAX_NS 400000ull
+#define GF_SLICE_SLACK_NS 1000ul
 /* trylock rounds (16 pauses each, about 10 us in all) before sleeping on the GIL's mutex. */
 #define GF_RELOCK_TRIES 256
 
@@ -69,6 +77,7 @@ struct gf_thread {
   uint64_t forced_at; /* time of its last release if that was forced, else 0 */
   long blocked_at;    /* its voluntary context switches then (or after drop_gil's hand-over) */
   int handing_over;   /* inside drop_gil's forced hand-over (switch_mutex held) */
+  int priority_forced; /* its last release answered a priority request */
   int wait_slot; /* gf.waiting[] slot counted for the current wait, -1 if none */
   unsigned wait_generation;
   uint64_t defer_ns; /* deferral used in the current wait */
@@ -91,6 +100,7 @@ struct gf_saved_slot {
 typedef int (*gf_mutex_fn)(pthread_mutex_t *);
 typedef int (*gf_timedwait_fn)(pthread_cond_t *, pthread_mutex_t *, const struct timespec *);
 typedef int (*gf_cond_fn)(pthread_cond_t *);
+typedef int (*gf_cond_wait_fn)(pthread_cond_t *, pthread_mutex_t *);
 
 static struct {
   /* Written by install before any GOT slot points at a hook, then only read by the hooks. */
@@ -98,6 +108,7 @@ static struct {
   gf_mutex_fn mutex_lock, mutex_unlock;
   gf_timedwait_fn cond_timedwait;
   gf_cond_fn cond_signal, cond_broadcast;
+  gf_cond_wait_fn cond_wait;
   uint64_t install_ns;
   /* Atomic: hooks of a previous install may still be running while these change. */
   int installed;
@@ -105,13 +116,18 @@ static struct {
   struct gf_thread *threads;
   /* Written only under the GIL's mutex (at acquire/release/request), read holding it. */
   struct gf_thread *holder, *last_holder, *asked_holder;
+  int asked_by_priority; /* asked_holder was asked by a higher-priority waiter */
+  /* Signals of switch_cond so far. take_gil sends them under switch_mutex, so a reader holding
+   * switch_mutex knows no signal is missed between its read and its wait; atomic, because
+   * drop_gil's polling hand-over reads it without the mutex. */
+  unsigned switch_signals;
   int cond_clock; /* the clock of the GIL's cond, learned from take_gil's deadline; -1 unknown */
   int tracing;
   size_t budget, used;
   uint64_t dropped;
   int priority_threads;                  /* threads with a nonzero priority; atomic */
   int waiting[GF_PRIORITY_SLOTS];        /* waiters per priority; atomic */
-  struct gf_saved_slot saved[4 * GF_SLOTS_PER_FUNCTION];
+  struct gf_saved_slot saved[GF_HOOKED_FUNCTIONS * GF_SLOTS_PER_FUNCTION];
   int nsaved;
   pthread_key_t key;
   pthread_once_t once;
@@ -267,10 +283,12 @@ static void gf_on_acquire(struct gf_thread *t) {
   gf_end_wait_slot(t);
   gf.last_holder = gf.holder = t;
   gf.asked_holder = NULL;
+  gf.asked_by_priority = 0;
   gf_emit_at(t, GF_GIL_ACQUIRE | (state == GF_GIL_WANT && t->contended ? GF_GIL_CONTENDED : 0), now);
 }
 
-static void gf_on_release(struct gf_thread *t) {
+/* Returns 1 when the release was forced (it answers a drop request). */
+static int gf_on_release(struct gf_thread *t) {
   uint64_t now = gf_gilhook_now_ns();
   int forced = gf.asked_holder == t;
   gf_write_begin(t);
@@ -282,16 +300,20 @@ static void gf_on_release(struct gf_thread *t) {
   gf_write_end(t);
   gf.holder = NULL;
   gf.asked_holder = NULL;
+  t->priority_forced = forced && gf.asked_by_priority;
+  gf.asked_by_priority = 0;
   t->forced_at = forced ? now : 0;
   if (forced)
     t->blocked_at = gf_blocked_count();
   gf_emit_at(t, GF_GIL_RELEASE, now);
   if (forced)
     gf_emit_at(t, GF_GIL_FORCED, now);
+  return forced;
 }
 
-static int gf_higher_waiting(int priority) {
-  for (int slot = gf_slot_of(priority) + 1; slot < GF_PRIORITY_SLOTS; slot++)
+/* Whether any thread of `priority` or above waits for the GIL. */
+static int gf_waiting_from(int priority) {
+  for (int slot = gf_slot_of(priority); slot < GF_PRIORITY_SLOTS; slot++)
     if (__atomic_load_n(&gf.waiting[slot], __ATOMIC_RELAXED) > 0)
       return 1;
   return 0;
@@ -318,6 +340,7 @@ static int gf_priority_request(struct gf_thread *t) {
       holder != t && GF_LOAD(holder->priority) < GF_LOAD(t->priority)) {
     gf.targets.request_drop(gf.targets.request_drop_arg);
     gf_count_request(t, holder);
+    gf.asked_by_priority = 1;
     return 1;
   }
   return 0;
@@ -382,7 +405,7 @@ static void gf_priority_defer(struct gf_thread *t, pthread_mutex_t *mutex) {
     return;
   pthread_cond_t *cond = gf.targets.cond;
   while (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) &&
-         gf_higher_waiting(GF_LOAD(t->priority)) && t->defer_ns < GF_DEFER_NS) {
+         gf_waiting_from(GF_LOAD(t->priority) + 1) && t->defer_ns < GF_DEFER_NS) {
     uint64_t start = gf_gilhook_now_ns();
     struct timespec deadline;
     clock_gettime(gf.cond_clock, &deadline);
@@ -395,6 +418,55 @@ static void gf_priority_defer(struct gf_thread *t, pthread_mutex_t *mutex) {
     gf.cond_timedwait(cond, mutex, &deadline);
     t->defer_ns += gf_gilhook_now_ns() - start;
   }
+}
+
+static int gf_below_holder(struct gf_thread *t) {
+  struct gf_thread *holder = gf.holder;
+  return gf.cond_clock >= 0 && holder != NULL && GF_LOAD(holder->priority) > GF_LOAD(t->priority);
+}
+
+/* gf_cond_wait_sliced's sleeps, with the GIL's mutex held by waiting thread t. */
+static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread_mutex_t *mutex,
+                              const struct timespec *abstime) {
+  uint64_t slice_ns = GF_SLICE_NS;
+  for (;;) {
+    if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED))
+      return 0; /* a silent release: take_gil re-checks `locked`, as after a spurious wake-up */
+    if (!gf_below_holder(t))
+      return gf.cond_timedwait(cond, mutex, abstime);
+    struct timespec slice_end;
+    clock_gettime(gf.cond_clock, &slice_end);
+    slice_end.tv_nsec += (long)slice_ns;
+    slice_end.tv_sec += slice_end.tv_nsec / 1000000000;
+    slice_end.tv_nsec %= 1000000000;
+    if (slice_end.tv_sec > abstime->tv_sec ||
+        (slice_end.tv_sec == abstime->tv_sec && slice_end.tv_nsec >= abstime->tv_nsec))
+      return gf.cond_timedwait(cond, mutex, abstime);
+    int rc = gf.cond_timedwait(cond, mutex, &slice_end);
+    if (rc != ETIMEDOUT)
+      return rc;
+    if (slice_ns < GF_SLICE_MAX_NS)
+      slice_ns *= 2;
+  }
+}
+
+/* The cond wait of take_gil for waiter t (GIL mutex held). A holder of higher priority than
+ * every waiter releases without waking them (gf_hook_cond_signal), so that a short system call
+ * of an urgent thread does not hand the GIL to a background one and pay a hand-over to get it
+ * back. A waiter below the holder's priority therefore sleeps in short slices and takes a GIL
+ * it finds free (at most GF_SLICE_MAX_NS late). It does not poll: a poller takes a CPU that the
+ * urgent thread or its peers want (measured: asyncio's echo round trip doubled). A slice ending
+ * with the GIL still held is not a timeout: take_gil sees ETIMEDOUT only at its own deadline. */
+static int gf_cond_wait_sliced(struct gf_thread *t, pthread_cond_t *cond, pthread_mutex_t *mutex,
+                               const struct timespec *abstime) {
+  if (!gf_below_holder(t))
+    return gf.cond_timedwait(cond, mutex, abstime);
+  int slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+  prctl(PR_SET_TIMERSLACK, GF_SLICE_SLACK_NS, 0, 0, 0);
+  int rc = gf_sleep_in_slices(t, cond, mutex, abstime);
+  if (slack > 0)
+    prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
+  return rc;
 }
 
 /* take_gil's deadline is "now + interval" on the cond's clock: whichever clock it is close to
@@ -478,7 +550,7 @@ static int gf_hook_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
     gf_learn_clock(abstime);
   int asked = gf_priority_request(t);
   struct gf_thread *holder = gf.holder;
-  int rc = asked && gf_priority_poll(t, mutex) ? 0 : gf.cond_timedwait(cond, mutex, abstime);
+  int rc = asked && gf_priority_poll(t, mutex) ? 0 : gf_cond_wait_sliced(t, cond, mutex, abstime);
   if (rc == ETIMEDOUT) {
     gf_write_begin(t);
     GF_ADD(t->timeouts, 1);
@@ -496,13 +568,48 @@ static int gf_hook_cond_signal(pthread_cond_t *cond) {
   if (cond == gf.targets.switch_cond || cond == gf.targets.cond) {
     struct gf_thread *t = gf_thread_self();
     if (t != NULL) {
-      if (cond == gf.targets.switch_cond)
+      if (cond == gf.targets.switch_cond) {
+        __atomic_add_fetch(&gf.switch_signals, 1, __ATOMIC_RELEASE);
         gf_on_acquire(t);
-      else
-        gf_on_release(t);
+      } else if (!gf_on_release(t) && __atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) &&
+                 gf.cond_clock >= 0 && !gf_waiting_from(GF_LOAD(t->priority))) {
+        /* A voluntary release with only lower-priority waiters (if any): they look at the GIL
+         * at their next slice's end (gf_cond_wait_sliced) instead of being woken now. The GIL's
+         * mutex is held here, so every waiter that could sleep on the cond is counted. */
+        return 0;
+      }
     }
   }
   return gf.cond_signal(cond);
+}
+
+/* drop_gil's hand-over wait (FORCE_SWITCHING) after a drop that a higher-priority waiter
+ * asked for: that waiter polls for the GIL and takes it within microseconds, so poll for its
+ * switch_cond signal rather than sleep, which spares the urgent thread a futex wake-up on its
+ * way back to Python. Any return is fine for drop_gil (it does not loop on the wait). */
+static int gf_hook_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex) {
+  if (cond != gf.targets.switch_cond)
+    return gf.cond_wait(cond, mutex);
+  struct gf_thread *t = gf_thread_self();
+  if (t == NULL || !t->priority_forced)
+    return gf.cond_wait(cond, mutex);
+  unsigned seen = __atomic_load_n(&gf.switch_signals, __ATOMIC_RELAXED);
+  gf.mutex_unlock(mutex);
+  uint64_t start = gf_gilhook_now_ns();
+  int signalled = 0;
+  do {
+    if (__atomic_load_n(&gf.switch_signals, __ATOMIC_ACQUIRE) != seen) {
+      signalled = 1;
+      break;
+    }
+    for (int i = 0; i < 16; i++)
+      gf_gilhook_cpu_relax();
+    sched_yield(); /* the new holder may share this CPU */
+  } while (gf_gilhook_now_ns() - start < GF_PRIORITY_SPIN_NS);
+  gf.mutex_lock(mutex);
+  if (signalled || __atomic_load_n(&gf.switch_signals, __ATOMIC_RELAXED) != seen)
+    return 0;
+  return gf.cond_wait(cond, mutex);
 }
 
 static void *gf_resolve(const char *name, const char *version) {
@@ -520,8 +627,10 @@ static const struct {
     {"pthread_cond_timedwait", (void *)gf_hook_cond_timedwait,
      offsetof(__typeof__(gf), cond_timedwait)},
     {"pthread_cond_signal", (void *)gf_hook_cond_signal, offsetof(__typeof__(gf), cond_signal)},
+    {"pthread_cond_wait", (void *)gf_hook_cond_wait, offsetof(__typeof__(gf), cond_wait)},
 };
 #define GF_NHOOKED (sizeof(gf_hooked) / sizeof(gf_hooked[0]))
+_Static_assert(GF_NHOOKED == GF_HOOKED_FUNCTIONS, "gf.saved is sized for every hooked function");
 
 int gf_gilhook_install(const void *object_addr, const struct gf_gilhook_targets *targets) {
   struct gf_got_slot slots[GF_NHOOKED][GF_SLOTS_PER_FUNCTION];

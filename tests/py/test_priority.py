@@ -83,6 +83,70 @@ def test_waiter_gets_a_background_holder_to_drop_at_once():
     assert report.forced_switches >= 4
 
 
+def voluntary_switches(thread):
+    """How often `thread` has blocked so far (Linux counts it per task)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def background_spinner():
+    stop, started = threading.Event(), threading.Event()
+
+    def cpu():
+        with priority.background():
+            started.set()
+            spin_until(stop)
+
+    thread = threading.Thread(target=cpu, name="cpu")
+    thread.start()
+    started.wait()
+    time.sleep(0.02)
+    return thread, stop
+
+
+def test_short_system_calls_of_an_urgent_thread_do_not_wake_a_background_waiter():
+    """Each GIL release around a short system call wakes a waiting thread in CPython (a futex
+    wake-up the releasing thread pays for); a release by a thread above every waiter does not."""
+    r, w = os.pipe()
+    os.write(w, b"x" * 4000)
+    thread, stop = background_spinner()
+    try:
+        os.read(r, 1)  # the GIL is back from the spinner; it now waits for it
+        before = voluntary_switches(thread)
+        for _ in range(3000):
+            os.read(r, 1)  # releases and retakes the GIL around read(2)
+            for _ in range(1000):  # time for the waiter to go back to sleep (in CPython)
+                pass
+        woken = voluntary_switches(thread) - before
+    finally:
+        stop.set()
+        thread.join()
+        os.close(r)
+        os.close(w)
+    # Bounded by the waiter's own timed sleeps (20-400 us) over the loop's ~0.1 s, not by the
+    # 3,000 releases.
+    assert woken < 600, woken  # about 160 here; 1,300 with CPython's wake-ups
+
+
+def test_a_background_waiter_takes_the_gil_while_an_urgent_thread_blocks():
+    """Its releases being silent, the waiter must notice a free GIL by itself, and soon: here the
+    urgent thread blocks 1 ms at a time and the background thread must get most of the time."""
+    thread, stop = background_spinner()
+    try:
+        with gil.monitor() as m:
+            for _ in range(200):
+                time.sleep(0.001)
+    finally:
+        stop.set()
+        thread.join()
+    report = m.report()
+    (cpu,) = [t for t in report.threads if t.name == "cpu"]
+    assert cpu.held_s > 0.5 * report.wall_s, report
+
+
 def test_uninstall_restores_default_behaviour():
     sys.setswitchinterval(0.25)
     priority.set(0)
