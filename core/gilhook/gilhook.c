@@ -566,10 +566,11 @@ static int gf_hook_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
 
 static int gf_hook_cond_signal(pthread_cond_t *cond) {
   if (cond == gf.targets.switch_cond || cond == gf.targets.cond) {
+    if (cond == gf.targets.switch_cond) /* every signal, with a record or not */
+      __atomic_add_fetch(&gf.switch_signals, 1, __ATOMIC_RELEASE);
     struct gf_thread *t = gf_thread_self();
     if (t != NULL) {
       if (cond == gf.targets.switch_cond) {
-        __atomic_add_fetch(&gf.switch_signals, 1, __ATOMIC_RELEASE);
         gf_on_acquire(t);
       } else if (!gf_on_release(t) && __atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) &&
                  gf.cond_clock >= 0 && !gf_waiting_from(GF_LOAD(t->priority))) {
