@@ -390,6 +390,10 @@ static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
     sched_yield(); /* the holder may share this CPU: let it run to its drop */
   } while (gf_gilhook_now_ns() - start < t->spin_ns);
   gf_relock(mutex);
+  /* A drop between the last look and the relock signalled the cond with nobody on it: sleeping
+   * on the cond now would wait out the whole interval. */
+  if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED))
+    freed = 1;
   if (freed)
     t->spin_ns = GF_PRIORITY_SPIN_NS;
   else

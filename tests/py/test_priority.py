@@ -147,6 +147,37 @@ def test_a_background_waiter_takes_the_gil_while_an_urgent_thread_blocks():
     assert cpu.held_s > 0.5 * report.wall_s, report
 
 
+def test_many_quick_reacquisitions_never_wait_out_the_interval():
+    """Thousands of times the urgent thread blocks briefly, the background thread takes the GIL,
+    and the urgent thread asks for it back. The background thread runs C calls of varying length
+    (it drops the GIL only between them), so the urgent thread's poll sometimes ends just before
+    the drop: none of those waits may then sleep until the switch interval ends."""
+    sys.setswitchinterval(0.05)
+    stop = threading.Event()
+
+    def cpu():
+        with priority.background():
+            sizes = [20_000, 200_000, 600_000]
+            i = 0
+            while not stop.is_set():
+                bytes(sizes[i % 3])  # holds the GIL for a few to tens of microseconds
+                i += 1
+
+    thread = threading.Thread(target=cpu, name="cpu")
+    thread.start()
+    time.sleep(0.02)
+    try:
+        with gil.monitor() as m:
+            for _ in range(10_000):
+                time.sleep(0.0001)
+    finally:
+        stop.set()
+        thread.join()
+    (main,) = [t for t in m.report().threads if t.name == "MainThread"]
+    assert main.drop_requests >= 100, main
+    assert main.timeouts == 0, main
+
+
 def test_uninstall_restores_default_behaviour():
     sys.setswitchinterval(0.25)
     priority.set(0)
