@@ -354,6 +354,13 @@ static inline void gf_gilhook_cpu_relax(void) {
 #endif
 }
 
+/* One step of a poll for another thread's move: that thread may share this CPU, so let it run. */
+static void gf_poll_pause(void) {
+  for (int i = 0; i < 16; i++)
+    gf_gilhook_cpu_relax();
+  sched_yield();
+}
+
 /* Takes the GIL's mutex back after a poll without it. The releasing holder keeps the mutex for
  * a moment after clearing `locked`: spinning on trylock avoids sleeping in the futex for it and
  * paying a wake-up that costs more than the whole hand-over. */
@@ -385,9 +392,7 @@ static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
       freed = 1;
       break;
     }
-    for (int i = 0; i < 16; i++)
-      gf_gilhook_cpu_relax();
-    sched_yield(); /* the holder may share this CPU: let it run to its drop */
+    gf_poll_pause();
   } while (gf_gilhook_now_ns() - start < t->spin_ns);
   gf_relock(mutex);
   /* A drop between the last look and the relock signalled the cond with nobody on it: sleeping
@@ -607,9 +612,7 @@ static int gf_hook_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex) {
       signalled = 1;
       break;
     }
-    for (int i = 0; i < 16; i++)
-      gf_gilhook_cpu_relax();
-    sched_yield(); /* the new holder may share this CPU */
+    gf_poll_pause();
   } while (gf_gilhook_now_ns() - start < GF_PRIORITY_SPIN_NS);
   gf.mutex_lock(mutex);
   if (signalled || __atomic_load_n(&gf.switch_signals, __ATOMIC_RELAXED) != seen)
