@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SERVERS = ("threaded", "asyncio", "multiprocessing", "zmq")
 SCENARIOS = {1: "unloaded", 2: "+ CPU {}", 3: "+ CPU {}, background"}
@@ -352,6 +352,9 @@ class Result:
     cpu_rate: float = None  # fib calls per second of the CPU worker during the run
     gil: str = None  # gilfree.gil's report of the server process, when monitored
     error: str = None
+    rtts: list = field(default=None, repr=False)  # every round trip, seconds
+    cpu_calls: int = 0  # the CPU worker's fib calls over cpu_window seconds (scenarios 2, 3)
+    cpu_window: float = 0.0
 
 
 def _read_line(proc, timeout):
@@ -396,26 +399,62 @@ def run_scenario(server, scenario, messages=2000, size=8192, pause=0.001, fib_n=
             proc.kill()
             proc.wait()
         proc.stdout.close()
-    cuts = statistics.quantiles(rtts, n=100, method="inclusive")
-    result.p50, result.p99 = cuts[49], cuts[98]
+    result.rtts = rtts
+    result.p50, result.p99 = _p50_p99(rtts)
     if scenario >= 2:
-        result.cpu_rate = report["cpu_calls"] / report["window"]
+        result.cpu_calls, result.cpu_window = report["cpu_calls"], report["window"]
+        result.cpu_rate = result.cpu_calls / result.cpu_window
     result.gil = report.get("gil")
     return result
+
+
+def _p50_p99(rtts):
+    cuts = statistics.quantiles(rtts, n=100, method="inclusive")
+    return cuts[49], cuts[98]
+
+
+def _merge(parts):
+    """One Result from the rounds of one server and scenario: totals and CPU calls added, round
+    trips pooled; the first error, if any round failed."""
+    first = parts[0]
+    merged = Result(first.server, first.scenario)
+    failed = next((p for p in parts if p.error), None)
+    if failed:
+        merged.error = failed.error
+        return merged
+    merged.total = sum(p.total for p in parts)
+    merged.rtts = [rtt for p in parts for rtt in p.rtts]
+    merged.p50, merged.p99 = _p50_p99(merged.rtts)
+    if first.cpu_rate is not None:
+        merged.cpu_calls = sum(p.cpu_calls for p in parts)
+        merged.cpu_window = sum(p.cpu_window for p in parts)
+        merged.cpu_rate = merged.cpu_calls / merged.cpu_window
+    reports = [p.gil for p in parts if p.gil]
+    merged.gil = "\n".join(reports) if reports else None
+    return merged
 
 
 def zmq_available():
     return importlib.util.find_spec("zmq") is not None
 
 
-def run(servers, scenarios, progress=None, **options):
-    """Runs every scenario of every server, a server's scenarios back to back; returns Results."""
+def run(servers, scenarios, progress=None, rounds=1, messages=2000, **options):
+    """Runs every scenario of every server; returns one Result per (server, scenario).
+
+    Each scenario's messages are split into `rounds` runs, and a server's scenarios take turns
+    round by round (1, 2, 3, 1, 2, 3, ...): a slow or fast spell of the machine (other jobs, the
+    host's placement of this VM's CPUs) then falls on every scenario alike instead of on
+    whichever ran during it. Round trips are pooled, totals added."""
     results = []
     for server in servers:
-        for scenario in scenarios:
-            results.append(run_scenario(server, scenario, **options))
-            if progress:
-                progress(results[-1])
+        parts = {scenario: [] for scenario in scenarios}
+        for number in range(rounds):
+            share = messages // rounds + (1 if number < messages % rounds else 0)
+            for scenario in scenarios:
+                parts[scenario].append(run_scenario(server, scenario, messages=share, **options))
+                if progress:
+                    progress(parts[scenario][-1])
+        results.extend(_merge(parts[scenario]) for scenario in scenarios)
     return results
 
 
@@ -469,6 +508,8 @@ def main(argv=None):
     parser.add_argument("--pause", type=float, default=0.001, help="client pause after each reply (s)")
     parser.add_argument("--servers", default=None, help=f"comma list of {','.join(SERVERS)} (default: all installed)")
     parser.add_argument("--scenarios", default="1,2,3")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="each scenario's messages in this many runs, the scenarios taking turns")
     parser.add_argument("--fib", type=int, default=20, help="the CPU worker computes fib(N) in a loop")
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval in the server")
     parser.add_argument("--monitor", action="store_true",
@@ -485,11 +526,13 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
     scenarios = [int(s) for s in args.scenarios.split(",")]
+    if not 1 <= args.rounds <= args.messages:
+        parser.error("--rounds must be between 1 and --messages")
     print(f"Beazley's messaging experiment: {args.messages} messages of {args.size} bytes, "
-          f"{args.pause * 1e3:g} ms pause; Python {platform.python_version()}, {os.cpu_count()} cores, "
+          f"{args.pause * 1e3:g} ms pause, in {args.rounds} interleaved rounds; Python {platform.python_version()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     results = run(servers, scenarios, progress=lambda r: print(".", end="", flush=True),
-                  messages=args.messages, size=args.size, pause=args.pause, fib_n=args.fib,
+                  rounds=args.rounds, messages=args.messages, size=args.size, pause=args.pause, fib_n=args.fib,
                   switch_interval=args.switch_interval, monitor=args.monitor)
     print(f"\nload average {os.getloadavg()[0]:.2f} at end\n")
     print(format_table(results, args.fib))
