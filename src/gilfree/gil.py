@@ -67,6 +67,7 @@ class Report:
     interval_s: float = 0.005
     dropped_events: int = 0
     top_functions: list = field(default_factory=list)
+    samples: int = 0
     notes: list = field(default_factory=list)
     verdict: str = ""
 
@@ -88,7 +89,7 @@ class Report:
                 f"{t.waits:>7} {t.wait_p50_s * 1e3:>8.2f} {t.wait_p99_s * 1e3:>8.2f} {t.wait_max_s * 1e3:>8.2f}"
             )
         if self.top_functions:
-            lines.append("held the GIL most: " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
+            lines.append(f"held the GIL most ({self.samples} samples): " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
         if self.dropped_events:
             lines.append(f"({self.dropped_events} timeline events dropped: memory budget reached; totals are exact)")
         lines.extend(f"note: {note}" for note in self.notes)
@@ -294,7 +295,7 @@ class Monitor:
                     alive_s=alive / 1e9,
                 )
             )
-        top = []
+        top, total = [], 0
         if self._sampler and self._sampler.counts:
             total = sum(self._sampler.counts.values())
             top = [(name, n / total) for name, n in sorted(self._sampler.counts.items(), key=lambda kv: -kv[1])[:3]]
@@ -307,6 +308,7 @@ class Monitor:
             interval_s=self._interval,
             dropped_events=self._dropped,
             top_functions=top,
+            samples=total,
             notes=_subinterpreter_notes(),
         )
         report.verdict = verdict(report)
@@ -409,6 +411,9 @@ def _pixel_runs(spans, t0, scale, width):
     return runs
 
 
+MIN_HOT_SPOT_SAMPLES = 10
+
+
 def verdict(report):
     """A sentence a person can act on, from the numbers of a Report."""
     wall = report.wall_s or 1e-9
@@ -462,7 +467,10 @@ def verdict(report):
                 f"run - give it priority (gilfree.priority.background() around the CPU work) or move the CPU "
                 f"work to processes."
             )
-    if report.top_functions:
+    # A hot spot is worth naming when the GIL is what the program waits on or holds, and when
+    # there are enough samples for a share to mean something.
+    scales = parts[0].startswith("Not GIL-bound: threads ran")
+    if report.top_functions and report.samples >= MIN_HOT_SPOT_SAMPLES and not scales:
         name, share = report.top_functions[0]
         parts.append(f"The GIL was held most in {name} ({share:.0%} of samples).")
     return " ".join(parts)

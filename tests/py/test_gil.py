@@ -349,6 +349,22 @@ def test_verdict_classes(held_fraction, per_thread, opening):
     assert verdict(synthetic_report(held_fraction, per_thread)).startswith(opening)
 
 
+@pytest.mark.parametrize(
+    "held_fraction, per_thread, samples, named",
+    [
+        (0.99, [(5.0, 4.9), (4.9, 5.0)], 40, True),  # GIL-bound, enough samples
+        (0.99, [(5.0, 4.9), (4.9, 5.0)], 3, False),  # too few samples for a share to mean anything
+        (0.30, [(1.5, 0.2), (1.5, 0.2)], 40, False),  # threads scale: where the GIL sat is beside the point
+    ],
+)
+def test_verdict_names_a_hot_spot_only_when_it_means_something(held_fraction, per_thread, samples, named):
+    from gilfree.gil import verdict
+
+    report = synthetic_report(held_fraction, per_thread)
+    report.top_functions, report.samples = [("crunch (app.py:3)", 0.9)], samples
+    assert ("crunch (app.py:3)" in verdict(report)) is named
+
+
 def test_diagnose_countdown_is_gil_bound_and_writes_the_timeline(tmp_path):
     script = tmp_path / "countdown.py"
     script.write_text(COUNTDOWN)
