@@ -80,3 +80,16 @@ def initialized(_=None):
 
 def failing_initializer():
     raise RuntimeError("initializer failed on purpose")
+
+
+def stdin_identity(_=None):
+    """(device, inode) of this process's descriptor 0."""
+    st = os.fstat(0)
+    return st.st_dev, st.st_ino
+
+
+def nested_pool_sum(n):
+    import gilfree
+
+    with gilfree.Pool(2) as inner:
+        return sum(inner.map(square, range(n)))

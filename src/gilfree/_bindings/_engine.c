@@ -1247,9 +1247,13 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
     PyErr_SetString(PyExc_ValueError, "between 1 and 64 slots");
     return NULL;
   }
-  child_proc children[64] = {{0, -1}};
+  child_proc children[64];
   struct pollfd fds[65];
   pid_t self_pid = getpid();
+  /* Every slot's pidfd is -1, not 0: a forked worker closes the pidfds of its siblings, and
+   * closing a zero-initialised one would close its stdin. */
+  for (unsigned int i = 0; i < 64; i++)
+    children[i] = (child_proc){0, -1};
 
   for (;;) {
     nfds_t n = 0;
