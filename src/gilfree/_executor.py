@@ -26,6 +26,14 @@ def with_remote_traceback(exc, text):
     return exc
 
 
+def is_ctrl_c(exc):
+    """True for a KeyboardInterrupt of this process; False for one a task raised in a worker
+    (it arrives with the worker's traceback attached), which must not tear the pool down."""
+    from concurrent.futures.process import _RemoteTraceback
+
+    return not isinstance(exc.__cause__, _RemoteTraceback)
+
+
 class _ChunkSizer:
     """Grows chunks until one takes about target_s of worker time."""
 
@@ -167,8 +175,9 @@ class PoolBase(concurrent.futures.Executor):
                 yield from results
                 if error is not None:
                     raise with_remote_traceback(*error)
-        except KeyboardInterrupt:
-            self._interrupted()
+        except KeyboardInterrupt as exc:
+            if is_ctrl_c(exc):
+                self._interrupted()
             raise
         finally:
             pipeline.cancel()
@@ -213,7 +222,7 @@ class PoolBase(concurrent.futures.Executor):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is KeyboardInterrupt:
+        if exc_type is KeyboardInterrupt and is_ctrl_c(exc):
             self._interrupted()
         self.shutdown(wait=True)
         return False

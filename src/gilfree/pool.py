@@ -19,7 +19,7 @@ import weakref
 from concurrent.futures._base import FINISHED, PENDING
 
 from . import _engine
-from ._executor import PoolBase, with_remote_traceback
+from ._executor import PoolBase, is_ctrl_c, with_remote_traceback
 from ._serialize import Codec, function_blob
 from ._worker import WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
@@ -165,9 +165,9 @@ def _wait_interruptibly(future, wait, timeout):
             except TimeoutError:
                 if future.done() or (deadline is not None and time.monotonic() >= deadline):
                     raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         pool = future._pool_ref()
-        if pool is not None:
+        if pool is not None and is_ctrl_c(exc):
             pool._interrupted()
         raise
 

@@ -93,3 +93,7 @@ def nested_pool_sum(n):
 
     with gilfree.Pool(2) as inner:
         return sum(inner.map(square, range(n)))
+
+
+def raise_keyboard_interrupt(_=None):
+    raise KeyboardInterrupt("raised by the task")

@@ -488,6 +488,17 @@ def test_ctrl_c_during_result_raises_quickly():
     assert "KeyboardInterrupt" in err
 
 
+def test_keyboard_interrupt_raised_by_a_task_does_not_stop_the_pool():
+    with gilfree.Pool(2) as pool:
+        with pytest.raises(KeyboardInterrupt, match="raised by the task"):
+            pool.submit(f.raise_keyboard_interrupt).result(timeout=10)
+        with pytest.raises(KeyboardInterrupt, match="raised by the task"):
+            list(pool.map(f.raise_keyboard_interrupt, range(4)))
+        assert pool.submit(f.square, 3).result(timeout=10) == 9
+        assert list(pool.map(f.square, range(4))) == [0, 1, 4, 9]
+        assert pool.stats()["restarts"] == 0
+
+
 def test_template_death_breaks_pool_instead_of_hanging():
     pool = gilfree.Pool(2)
     running = pool.submit(f.sleep_then, 30)
