@@ -66,6 +66,8 @@ void gf_msg_release(const gf_arena *arena, const gf_msg *msg) {
 int gf_manager_init(gf_manager *m, uint32_t nslots, size_t ring_cap, uint64_t arena_size) {
   int rc, sv[2];
   struct epoll_event ev = {.events = EPOLLIN};
+  if (nslots == 0 || nslots > GF_MAX_WORKERS)
+    return -EINVAL;
   memset(m, 0, sizeof(*m));
   m->memfd = m->ctl_fd = m->ctl_child_fd = m->epoll_fd = m->stop_fd = m->template_pidfd = -1;
   pthread_mutex_init(&m->lock, NULL);

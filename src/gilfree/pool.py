@@ -25,7 +25,10 @@ from ._worker import WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
 
 RING_BYTES = 1 << 20
-ARENA_BYTES = 64 << 30  # virtual: the memfd is sparse, pages exist only while buffers do
+# Virtual: the memfd is sparse, pages exist only while buffers do. Half is the parent's, half is
+# split between the workers, each of which keeps at least WORKER_ARENA_BYTES for its results.
+ARENA_BYTES = 64 << 30
+WORKER_ARENA_BYTES = 512 << 20
 # How long a thread waiting for a result polls the rings itself before it sleeps (see
 # Pool._waited).
 RESULT_SPIN_MAX_S = 200e-6
@@ -235,9 +238,9 @@ class Pool(PoolBase):
         cluster=None,
     ):
         if max_workers is None:
-            max_workers = _available_cpus()
-        if not 1 <= max_workers <= 64:
-            raise ValueError("max_workers must be between 1 and 64")
+            max_workers = min(_available_cpus(), _engine.MAX_WORKERS)
+        if not 1 <= max_workers <= _engine.MAX_WORKERS:
+            raise ValueError(f"max_workers must be between 1 and {_engine.MAX_WORKERS}")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
         self._max_workers = max_workers
@@ -252,7 +255,8 @@ class Pool(PoolBase):
         self._broken = None
         self._start_failures = 0
         self._lock = threading.Lock()
-        self._engine = _engine.Engine(max_workers, RING_BYTES, ARENA_BYTES, task_timeout or 0.0)
+        arena_bytes = max(ARENA_BYTES, 2 * max_workers * WORKER_ARENA_BYTES)
+        self._engine = _engine.Engine(max_workers, RING_BYTES, arena_bytes, task_timeout or 0.0)
         self._codec = Codec(self._engine)
 
         config = WorkerConfig(

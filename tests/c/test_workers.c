@@ -116,6 +116,12 @@ GF_TEST(manager_blocks_released_on_crash) {
   gf_manager_free(&m);
 }
 
+GF_TEST(manager_refuses_slot_counts_out_of_range) {
+  gf_manager m;
+  GF_CHECK_EQ(gf_manager_init(&m, 0, 16384, 16u << 20), -EINVAL);
+  GF_CHECK_EQ(gf_manager_init(&m, GF_MAX_WORKERS + 1, 16384, 16u << 20), -EINVAL);
+}
+
 GF_TEST(spawn_runs_program_and_reports_exec_failure) {
   pid_t pid;
   int pidfd;

@@ -406,6 +406,16 @@ def test_workers_keep_stdin_and_start_pools_of_their_own(tmp_path):
     assert "Traceback" not in err, err
 
 
+def test_more_workers_than_64_and_the_upper_bound():
+    from gilfree import _engine
+
+    with gilfree.Pool(100) as pool:
+        assert sum(pool.map(f.square, range(1000), chunksize=1)) == sum(x * x for x in range(1000))
+        assert len(pool.stats()["workers"]) == 100
+    with pytest.raises(ValueError, match=str(_engine.MAX_WORKERS)):
+        gilfree.Pool(_engine.MAX_WORKERS + 1)
+
+
 def test_stats_shape(pool):
     pool.submit(f.square, 2).result()
     stats = pool.stats()

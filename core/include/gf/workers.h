@@ -19,6 +19,8 @@
 
 #define GF_SEGMENT_MAGIC 0x67667367u /* "gfsg" */
 #define GF_HOLDINGS 512
+/* Workers per pool: a bound for the template's tables, far above one machine's cores. */
+#define GF_MAX_WORKERS 1024
 
 /* Slot states, written by the parent (STARTING, DEAD) and the worker (READY, EXITING). */
 enum { GF_SLOT_EMPTY = 0, GF_SLOT_STARTING, GF_SLOT_READY, GF_SLOT_EXITING, GF_SLOT_DEAD };

@@ -619,8 +619,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
   }
   if (!PyArg_ParseTuple(args, "IKKd", &nslots, &ring_bytes, &arena_bytes, &timeout))
     return -1;
-  if (nslots == 0 || nslots > 64) {
-    PyErr_SetString(PyExc_ValueError, "between 1 and 64 workers");
+  if (nslots == 0 || nslots > GF_MAX_WORKERS) {
+    PyErr_Format(PyExc_ValueError, "between 1 and %d workers", GF_MAX_WORKERS);
     return -1;
   }
   if ((rc = gf_manager_init(&self->m, nslots, ring_bytes, arena_bytes)) < 0) {
@@ -1243,22 +1243,28 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
   nslots = (unsigned int)PyLong_AsUnsignedLong(args[1]);
   if (PyErr_Occurred())
     return NULL;
-  if (nslots == 0 || nslots > 64) {
-    PyErr_SetString(PyExc_ValueError, "between 1 and 64 slots");
+  if (nslots == 0 || nslots > GF_MAX_WORKERS) {
+    PyErr_Format(PyExc_ValueError, "between 1 and %d slots", GF_MAX_WORKERS);
     return NULL;
   }
-  child_proc children[64];
-  struct pollfd fds[65];
+  /* One block for the three tables; a forked worker frees it before it returns. */
+  size_t table_bytes =
+      nslots * sizeof(child_proc) + (nslots + 1) * (sizeof(struct pollfd) + sizeof(uint32_t));
+  child_proc *children = PyMem_Malloc(table_bytes);
+  if (children == NULL)
+    return PyErr_NoMemory();
+  struct pollfd *fds = (struct pollfd *)(children + nslots);
+  uint32_t *slot_of = (uint32_t *)(fds + nslots + 1);
   pid_t self_pid = getpid();
+  PyObject *result = NULL;
   /* Every slot's pidfd is -1, not 0: a forked worker closes the pidfds of its siblings, and
    * closing a zero-initialised one would close its stdin. */
-  for (unsigned int i = 0; i < 64; i++)
+  for (unsigned int i = 0; i < nslots; i++)
     children[i] = (child_proc){0, -1};
 
   for (;;) {
     nfds_t n = 0;
     fds[n++] = (struct pollfd){.fd = ctl_fd, .events = POLLIN};
-    uint32_t slot_of[65];
     for (uint32_t i = 0; i < nslots; i++) {
       if (children[i].pid > 0) {
         slot_of[n] = i;
@@ -1273,7 +1279,8 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
       if (errno == EINTR)
         continue;
       kill_children(children, nslots);
-      return PyErr_SetFromErrno(PyExc_OSError);
+      PyErr_SetFromErrno(PyExc_OSError);
+      goto done;
     }
     for (nfds_t i = 1; i < n; i++) {
       if (!(fds[i].revents & POLLIN))
@@ -1296,7 +1303,8 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
       continue;
     if (got <= 0) {
       kill_children(children, nslots);
-      Py_RETURN_NONE;
+      result = Py_NewRef(Py_None);
+      goto done;
     }
     if (got != sizeof(req) || req.kind != GF_CTL_SPAWN || req.slot >= nslots)
       continue;
@@ -1313,7 +1321,8 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
           close(children[i].pidfd);
       if ((rc = gf_worker_child_setup(self_pid)) < 0)
         _exit(70);
-      return PyLong_FromUnsignedLong(req.slot);
+      result = PyLong_FromUnsignedLong(req.slot);
+      goto done;
     }
     PyOS_AfterFork_Parent();
     gf_ctl reply = {.kind = GF_CTL_SPAWNED, .slot = req.slot, .pid = pid};
@@ -1330,6 +1339,10 @@ static PyObject *serve_template(PyObject *module, PyObject *const *args, Py_ssiz
     }
     send(ctl_fd, &reply, sizeof(reply), MSG_NOSIGNAL);
   }
+
+done:
+  PyMem_Free(children);
+  return result;
 }
 
 static int is_large_buffer(PyObject *obj) {
@@ -1420,7 +1433,8 @@ static int module_exec(PyObject *module) {
       PyModule_AddIntConstant(module, "MSG_RESULT", GF_MSG_RESULT) < 0 ||
       PyModule_AddIntConstant(module, "MSG_ERROR", GF_MSG_ERROR) < 0 ||
       PyModule_AddIntConstant(module, "BUF_BYTES", GF_BUF_BYTES) < 0 ||
-      PyModule_AddIntConstant(module, "OUT_OF_BAND_MIN", GF_BLOCK_MIN) < 0)
+      PyModule_AddIntConstant(module, "OUT_OF_BAND_MIN", GF_BLOCK_MIN) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_WORKERS", GF_MAX_WORKERS) < 0)
     return -1;
   return 0;
 }
