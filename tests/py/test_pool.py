@@ -37,10 +37,15 @@ def busy_worker_pid(pool, timeout=5.0):
     raise AssertionError("no worker became busy")
 
 
+# Python leaves SIGINT alone when it starts ignored (as in a job a shell put in the background):
+# the scripts take the handler a terminal program gets, so the Ctrl-C tests test the pool.
+CTRL_C_HANDLER = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def run_script(code, **kwargs):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, *sys.path]))
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", CTRL_C_HANDLER + textwrap.dedent(code)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
