@@ -137,14 +137,45 @@ int gf_manager_start_template(gf_manager *m, const char *path, char *const argv[
   return 0;
 }
 
-int gf_manager_spawn(gf_manager *m, uint32_t slot) {
+/* With m->lock held: sends slot's spawn request without blocking. A full control socket means
+ * the template still has requests to answer; the request then waits in spawn_queued and goes
+ * out after the waiter reads those answers (gf_flush_spawns). Blocking instead could deadlock:
+ * the template blocks too when its answers fill our side, and the waiter (which respawns dead
+ * workers) is the thread that reads them. Returns 0 (sent or queued) or a negative errno. */
+static int gf_send_spawn(gf_manager *m, uint32_t slot) {
   gf_ctl msg = {.kind = GF_CTL_SPAWN, .slot = slot};
+  if (send(m->ctl_fd, &msg, sizeof(msg), MSG_NOSIGNAL | MSG_DONTWAIT) >= 0)
+    return 0;
+  if (errno != EAGAIN)
+    return -errno;
+  if (!m->sched[slot].spawn_queued) {
+    m->sched[slot].spawn_queued = 1;
+    m->spawns_queued++;
+  }
+  return 0;
+}
+
+int gf_manager_spawn(gf_manager *m, uint32_t slot) {
   if (slot >= m->seg->nslots)
     return -EINVAL;
   atomic_store(&m->seg->slots[slot].state, GF_SLOT_STARTING);
-  if (send(m->ctl_fd, &msg, sizeof(msg), MSG_NOSIGNAL) < 0)
-    return -errno;
-  return 0;
+  pthread_mutex_lock(&m->lock);
+  int rc = gf_send_spawn(m, slot);
+  pthread_mutex_unlock(&m->lock);
+  return rc;
+}
+
+/* With m->lock held: sends the queued spawn requests, in slot order, until the socket is full
+ * again. */
+static void gf_flush_spawns(gf_manager *m) {
+  for (uint32_t i = 0; i < m->seg->nslots && m->spawns_queued > 0; i++) {
+    if (!m->sched[i].spawn_queued)
+      continue;
+    m->sched[i].spawn_queued = 0;
+    m->spawns_queued--;
+    if (gf_send_spawn(m, i) < 0 || m->sched[i].spawn_queued)
+      break; /* full again, or the template is gone (its EOF is handled as such) */
+  }
 }
 
 static int gf_pending_push(gf_manager *m, const struct iovec *iov, int iovcnt, int front) {
@@ -514,6 +545,8 @@ int gf_manager_collect(gf_manager *m, int control, gf_event_fn fn, void *ctx) {
     gf_enforce_timeouts(m);
   }
   pthread_mutex_lock(&m->lock);
+  if (control)
+    gf_flush_spawns(m);
   uint64_t wake = gf_dispatch_pending(m);
   pthread_mutex_unlock(&m->lock);
   gf_wake_slots(m, wake);

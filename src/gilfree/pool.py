@@ -28,7 +28,7 @@ RING_BYTES = 1 << 20
 # Virtual: the memfd is sparse, pages exist only while buffers do. Half is the parent's, half is
 # split between the workers, each of which keeps at least WORKER_ARENA_BYTES for its results.
 ARENA_BYTES = 64 << 30
-WORKER_ARENA_BYTES = 512 << 20
+WORKER_ARENA_BYTES = 4 << 30
 # How long a thread waiting for a result polls the rings itself before it sleeps (see
 # Pool._waited).
 RESULT_SPIN_MAX_S = 200e-6

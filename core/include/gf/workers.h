@@ -122,6 +122,7 @@ typedef struct gf_slot_sched {
   uint32_t inflight;         /* tasks written to the request ring and not yet answered */
   uint64_t timed_out_task;   /* task whose worker we killed for the timeout, or 0 */
   uint64_t restarts;
+  int spawn_queued;          /* a spawn request the full control socket refused, sent later */
 } gf_slot_sched;
 
 /* The parent's view of a pool. `lock` guards scheduling state; `drain_lock` lets one thread
@@ -145,6 +146,7 @@ typedef struct gf_manager {
   gf_pending *pending_head, *pending_tail;
   uint64_t npending;
   gf_slot_sched *sched;
+  uint32_t spawns_queued; /* slots with spawn_queued set (under lock) */
   int closing;
 } gf_manager;
 
