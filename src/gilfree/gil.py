@@ -423,6 +423,7 @@ def verdict(report):
     alive = sum(t.alive_s for t in report.threads) or 1e-9
     free = sum(t.free_s for t in report.threads)
     parts = []
+    threads_scale = False
     saturated = wanted / wall > 1.2 and report.held_fraction > 0.7
     if len(busy) >= 2 and (saturated or waited / wall >= 0.5):
         # Held nearly all the time, or half a thread's worth of waiting on average: the GIL is
@@ -439,6 +440,7 @@ def verdict(report):
                 f"waited for it: the program is single-threaded CPU work; more cores need processes (gilfree.Pool)."
             )
         else:
+            threads_scale = True
             parts.append(
                 f"Not GIL-bound: threads ran {free / alive:.0%} of their time without the GIL; threads scale here."
             )
@@ -469,8 +471,7 @@ def verdict(report):
             )
     # A hot spot is worth naming when the GIL is what the program waits on or holds, and when
     # there are enough samples for a share to mean something.
-    scales = parts[0].startswith("Not GIL-bound: threads ran")
-    if report.top_functions and report.samples >= MIN_HOT_SPOT_SAMPLES and not scales:
+    if report.top_functions and report.samples >= MIN_HOT_SPOT_SAMPLES and not threads_scale:
         name, share = report.top_functions[0]
         parts.append(f"The GIL was held most in {name} ({share:.0%} of samples).")
     return " ".join(parts)
