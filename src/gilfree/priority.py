@@ -14,6 +14,7 @@ Built on the GIL hooks of gilfree.gil (see docs/priority.md). ``uninstall()`` pu
 thread back to 0 and removes the hooks priorities installed.
 """
 import contextlib
+import operator
 import threading
 import warnings
 
@@ -30,7 +31,7 @@ def set(level):  # noqa: A001 - the name the issue fixes (Beazley's sys.setprior
     """Sets the calling thread's GIL priority (clamped to +-8). Raises UnsupportedInterpreter
     where priorities cannot be had (CPython's default behaviour then stays)."""
     global _installed
-    level = int(level)
+    level = operator.index(level)  # an integer: 1.5 or "1" is a mistake, not a level
     hook = _hook()
     with _lock:
         if level != 0 and not _installed:

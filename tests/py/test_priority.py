@@ -66,6 +66,10 @@ def test_set_get_background_and_clamping():
     assert priority.get() == 3
     priority.set(100)
     assert priority.get() == _gilhook.MAX_PRIORITY
+    for not_a_level in (1.5, "1", None):
+        with pytest.raises(TypeError):
+            priority.set(not_a_level)
+    assert priority.get() == _gilhook.MAX_PRIORITY
     seen = []
     t = threading.Thread(target=lambda: seen.append(priority.get()))
     t.start()
