@@ -183,7 +183,7 @@ def serial_countdown():
     countdown(5M) took 0.62 s in a process and 0.41 s in the same process once 7 more small
     ints were alive, in a pool worker as in the serial parent. multiprocessing.Pool's workers
     are forks of this process and share its heap, hence its speed; other pools' workers
-    (gilfree's template children, loky's, mpire's) draw their own."""
+    (gilfree's template children, loky's) draw their own."""
     start = time.perf_counter()
     countdown(50_000_000)
     return time.perf_counter() - start
