@@ -26,6 +26,18 @@ def spin_until(stop):
         pass
 
 
+def sleeps_under_monitor(count, seconds, thread, stop):
+    """Sleeps count times under a gil monitor, then stops thread (via stop). Returns the report."""
+    try:
+        with gil.monitor() as m:
+            for _ in range(count):
+                time.sleep(seconds)
+    finally:
+        stop.set()
+        thread.join()
+    return m.report()
+
+
 def sleepy_reacquisitions(cpu_level, rounds=4):
     """A CPU thread (at cpu_level) runs while this thread sleeps `rounds` times: every wake-up
     needs the GIL back from it. Returns this thread's report and its timed-out waits."""
@@ -43,15 +55,9 @@ def sleepy_reacquisitions(cpu_level, rounds=4):
         # Above 0 too: threads earlier tests left behind (Dask's, say) run at 0, and a wake-up
         # that found one of them holding the GIL would wait out the interval, as it should.
         priority.set(1)
-    try:
-        with gil.monitor() as m:
-            for _ in range(rounds):
-                time.sleep(0.005)
-    finally:
-        stop.set()
-        t.join()
-    (main,) = [t for t in m.report().threads if t.name == "MainThread"]
-    return main, m.report()
+    report = sleeps_under_monitor(rounds, 0.005, t, stop)
+    (main,) = [t for t in report.threads if t.name == "MainThread"]
+    return main, report
 
 
 def test_set_get_background_and_clamping():
@@ -139,14 +145,7 @@ def test_a_background_waiter_takes_the_gil_while_an_urgent_thread_blocks():
     """Its releases being silent, the waiter must notice a free GIL by itself, and soon: here the
     urgent thread blocks 1 ms at a time and the background thread must get most of the time."""
     thread, stop = background_spinner()
-    try:
-        with gil.monitor() as m:
-            for _ in range(200):
-                time.sleep(0.001)
-    finally:
-        stop.set()
-        thread.join()
-    report = m.report()
+    report = sleeps_under_monitor(200, 0.001, thread, stop)
     (cpu,) = [t for t in report.threads if t.name == "cpu"]
     assert cpu.held_s > 0.5 * report.wall_s, report
 
@@ -170,14 +169,8 @@ def test_many_quick_reacquisitions_never_wait_out_the_interval():
     thread = threading.Thread(target=cpu, name="cpu")
     thread.start()
     time.sleep(0.02)
-    try:
-        with gil.monitor() as m:
-            for _ in range(10_000):
-                time.sleep(0.0001)
-    finally:
-        stop.set()
-        thread.join()
-    (main,) = [t for t in m.report().threads if t.name == "MainThread"]
+    report = sleeps_under_monitor(10_000, 0.0001, thread, stop)
+    (main,) = [t for t in report.threads if t.name == "MainThread"]
     assert main.drop_requests >= 100, main
     assert main.timeouts == 0, main
 
