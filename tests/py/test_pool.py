@@ -396,7 +396,7 @@ def test_workers_keep_stdin_and_start_pools_of_their_own(tmp_path):
     with open(stdin_file) as stdin:
         proc = run_script(
             """
-            import os, gilfree, poolfuncs as f
+            import gilfree, poolfuncs as f
             with gilfree.Pool(2) as pool:
                 identities = set(pool.map(f.stdin_identity, range(200), chunksize=1))
                 assert len({pid for pid in pool.map(f.pid, range(200), chunksize=1)}) == 2
