@@ -306,6 +306,25 @@ async def raw(port, request_bytes):
         writer.close()
 
 
+async def answer(reader):
+    """(status, head, body) of the next response on a raw connection."""
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode("latin-1")
+    length = re.search(r"^Content-Length: (\d+)", head, re.M | re.I)
+    body = await reader.readexactly(int(length.group(1))) if length else b""
+    return int(head.split()[1]), head, body
+
+
+async def stalled_upload(port, query=""):
+    """A POST that sends 100 bytes of its 4420 and stops; returns (reader, writer) once its handler reads the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /v1/transform?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                 "Content-Length: 4420\r\nExpect: 100-continue\r\n\r\n".encode())
+    status, head, _ = await answer(reader)
+    assert status == 100, head
+    writer.write(bytes(100))
+    return reader, writer
+
+
 def error_of(status, body, expected_status, expected_error):
     import json
 
@@ -535,6 +554,25 @@ async def test_queue_full_503_with_retry_after(strict):
     await wait_for_metric(strict.url, "busy_workers", 0)
     status, _, _ = await post(strict.url, PHOTO, "w=10")
     assert status == 200
+
+
+async def test_stalled_upload_gives_its_slot_back_at_the_budget(strict):
+    stalled = [await stalled_upload(strict.port) for _ in range(2)]  # every slot: one worker, one queued
+    for reader, writer in stalled:
+        status, head, body = await answer(reader)
+        error_of(status, body, 408, "request_timeout")
+        assert "close" in head.lower()
+        writer.close()
+    await wait_for_metric(strict.url, "in_flight", 0)
+    status, _, _ = await post(strict.url, PHOTO, "w=10")
+    assert status == 200
+
+
+async def test_sigterm_does_not_wait_for_a_stalled_upload():
+    server = Service("--executor", "threads", "--workers", "1", "--budget", "1")
+    _, writer = await stalled_upload(server.port)
+    server.stop()  # within its 20 s; aiohttp's own shutdown would wait 60 s for the handler
+    writer.close()
 
 
 async def wait_for_metric(url, name, value, timeout=20):

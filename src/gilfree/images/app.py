@@ -53,6 +53,8 @@ class Service:
             raise ImageError(415, "unsupported_media_type",
                              f"Content-Type {request.content_type!r}: send the image as image/* or application/octet-stream")
         self._check_length(request.content_length)
+        # Admitted before the body comes in, so the slots also bound the memory bodies take; the budget
+        # covers the upload, so a stalled one gives its slot back.
         async with self._admitted():
             body = await self._read_body(request)
             if not body:
@@ -79,10 +81,15 @@ class Service:
 
     async def _read_body(self, request):
         chunks, size = [], 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            self._check_length(size)  # chunked bodies declare no length: stop at the limit
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self._remaining(request)):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    self._check_length(size)  # chunked bodies declare no length: stop at the limit
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ImageError(408, "request_timeout",
+                             f"the body did not arrive within the {self.config.budget:g} s budget") from None
         return b"".join(chunks)
 
     def _confine(self, relative):
@@ -103,11 +110,14 @@ class Service:
                              f"{self.in_flight} requests in flight, the limit is {self.capacity}; retry shortly")
         return _InFlight(self)
 
+    def _remaining(self, request):
+        """Seconds left of the request's budget, counted from its arrival."""
+        return request["started"] + self.config.budget - time.monotonic()
+
     async def _run(self, request, source, spec):
-        deadline = request["started"] + self.config.budget
         future = self.executor.submit(ops.transform, source, spec)
         try:
-            body, mime, width, height = await asyncio.wait_for(asyncio.wrap_future(future), deadline - time.monotonic())
+            body, mime, width, height = await asyncio.wait_for(asyncio.wrap_future(future), self._remaining(request))
         except TaskTimeout:
             raise ImageError(504, "timeout", f"over the {self.config.budget:g} s budget; its worker was replaced") from None
         except TimeoutError:  # the wait ended: the task is cancelled if queued, else the pool stops it
@@ -138,7 +148,7 @@ def _error(status, error, detail):
                                  dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
     if status == 503:
         response.headers["Retry-After"] = "1"
-    if status == 413:
+    if status in (408, 413):
         response.force_close()  # do not drain a body we refused
     return response
 
