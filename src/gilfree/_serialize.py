@@ -8,6 +8,8 @@ block it already lives in) and returns a reference tuple; received references ar
 import io
 # _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
 import _pickle as pickle
+import sys
+import types
 import weakref
 
 from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
@@ -149,6 +151,7 @@ class Codec:
 _blobs = weakref.WeakKeyDictionary()  # fn -> its pickled bytes
 _functions = {}  # worker side: pickled bytes -> fn
 _FUNCTIONS_KEPT = 1024
+_module_globals = {}  # worker side: module name -> the globals its by-value functions share
 
 
 def _pickles_by_reference(fn, blob):
@@ -188,5 +191,50 @@ def load_function(blob):
     if fn is None:
         if len(_functions) >= _FUNCTIONS_KEPT:
             _functions.clear()
-        fn = _functions[blob] = pickle.loads(blob)
+        fn = _functions[blob] = share_module_globals(pickle.loads(blob))
     return fn
+
+
+def share_module_globals(fn):
+    """Worker side: fn, if it came by value, rebuilt onto the one globals dict of its module.
+
+    cloudpickle gives each pickle its own copy of the module's globals; in a worker of
+    ProcessPoolExecutor a module is one namespace, so what the initializer or a task sets is
+    what the next task reads. Names fn brought that the shared dict lacks are added; values
+    already there win (they are this worker's module state)."""
+    if type(fn) is not types.FunctionType:
+        return fn
+    own = fn.__globals__
+    name = own.get("__name__")
+    module = sys.modules.get(name)
+    if module is not None and vars(module) is own:
+        return fn  # by reference: the module itself
+    shared = _module_globals.setdefault(name, own)
+    if shared is own:
+        return fn  # the module's first by-value function: its globals become the shared ones
+    rebuilt = {}  # id(function) -> its copy on shared; also breaks cycles
+
+    def rebind(value):
+        """value, or its copy on shared if it is a function living in own."""
+        if type(value) is not types.FunctionType or value.__globals__ is not own:
+            return value
+        copy = rebuilt.get(id(value))
+        if copy is None:
+            copy = rebuilt[id(value)] = types.FunctionType(
+                value.__code__, shared, value.__name__, value.__defaults__, value.__closure__
+            )
+            for attr in ("__kwdefaults__", "__qualname__", "__annotations__", "__module__", "__doc__"):
+                setattr(copy, attr, getattr(value, attr))
+            copy.__dict__.update(value.__dict__)
+            # The cells are this pickle's own: functions in them move to shared too.
+            for cell in value.__closure__ or ():
+                try:
+                    cell.cell_contents = rebind(cell.cell_contents)
+                except ValueError:
+                    pass  # an empty cell
+        return copy
+
+    for key, value in own.items():
+        if key not in shared:
+            shared[key] = rebind(value)
+    return rebind(fn)

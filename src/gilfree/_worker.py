@@ -15,7 +15,7 @@ import sys
 import time
 
 from . import _engine
-from ._serialize import Codec, load_function
+from ._serialize import Codec, load_function, share_module_globals
 
 # A worker that just finished a task polls briefly for the next one before sleeping.
 NEXT_TASK_SPIN_S = 50e-6
@@ -35,6 +35,8 @@ class WorkerConfig:
 def template_main():
     memfd, _doorbell, ctl, nslots = (int(x) for x in sys.argv[1:5])
     config = pickle.loads(binascii.a2b_base64(sys.argv[5]))
+    # Before the fork: every worker starts with the initializer on its module's shared globals.
+    config.initializer = share_module_globals(config.initializer)
     # The template runs in its own session; Ctrl-C belongs to the user's program.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in config.preload:
