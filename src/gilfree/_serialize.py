@@ -148,7 +148,7 @@ class Codec:
 
 # ---------------------------------------------------------------- functions
 
-_blobs = weakref.WeakKeyDictionary()  # fn -> its pickled bytes
+_blobs = weakref.WeakKeyDictionary()  # cacheable fn -> its pickled bytes
 _functions = {}  # worker side: pickled bytes -> fn
 _FUNCTIONS_KEPT = 1024
 _module_globals = {}  # worker side: module name -> the globals its by-value functions share
@@ -162,14 +162,28 @@ def _pickles_by_reference(fn, blob):
     return b"__main__" not in blob
 
 
+def cacheable(fn):
+    """True when fn's pickle cannot change while fn lives, so it is pickled and loaded once: a
+    function (by reference its name; by value its code and the module state it starts from in
+    each worker), a class, a module's builtin. Callable instances, bound methods and partials
+    carry state that may change between submits (or within a task), so each task gets its own."""
+    kind = type(fn)
+    return (
+        kind is types.FunctionType
+        or isinstance(fn, type)
+        or (kind is types.BuiltinFunctionType and isinstance(fn.__self__, types.ModuleType))
+    )
+
+
 def function_blob(fn):
-    """fn pickled once per function object: by reference when workers can import it, else by
-    value (cloudpickle: lambdas, closures, functions of __main__). Workers cache the function
-    under these bytes, so a task carries them but nobody unpickles them twice."""
-    try:
-        return _blobs[fn]
-    except (KeyError, TypeError):
-        pass
+    """fn pickled, once per object when cacheable(fn): by reference when workers can import it,
+    else by value (cloudpickle: lambdas, closures, functions of __main__). Workers cache the
+    function under these bytes, so a task carries them but nobody unpickles them twice."""
+    once = cacheable(fn)
+    if once:
+        blob = _blobs.get(fn)
+        if blob is not None:
+            return blob
     try:
         blob = pickle.dumps(fn, 5)
     except Exception:
@@ -178,20 +192,20 @@ def function_blob(fn):
         import cloudpickle
 
         blob = cloudpickle.dumps(fn, 5)
-    try:
+    if once:
         _blobs[fn] = blob
-    except TypeError:
-        pass  # not weak-referenceable: pickled again next time
     return blob
 
 
 def load_function(blob):
-    """Worker side: the function a blob names, unpickled once."""
+    """Worker side: the function a blob names, unpickled once if cacheable."""
     fn = _functions.get(blob)
     if fn is None:
-        if len(_functions) >= _FUNCTIONS_KEPT:
-            _functions.clear()
-        fn = _functions[blob] = share_module_globals(pickle.loads(blob))
+        fn = share_module_globals(pickle.loads(blob))
+        if cacheable(fn):
+            if len(_functions) >= _FUNCTIONS_KEPT:
+                _functions.clear()
+            _functions[blob] = fn
     return fn
 
 

@@ -1,7 +1,18 @@
 """How tasks, functions, results and errors travel between the parent and the workers."""
-import textwrap
+import functools
 
+import pytest
+
+import gilfree
+import poolfuncs as f
+import serfuncs as sf
 from test_pool import run_script
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with gilfree.Pool(1) as p:  # one worker: every task sees what earlier ones left behind
+        yield p
 
 
 def run_ok(code, **kwargs):
@@ -43,3 +54,24 @@ def test_functions_by_value_share_their_module_globals_in_a_worker():
         """
     )
     assert out == str(["configured"] * 4 + [["a"]])
+
+
+def test_callables_with_state_travel_with_their_state_at_each_submit(pool):
+    scaler = sf.Scaler(1)
+    assert pool.submit(scaler, 2).result() == 2
+    scaler.factor = 10
+    assert pool.submit(scaler, 2).result() == 20
+    method = scaler.apply
+    assert pool.submit(method, 2).result() == 20
+    scaler.factor = 100
+    assert pool.submit(method, 2).result() == 200
+    assert list(pool.map(scaler, [1, 2])) == [100, 200]
+    add_to = functools.partial(f.add, 1)
+    assert pool.submit(add_to, 2).result() == 3
+    add_to.keywords["b"] = 5
+    assert pool.submit(add_to).result() == 6
+
+
+def test_each_task_gets_its_own_copy_of_a_callable_instance(pool):
+    counter = sf.Counter()
+    assert [pool.submit(counter).result() for _ in range(3)] == [1, 1, 1]
