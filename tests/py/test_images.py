@@ -156,6 +156,49 @@ def test_grayscale_blur_sharpen():
     assert blurred.getpixel((99, 50)) not in ((255, 0, 0), (0, 0, 255))
 
 
+def with_transparency(image, **options):
+    """A PNG whose palette marks one entry transparent (tRNS)."""
+    return encode(image, "PNG", transparency=0, **options)
+
+
+def half_transparent(size=(40, 30)):
+    """Left half fully transparent red (a colour nobody should see), right half opaque blue."""
+    image = Image.new("RGBA", size, (255, 0, 0, 0))
+    image.paste((0, 0, 255, 255), (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+MODE_SOURCES = {  # one source per decoded mode, 40x30
+    "1": encode(halves((40, 30)).convert("1"), "PNG"),
+    "L": encode(halves((40, 30)).convert("L"), "PNG"),
+    "LA": encode(halves((40, 30)).convert("LA"), "PNG"),
+    "P": encode(halves((40, 30)), "GIF"),
+    "P with transparency": with_transparency(halves((40, 30)).convert("P")),
+    "RGB": encode(halves((40, 30)), "BMP"),
+    "RGBA": encode(half_transparent(), "WEBP", lossless=True),
+    "I;16": encode(Image.new("I;16", (40, 30), 40000), "PNG"),
+    "CMYK": encode(halves((40, 30)).convert("CMYK"), "JPEG"),
+}
+
+
+@pytest.mark.parametrize("mode", MODE_SOURCES)
+def test_every_source_mode_takes_every_op_and_format(mode):
+    source = MODE_SOURCES[mode]
+    assert Image.open(io.BytesIO(source)).mode == mode.split()[0]
+    for query, size in (("blur=2", (40, 30)), ("sharpen", (40, 30)), ("w=20", (20, 15)), ("grayscale&rotate=90", (30, 40)),
+                        ("w=50&h=50&fit=contain&blur=1&sharpen", (50, 50))):
+        for fmt in ("jpeg", "png", "webp"):
+            image, _, _ = run(source, f"{query}&format={fmt}")
+            assert image.size == size, (query, fmt)
+
+
+@pytest.mark.parametrize("query", ["format=jpeg", "format=webp", "grayscale&format=jpeg", "w=20",
+                                   "blur=1&format=png"])
+def test_16_bit_greyscale_keeps_its_grey(query):
+    image, _, _ = run(MODE_SOURCES["I;16"], query)  # 40000 of 65535: 61 % grey, not white
+    assert abs(image.convert("L").getpixel((10, 10)) - 40000 // 256) <= 2
+
+
 @pytest.mark.parametrize("orientation, size, top", [(1, (200, 100), None), (6, (100, 200), (255, 0, 0)),
                                                      (8, (100, 200), (0, 0, 255)), (3, (200, 100), None)])
 def test_exif_orientation_applied_and_stripped(orientation, size, top):

@@ -42,6 +42,7 @@ def transform(source, spec):
     except _CORRUPT as exc:
         raise ImageError(422, "corrupt_image", f"cannot decode the {image.format} image: {exc}") from None
     icc = image.info.get("icc_profile")
+    image = _eight_bit(image)
     if spec.crop:
         image = _crop(image, spec.crop)
         full = image.size
@@ -52,6 +53,8 @@ def transform(source, spec):
         image = image.transpose(_FLIP[spec.flip])
     if spec.grayscale:
         image = image.convert("LA" if _has_alpha(image) else "L")
+    if spec.blur or spec.sharpen:
+        image = _filterable(image)
     if spec.blur:
         image = image.filter(ImageFilter.GaussianBlur(spec.blur))
     if spec.sharpen:
@@ -156,9 +159,24 @@ def _resize(image, spec, full):
     return canvas
 
 
+def _eight_bit(image):
+    """16-bit greyscale (PNG) scaled to 8 bits: Pillow's own conversion clips everything above 255 to white."""
+    if image.mode.startswith("I"):
+        return image.point(lambda value: value / 256).convert("L")
+    return image
+
+
+def _filterable(image):
+    """image in a mode Pillow resamples and filters properly: palettes expanded, 1-bit as greyscale."""
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if _has_alpha(image) else "RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    return image
+
+
 def _lanczos(image, size, box=None):
-    if image.mode == "P":
-        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+    image = _filterable(image)  # 1-bit and palette images would resample with NEAREST
     # reducing_gap=3: integer pre-reduction first; Pillow documents it as indistinguishable from fair.
     return image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
 
@@ -172,7 +190,7 @@ def _encode(image, fmt, quality, icc):
     options = {"icc_profile": icc} if icc else {}
     if fmt == "jpeg":
         if image.mode not in ("RGB", "L", "CMYK"):
-            image = image.convert("L" if image.mode in ("LA", "I", "I;16", "F") else "RGB")
+            image = image.convert("L" if image.mode in ("LA", "1") else "RGB")
         image.save(out, "JPEG", quality=quality, **options)
     elif fmt == "webp":
         if image.mode not in ("RGB", "RGBA"):
