@@ -234,6 +234,26 @@ def test_draft_decoding_gives_the_same_size_as_full_decoding(query):
     assert from_jpeg.size[0] * 2 < 2048  # the case draft mode exists for
 
 
+@pytest.mark.parametrize("size, query, fmt", [
+    ((20000, 10), "format=webp", "webp"),  # WebP: 16383 a side
+    ((70000, 4), "format=jpeg", "jpeg"),  # JPEG: 65500
+    ((2000, 10), "h=100&format=webp", "webp"),
+])
+def test_output_over_the_format_limit_is_422(size, query, fmt):
+    with pytest.raises(ImageError) as caught:
+        run(encode(Image.new("RGB", size), "PNG"), query)
+    assert (caught.value.status, caught.value.error) == (422, "output_too_large") and fmt in caught.value.detail
+
+
+@pytest.mark.parametrize("size, query, output", [
+    ((20000, 10), "format=png", (20000, 10)),  # PNG has no such limit
+    ((2000, 10), "h=100&format=png", (20000, 100)),
+    ((70000, 4), "format=webp&w=16383", (16383, 1)),
+])
+def test_output_within_the_format_limit(size, query, output):
+    assert run(encode(Image.new("RGB", size), "PNG"), query)[0].size == output
+
+
 def test_icc_profile_kept():
     profile = b"fake-icc-profile-bytes" * 8
     source = encode(halves(), "JPEG", icc_profile=profile)

@@ -9,10 +9,11 @@ import zlib
 
 from PIL import Image, ImageFilter, ImageOps
 
-from .spec import MAX_SIDE, ImageError
+from .spec import ImageError
 
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+MAX_OUTPUT_SIDE = {"jpeg": 65500, "webp": 16383}  # the encoders' limits; PNG's is beyond the pixel limit
 # The pixel limit is checked here against the header before decoding, with the operator's value;
 # Pillow's own fixed bomb check would otherwise warn or refuse on its different threshold.
 Image.MAX_IMAGE_PIXELS = None
@@ -136,7 +137,7 @@ def _resize(image, spec, full):
         return image
     width, height = full
     box_w, box_h = target
-    if box_w * box_h > spec.max_pixels or max(box_w, box_h) > MAX_SIDE:
+    if box_w * box_h > spec.max_pixels:
         raise ImageError(422, "output_too_large", f"the output would be {box_w}x{box_h} pixels")
     if not (spec.w and spec.h) or spec.fit == "fill":
         return _lanczos(image, (box_w, box_h))
@@ -186,6 +187,10 @@ def _has_alpha(image):
 
 
 def _encode(image, fmt, quality, icc):
+    limit = MAX_OUTPUT_SIDE.get(fmt)
+    if limit and max(image.size) > limit:
+        raise ImageError(422, "output_too_large",
+                         f"the output would be {image.width}x{image.height} pixels; {fmt} allows at most {limit} a side")
     out = io.BytesIO()
     options = {"icc_profile": icc} if icc else {}
     if fmt == "jpeg":

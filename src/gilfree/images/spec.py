@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 FITS = ("contain", "cover", "fill", "inside")
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
-MAX_SIDE = 16383  # WebP's limit, and a sane bound for every output side
+MAX_SIDE = 16383  # the largest w or h: WebP's limit (each format's own is checked on encoding)
 DEFAULT_QUALITY = 85
 
 
