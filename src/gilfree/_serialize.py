@@ -146,6 +146,18 @@ class Codec:
         return _IdUnpickler(io.BytesIO(payload), by_id, buffers=out_of_band).load()
 
 
+def round_trip(obj):
+    """obj pickled and unpickled in this process, its buffers in-band: raises what a receiver
+    would. For rare paths (it pickles obj once more)."""
+    try:
+        payload = pickle.dumps(obj, 5)
+    except (TypeError, pickle.PicklingError, AttributeError):
+        import cloudpickle  # classes that came by value: not found by name here
+
+        payload = cloudpickle.dumps(obj, 5)
+    return pickle.loads(payload)
+
+
 # ---------------------------------------------------------------- functions
 
 _blobs = weakref.WeakKeyDictionary()  # cacheable fn -> its pickled bytes

@@ -15,7 +15,7 @@ import sys
 import time
 
 from . import _engine
-from ._serialize import Codec, load_function, share_module_globals
+from ._serialize import Codec, load_function, round_trip, share_module_globals
 
 # A worker that just finished a task polls briefly for the next one before sleeping.
 NEXT_TASK_SPIN_S = 50e-6
@@ -48,15 +48,22 @@ def template_main():
     os._exit(worker_main(memfd, slot, config))
 
 
-def _error_payload(codec, exc):
-    """Pickles (exception, traceback text); an unpicklable exception travels as its repr."""
+def _error(exc):
+    """(exception, traceback text) for the caller. An exception that does not survive pickling
+    and unpickling (say its __init__ takes other arguments than its args) would reach the caller
+    as that failure: a RuntimeError naming it, with its message, goes instead."""
     import traceback
 
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        return codec.dumps((exc, text))
-    except Exception:
-        return codec.dumps((RuntimeError(f"unpicklable exception {exc!r}"), text))
+        round_trip(exc)
+    except Exception as problem:
+        what = "".join(traceback.format_exception_only(exc)).strip()
+        exc = RuntimeError(
+            f"{what} (the exception cannot travel back to this process: "
+            f"{type(problem).__name__}: {problem})"
+        )
+    return exc, text
 
 
 def worker_main(memfd, slot, config):
@@ -89,11 +96,11 @@ def worker_main(memfd, slot, config):
                 data, refs = codec.dumps(result)
                 ok = True
             except Exception as exc:
-                data, refs = _error_payload(codec, exc)
+                data, refs = codec.dumps(_error(exc))
                 ok = False
             del result
         except BaseException as exc:
-            data, refs = _error_payload(codec, exc)
+            data, refs = codec.dumps(_error(exc))
             ok = False
             del exc
         worker.reply(task_id, ok, data, refs)
@@ -121,8 +128,5 @@ def run_chunk(fn, items, star):
             for item in items:
                 append(fn(item))
     except Exception as exc:
-        import traceback
-
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return results, (exc, text), time.perf_counter() - start
+        return results, _error(exc), time.perf_counter() - start
     return results, None, time.perf_counter() - start

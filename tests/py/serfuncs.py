@@ -21,3 +21,30 @@ class Counter:
     def __call__(self):
         self.calls += 1
         return self.calls
+
+
+class CodedError(Exception):
+    """Pickles, but cannot be unpickled: its __init__ takes other arguments than its args."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+
+
+def coded_error_on(x, bad):
+    if x == bad:
+        raise CodedError(x, "disk full")
+    return x
+
+
+class Pair:
+    """Pickles, but cannot be unpickled (as CodedError)."""
+
+    def __init__(self, first, second):
+        self.args = (first,)
+
+    def __reduce__(self):
+        return Pair, self.args
+
+
+def pair(first):
+    return Pair(first, first)

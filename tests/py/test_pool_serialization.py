@@ -75,3 +75,21 @@ def test_callables_with_state_travel_with_their_state_at_each_submit(pool):
 def test_each_task_gets_its_own_copy_of_a_callable_instance(pool):
     counter = sf.Counter()
     assert [pool.submit(counter).result() for _ in range(3)] == [1, 1, 1]
+
+
+def test_an_exception_that_cannot_be_unpickled_arrives_as_its_type_and_message(pool):
+    with pytest.raises(RuntimeError, match=r"^serfuncs\.CodedError: 3: disk full \(") as info:
+        pool.submit(sf.coded_error_on, 3, 3).result()
+    assert "in coded_error_on" in str(info.value.__cause__)
+    got = []
+    with pytest.raises(RuntimeError, match=r"^serfuncs\.CodedError: 3: disk full \("):
+        for value in pool.map(sf.coded_error_on, range(10), [3] * 10, chunksize=5):
+            got.append(value)
+    assert got == [0, 1, 2]
+    assert pool.submit(f.square, 3).result() == 9
+
+
+def test_a_result_that_cannot_be_unpickled_is_a_clear_error(pool):
+    with pytest.raises(RuntimeError, match=r"result cannot be unpickled.*Pair\.__init__"):
+        pool.submit(sf.pair, 1).result()
+    assert pool.submit(f.square, 3).result() == 9
