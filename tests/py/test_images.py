@@ -156,15 +156,18 @@ def test_grayscale_blur_sharpen():
     assert blurred.getpixel((99, 50)) not in ((255, 0, 0), (0, 0, 255))
 
 
-def with_transparency(image, **options):
-    """A PNG whose palette marks one entry transparent (tRNS)."""
-    return encode(image, "PNG", transparency=0, **options)
-
-
 def half_transparent(size=(40, 30)):
     """Left half fully transparent red (a colour nobody should see), right half opaque blue."""
     image = Image.new("RGBA", size, (255, 0, 0, 0))
     image.paste((0, 0, 255, 255), (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+def palette_half_transparent(size=(40, 30)):
+    """half_transparent() as a palette image: entry 0, red, is the transparent one."""
+    image = Image.new("P", size, 0)
+    image.putpalette([255, 0, 0, 0, 0, 255])
+    image.paste(1, (size[0] // 2, 0, size[0], size[1]))
     return image
 
 
@@ -173,7 +176,7 @@ MODE_SOURCES = {  # one source per decoded mode, 40x30
     "L": encode(halves((40, 30)).convert("L"), "PNG"),
     "LA": encode(halves((40, 30)).convert("LA"), "PNG"),
     "P": encode(halves((40, 30)), "GIF"),
-    "P with transparency": with_transparency(halves((40, 30)).convert("P")),
+    "P with transparency": encode(palette_half_transparent(), "PNG", transparency=0),
     "RGB": encode(halves((40, 30)), "BMP"),
     "RGBA": encode(half_transparent(), "WEBP", lossless=True),
     "I;16": encode(Image.new("I;16", (40, 30), 40000), "PNG"),
@@ -197,6 +200,31 @@ def test_every_source_mode_takes_every_op_and_format(mode):
 def test_16_bit_greyscale_keeps_its_grey(query):
     image, _, _ = run(MODE_SOURCES["I;16"], query)  # 40000 of 65535: 61 % grey, not white
     assert abs(image.convert("L").getpixel((10, 10)) - 40000 // 256) <= 2
+
+
+TRANSPARENT_SOURCES = {
+    "RGBA": encode(half_transparent(), "PNG"),
+    "LA": encode(half_transparent().convert("LA"), "PNG"),
+    "P": encode(palette_half_transparent(), "PNG", transparency=0),
+    "GIF": encode(palette_half_transparent(), "GIF", transparency=0),
+}
+
+
+@pytest.mark.parametrize("source", TRANSPARENT_SOURCES)
+@pytest.mark.parametrize("query", ["format=jpeg", "w=20&format=jpeg", "grayscale&format=jpeg"])
+def test_transparent_pixels_become_white_in_jpeg(source, query):
+    image, _, _ = run(TRANSPARENT_SOURCES[source], query)
+    left, right = image.convert("RGB").getpixel((2, 5)), image.convert("RGB").getpixel((image.width - 3, 5))
+    assert near(left, (255, 255, 255), 10)  # not the hidden red
+    assert not near(right, (255, 255, 255), 10)  # the opaque half stays
+
+
+def test_contain_letterbox_is_white_in_jpeg_and_transparent_in_png():
+    source = encode(half_transparent((40, 10)).convert("RGBA"), "PNG")
+    image, _, _ = run(source, "w=40&h=40&fit=contain&format=jpeg")
+    assert near(image.getpixel((30, 2)), (255, 255, 255), 10)
+    image, _, _ = run(source, "w=40&h=40&fit=contain&format=png")
+    assert image.getpixel((30, 2))[3] == 0
 
 
 @pytest.mark.parametrize("orientation, size, top", [(1, (200, 100), None), (6, (100, 200), (255, 0, 0)),

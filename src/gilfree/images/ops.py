@@ -186,6 +186,15 @@ def _has_alpha(image):
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
+def _on_white(image):
+    """Composited onto white: JPEG has no alpha, and the colours under transparent pixels are not for showing."""
+    if image.mode not in ("LA", "RGBA"):
+        image = image.convert("RGBA")
+    flat = Image.new(image.mode[:-1], image.size, "white")
+    flat.paste(image, mask=image.getchannel("A"))
+    return flat
+
+
 def _encode(image, fmt, quality, icc):
     limit = MAX_OUTPUT_SIDE.get(fmt)
     if limit and max(image.size) > limit:
@@ -194,8 +203,10 @@ def _encode(image, fmt, quality, icc):
     out = io.BytesIO()
     options = {"icc_profile": icc} if icc else {}
     if fmt == "jpeg":
-        if image.mode not in ("RGB", "L", "CMYK"):
-            image = image.convert("L" if image.mode in ("LA", "1") else "RGB")
+        if _has_alpha(image):
+            image = _on_white(image)
+        elif image.mode not in ("RGB", "L", "CMYK"):
+            image = image.convert("L" if image.mode == "1" else "RGB")
         image.save(out, "JPEG", quality=quality, **options)
     elif fmt == "webp":
         if image.mode not in ("RGB", "RGBA"):
