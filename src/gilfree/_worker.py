@@ -96,8 +96,11 @@ def worker_main(memfd, slot, config):
                 data, refs = codec.dumps(result)
                 ok = True
             except Exception as exc:
-                data, refs = codec.dumps(_error(exc))
-                ok = False
+                ok = kind == _engine.MSG_CHUNK  # a chunk's error travels in its result
+                if ok:
+                    data, refs = codec.dumps(_cut_chunk(codec, result, exc))
+                else:
+                    data, refs = codec.dumps(_error(exc))
             del result
         except BaseException as exc:
             data, refs = codec.dumps(_error(exc))
@@ -112,6 +115,18 @@ def worker_main(memfd, slot, config):
         ):
             worker.retire()
             return 0
+
+
+def _cut_chunk(codec, chunk, exc):
+    """A chunk whose results do not pickle (exc): the results before the first that does not,
+    then its error, as a map over single items ends."""
+    results, _, elapsed = chunk
+    for i, value in enumerate(results):
+        try:
+            codec.release(codec.dumps(value)[1])
+        except Exception as item_exc:
+            return results[:i], _error(item_exc), elapsed
+    return [], _error(exc), elapsed  # each pickles alone (too deep together, say)
 
 
 def run_chunk(fn, items, star):

@@ -93,3 +93,11 @@ def test_a_result_that_cannot_be_unpickled_is_a_clear_error(pool):
     with pytest.raises(RuntimeError, match=r"result cannot be unpickled.*Pair\.__init__"):
         pool.submit(sf.pair, 1).result()
     assert pool.submit(f.square, 3).result() == 9
+
+
+def test_map_yields_the_results_before_an_unpicklable_one_in_its_chunk(pool):
+    got = []
+    with pytest.raises(TypeError, match="pickle"):
+        for value in pool.map(sf.lock_on, range(30), [13] * 30, chunksize=10):
+            got.append(value)
+    assert got == list(range(13))
