@@ -282,10 +282,36 @@ def test_output_within_the_format_limit(size, query, output):
     assert run(encode(Image.new("RGB", size), "PNG"), query)[0].size == output
 
 
-def test_icc_profile_kept():
-    profile = b"fake-icc-profile-bytes" * 8
-    source = encode(halves(), "JPEG", icc_profile=profile)
-    assert run(source, "w=50")[0].info.get("icc_profile") == profile
+def icc_profile(space):
+    """sRGB's profile with the colour space of its header (bytes 16-19) set to space."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return srgb[:16] + space + srgb[20:]
+
+
+@pytest.mark.parametrize("source_mode, space, query, kept", [
+    ("RGB", b"RGB ", "w=50", True),
+    ("RGB", b"RGB ", "format=png", True),
+    ("RGB", b"RGB ", "format=webp", True),
+    ("RGB", b"RGB ", "grayscale", False),  # an RGB profile on grey pixels
+    ("RGB", b"RGB ", "grayscale&format=png", False),
+    ("L", b"GRAY", "", True),
+    ("L", b"GRAY", "format=webp", False),  # WebP is RGB
+    ("CMYK", b"CMYK", "w=50", True),
+    ("CMYK", b"CMYK", "format=png", False),  # converted to RGB
+])
+def test_icc_profile_kept_only_on_its_colour_space(source_mode, space, query, kept):
+    profile = icc_profile(space)
+    source = encode(halves().convert(source_mode), "JPEG", icc_profile=profile)
+    assert run(source, query)[0].info.get("icc_profile") == (profile if kept else None)
+
+
+@pytest.mark.parametrize("query", ["", "w=20", "format=png", "format=webp"])
+def test_jpeg_comment_stripped(query):
+    source = encode(halves(), "JPEG", comment=b"internal: shot at 12 Secret St")
+    image, _, body = run(source, query)
+    assert b"Secret" not in body and "comment" not in image.info
 
 
 @pytest.mark.parametrize("query, name", [

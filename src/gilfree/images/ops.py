@@ -2,7 +2,8 @@
 
 Order of operations: decode (JPEG draft mode when the target is much smaller) -> EXIF orientation
 -> crop -> resize (w, h, fit) -> rotate (clockwise) -> flip -> grayscale -> blur -> sharpen -> encode.
-Metadata (EXIF, XMP, comments) is dropped; the ICC colour profile is kept so colours stay right.
+Metadata (EXIF, XMP, comments) is dropped; the ICC colour profile is kept when the output is in its
+colour space, so colours stay right.
 """
 import io
 import zlib
@@ -23,6 +24,9 @@ _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter
 _ROTATE_CLOCKWISE = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 _FLIP = {"h": Image.Transpose.FLIP_LEFT_RIGHT, "v": Image.Transpose.FLIP_TOP_BOTTOM}
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+_PIXEL_INFO = ("transparency",)  # the palette entry or colour that is transparent
+# An ICC profile describes one colour space (bytes 16-19 of its header); the output mode's must match.
+_ICC_SPACE = {"1": b"GRAY", "L": b"GRAY", "LA": b"GRAY", "P": b"RGB ", "RGB": b"RGB ", "RGBA": b"RGB ", "CMYK": b"CMYK"}
 # Decoders report truncated or corrupt data with any of these.
 _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, zlib.error, Image.DecompressionBombError)
 
@@ -43,6 +47,8 @@ def transform(source, spec):
     except _CORRUPT as exc:
         raise ImageError(422, "corrupt_image", f"cannot decode the {image.format} image: {exc}") from None
     icc = image.info.get("icc_profile")
+    # The encoders fall back on info (a JPEG's comment, PNG's profile): only what the pixels need stays.
+    image.info = {key: image.info[key] for key in _PIXEL_INFO if key in image.info}
     image = _eight_bit(image)
     if spec.crop:
         image = _crop(image, spec.crop)
@@ -200,20 +206,21 @@ def _encode(image, fmt, quality, icc):
     if limit and max(image.size) > limit:
         raise ImageError(422, "output_too_large",
                          f"the output would be {image.width}x{image.height} pixels; {fmt} allows at most {limit} a side")
-    out = io.BytesIO()
-    options = {"icc_profile": icc} if icc else {}
+    options = {"quality": quality}
     if fmt == "jpeg":
         if _has_alpha(image):
             image = _on_white(image)
         elif image.mode not in ("RGB", "L", "CMYK"):
             image = image.convert("L" if image.mode == "1" else "RGB")
-        image.save(out, "JPEG", quality=quality, **options)
     elif fmt == "webp":
         if image.mode not in ("RGB", "RGBA"):
             image = image.convert("RGBA" if _has_alpha(image) else "RGB")
-        image.save(out, "WEBP", quality=quality, **options)
     else:  # png: lossless, quality does not apply
+        options = {}
         if image.mode == "CMYK":
             image = image.convert("RGB")
-        image.save(out, "PNG", **options)
+    if icc and icc[16:20] == _ICC_SPACE.get(image.mode):  # else it would misdescribe the pixels: dropped
+        options["icc_profile"] = icc
+    out = io.BytesIO()
+    image.save(out, fmt.upper(), **options)
     return out.getvalue()
