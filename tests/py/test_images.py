@@ -282,6 +282,20 @@ def test_output_within_the_format_limit(size, query, output):
     assert run(encode(Image.new("RGB", size), "PNG"), query)[0].size == output
 
 
+def test_mpo_is_a_jpeg(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    picture = samples.photo(8, size=(800, 600))
+    source = encode(picture, "MPO", save_all=True, append_images=[picture])
+    assert Image.open(io.BytesIO(source)).format == "MPO"
+    drafts = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, *args: drafts.append(args) or draft(self, *args))
+    image, mime, _ = run(source, "w=100")
+    assert (image.format, mime, image.size) == ("JPEG", "image/jpeg", (100, 75))  # JPEG stays JPEG
+    assert drafts  # decoded shrunk, as JPEGs are
+
+
 def icc_profile(space):
     """sRGB's profile with the colour space of its header (bytes 16-19) set to space."""
     from PIL import ImageCms

@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter, ImageOps
 from .spec import ImageError
 
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+_JPEG = ("JPEG", "MPO")  # MPO: a JPEG with more pictures after the first (cameras' files); Pillow names it apart
 MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 MAX_OUTPUT_SIDE = {"jpeg": 65500, "webp": 16383}  # the encoders' limits; PNG's is beyond the pixel limit
 # The pixel limit is checked here against the header before decoding, with the operator's value;
@@ -98,13 +99,13 @@ def _signed(data):
 
 
 def _default_format(source_format):
-    name = (source_format or "").lower()
+    name = "jpeg" if source_format in _JPEG else (source_format or "").lower()
     return name if name in MIME else "png"
 
 
 def _draft(image, spec, full, quarter_turn):
     """Lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is at least twice smaller."""
-    if image.format != "JPEG" or spec.crop or not (spec.w or spec.h):
+    if image.format not in _JPEG or spec.crop or not (spec.w or spec.h):
         return
     width, height = full
     target = _target_size(full, spec)
