@@ -33,12 +33,13 @@ class WorkerConfig:
 
 
 def template_main():
-    memfd, _doorbell, ctl, nslots = (int(x) for x in sys.argv[1:5])
+    memfd, doorbell, ctl, nslots = (int(x) for x in sys.argv[1:5])
     config = pickle.loads(binascii.a2b_base64(sys.argv[5]))
     # Before the fork: every worker starts with the initializer on its module's shared globals.
     config.initializer = share_module_globals(config.initializer)
     # The template runs in its own session; Ctrl-C belongs to the user's program.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stdin_from_devnull((memfd, doorbell, ctl))
     for module in config.preload:
         importlib.import_module(module)
     slot = _engine.serve_template(ctl, nslots)
@@ -46,6 +47,18 @@ def template_main():
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os._exit(worker_main(memfd, slot, config))
+
+
+def _stdin_from_devnull(pool_fds):
+    """Workers read /dev/null: the user's input is the parent's (as in multiprocessing).
+    Descriptor 0 stays open, or a pool started in a worker would get it for its memfd; it is
+    left alone when it is one of this pool's (the parent had no stdin)."""
+    fd = os.open(os.devnull, os.O_RDONLY)
+    if fd != 0 and 0 not in pool_fds:
+        os.dup2(fd, 0)
+        os.close(fd)
+        fd = 0
+    sys.stdin = open(fd, encoding="utf-8", closefd=False)
 
 
 def _error(exc):

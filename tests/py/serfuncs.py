@@ -1,4 +1,6 @@
 """Task callables for the serialization tests, importable by workers."""
+import os
+import sys
 import threading
 
 
@@ -54,3 +56,9 @@ def pair(first):
 def lock_on(x, bad):
     """x, or an unpicklable result for the item bad."""
     return threading.Lock() if x == bad else x
+
+
+def stdin_reads():
+    """What a task reads from its standard input (sys.stdin, then descriptor 0), and whether
+    descriptor 0 is /dev/null."""
+    return sys.stdin.read(5), os.read(0, 5), os.path.samestat(os.fstat(0), os.stat(os.devnull))

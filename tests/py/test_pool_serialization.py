@@ -1,5 +1,6 @@
 """How tasks, functions, results and errors travel between the parent and the workers."""
 import functools
+import subprocess
 
 import pytest
 
@@ -15,11 +16,12 @@ def pool():
         yield p
 
 
-def run_ok(code, **kwargs):
-    """Runs a script (its functions come from __main__, so they travel by value) and returns
-    what it printed; the script must succeed."""
-    proc = run_script(code, **kwargs)
-    out, err = proc.communicate(timeout=60)
+def run_ok(code, stdin_text=None):
+    """Runs a script (its functions come from __main__, so they travel by value), with
+    stdin_text on a pipe as its input if given, and returns what it printed; the script must
+    succeed."""
+    proc = run_script(code, stdin=None if stdin_text is None else subprocess.PIPE)
+    out, err = proc.communicate(stdin_text, timeout=60)
     assert proc.returncode == 0, err
     return out.strip()
 
@@ -101,3 +103,16 @@ def test_map_yields_the_results_before_an_unpicklable_one_in_its_chunk(pool):
         for value in pool.map(sf.lock_on, range(30), [13] * 30, chunksize=10):
             got.append(value)
     assert got == list(range(13))
+
+
+def test_workers_do_not_read_the_parents_stdin():
+    out = run_ok(
+        """
+        import sys, gilfree, serfuncs as sf
+        with gilfree.Pool(1) as pool:
+            print(pool.submit(sf.stdin_reads).result())
+        print(repr(sys.stdin.read()))
+        """,
+        stdin_text="hello world",
+    )
+    assert out.splitlines() == [str(("", b"", True)), repr("hello world")]
