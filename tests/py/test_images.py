@@ -412,6 +412,20 @@ def strict(request):
     server.stop()
 
 
+@pytest.fixture
+async def local(root):
+    """The app in the test's own process (threads executor), so a test can patch what the workers call."""
+    from aiohttp.test_utils import TestServer
+
+    from gilfree.images import Config, create_app
+
+    server = TestServer(create_app(Config(workers=1, executor="threads", worker_nice=0, root=str(root))), host="127.0.0.1")
+    await server.start_server()
+    server.url = f"http://127.0.0.1:{server.port}"
+    yield server
+    await server.close()
+
+
 async def post(url, body, query="", content_type="image/jpeg"):
     """(status, headers, body bytes) of POST /v1/transform."""
     async with aiohttp.ClientSession() as session:
@@ -506,6 +520,23 @@ async def test_get_under_root_and_confinement(service):
         assert status == 404, (path, head)
     status, _, body = await get(service.url, "/v1/transform/notes.txt")
     error_of(status, body, 415, "unsupported_media_type")
+
+
+async def test_unreadable_file_is_404_and_errors_name_no_server_path(local, root, monkeypatch, caplog):
+    def denied(path, *args):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(ops, "open", denied, raising=False)  # as root, chmod 0 would not stop the read
+    status, _, body = await get(local.url, "/v1/transform/sub/photo.jpg")
+    assert str(root) not in error_of(status, body, 404, "not_found")
+
+    def failing(source, spec):
+        raise OSError(5, "Input/output error", source)
+
+    monkeypatch.setattr(ops, "transform", failing)  # any unexpected error
+    status, _, body = await get(local.url, "/v1/transform/sub/photo.jpg")
+    assert str(root) not in error_of(status, body, 500, "internal_error")
+    assert str(root) in caplog.text  # the log has it
 
 
 async def test_service_applies_exif_orientation(service):

@@ -165,9 +165,9 @@ async def _errors_as_json(request, handler):
         response = _error(exc.status, exc.reason.lower().replace(" ", "_"), f"{request.method} {request.path}: {exc.reason}")
         if "Allow" in exc.headers:  # 405 names the methods the path takes
             response.headers["Allow"] = exc.headers["Allow"]
-    except Exception as exc:  # a bug: answer, log, stay up
+    except Exception:  # a bug: log it, answer without its text (it may name server paths), stay up
         request.app.logger.exception("unexpected error on %s %s", request.method, request.path)
-        response = _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        response = _error(500, "internal_error", "an unexpected error; the service's log has the details")
     if request.path.startswith("/v1/transform"):
         service.metrics.observe(response.status, time.monotonic() - request["started"])
     return response

@@ -75,8 +75,8 @@ def _open(source, spec):
         try:
             with open(source, "rb") as f:
                 source = f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ImageError(404, "not_found", "no such image") from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            raise ImageError(404, "not_found", "no such image") from None  # unreadable is missing, to a client
     try:
         image = Image.open(io.BytesIO(source), formats=SOURCE_FORMATS)
     except Image.UnidentifiedImageError:
