@@ -191,11 +191,10 @@ def function_blob(fn):
     """fn pickled, once per object when cacheable(fn): by reference when workers can import it,
     else by value (cloudpickle: lambdas, closures, functions of __main__). Workers cache the
     function under these bytes, so a task carries them but nobody unpickles them twice."""
-    once = cacheable(fn)
-    if once:
-        blob = _blobs.get(fn)
-        if blob is not None:
-            return blob
+    try:
+        return _blobs[fn]  # only cacheable objects are kept
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable or not hashable
+        pass
     try:
         blob = pickle.dumps(fn, 5)
     except Exception:
@@ -204,7 +203,7 @@ def function_blob(fn):
         import cloudpickle
 
         blob = cloudpickle.dumps(fn, 5)
-    if once:
+    if cacheable(fn):
         _blobs[fn] = blob
     return blob
 
