@@ -414,16 +414,18 @@ def strict(request):
 
 @pytest.fixture
 async def local(root):
-    """The app in the test's own process (threads executor), so a test can patch what the workers call."""
-    from aiohttp.test_utils import TestServer
+    """The service in the test's own process (threads executor), so a test can patch what the workers call:
+    (url, port)."""
+    from gilfree.images import Config
+    from gilfree.images.server import make_runner
 
-    from gilfree.images import Config, create_app
-
-    server = TestServer(create_app(Config(workers=1, executor="threads", worker_nice=0, root=str(root))), host="127.0.0.1")
-    await server.start_server()
-    server.url = f"http://127.0.0.1:{server.port}"
-    yield server
-    await server.close()
+    runner = make_runner(Config(workers=1, executor="threads", worker_nice=0, root=str(root)))
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}", port
+    await runner.cleanup()
 
 
 async def post(url, body, query="", content_type="image/jpeg"):
@@ -523,20 +525,37 @@ async def test_get_under_root_and_confinement(service):
 
 
 async def test_unreadable_file_is_404_and_errors_name_no_server_path(local, root, monkeypatch, caplog):
+    url, _ = local
     def denied(path, *args):
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(ops, "open", denied, raising=False)  # as root, chmod 0 would not stop the read
-    status, _, body = await get(local.url, "/v1/transform/sub/photo.jpg")
+    status, _, body = await get(url, "/v1/transform/sub/photo.jpg")
     assert str(root) not in error_of(status, body, 404, "not_found")
 
     def failing(source, spec):
         raise OSError(5, "Input/output error", source)
 
     monkeypatch.setattr(ops, "transform", failing)  # any unexpected error
-    status, _, body = await get(local.url, "/v1/transform/sub/photo.jpg")
+    status, _, body = await get(url, "/v1/transform/sub/photo.jpg")
     assert str(root) not in error_of(status, body, 500, "internal_error")
     assert str(root) in caplog.text  # the log has it
+
+
+async def test_unreadable_body_is_400_and_a_client_leaving_is_no_500(local, caplog):
+    url, port = local
+    garbage = b"not gzip at all" * 10
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/transform HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Encoding: gzip\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(garbage), garbage))
+    status, _, body = await answer(reader)
+    error_of(status, body, 400, "bad_request")
+    writer.close()
+    _, writer = await stalled_upload(port)
+    writer.transport.abort()  # gone mid-body
+    await wait_for_metric(url, 'requests_total{status="499"}', 1)
+    text = await metrics(url)
+    assert metric(text, 'requests_total{status="500"}') is None and "unexpected error" not in caplog.text
 
 
 async def test_service_applies_exif_orientation(service):

@@ -19,6 +19,7 @@ from .metrics import Metrics
 from .spec import ImageError, parse
 
 MB = 1 << 20
+CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned
 _ACCEPTED_TYPES = ("application/octet-stream",)  # and image/*; aiohttp reports a missing type as octet-stream
 
 
@@ -90,6 +91,9 @@ class Service:
         except TimeoutError:
             raise ImageError(408, "request_timeout",
                              f"the body did not arrive within the {self.config.budget:g} s budget") from None
+        except web.RequestPayloadError:
+            raise ImageError(400, "bad_request",
+                             "the body cannot be read: its bytes do not follow its Content-Encoding or chunked framing") from None
         return b"".join(chunks)
 
     def _confine(self, relative):
@@ -165,6 +169,8 @@ async def _errors_as_json(request, handler):
         response = _error(exc.status, exc.reason.lower().replace(" ", "_"), f"{request.method} {request.path}: {exc.reason}")
         if "Allow" in exc.headers:  # 405 names the methods the path takes
             response.headers["Allow"] = exc.headers["Allow"]
+    except ConnectionResetError:  # the client left mid-body: nobody to answer, and no fault of the service
+        response = web.Response(status=CLIENT_CLOSED)  # never sent; counted under nginx's code for this
     except Exception:  # a bug: log it, answer without its text (it may name server paths), stay up
         request.app.logger.exception("unexpected error on %s %s", request.method, request.path)
         response = _error(500, "internal_error", "an unexpected error; the service's log has the details")

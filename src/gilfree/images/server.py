@@ -8,10 +8,15 @@ from aiohttp import web
 from .app import create_app
 
 
+def make_runner(config):
+    """The app's runner, not started. Every request ends within its budget (its body's arrival included),
+    so a stop waits no longer for requests in progress."""
+    return web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.budget)
+
+
 async def serve(config, ready=None):
     """Serves config until a stop signal. ready(port) is called once the socket listens (port 0: the OS's pick)."""
-    # Every request ends within its budget (the body's arrival included), so a stop waits no longer.
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.budget)
+    runner = make_runner(config)
     await runner.setup()  # starts the executor
     try:
         sock = socket.create_server((config.host, config.port), backlog=1024)
