@@ -361,9 +361,12 @@ def test_errors_pickle_by_name():
 class Service:
     """python -m gilfree.images in a subprocess, on 127.0.0.1 with the port the OS picked."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, own_group=False):
+        """own_group: in a process group of its own, which stop() signals whole, as a service manager does."""
         self.proc = subprocess.Popen([sys.executable, "-m", "gilfree.images", "--host", "127.0.0.1", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=own_group)
+        self.kill = os.killpg if own_group else os.kill
         line = self.proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if not match:
@@ -374,11 +377,11 @@ class Service:
         self.port = int(match.group(1))
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
+        self.kill(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             raise AssertionError("the service did not stop on SIGTERM")
         assert self.proc.returncode == 0, self.proc.stderr.read()
@@ -754,6 +757,13 @@ async def test_sigterm_does_not_wait_for_a_stalled_upload():
     _, writer = await stalled_upload(server.port)
     server.stop()  # within its 20 s; aiohttp's own shutdown would wait 60 s for the handler
     writer.close()
+
+
+async def test_mp_executor_stops_on_sigterm_to_its_process_group():
+    server = Service("--executor", "mp", "--workers", "2", own_group=True)
+    status, _, _ = await post(server.url, PHOTO, "w=10")
+    assert status == 200  # the workers are up, one waiting on the task queue holds its lock
+    server.stop()  # the workers take no signal meant for the server; Pool.terminate() stops them
 
 
 async def wait_for_metric(url, name, value, timeout=20):

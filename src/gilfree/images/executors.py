@@ -102,7 +102,7 @@ class MultiprocessingExecutor(concurrent.futures.Executor):
 
     def __init__(self, workers, initializer=None, initargs=()):
         # spawn: the server has threads by the time anything could fork.
-        self._pool = multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
+        self._pool = multiprocessing.get_context("spawn").Pool(workers, _own_process_group, (initializer, initargs))
         self._counts = _Counts(workers)
 
     def submit(self, fn, /, *args, **kwargs):
@@ -123,3 +123,12 @@ class MultiprocessingExecutor(concurrent.futures.Executor):
             self._pool.close()
         if wait:
             self._pool.join()
+
+
+def _own_process_group(initializer, initargs):
+    """multiprocessing workers' initializer: a process group of their own, so a signal to the server's group
+    (a service manager's stop, Ctrl-C) reaches only the server, which then stops them. Killed by that signal,
+    an idle worker dies holding the pool's task-queue lock, and Pool.terminate() waits for that lock forever."""
+    os.setpgrp()
+    if initializer is not None:
+        initializer(*initargs)
