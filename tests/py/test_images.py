@@ -56,8 +56,8 @@ def slow_png(side):
 SLOW_OPS = "blur=60&sharpen&format=webp&quality=100"
 
 
-def spec(query, max_pixels=50 * MP):
-    return parse([tuple(item.partition("=")[::2]) for item in query.split("&") if item], max_pixels)
+def spec(query, max_pixels=50 * MP, max_bytes=25 << 20):
+    return parse([tuple(item.partition("=")[::2]) for item in query.split("&") if item], max_pixels, max_bytes)
 
 
 def run(source, query=""):
@@ -347,6 +347,15 @@ def test_crop_outside_the_image_is_400():
     assert caught.value.status == 400 and "crop" in caught.value.detail
 
 
+def test_file_over_the_size_limit_is_413(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(PHOTO)
+    assert ops.transform(str(path), spec("w=10", max_bytes=len(PHOTO)))[2] == 10
+    with pytest.raises(ImageError) as caught:
+        ops.transform(str(path), spec("w=10", max_bytes=len(PHOTO) - 1))
+    assert (caught.value.status, caught.value.error) == (413, "payload_too_large")
+
+
 def test_errors_pickle_by_name():
     import pickle
 
@@ -396,6 +405,8 @@ def root(tmp_path_factory):
     (base / "root" / "escape.jpg").symlink_to(base / "secret.jpg")
     (base / "root" / "inside-link.jpg").symlink_to(base / "root" / "sub" / "photo.jpg")
     (base / "root" / "notes.txt").write_text("not an image")
+    with open(base / "root" / "huge.jpg", "wb") as f:
+        f.truncate(26 << 20)  # over the default 25 MB limit, sparse
     return base / "root"
 
 
@@ -543,6 +554,12 @@ async def test_unreadable_file_is_404_and_errors_name_no_server_path(local, root
     status, _, body = await get(url, "/v1/transform/sub/photo.jpg")
     assert str(root) not in error_of(status, body, 500, "internal_error")
     assert str(root) in caplog.text  # the log has it
+
+
+async def test_get_of_a_file_over_the_body_limit_is_413(local):
+    url, _ = local
+    status, _, body = await get(url, "/v1/transform/huge.jpg?w=10")
+    error_of(status, body, 413, "payload_too_large")
 
 
 async def test_unreadable_body_is_400_and_a_client_leaving_is_no_500(local, caplog):

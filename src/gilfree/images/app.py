@@ -49,7 +49,7 @@ class Service:
         self.root = os.path.realpath(config.root) if config.root else None
 
     async def transform_body(self, request):
-        spec = parse(request.query.items(), self.config.max_pixels)
+        spec = parse(request.query.items(), self.config.max_pixels, self.config.max_body)
         if request.content_type not in _ACCEPTED_TYPES and not request.content_type.startswith("image/"):
             raise ImageError(415, "unsupported_media_type",
                              f"Content-Type {request.content_type!r}: send the image as image/* or application/octet-stream")
@@ -63,7 +63,7 @@ class Service:
             return await self._run(request, body, spec)
 
     async def transform_path(self, request):
-        spec = parse(request.query.items(), self.config.max_pixels)
+        spec = parse(request.query.items(), self.config.max_pixels, self.config.max_body)
         path = self._confine(request.match_info["path"])
         async with self._admitted():
             return await self._run(request, path, spec)

@@ -6,6 +6,7 @@ Metadata (EXIF, XMP, comments) is dropped; the ICC colour profile is kept when t
 colour space, so colours stay right.
 """
 import io
+import os
 import zlib
 
 from PIL import Image, ImageFilter, ImageOps
@@ -72,11 +73,7 @@ def transform(source, spec):
 
 def _open(source, spec):
     if isinstance(source, str):
-        try:
-            with open(source, "rb") as f:
-                source = f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
-            raise ImageError(404, "not_found", "no such image") from None  # unreadable is missing, to a client
+        source = _read(source, spec.max_bytes)
     try:
         image = Image.open(io.BytesIO(source), formats=SOURCE_FORMATS)
     except Image.UnidentifiedImageError:
@@ -91,6 +88,17 @@ def _open(source, spec):
         raise ImageError(422, "too_many_pixels",
                          f"{image.width}x{image.height} is {pixels} pixels, over the {spec.max_pixels} limit")
     return image
+
+
+def _read(path, limit):
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:  # refused from its size, before any of it is in memory
+                raise ImageError(413, "payload_too_large", f"the file's {size} bytes are over the {limit} byte limit")
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        raise ImageError(404, "not_found", "no such image") from None  # unreadable is missing, to a client
 
 
 def _signed(data):

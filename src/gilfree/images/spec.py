@@ -37,6 +37,7 @@ class Spec:
     format: str | None = None
     quality: int = DEFAULT_QUALITY
     max_pixels: int = 50_000_000
+    max_bytes: int = 25 << 20  # a source file's limit, as the body's
 
 
 def _bad(op, value, expected):
@@ -101,7 +102,7 @@ _PARSERS = {
 }
 
 
-def parse(query, max_pixels):
+def parse(query, max_pixels, max_bytes=Spec.max_bytes):
     """Builds a Spec from (name, value) pairs; raises ImageError(400) naming the first bad op."""
     values = {}
     for name, value in query:
@@ -114,4 +115,4 @@ def parse(query, max_pixels):
     w, h = values.get("w"), values.get("h")
     if w and h and w * h > max_pixels:
         raise ImageError(400, "bad_value", f"ops 'w' and 'h': {w}x{h} is over the {max_pixels} pixel limit")
-    return Spec(max_pixels=max_pixels, **values)
+    return Spec(max_pixels=max_pixels, max_bytes=max_bytes, **values)
