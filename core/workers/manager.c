@@ -564,9 +564,8 @@ int gf_manager_alloc(gf_manager *m, uint64_t len, uint64_t *off) {
   return rc;
 }
 
-void gf_manager_close(gf_manager *m, int64_t timeout_ns) {
-  pthread_mutex_lock(&m->lock);
-  m->closing = 1;
+/* Drops the tasks still queued in the parent. Under m->lock, or with no other thread. */
+static void gf_pending_clear(gf_manager *m) {
   while (m->pending_head != NULL) {
     gf_pending *p = m->pending_head;
     m->pending_head = p->next;
@@ -574,6 +573,12 @@ void gf_manager_close(gf_manager *m, int64_t timeout_ns) {
   }
   m->pending_tail = NULL;
   m->npending = 0;
+}
+
+void gf_manager_close(gf_manager *m, int64_t timeout_ns) {
+  pthread_mutex_lock(&m->lock);
+  m->closing = 1;
+  gf_pending_clear(m);
   pthread_mutex_unlock(&m->lock);
 
   if (m->ctl_fd >= 0)
@@ -609,4 +614,20 @@ void gf_manager_free(gf_manager *m) {
   m->map = NULL;
   m->seg = NULL;
   m->memfd = -1;
+}
+
+void gf_manager_forget(gf_manager *m) {
+  /* Another thread may have held a lock at the fork: take none. The doorbell's number is read
+   * from the segment, never written: the segment is the parent's. */
+  int fds[] = {m->ctl_fd,   m->ctl_child_fd, m->template_pidfd,
+               m->epoll_fd, m->stop_fd,      m->seg != NULL ? m->seg->doorbell_fd : -1};
+  for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
+    if (fds[i] >= 0)
+      close(fds[i]);
+  m->ctl_fd = m->ctl_child_fd = m->template_pidfd = m->epoll_fd = m->stop_fd = -1;
+  m->template_pid = 0;
+  gf_pending_clear(m);
+  free(m->sched);
+  m->sched = NULL;
+  gf_manager_free(m);
 }

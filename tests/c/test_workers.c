@@ -116,6 +116,39 @@ GF_TEST(manager_blocks_released_on_crash) {
   gf_manager_free(&m);
 }
 
+GF_TEST(manager_forgotten_in_a_forked_child_keeps_working_in_the_parent) {
+  gf_manager m;
+  gf_worker w;
+  gf_ctl ctl;
+  seen s = {0};
+  GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 16u << 20), 0);
+  GF_CHECK_EQ(gf_manager_spawn(&m, 0), 0);
+  GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+  int doorbell = m.seg->doorbell_fd;
+  pid_t child = fork();
+  if (child == 0) {
+    gf_manager_forget(&m);
+    _exit(m.map == NULL && m.ctl_fd == -1 ? 0 : 1);
+  }
+  int status;
+  GF_CHECK_EQ(waitpid(child, &status, 0), child);
+  GF_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  /* Nothing shared was touched: no stop signal, no EOF on the control socket. */
+  GF_CHECK_EQ(m.seg->doorbell_fd, doorbell);
+  GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000), 0);
+  GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), MSG_DONTWAIT), -1);
+  GF_CHECK_EQ(errno, EAGAIN);
+  GF_CHECK_EQ(submit(&m, 1), 0);
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(take(&w), 1);
+  GF_CHECK_EQ(reply(&w, 1), 0);
+  GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000000), 1);
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
+  GF_CHECK_EQ(s.last_task, 1);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
 GF_TEST(manager_refuses_slot_counts_out_of_range) {
   gf_manager m;
   GF_CHECK_EQ(gf_manager_init(&m, 0, 16384, 16u << 20), -EINVAL);

@@ -204,6 +204,9 @@ uint64_t gf_manager_queued(gf_manager *m);
 void gf_manager_close(gf_manager *m, int64_t timeout_ns);
 /* Unmaps the shared memory: only once no buffer of the arena is referenced in this process. */
 void gf_manager_free(gf_manager *m);
+/* In a child forked from the pool's process: closes this copy's descriptors and unmaps its
+ * memory, touching nothing the parent still uses (no signal, no write, no shared field). */
+void gf_manager_forget(gf_manager *m);
 /* Releases the block references a message owns. */
 void gf_msg_release(const gf_arena *arena, const gf_msg *msg);
 

@@ -506,8 +506,13 @@ typedef struct {
   gf_manager m;
   int initialized;
   int closed;
+  pid_t owner_pid; /* the process that made the pool: a forked child only forgets it */
   pthread_t waiter;
   int waiter_running;
+  /* close() was called on the waiter thread (from a callback): the waiter closes the engine
+   * when the callback returns, since it cannot join itself. */
+  int close_requested;
+  int64_t close_timeout_ns;
   PyObject *on_events; /* strong: called with each batch of events by the waiter thread */
   size_t max_inline;
 } EngineObject;
@@ -600,7 +605,7 @@ done:
 }
 
 static int engine_check(EngineObject *self) {
-  if (!self->initialized || self->closed) {
+  if (!self->initialized || self->closed || self->close_requested) {
     PyErr_SetString(PyExc_RuntimeError, "the pool's engine is closed");
     return -1;
   }
@@ -631,6 +636,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
   self->shm.arena = &self->m.arena;
   self->shm.manager = &self->m;
   self->max_inline = gf_ring_max_message(gf_slot_requests(self->m.seg, 0));
+  self->owner_pid = getpid();
   self->initialized = 1;
   return 0;
 }
@@ -647,9 +653,24 @@ static void engine_stop_waiter(EngineObject *self) {
   self->waiter_running = 0;
 }
 
+/* Closes the engine: the waiter stopped and joined, the template and workers ended. On the
+ * waiter thread itself, only asks the waiter to do so once the current callback returns. In
+ * a forked child, only drops this process's copy (the pool is the parent's). */
 static void engine_close(EngineObject *self, int64_t timeout_ns) {
-  if (!self->initialized || self->closed)
+  if (!self->initialized || self->closed || self->close_requested)
     return;
+  if (getpid() != self->owner_pid) {
+    /* The waiter thread was not forked; its reference to us is never returned. */
+    self->waiter_running = 0;
+    self->closed = 1;
+    gf_manager_forget(&self->m);
+    return;
+  }
+  if (self->waiter_running && pthread_equal(pthread_self(), self->waiter)) {
+    self->close_requested = 1;
+    self->close_timeout_ns = timeout_ns;
+    return;
+  }
   engine_stop_waiter(self);
   self->closed = 1;
   Py_BEGIN_ALLOW_THREADS
@@ -660,6 +681,7 @@ static void engine_close(EngineObject *self, int64_t timeout_ns) {
 static void Engine_dealloc(EngineObject *self) {
   PyTypeObject *tp = Py_TYPE(self);
   PyObject_GC_UnTrack(self);
+  /* The waiter holds a reference while it runs: it has exited by now. */
   engine_close(self, 0);
   shm_clear(&self->shm);
   if (self->initialized)
@@ -903,6 +925,8 @@ static PyObject *Engine_collect(EngineObject *self, PyObject *const *args, Py_ss
 
 #define WAITER_SPIN_NS 5000
 
+/* The waiter owns a reference to the engine (taken by start_waiter), so the engine outlives
+ * it; it returns that reference last, after which it must not touch the engine. */
 static void *waiter_main(void *arg) {
   EngineObject *self = arg;
   event_batch batch = {0};
@@ -910,13 +934,15 @@ static void *waiter_main(void *arg) {
   /* Signals belong to the main thread: Ctrl-C must interrupt the user's wait, not us. */
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, NULL);
-  for (;;) {
+  while (!self->close_requested) {
     /* A short spin only: threads waiting in Future.result() poll for themselves. */
     int rc = gf_manager_wait(&self->m, WAITER_SPIN_NS, -1);
     if (rc == -ECANCELED)
       break;
-    if (rc == 0)
+    if (rc == 0 || rc == -EINTR)
       continue;
+    if (rc < 0)
+      break; /* cannot happen while the engine is open: nothing else closes its descriptors */
     rc = gf_manager_collect(&self->m, 1, batch_add, &batch);
     if (batch.n == 0)
       continue;
@@ -934,6 +960,19 @@ static void *waiter_main(void *arg) {
     PyGILState_Release(gil);
   }
   free(batch.items);
+  /* close_requested is only set on this thread, so reading it here is safe. */
+  int closing_here = self->close_requested;
+  if (closing_here)
+    gf_manager_close(&self->m, self->close_timeout_ns);
+  PyGILState_STATE gil = PyGILState_Ensure();
+  if (closing_here) {
+    /* Nobody joins a thread that closed its own engine. */
+    self->closed = 1;
+    self->waiter_running = 0;
+    pthread_detach(pthread_self());
+  }
+  Py_DECREF(self);
+  PyGILState_Release(gil);
   return NULL;
 }
 
@@ -947,10 +986,12 @@ static PyObject *Engine_start_waiter(EngineObject *self, PyObject *callback) {
     return NULL;
   }
   Py_XSETREF(self->on_events, Py_NewRef(callback));
-  /* Make sure the GIL state machinery exists before another thread uses it. */
+  Py_INCREF(self); /* the waiter's reference, returned as it exits */
   int rc = pthread_create(&self->waiter, NULL, waiter_main, self);
-  if (rc != 0)
+  if (rc != 0) {
+    Py_DECREF(self);
     return set_errno(-rc);
+  }
   self->waiter_running = 1;
   Py_RETURN_NONE;
 }
