@@ -8,8 +8,10 @@ flight: a generator of any length is consumed in bounded memory.
 import collections
 import concurrent.futures
 import itertools
+import math
 import sys
 import time
+import weakref
 
 from ._worker import run_chunk  # noqa: F401 - the chunk runner every pool sends
 
@@ -66,17 +68,29 @@ class _Pipeline:
         self.window = 2 * pool._max_workers + 2
         self.inflight = collections.deque()  # (future, item count)
         self.exhausted = False
+        self.stopped = False  # by shutdown(cancel_futures=True): the rest is cancelled
 
-    def fill(self):
-        while not self.exhausted and len(self.inflight) < self.window:
+    def fill(self, window=None):
+        window = self.window if window is None else window
+        while not self.exhausted and not self.stopped and len(self.inflight) < window:
             chunk = list(itertools.islice(self.items, self.sizer.size))
             if not chunk:
                 self.exhausted = True
                 break
             self.inflight.append((self.pool._submit_chunk(self.fn, chunk, self.star), len(chunk)))
 
+    def drain(self):
+        """Submits all the remaining input now (the pool is shutting down)."""
+        self.fill(math.inf)
+
     def finished(self):
-        return not self.inflight and self.exhausted
+        if self.inflight:
+            return False
+        if self.stopped and not self.exhausted:
+            if next(self.items, _END) is not _END:
+                raise concurrent.futures.CancelledError("the pool was shut down")
+            self.exhausted = True
+        return self.exhausted
 
     def take(self, future):
         """Removes a completed chunk; returns its results or raises its first error."""
@@ -93,6 +107,9 @@ class _Pipeline:
             fut.cancel()
         self.inflight.clear()
         self.exhausted = True
+
+
+_END = object()
 
 
 class _Progress:
@@ -121,8 +138,21 @@ class PoolBase(concurrent.futures.Executor):
     # per-task overhead of the pool.
     _chunk_target_s = CHUNK_TARGET_S
 
+    def __init__(self):
+        self._pipelines = weakref.WeakSet()  # maps and amaps still being read
+
     def _submit_chunk(self, fn, items, star):
         raise NotImplementedError
+
+    def _finish_maps(self, cancel):
+        """At shutdown, maps not read to the end get the rest of their input submitted now,
+        as Executor.map would have done at the call, so that they can be read afterwards; with
+        cancel, the rest is cancelled instead."""
+        for pipeline in list(self._pipelines):
+            if cancel:
+                pipeline.stopped = True
+            else:
+                pipeline.drain()
 
     def _interrupted(self):
         """Called when Ctrl-C arrives while the caller waits on the pool."""
@@ -147,6 +177,7 @@ class PoolBase(concurrent.futures.Executor):
 
     def _map(self, fn, items, star, chunksize, ordered, timeout, progress):
         pipeline = _Pipeline(self, fn, items, star, chunksize, ordered)
+        self._pipelines.add(pipeline)
         bar = _Progress(progress, items)
         deadline = None if timeout is None else time.monotonic() + timeout
         # Like Executor.map, work starts now, not at the first next().
@@ -188,6 +219,7 @@ class PoolBase(concurrent.futures.Executor):
         import asyncio
 
         pipeline = _Pipeline(self, fn, iterable, star, chunksize, ordered)
+        self._pipelines.add(pipeline)
         bar = _Progress(progress, iterable)
         wrapped = {}
         try:

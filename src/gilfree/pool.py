@@ -153,7 +153,10 @@ class _Future(concurrent.futures.Future):
                 return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
         if pool is None or not pool._cancel(self):
             return False
-        return super().cancel()
+        super().cancel()
+        # No worker will dequeue it: tell wait() and as_completed() here, as the executor would.
+        self.set_running_or_notify_cancel()
+        return True
 
 
 def _wait_interruptibly(future, wait, timeout):
@@ -243,6 +246,7 @@ class Pool(PoolBase):
             raise ValueError(f"max_workers must be between 1 and {_engine.MAX_WORKERS}")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
+        super().__init__()
         self._max_workers = max_workers
         self._spin_below = max(1, _available_cpus() - 1)
         self._spin_s = RESULT_SPIN_MAX_S
@@ -252,9 +256,13 @@ class Pool(PoolBase):
         self._futures = {}
         self._last_function = (None, None)
         self._shutdown = False
+        self._close_when_idle = False
         self._broken = None
         self._start_failures = 0
         self._lock = threading.Lock()
+        self._owner_pid = os.getpid()
+        self._waiter_ident = None
+        self._final_stats = None
         arena_bytes = max(ARENA_BYTES, 2 * max_workers * WORKER_ARENA_BYTES)
         self._engine = _engine.Engine(max_workers, RING_BYTES, arena_bytes, task_timeout or 0.0)
         self._codec = Codec(self._engine)
@@ -285,6 +293,8 @@ class Pool(PoolBase):
             self._engine.spawn(slot)
         self._weakself = weakref.ref(self)
         self._engine.start_waiter(_events_callback(self._weakself))
+        # The waiter thread holds the engine: a pool dropped while idle must still end it.
+        weakref.finalize(self, self._engine.close, 0.0)
         _live_pools.add(self)
 
     # ------------------------------------------------------------ submitting
@@ -298,7 +308,8 @@ class Pool(PoolBase):
     def _submit(self, chunk, fn, body):
         if self._broken is not None:
             raise BrokenPool(self._broken)
-        if self._shutdown:
+        engine = self._engine  # read once: shutdown() may clear it meanwhile
+        if self._shutdown or engine is None:
             raise RuntimeError("cannot schedule new futures after shutdown")
         last = self._last_function  # one tuple: read and replaced atomically under the GIL
         if last[0] is fn:
@@ -310,10 +321,12 @@ class Pool(PoolBase):
         task_id = next(self._ids)
         future = _Future(self._weakself, task_id)
         self._futures[task_id] = future
+        _busy_pools.add(self)  # after the insertion: see _settled
         try:
-            self._engine.submit(task_id, chunk, head, payload, refs)
+            engine.submit(task_id, chunk, head, payload, refs)
         except BaseException:
             self._futures.pop(task_id, None)
+            self._settled()
             raise
         return future
 
@@ -364,8 +377,23 @@ class Pool(PoolBase):
         engine = self._engine
         if engine is not None and engine.cancel(future._task_id):
             self._futures.pop(future._task_id, None)
+            self._settled()
             return True
         return False
+
+    def _settled(self):
+        """Called after futures left the table. A pool with futures out is held by _busy_pools,
+        so that they complete even if the user dropped the pool (as in ProcessPoolExecutor); an
+        idle one is not, so that it can be collected. Discarding first and adding back when
+        futures remain keeps this right against a concurrent _submit, which adds after inserting.
+        """
+        if self._futures:
+            return
+        _busy_pools.discard(self)
+        if self._futures:
+            _busy_pools.add(self)
+        elif self._close_when_idle:
+            self._close(grace=1.0)
 
     def _on_events(self, events):
         futures = self._futures
@@ -399,6 +427,7 @@ class Pool(PoolBase):
         engine = self._engine
         if engine is not None:
             engine.scan()
+        self._settled()
 
     def _worker_died(self, task_id, slot, pid, status, timed_out, was_ready):
         if task_id:
@@ -437,7 +466,11 @@ class Pool(PoolBase):
     def stats(self):
         """Per-worker counters and pool totals (after shutdown: as they were at shutdown)."""
         engine = self._engine
-        return self._final_stats if engine is None else self._stats_of(engine)
+        if engine is not None:
+            return self._stats_of(engine)
+        if self._final_stats is None:
+            raise BrokenPool(self._broken)
+        return self._final_stats
 
     def _stats_of(self, engine):
         workers = engine.stats()
@@ -459,17 +492,23 @@ class Pool(PoolBase):
         with self._lock:
             if self._engine is None:
                 return
+        self._finish_maps(cancel_futures)
+        with self._lock:
             self._shutdown = True
         if cancel_futures:
             for future in list(self._futures.values()):
                 future.cancel()
-        if wait:
+        if wait and threading.get_ident() != self._waiter_ident:
             for future in list(self._futures.values()):
                 try:
                     future.exception()
                 except concurrent.futures.CancelledError:
                     pass
-        self._close(grace=1.0)
+            self._close(grace=1.0)
+        else:
+            # The waiter thread (a done-callback) cannot wait for itself to complete futures.
+            self._close_when_idle = True
+            self._settled()
 
     def _interrupted(self):
         """Ctrl-C while waiting: kill the workers now and fail what is left."""
@@ -484,7 +523,21 @@ class Pool(PoolBase):
         self._final_stats = self._stats_of(engine)
         engine.close(grace)
         self._fail_all(concurrent.futures.CancelledError("the pool was shut down"))
+        _busy_pools.discard(self)
         _live_pools.discard(self)
+
+    def _forget_after_fork(self):
+        """In a child forked from this pool's process: the pool is the parent's. Drops this
+        copy (the engine only closes its descriptors and memory here, it signals nobody) and
+        fails the copied futures, so that nothing in the child waits for them forever."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        engine, self._engine = self._engine, None
+        self._final_stats = None
+        self._shutdown = True
+        self._broken = f"the pool belongs to process {self._owner_pid}, which forked this one"
+        if engine is not None:
+            engine.close(0.0)
+        self._fail_all(BrokenPool(self._broken))
 
     def __repr__(self):
         state = "broken" if self._broken else "shut down" if self._shutdown else "running"
@@ -527,12 +580,14 @@ def _events_callback(pool_ref):
     def on_events(events):
         pool = pool_ref()
         if pool is not None:
+            pool._waiter_ident = threading.get_ident()
             pool._on_events(events)
 
     return on_events
 
 
 _live_pools = weakref.WeakSet()
+_busy_pools = set()  # pools with futures out: see Pool._settled
 
 
 def _shutdown_at_exit():
@@ -540,5 +595,13 @@ def _shutdown_at_exit():
         pool.shutdown(wait=True)
 
 
+def _forget_pools_after_fork():
+    _busy_pools.clear()
+    for pool in list(_live_pools):
+        pool._forget_after_fork()
+    _live_pools.clear()
+
+
 # Like concurrent.futures: stop pools before the interpreter tears threads down.
 threading._register_atexit(_shutdown_at_exit)
+os.register_at_fork(after_in_child=_forget_pools_after_fork)

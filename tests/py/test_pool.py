@@ -599,3 +599,173 @@ def test_stats_survive_shutdown():
     pool.shutdown()
     stats = pool.stats()
     assert stats["tasks"] >= 5 and len(stats["workers"]) == 1
+
+
+def run_to_end(code, timeout=60):
+    """Runs a script; returns (returncode, stdout, stderr). A hang fails the test."""
+    proc = run_script(code)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the script hung\nstdout: {out}\nstderr: {err}")
+    return proc.returncode, out, err
+
+
+def test_shutdown_from_a_done_callback_ends_the_waiter_thread():
+    # Callbacks run on the pool's waiter thread: it must not join itself, spin, or crash when
+    # the pool is freed afterwards.
+    rc, out, err = run_to_end("""
+        import gc, os, threading, time
+        import gilfree, poolfuncs as f
+        for wait in (False, True):
+            pool = gilfree.Pool(2)
+            done = threading.Event()
+            def on_done(fut, pool=pool, wait=wait):
+                pool.shutdown(wait=wait)
+                done.set()
+            pool.submit(f.square, 3).add_done_callback(on_done)
+            assert done.wait(10)
+            deadline = time.monotonic() + 10
+            while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print("threads", len(os.listdir("/proc/self/task")))
+            del pool, on_done
+            gc.collect()
+        print("survived")
+    """)
+    assert rc == 0, err
+    assert out.split() == ["threads", "1", "threads", "1", "survived"]
+
+
+def test_pool_dropped_inside_a_callback_is_freed_safely():
+    rc, out, err = run_to_end("""
+        import os, threading, time, weakref
+        import gilfree, poolfuncs as f
+        pool = gilfree.Pool(1)
+        ref = weakref.ref(pool)
+        template = pool._engine.template_pid
+        in_callback = threading.Event()
+
+        def slow_callback(fut):
+            in_callback.set()
+            time.sleep(0.3)
+
+        pool.submit(f.square, 2).add_done_callback(slow_callback)
+        in_callback.wait(10)
+        del pool  # the last reference goes on the waiter thread, inside the callback
+        time.sleep(1.0)  # the waiter goes on after the callback
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{template}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(ref() is None, os.path.exists(f"/proc/{template}"), len(os.listdir("/proc/self/task")))
+    """)
+    assert rc == 0, err
+    assert out.split() == ["True", "False", "1"]
+
+
+def test_futures_of_a_dropped_pool_complete_and_an_idle_dropped_pool_ends():
+    rc, out, err = run_to_end("""
+        import gc, os, threading, time, weakref
+        import gilfree, poolfuncs as f
+        print(gilfree.Pool(2).submit(f.square, 3).result(timeout=20))
+        called = threading.Event()
+        gilfree.Pool(1).submit(f.sleep_then, 0.2, 7).add_done_callback(lambda fut: called.set())
+        gc.collect()
+        print(called.wait(20))
+        pool = gilfree.Pool(1)
+        template = pool._engine.template_pid
+        ref = weakref.ref(pool)
+        del pool
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{template}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(ref() is None, os.path.exists(f"/proc/{template}"))
+    """)
+    assert rc == 0, err
+    assert out.split() == ["9", "True", "True", "False"]
+
+
+def test_a_forked_child_leaves_the_parents_pool_working():
+    rc, out, err = run_to_end("""
+        import multiprocessing, os, sys
+        import gilfree, poolfuncs as f
+        pool = gilfree.Pool(2)
+        print(pool.submit(f.square, 2).result())
+        pid = os.fork()
+        if pid == 0:
+            try:
+                pool.submit(f.square, 1)
+            except Exception as exc:
+                print("child", type(exc).__name__, flush=True)
+            sys.exit(0)  # runs the child's atexit: it must not stop the parent's pool
+        os.waitpid(pid, 0)
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=print, args=("mp child",))
+        child.start()
+        child.join()
+        print(pool.submit(f.square, 3).result(timeout=10))
+        pool.shutdown()
+        print("shut down")
+    """)
+    assert rc == 0, err
+    assert out.split("\n")[:-1] == ["4", "child BrokenPool", "mp child", "9", "shut down"]
+
+
+def test_cancelled_futures_wake_wait_and_as_completed():
+    with gilfree.Pool(1) as pool:
+        blocker = pool.submit(f.sleep_then, 0.3)
+        time.sleep(0.05)
+        queued = [pool.submit(f.square, i) for i in range(10)]
+        assert queued[-1].cancel()
+        done, not_done = concurrent.futures.wait([queued[-1]], timeout=5)
+        assert done == {queued[-1]} and not not_done
+        assert list(concurrent.futures.as_completed([queued[-1]], timeout=5)) == [queued[-1]]
+        blocker.result()
+
+
+def test_shutdown_without_wait_lets_submitted_tasks_finish():
+    pool = gilfree.Pool(2)
+    futures = [pool.submit(f.sleep_then, 0.2, i) for i in range(4)]
+    pool.shutdown(wait=False)
+    with pytest.raises(RuntimeError):
+        pool.submit(f.square, 1)
+    assert [fut.result(timeout=10) for fut in futures] == [0, 1, 2, 3]
+
+
+def test_map_can_be_read_after_the_pool_shut_down():
+    with gilfree.Pool(2) as pool:
+        results = pool.map(f.square, range(1000))
+        unordered = pool.map(f.square, range(100), ordered=False, chunksize=7)
+    assert list(results) == [i * i for i in range(1000)]
+    assert sorted(unordered) == [i * i for i in range(100)]
+
+    pool = gilfree.Pool(1)
+    stopped = pool.map(f.sleep_then, [0.05] * 200, chunksize=1)
+    pool.shutdown(cancel_futures=True)
+    with pytest.raises(concurrent.futures.CancelledError):
+        list(stopped)  # never a silently shortened sequence
+
+
+def test_submit_racing_shutdown_raises_only_runtime_error():
+    errors = set()
+
+    def submit_until_refused(pool):
+        try:
+            while True:
+                pool.submit(f.square, 2)
+        except Exception as exc:
+            errors.add(type(exc))
+
+    for _ in range(20):
+        pool = gilfree.Pool(2)
+        threads = [threading.Thread(target=submit_until_refused, args=(pool,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+        pool.shutdown(wait=False)
+        for thread in threads:
+            thread.join()
+    assert errors == {RuntimeError}

@@ -404,6 +404,7 @@ class DaskPool(PoolBase):
             )
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be > 0")
+        super().__init__()
         if isinstance(cluster, distributed.Client):
             self._client, self._owns_client = cluster, False
         else:
@@ -598,6 +599,10 @@ class DaskPool(PoolBase):
         }
 
     def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            if self._shutdown:
+                return
+        self._finish_maps(cancel_futures)
         with self._lock:
             if self._shutdown:
                 return
