@@ -20,7 +20,7 @@ from concurrent.futures._base import FINISHED, PENDING
 
 from . import _engine
 from ._executor import PoolBase, is_ctrl_c, with_remote_traceback
-from ._serialize import Codec, function_blob
+from ._serialize import Codec, cacheable, function_blob
 from ._worker import WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
 
@@ -316,7 +316,8 @@ class Pool(PoolBase):
             head = last[1]
         else:
             head = function_blob(fn)
-            self._last_function = (fn, head)
+            if cacheable(fn):
+                self._last_function = (fn, head)
         payload, refs = self._codec.dumps(body)
         task_id = next(self._ids)
         future = _Future(self._weakself, task_id)
@@ -408,7 +409,12 @@ class Pool(PoolBase):
                 try:
                     value = loads(payload) if not views else Codec.loads(payload, views)
                 except BaseException as exc:
-                    _complete(future, None, exc)
+                    error = RuntimeError(
+                        f"the task's result cannot be unpickled in this process: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                    error.__cause__ = exc
+                    _complete(future, None, error)
                     continue
                 if msg_kind == _engine.MSG_RESULT:
                     if future._lazy_condition is None:
