@@ -715,6 +715,40 @@ async def test_body_limit_413_before_reading_it_all(strict):
     error_of(status, body, 413, "payload_too_large")
 
 
+async def test_refused_body_closes_the_connection(strict):
+    reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+    writer.write(b"POST /v1/transform HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                 b"Content-Length: 104857600\r\n\r\n" + bytes(1024))
+    status, head, body = await answer(reader)
+    error_of(status, body, 413, "payload_too_large")
+    assert "connection: close" in head.lower()
+    with pytest.raises(ConnectionError):  # reset once the service closed: it does not take the rest in
+        for _ in range(64):  # aiohttp's own 10 s drain took in all 64 MB
+            writer.write(bytes(1 << 20))
+            await asyncio.wait_for(writer.drain(), 10)
+    writer.close()
+
+
+async def test_expect_100_continue_comes_after_the_checks(strict):
+    async def ask(query, headers):
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write(f"POST /v1/transform?{query} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n{headers}\r\n".encode())
+        return reader, writer, await answer(reader)
+
+    for query, headers, expected in (("", "Content-Type: image/jpeg\r\nContent-Length: 104857600\r\n", 413),
+                                     ("", "Content-Type: text/plain\r\nContent-Length: 100\r\n", 415),
+                                     ("zoom=2", "Content-Type: image/jpeg\r\nContent-Length: 100\r\n", 400)):
+        _, writer, (status, head, _) = await ask(query, headers)
+        assert status == expected, head  # not 100: the body is not wanted
+        writer.close()
+    reader, writer, (status, head, _) = await ask("w=10", f"Content-Type: image/jpeg\r\nContent-Length: {len(PHOTO)}\r\n")
+    assert status == 100, head
+    writer.write(PHOTO)
+    status, _, body = await answer(reader)
+    assert status == 200 and Image.open(io.BytesIO(body)).width == 10
+    writer.close()
+
+
 async def test_pixel_limit_422_from_the_header(strict):
     over = encode(Image.new("RGB", (6000, 6000)), "PNG")  # 36 MP, a small file
     status, _, body = await post(strict.url, over, content_type="image/png")
