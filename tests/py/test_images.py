@@ -5,6 +5,7 @@ import os
 import random
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -368,22 +369,22 @@ def test_errors_pickle_by_name():
 
 
 class Service:
-    """python -m gilfree.images in a subprocess, on 127.0.0.1 with the port the OS picked."""
+    """python -m gilfree.images in a subprocess, on host (127.0.0.1) with the port the OS picked."""
 
-    def __init__(self, *args, own_group=False):
+    def __init__(self, *args, host="127.0.0.1", own_group=False):
         """own_group: in a process group of its own, which stop() signals whole, as a service manager does."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "gilfree.images", "--host", "127.0.0.1", "--port", "0", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "gilfree.images", "--host", host, "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=own_group)
         self.kill = os.killpg if own_group else os.kill
         line = self.proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        match = re.search(r"listening on (http://\S+:(\d+)) ", line)
         if not match:
             self.proc.kill()
             raise RuntimeError(f"service did not start: {line!r} {self.proc.stderr.read()}")
         self.executor = args[args.index("--executor") + 1] if "--executor" in args else "pool"
-        self.url = f"http://127.0.0.1:{match.group(1)}"
-        self.port = int(match.group(1))
+        self.url = match.group(1)
+        self.port = int(match.group(2))
 
     def stop(self):
         self.kill(self.proc.pid, signal.SIGTERM)
@@ -815,6 +816,46 @@ async def test_mp_executor_stops_on_sigterm_to_its_process_group():
     status, _, _ = await post(server.url, PHOTO, "w=10")
     assert status == 200  # the workers are up, one waiting on the task queue holds its lock
     server.stop()  # the workers take no signal meant for the server; Pool.terminate() stops them
+
+
+async def test_ipv6_host():
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = Service("--executor", "threads", "--workers", "1", host="::1")
+    try:
+        assert server.url == f"http://[::1]:{server.port}"
+        status, _, body = await get(server.url, "/health")
+        assert status == 200
+    finally:
+        server.stop()
+
+
+def test_port_in_use_is_one_line_and_exit_1():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        done = subprocess.run([sys.executable, "-m", "gilfree.images", "--host", "127.0.0.1", "--port",
+                               str(taken.getsockname()[1]), "--workers", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""  # it never listened, nor started workers
+    assert len(done.stderr.splitlines()) == 1 and "in use" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args", [["--root", "/nonexistent"], ["--root", __file__], ["--max-body-mb", "-1"],
+                                  ["--max-megapixels", "0"], ["--budget", "nan"], ["--budget", "inf"],
+                                  ["--budget", "-2"], ["--budget", "soon"], ["--host", ""], ["--port", "70000"]])
+def test_cli_refuses_bad_options(args, capsys):
+    from gilfree.images.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as caught:
+        parse_args(args)
+    assert caught.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+def test_cli_takes_good_options(tmp_path):
+    from gilfree.images.__main__ import parse_args
+
+    config = parse_args(["--root", str(tmp_path), "--budget", "2.5", "--max-body-mb", "0.5", "--host", "::"])
+    assert (config.root, config.budget, config.max_body, config.host) == (str(tmp_path), 2.5, 1 << 19, "::")
 
 
 async def wait_for_metric(url, name, value, timeout=20):

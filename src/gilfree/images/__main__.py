@@ -1,33 +1,54 @@
 """python -m gilfree.images: the image service (see docs/images.md)."""
 import argparse
 import asyncio
+import math
+import os
 import sys
 
 from .app import MB, Config
 from .executors import KINDS
-from .server import serve
+from .server import listen, serve
+
+
+def _positive(text):
+    """argparse type: a finite number above 0 (nan, inf, 0 and below are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
+    return value
+
+
+def _directory(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return text
 
 
 def parse_args(argv):
     defaults = Config()
     p = argparse.ArgumentParser(prog="python -m gilfree.images", description=__doc__)
-    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--host", default=defaults.host, help="an address or a host name; 0.0.0.0 or :: for every interface")
     p.add_argument("--port", type=int, default=defaults.port, help="0 lets the OS choose (printed on start)")
     p.add_argument("--workers", type=int, default=defaults.workers, help="image workers (default: one per usable core)")
-    p.add_argument("--root", help="directory GET /v1/transform/<path> reads from (nothing outside it)")
+    p.add_argument("--root", type=_directory, help="directory GET /v1/transform/<path> reads from (nothing outside it)")
     p.add_argument("--executor", choices=KINDS, default=defaults.executor,
                    help="pool: gilfree.Pool (default); threads and mp: the naive and the textbook ways, for comparison")
-    p.add_argument("--max-body-mb", type=float, default=defaults.max_body / MB, help="413 above (default 25)")
-    p.add_argument("--max-megapixels", type=float, default=defaults.max_pixels / 1e6, help="422 above (default 50)")
-    p.add_argument("--budget", type=float, default=defaults.budget, help="seconds per request, then 504 (default 10)")
+    p.add_argument("--max-body-mb", type=_positive, default=defaults.max_body / MB, help="413 above (default 25)")
+    p.add_argument("--max-megapixels", type=_positive, default=defaults.max_pixels / 1e6, help="422 above (default 50)")
+    p.add_argument("--budget", type=_positive, default=defaults.budget, help="seconds per request, then 504 (default 10)")
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="requests waiting beyond one per worker, then 503 (default 128)")
     p.add_argument("--worker-nice", type=int, default=defaults.worker_nice,
                    help="workers run this much nicer than the server, so /health stays fast when every core is "
                         "busy (default 10; 0 to disable)")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.max_queue < 0 or args.budget <= 0 or not 0 <= args.worker_nice <= 19:
-        p.error("--workers must be >= 1, --max-queue >= 0, --budget > 0, --worker-nice in 0..19")
+    if not args.host:
+        p.error("--host is empty: give an address, or 0.0.0.0 or :: for every interface")
+    if not 0 <= args.port <= 65535 or args.workers < 1 or args.max_queue < 0 or not 0 <= args.worker_nice <= 19:
+        p.error("--port must be in 0..65535, --workers >= 1, --max-queue >= 0, --worker-nice in 0..19")
     return Config(host=args.host, port=args.port, workers=args.workers, root=args.root, executor=args.executor,
                   max_body=int(args.max_body_mb * MB), max_pixels=int(args.max_megapixels * 1e6),
                   budget=args.budget, max_queue=args.max_queue, worker_nice=args.worker_nice)
@@ -35,12 +56,19 @@ def parse_args(argv):
 
 def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        sock = listen(config.host, config.port)  # before any worker starts: a taken port is one line, no leftovers
+    except OSError as exc:
+        print(f"python -m gilfree.images: cannot listen on {config.host} port {config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 address, in a URL
 
     def ready(port):
-        print(f"gilfree.images listening on http://{config.host}:{port} "
+        print(f"gilfree.images listening on http://{host}:{port} "
               f"(executor={config.executor}, workers={config.workers})", flush=True)
 
-    asyncio.run(serve(config, ready))
+    asyncio.run(serve(config, ready, sock))
     return 0
 
 
