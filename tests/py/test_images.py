@@ -334,7 +334,8 @@ def test_jpeg_comment_stripped(query):
     ("crop=1,2,3", "crop"), ("crop=a,b,c,d", "crop"), ("crop=0,0,0,5", "crop"), ("rotate=45", "rotate"),
     ("flip=x", "flip"), ("grayscale=maybe", "grayscale"), ("blur=0", "blur"), ("blur=nan", "blur"),
     ("blur=500", "blur"), ("sharpen=2", "sharpen"), ("format=gif", "format"), ("quality=0", "quality"),
-    ("quality=101", "quality"), ("w=10&w=20", "w"), ("w=16000&h=16000", "w"),
+    ("quality=101", "quality"), ("w=10&w=20", "w"), ("w=16000&h=16000", "w"), ("w=1_0", "w"), ("w=+10", "w"),
+    ("h=\uff11\uff10", "h"), ("w= 10", "w"), ("quality=" + "9" * 5000, "quality"), ("crop=0,0,1_0,5", "crop"),
 ])
 def test_bad_ops_name_the_op(query, name):
     with pytest.raises(ImageError) as caught:
@@ -532,7 +533,8 @@ async def test_get_under_root_and_confinement(service):
     for path in ("/v1/transform/escape.jpg", "/v1/transform/sub/../../secret.jpg",
                  "/v1/transform/%2e%2e/secret.jpg", "/v1/transform/sub/%2E%2E/%2E%2E/secret.jpg",
                  "/v1/transform//etc/passwd", "/v1/transform/%2Fetc%2Fpasswd", "/v1/transform/missing.jpg",
-                 "/v1/transform/sub", "/v1/transform/sub/%00.jpg"):
+                 "/v1/transform/sub", "/v1/transform/sub/%00.jpg", "/v1/transform/sub/photo.jpg/",
+                 "/v1/transform/sub//photo.jpg"):
         status, head = await raw(service.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         assert status == 404, (path, head)
     status, _, body = await get(service.url, "/v1/transform/notes.txt")

@@ -104,7 +104,8 @@ class Service:
         not_found = ImageError(404, "not_found", "no such image")
         if self.root is None:
             raise ImageError(404, "not_found", "the service was started without --root")
-        if relative.startswith("/") or "\0" in relative or ".." in relative.split("/"):
+        # An empty component is a leading, doubled or trailing slash: 'a.jpg/' names no file either.
+        if "\0" in relative or any(part in ("", "..") for part in relative.split("/")):
             raise not_found
         real = os.path.realpath(os.path.join(self.root, relative))
         if os.path.commonpath((self.root, real)) != self.root or not os.path.isfile(real):

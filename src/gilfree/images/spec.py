@@ -45,13 +45,12 @@ def _bad(op, value, expected):
 
 
 def _int(op, value, lo, hi):
-    try:
-        number = int(value, 10)
-    except ValueError:
-        raise _bad(op, value, f"an integer in {lo}..{hi}") from None
-    if not lo <= number <= hi:
-        raise _bad(op, value, f"an integer in {lo}..{hi}")
-    return number
+    # ASCII digits only (int() also takes '+1', '1_0', ' 1' and other scripts' digits), no more than hi has.
+    if value.isascii() and value.isdigit() and len(value) <= len(str(hi)):
+        number = int(value)
+        if lo <= number <= hi:
+            return number
+    raise _bad(op, value, f"an integer in {lo}..{hi}")
 
 
 def _flag(op, value):
