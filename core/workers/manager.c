@@ -123,11 +123,13 @@ void gf_manager_child_fds(const gf_manager *m, int fds[3]) {
 }
 
 int gf_manager_start_template(gf_manager *m, const char *path, char *const argv[],
-                              char *const envp[]) {
-  int rc, fds[3];
+                              char *const envp[], int config_fd) {
+  int rc, fds[4];
   struct epoll_event ev = {.events = EPOLLIN};
   gf_manager_child_fds(m, fds);
-  if ((rc = gf_spawn(path, argv, envp, fds, 3, &m->template_pid, &m->template_pidfd)) < 0)
+  fds[3] = config_fd;
+  int nfds = config_fd >= 0 ? 4 : 3;
+  if ((rc = gf_spawn(path, argv, envp, fds, nfds, &m->template_pid, &m->template_pidfd)) < 0)
     return rc;
   close(m->ctl_child_fd);
   m->ctl_child_fd = -1;
@@ -328,7 +330,7 @@ static int gf_timeout_ms(gf_manager *m, int64_t now) {
     gf_slot *slot = &m->seg->slots[i];
     if (atomic_load_explicit(&slot->current_task, memory_order_relaxed) == 0)
       continue;
-    int64_t due = atomic_load_explicit(&slot->task_started_ns, memory_order_relaxed) +
+    int64_t due = atomic_load_explicit(&slot->item_started_ns, memory_order_relaxed) +
                   m->task_timeout_ns;
     if (due < first)
       first = due;
@@ -463,6 +465,10 @@ static int gf_handle_death(gf_manager *m, uint32_t slot_index, int32_t pid, int3
   gf_ring_reset(gf_slot_responses(m->seg, slot_index));
   atomic_store(&slot->current_task, 0);
   atomic_store(&slot->pid, 0);
+  int64_t born = atomic_load(&slot->born_ns);
+  if (born > 0)
+    m->sched[slot_index].lived_ns += gf_now_ns() - born;
+  atomic_store(&slot->born_ns, 0);
   m->sched[slot_index].inflight = 0;
   m->sched[slot_index].timed_out_task = 0;
   m->sched[slot_index].restarts++;
@@ -522,7 +528,7 @@ static void gf_enforce_timeouts(gf_manager *m) {
     int32_t pid = atomic_load(&slot->pid);
     if (task == 0 || pid <= 0 || m->sched[i].timed_out_task == task)
       continue;
-    if (now - atomic_load(&slot->task_started_ns) < m->task_timeout_ns)
+    if (now - atomic_load(&slot->item_started_ns) < m->task_timeout_ns)
       continue;
     m->sched[i].timed_out_task = task;
     kill(pid, SIGKILL);

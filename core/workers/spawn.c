@@ -111,7 +111,7 @@ int gf_worker_child_setup(pid_t parent) {
 
 int gf_rss_bytes(uint64_t *rss) {
   char buf[128];
-  unsigned long long size, resident;
+  unsigned long long size, resident, shared;
   int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
   if (fd < 0)
     return -errno;
@@ -120,8 +120,8 @@ int gf_rss_bytes(uint64_t *rss) {
   if (n <= 0)
     return -EIO;
   buf[n] = '\0';
-  if (sscanf(buf, "%llu %llu", &size, &resident) != 2)
+  if (sscanf(buf, "%llu %llu %llu", &size, &resident, &shared) != 3)
     return -EIO;
-  *rss = resident * (uint64_t)sysconf(_SC_PAGESIZE);
+  *rss = (resident - shared) * (uint64_t)sysconf(_SC_PAGESIZE);
   return 0;
 }

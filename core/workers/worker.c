@@ -49,10 +49,16 @@ int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *le
 void gf_worker_begin(gf_worker *w, uint64_t task_id, uint64_t bytes_in) {
   /* current_task first: if we die before consuming, the parent finds the task both marked and
    * still in the ring, and fails it rather than running it twice. */
-  atomic_store(&w->slot->task_started_ns, gf_now_ns());
+  int64_t now = gf_now_ns();
+  atomic_store(&w->slot->task_started_ns, now);
+  atomic_store(&w->slot->item_started_ns, now);
   atomic_store(&w->slot->current_task, task_id);
   gf_ring_consume(w->requests);
   atomic_fetch_add_explicit(&w->slot->bytes_in, bytes_in, memory_order_relaxed);
+}
+
+void gf_worker_item(gf_worker *w) {
+  atomic_store_explicit(&w->slot->item_started_ns, gf_now_ns(), memory_order_relaxed);
 }
 
 int gf_worker_hold(gf_worker *w, uint64_t block) {

@@ -9,6 +9,7 @@ import collections
 import concurrent.futures
 import itertools
 import math
+import operator
 import sys
 import time
 import weakref
@@ -37,11 +38,12 @@ def is_ctrl_c(exc):
 
 
 class _ChunkSizer:
-    """Grows chunks until one takes about target_s of worker time."""
+    """Grows chunks until one takes about target_s of worker time, up to max_size items."""
 
-    def __init__(self, chunksize, target_s):
+    def __init__(self, chunksize, target_s, max_size):
         self.target_s = target_s
-        self.fixed = None if chunksize == "auto" else int(chunksize)
+        self.max_size = max_size
+        self.fixed = None if chunksize == "auto" else operator.index(chunksize)
         if self.fixed is not None and self.fixed < 1:
             raise ValueError("chunksize must be >= 1 or 'auto'")
         self.size = self.fixed or CHUNK_FIRST
@@ -52,7 +54,7 @@ class _ChunkSizer:
         per_item = elapsed / items
         wanted = CHUNK_MAX if per_item <= 0 else int(self.target_s / per_item)
         # Never more than quadruple at once: the first chunks' timings are noisy.
-        self.size = max(1, min(wanted, CHUNK_MAX, self.size * 4))
+        self.size = max(1, min(wanted, self.max_size, self.size * 4))
 
 
 class _Pipeline:
@@ -63,7 +65,7 @@ class _Pipeline:
         self.fn = fn
         self.items = iter(items)
         self.star = star
-        self.sizer = _ChunkSizer(chunksize, pool._chunk_target_s)
+        self.sizer = _ChunkSizer(chunksize, pool._chunk_target_s, pool._max_chunk)
         self.ordered = ordered
         self.window = 2 * pool._max_workers + 2
         self.inflight = collections.deque()  # (future, item count)
@@ -137,6 +139,7 @@ class PoolBase(concurrent.futures.Executor):
     # Worker time one chunk of an "auto"-sized map should take: enough to amortise the
     # per-task overhead of the pool.
     _chunk_target_s = CHUNK_TARGET_S
+    _max_chunk = CHUNK_MAX  # items in an "auto"-sized chunk at most
 
     def __init__(self):
         self._pipelines = weakref.WeakSet()  # maps and amaps still being read

@@ -1,11 +1,11 @@
 """The template process and the worker loop.
 
 The parent starts the template with ``python -c "...template_main()" memfd doorbell ctl nslots
-config *sys_path``. The template imports what the pool preloads and then serves fork requests
+config_fd *sys_path``; config_fd is a memfd holding the pickled WorkerConfig (no size limit,
+unlike an argument). The template imports what the pool preloads and then serves fork requests
 (``_engine.serve_template``, in C); each forked child returns from it with its slot number and
 runs ``worker_main``.
 """
-import binascii
 import importlib
 import os
 # _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
@@ -22,19 +22,21 @@ NEXT_TASK_SPIN_S = 50e-6
 
 
 class WorkerConfig:
-    """What every worker of a pool is started with (pickled into the template's argv)."""
+    """What every worker of a pool is started with."""
 
-    def __init__(self, initializer, initargs, max_tasks, max_memory, preload):
+    def __init__(self, initializer, initargs, max_tasks, max_memory, preload, task_timeout):
         self.initializer = initializer
         self.initargs = initargs
         self.max_tasks = max_tasks
         self.max_memory = max_memory
         self.preload = preload
+        self.task_timeout = task_timeout
 
 
 def template_main():
-    memfd, doorbell, ctl, nslots = (int(x) for x in sys.argv[1:5])
-    config = pickle.loads(binascii.a2b_base64(sys.argv[5]))
+    memfd, doorbell, ctl, nslots, config_fd = (int(x) for x in sys.argv[1:6])
+    with open(config_fd, "rb") as file:
+        config = pickle.load(file)
     # Before the fork: every worker starts with the initializer on its module's shared globals.
     config.initializer = share_module_globals(config.initializer)
     # The template runs in its own session; Ctrl-C belongs to the user's program.
@@ -90,18 +92,21 @@ def worker_main(memfd, slot, config):
             return 1
     worker = _engine.Worker(memfd, slot)
     codec = Codec(worker)
+    on_item = worker.item_started if config.task_timeout else None  # per-item deadlines
     done = 0
     while True:
         task = worker.next(NEXT_TASK_SPIN_S)
         if task is None:
             return 0  # the template is gone
         task_id, (kind, head, body, views) = task
+        count = 1
         try:
             fn = load_function(head)
             args = Codec.loads(body, views)
             del body, views
             if kind == _engine.MSG_CHUNK:
-                result = run_chunk(fn, *args)
+                count = len(args[0])
+                result = run_chunk(fn, *args, on_item)
             else:
                 result = fn(*args[0], **args[1])
             del fn, args
@@ -122,7 +127,7 @@ def worker_main(memfd, slot, config):
         worker.reply(task_id, ok, data, refs)
         del data, refs
         worker.scan()
-        done += 1
+        done += count  # a map chunk counts its items
         if (config.max_tasks and done >= config.max_tasks) or (
             config.max_memory and _engine.rss() > config.max_memory
         ):
@@ -142,14 +147,19 @@ def _cut_chunk(codec, chunk, exc):
     return [], _error(exc), elapsed  # each pickles alone (too deep together, say)
 
 
-def run_chunk(fn, items, star):
-    """Runs fn over items in order (fn(*item) when star). Returns (results, error, elapsed):
-    error is None or (exception, traceback text) for the first item that raised."""
+def run_chunk(fn, items, star, on_item=None):
+    """Runs fn over items in order (fn(*item) when star), calling on_item() before each one.
+    Returns (results, error, elapsed): error is None or (exception, traceback text) for the
+    first item that raised."""
     results = []
     append = results.append
     start = time.perf_counter()
     try:
-        if star:
+        if on_item is not None:
+            for item in items:
+                on_item()
+                append(fn(*item) if star else fn(item))
+        elif star:
             for item in items:
                 append(fn(*item))
         else:

@@ -7,9 +7,9 @@ Threads in the parent:
 - one C thread (started by ``Engine.start_waiter``) sleeps in epoll without the GIL, wakes on
   results, worker exits and timeouts, and completes futures in batches (``_on_events``).
 """
-import binascii
 import concurrent.futures
 import itertools
+import operator
 import os
 import pickle
 import sys
@@ -208,7 +208,7 @@ def _attach_shared(buffer, meta):
     import numpy
 
     dtype, shape = meta
-    return numpy.frombuffer(view, dtype=numpy.dtype(dtype)).reshape(shape)
+    return numpy.frombuffer(view, dtype=dtype).reshape(shape)
 
 
 def _available_cpus():
@@ -246,6 +246,14 @@ class Pool(PoolBase):
             raise ValueError(f"max_workers must be between 1 and {_engine.MAX_WORKERS}")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be positive")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        for name, value in (
+            ("max_tasks_per_worker", max_tasks_per_worker),
+            ("max_memory_per_worker", max_memory_per_worker),
+        ):
+            if value is not None and operator.index(value) < 1:
+                raise ValueError(f"{name} must be at least 1")
         super().__init__()
         self._max_workers = max_workers
         self._spin_below = max(1, _available_cpus() - 1)
@@ -263,8 +271,12 @@ class Pool(PoolBase):
         self._owner_pid = os.getpid()
         self._waiter_ident = None
         self._final_stats = None
-        arena_bytes = max(ARENA_BYTES, 2 * max_workers * WORKER_ARENA_BYTES)
-        self._engine = _engine.Engine(max_workers, RING_BYTES, arena_bytes, task_timeout or 0.0)
+        if max_tasks_per_worker:
+            # A map chunk counts as its items for recycling: never more than a worker may run.
+            self._max_chunk = max_tasks_per_worker
+        self._engine = _engine.Engine(
+            max_workers, RING_BYTES, _arena_bytes(max_workers), task_timeout or 0.0
+        )
         self._codec = Codec(self._engine)
 
         config = WorkerConfig(
@@ -273,22 +285,31 @@ class Pool(PoolBase):
             max_tasks_per_worker,
             max_memory_per_worker,
             tuple(preload),
+            task_timeout,
         )
+        from subprocess import _args_from_interpreter_flags
+
         memfd, doorbell, ctl = self._engine.child_fds()
+        config_fd = _memfd_holding(_pickle_config(config))
         argv = [
             sys.executable,
-            "-S",  # no site: the parent's sys.path, given below, already has what it added
+            # The parent's flags (as multiprocessing passes them); site runs unless they say
+            # otherwise, so that .pth import hooks (editable installs) work in workers too.
+            *_args_from_interpreter_flags(),
             "-c",
             _TEMPLATE_CODE,
             str(memfd),
             str(doorbell),
             str(ctl),
             str(max_workers),
-            binascii.b2a_base64(_pickle_config(config), newline=False).decode(),
+            str(config_fd),
             *sys.path,
         ]
         env = [f"{k}={v}" for k, v in os.environ.items()]
-        self._engine.start_template(sys.executable, argv, env)
+        try:
+            self._engine.start_template(sys.executable, argv, env, config_fd)
+        finally:
+            os.close(config_fd)
         for slot in range(max_workers):
             self._engine.spawn(slot)
         self._weakself = weakref.ref(self)
@@ -334,17 +355,27 @@ class Pool(PoolBase):
     def share(self, obj):
         """Places a read-only buffer (bytes, bytearray, memoryview, numpy array) in shared memory
         once; pass the returned handle to tasks instead of the data."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("cannot share after shutdown")
         meta = None
-        if type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":
-            import numpy
-
-            obj = numpy.ascontiguousarray(obj)
-            meta = (obj.dtype.str, obj.shape)
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and isinstance(obj, numpy.ndarray):
+            if type(obj) is not numpy.ndarray:
+                raise TypeError(
+                    f"share() takes plain numpy arrays, not {type(obj).__name__} (its extra "
+                    "state would be lost): numpy.asarray(obj) shares the data alone"
+                )
+            if obj.dtype.hasobject:
+                raise TypeError("share() cannot place Python objects in shared memory (dtype=object)")
+            meta = (obj.dtype, obj.shape)
+            # As bytes: any dtype (datetimes, records) and any shape (0-d, empty) travel as is.
+            obj = numpy.ascontiguousarray(obj).reshape(-1).view(numpy.uint8)
         view = memoryview(obj)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
-        block, at, length, _flags = self._engine.export(view)
-        return SharedHandle(self._engine.view(block, at, length, 0), meta)
+        block, at, length, _flags = engine.export(view)
+        return SharedHandle(engine.view(block, at, length, 0), meta)
 
     # ------------------------------------------------------------ results
 
@@ -548,6 +579,32 @@ class Pool(PoolBase):
     def __repr__(self):
         state = "broken" if self._broken else "shut down" if self._shutdown else "running"
         return f"<gilfree.Pool max_workers={self._max_workers} {state}>"
+
+
+def _arena_bytes(max_workers):
+    """The arena's virtual size: each worker keeps WORKER_ARENA_BYTES for its results, but under
+    an address-space limit (ulimit -v) at most a quarter of it, which every process of the
+    pool maps."""
+    import resource
+
+    wanted = max(ARENA_BYTES, 2 * max_workers * WORKER_ARENA_BYTES)
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return wanted if limit == resource.RLIM_INFINITY else min(wanted, limit // 4)
+
+
+def _memfd_holding(data):
+    """Returns a descriptor of a memory file holding data, positioned at its start."""
+    fd = os.memfd_create("gilfree-config", os.MFD_CLOEXEC)
+    try:
+        with memoryview(data) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _pickle_config(config):

@@ -97,3 +97,24 @@ def nested_pool_sum(n):
 
 def raise_keyboard_interrupt(_=None):
     raise KeyboardInterrupt("raised by the task")
+
+
+def sleep_if_slow(x):
+    time.sleep(0.001 if x < 600 else 0.1)
+    return x
+
+
+def shared_array(handle):
+    """The worker's view of a shared numpy array: (dtype, shape, values as a list)."""
+    arr = handle.get() if hasattr(handle, "get") else handle
+    return arr.dtype, arr.shape, arr.tolist()
+
+
+def allocate_shared_result(mb):
+    return bytes(mb << 20), os.getpid()
+
+
+def worker_imports(name):
+    import importlib
+
+    return importlib.import_module(name).VALUE

@@ -1,5 +1,6 @@
 """Behaviour of gilfree.Pool: results, errors, crashes, timeouts, signals, buffers, threads."""
 import asyncio
+import collections
 import concurrent.futures
 import ctypes
 import os
@@ -770,3 +771,111 @@ def test_submit_racing_shutdown_raises_only_runtime_error():
         for thread in threads:
             thread.join()
     assert errors == {RuntimeError}
+
+
+def test_task_timeout_applies_to_each_map_item():
+    # Fast items grow the chunks; no single item comes near the timeout, whole chunks do.
+    with gilfree.Pool(2, task_timeout=0.5) as pool:
+        assert list(pool.map(f.sleep_if_slow, range(620))) == list(range(620))
+
+
+def test_recycling_counts_the_items_of_map_chunks():
+    with gilfree.Pool(2, max_tasks_per_worker=10) as pool:
+        pids = list(pool.map(f.pid, range(200)))  # chunks sized by the pool
+        # A chunk is not split: the one that reaches the count may take a worker past it.
+        assert max(collections.Counter(pids).values()) < 2 * 10
+
+
+def test_recycling_by_memory_ignores_shared_results_the_parent_holds():
+    with gilfree.Pool(1, max_memory_per_worker=200 << 20) as pool:
+        kept = [pool.submit(f.allocate_shared_result, 50).result() for _ in range(8)]
+        assert len({pid for _, pid in kept}) == 1
+        assert pool.stats()["restarts"] == 0
+
+
+def test_idle_time_counts_the_earlier_workers_of_a_slot():
+    with gilfree.Pool(1) as pool:
+        pool.submit(f.sleep_then, 0.3).result()
+        time.sleep(0.3)
+        with pytest.raises(gilfree.WorkerCrashed):
+            pool.submit(f.exit_hard, 3).result()
+        assert pool.submit(f.square, 2).result() == 4  # the replacement runs
+        worker = pool.stats()["workers"][0]
+        assert worker["restarts"] == 1
+        assert worker["busy_s"] >= 0.3 and worker["idle_s"] >= 0.2
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.array(3.5),
+        np.zeros((0, 3)),
+        np.array([(1, 2.0), (3, 4.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+        np.array(["2026-11-22", "2026-01-01"], dtype="datetime64[D]"),
+        np.asfortranarray(np.arange(12).reshape(3, 4)),
+    ],
+    ids=["0-d", "empty", "structured", "datetime", "fortran"],
+)
+def test_share_keeps_dtype_shape_and_values(pool, arr):
+    dtype, shape, values = pool.submit(f.shared_array, pool.share(arr)).result()
+    assert (dtype, shape, values) == (arr.dtype, arr.shape, arr.tolist())
+
+
+def test_share_refuses_what_it_cannot_place_faithfully(pool):
+    with pytest.raises(TypeError, match="MaskedArray"):
+        pool.share(np.ma.masked_array([1, 2], mask=[0, 1]))
+    with pytest.raises(TypeError, match="dtype=object"):
+        pool.share(np.array([object()]))
+
+
+def test_arguments_are_checked_when_the_pool_is_made(pool):
+    for bad in ({"max_tasks_per_worker": 0}, {"max_tasks_per_worker": -1}, {"max_memory_per_worker": 0}):
+        with pytest.raises(ValueError):
+            gilfree.Pool(1, **bad)
+    for bad in ({"max_tasks_per_worker": "3"}, {"max_memory_per_worker": "1GB"}, {"initializer": 5}):
+        with pytest.raises(TypeError):
+            gilfree.Pool(1, **bad)
+    with pytest.raises(TypeError):
+        pool.map(f.square, range(3), chunksize=2.5)
+
+
+def test_initargs_of_any_size():
+    blob = os.urandom(4 << 20)  # far over the 128 KiB a single command-line argument may have
+    with gilfree.Pool(1, initializer=f.init_marker, initargs=(blob,)) as pool:
+        assert pool.submit(f.initialized).result() == blob
+
+
+def test_pool_under_an_address_space_limit():
+    rc, out, err = run_to_end("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.RLIM_INFINITY))
+        import gilfree, poolfuncs as f
+        with gilfree.Pool(2) as pool:
+            print(sum(pool.map(f.square, range(100))), len(pool.submit(f.echo, bytes(200 << 20)).result()))
+    """)
+    assert rc == 0, err
+    assert out.split() == [str(sum(x * x for x in range(100))), str(200 << 20)]
+
+
+def test_import_hooks_installed_at_start_up_reach_workers(tmp_path):
+    # What an editable install's .pth file does: a finder installed while site runs.
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import importlib.abc, importlib.util, sys
+
+        class Virtual(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path, target=None):
+                return importlib.util.spec_from_loader(name, self) if name == "virtualmod" else None
+            def create_module(self, spec):
+                return None
+            def exec_module(self, module):
+                module.VALUE = 42
+
+        sys.meta_path.append(Virtual())
+    """))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import gilfree, poolfuncs as f\n"
+         "with gilfree.Pool(1) as pool: print(pool.submit(f.worker_imports, 'virtualmod').result())"],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), HERE, *sys.path])),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.stdout.split() == ["42"], proc.stderr

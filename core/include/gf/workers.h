@@ -32,11 +32,16 @@ enum { GF_SLOT_EMPTY = 0, GF_SLOT_STARTING, GF_SLOT_READY, GF_SLOT_EXITING, GF_S
 typedef struct gf_slot {
   _Atomic uint64_t current_task; /* (worker) task being run, 0 when idle */
   _Atomic int64_t task_started_ns; /* (worker) CLOCK_MONOTONIC start of current_task */
+  /* (worker) start of current_task, or of the map item it runs now: task_timeout counts from
+   * here. Written before current_task at a task's start, so a parent that sees the task sees
+   * its start; a stale read within a chunk is an earlier item's start, never a later one. */
+  _Atomic int64_t item_started_ns;
   _Atomic uint64_t tasks_done;  /* (worker) */
   _Atomic uint64_t busy_ns;     /* (worker) time inside tasks */
   _Atomic uint64_t bytes_in;    /* (worker) task bytes received, out-of-band included */
   _Atomic uint64_t bytes_out;   /* (worker) result bytes sent */
-  _Atomic int64_t born_ns;      /* (worker) when the worker became ready */
+  _Atomic int64_t born_ns;      /* (worker) when it became ready; the parent clears it once the
+                                 * worker is dead, before asking for the next one */
   _Atomic int32_t pid;          /* (parent) set from the template's SPAWNED message */
   _Atomic uint32_t state;       /* see enum above */
   uint64_t req_off, resp_off;   /* (set once) ring offsets in the segment */
@@ -122,6 +127,7 @@ typedef struct gf_slot_sched {
   uint32_t inflight;         /* tasks written to the request ring and not yet answered */
   uint64_t timed_out_task;   /* task whose worker we killed for the timeout, or 0 */
   uint64_t restarts;
+  int64_t lived_ns;          /* lifetimes of the slot's earlier workers, for its idle time */
   int spawn_queued;          /* a spawn request the full control socket refused, sent later */
 } gf_slot_sched;
 
@@ -168,9 +174,10 @@ typedef int (*gf_event_fn)(void *ctx, const gf_event *ev);
 
 int gf_manager_init(gf_manager *m, uint32_t nslots, size_t ring_cap, uint64_t arena_size);
 /* Starts the template process: argv/envp prepared by the caller, who passes
- * gf_manager_child_fds() to it on its command line. */
+ * gf_manager_child_fds() to it on its command line, and config_fd (>= 0) if the template is
+ * to inherit one more descriptor. */
 int gf_manager_start_template(gf_manager *m, const char *path, char *const argv[],
-                              char *const envp[]);
+                              char *const envp[], int config_fd);
 /* The descriptors the template inherits: memfd, doorbell eventfd, its control socket end. */
 void gf_manager_child_fds(const gf_manager *m, int fds[3]);
 /* Tells the template to start (or restart) the worker of slot. */
@@ -229,6 +236,8 @@ int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *le
 /* Marks the task of the message at the ring head as running, then drops the message from the
  * ring (in that order, so a crash in between leaves it recoverable). Call after copying it. */
 void gf_worker_begin(gf_worker *w, uint64_t task_id, uint64_t bytes_in);
+/* Marks the start of the next item of a map chunk: task_timeout applies to each item. */
+void gf_worker_item(gf_worker *w);
 /* Records and releases the references the worker holds (for crash cleanup by the parent). */
 int gf_worker_hold(gf_worker *w, uint64_t block);
 void gf_worker_release(gf_worker *w, uint64_t block);
@@ -248,7 +257,8 @@ int gf_spawn(const char *path, char *const argv[], char *const envp[], const int
  * the interpreter in the child: asks for SIGKILL when the parent (template) dies and checks
  * it did not die already. */
 int gf_worker_child_setup(pid_t parent);
-/* Resident set size of this process in bytes (from /proc/self/statm). */
+/* Resident set size of this process in bytes, less the pages shared with others (the arena,
+ * files): what the process itself uses (from /proc/self/statm). */
 int gf_rss_bytes(uint64_t *rss);
 
 #endif

@@ -13,6 +13,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -750,11 +751,19 @@ static void free_argv(char **argv) {
   PyMem_Free(argv);
 }
 
-/* start_template(path, argv, env): fork+exec the template with the child fds kept open. */
+/* start_template(path, argv, env, config_fd): fork+exec the template with the child fds and
+ * config_fd kept open. Returns a new reference to the template's pid. */
 static PyObject *Engine_start_template(EngineObject *self, PyObject *const *args,
                                        Py_ssize_t nargs) {
-  if (!check_nargs("start_template", nargs, 3) || engine_check(self) < 0)
+  if (!check_nargs("start_template", nargs, 4) || engine_check(self) < 0)
     return NULL;
+  long config_fd = PyLong_AsLong(args[3]);
+  if (config_fd == -1 && PyErr_Occurred())
+    return NULL;
+  if (config_fd < -1 || config_fd > INT_MAX) {
+    PyErr_SetString(PyExc_ValueError, "config_fd out of range");
+    return NULL;
+  }
   PyObject *path = PyUnicode_EncodeFSDefault(args[0]);
   if (path == NULL)
     return NULL;
@@ -763,7 +772,7 @@ static PyObject *Engine_start_template(EngineObject *self, PyObject *const *args
   if (argv != NULL && envp != NULL) {
     const char *cpath = PyBytes_AS_STRING(path);
     Py_BEGIN_ALLOW_THREADS
-    rc = gf_manager_start_template(&self->m, cpath, argv, envp);
+    rc = gf_manager_start_template(&self->m, cpath, argv, envp, (int)config_fd);
     Py_END_ALLOW_THREADS
   }
   free_argv(argv);
@@ -1017,6 +1026,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
   for (uint32_t i = 0; i < self->m.seg->nslots; i++) {
     gf_slot *s = &self->m.seg->slots[i];
     int64_t born = atomic_load(&s->born_ns);
+    int64_t alive = self->m.sched[i].lived_ns + (born ? now - born : 0);
     uint64_t busy = atomic_load(&s->busy_ns);
     uint64_t current = atomic_load(&s->current_task);
     int64_t running = current ? now - atomic_load(&s->task_started_ns) : 0;
@@ -1024,7 +1034,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused) {
         "{s:I,s:i,s:K,s:d,s:d,s:K,s:K,s:K,s:O,s:I}", "slot", i, "pid", atomic_load(&s->pid),
         "tasks", (unsigned long long)atomic_load(&s->tasks_done), "busy_s",
         (busy + (uint64_t)(running > 0 ? running : 0)) / 1e9, "alive_s",
-        born ? (now - born) / 1e9 : 0.0, "bytes_in", (unsigned long long)atomic_load(&s->bytes_in),
+        alive / 1e9, "bytes_in", (unsigned long long)atomic_load(&s->bytes_in),
         "bytes_out", (unsigned long long)atomic_load(&s->bytes_out), "restarts",
         (unsigned long long)self->m.sched[i].restarts, "busy", current ? Py_True : Py_False,
         "inflight", self->m.sched[i].inflight);
@@ -1218,6 +1228,12 @@ static PyObject *Worker_view(WorkerObject *self, PyObject *const *args, Py_ssize
   return owner_view((ShmOwner *)self, args, nargs);
 }
 
+/* item_started(): the next item of a map chunk starts now (task_timeout counts per item). */
+static PyObject *Worker_item_started(WorkerObject *self, PyObject *unused) {
+  gf_worker_item(&self->w);
+  Py_RETURN_NONE;
+}
+
 /* retire(): stop taking tasks (the worker is about to exit for recycling). */
 static PyObject *Worker_retire(WorkerObject *self, PyObject *unused) {
   atomic_store(&self->w.slot->state, GF_SLOT_EXITING);
@@ -1232,6 +1248,7 @@ static PyMethodDef Worker_methods[] = {
     {"addref", (PyCFunction)owner_addref, METH_O, NULL},
     {"release", (PyCFunction)owner_release, METH_O, NULL},
     {"scan", (PyCFunction)owner_scan, METH_NOARGS, NULL},
+    {"item_started", (PyCFunction)Worker_item_started, METH_NOARGS, NULL},
     {"retire", (PyCFunction)Worker_retire, METH_NOARGS, NULL},
     {NULL},
 };
