@@ -164,10 +164,11 @@ async def _close_unread(request, response):
     however much comes. Closing with unread data sends a reset, which could reach a client still sending
     before it read the answer: the FIN goes first, and the close a moment later (as Go's net/http does)."""
     response.force_close()  # Connection: close
+    transport = request.transport  # request.transport is None once the client has gone
     try:
         await response.prepare(request)
         await response.write_eof()
-        request.transport.write_eof()
+        transport.write_eof()
         await asyncio.sleep(_RESET_DELAY)
     except ConnectionError:
         pass  # the client went first

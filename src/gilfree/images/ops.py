@@ -36,7 +36,7 @@ _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, z
 def transform(source, spec):
     """Runs ``spec`` on ``source`` (image bytes, or a path to read). Returns (bytes, mime, w, h).
 
-    Raises ImageError for anything the client must hear about (404, 415, 422, 400).
+    Raises ImageError for anything the client must hear about (400, 404, 413, 415, 422).
     """
     image = _open(source, spec)
     fmt = spec.format or _default_format(image.format)
