@@ -23,9 +23,13 @@ struct gf_pending {
 };
 
 /* Tasks a worker may have queued in its ring: enough to hide wake-up latency for tiny tasks,
- * one for long ones so that a slow task never holds others hostage. */
+ * one for long ones so that a slow task never holds others hostage. A task running longer than
+ * the target is long whatever the average: its worker gets nothing more, and what waits behind
+ * it moves to an idle worker (gf_steal). */
 #define GF_DEPTH_MAX 64u
 #define GF_DEPTH_TARGET_NS 200000
+/* How soon to look again while a worker idles and another has tasks queued behind a running one. */
+#define GF_STEAL_RECHECK_NS 1000000
 
 static uint32_t gf_slot_depth(gf_slot *slot) {
   uint64_t done = atomic_load_explicit(&slot->tasks_done, memory_order_relaxed);
@@ -44,11 +48,20 @@ static int gf_slot_accepts(gf_manager *m, uint32_t i) {
   return state == GF_SLOT_STARTING || state == GF_SLOT_READY;
 }
 
+/* When the slot's running task becomes long (see GF_DEPTH_TARGET_NS); INT64_MAX when idle. */
+static int64_t gf_long_at(gf_slot *slot) {
+  if (atomic_load_explicit(&slot->current_task, memory_order_relaxed) == 0)
+    return INT64_MAX;
+  return atomic_load_explicit(&slot->task_started_ns, memory_order_relaxed) + GF_DEPTH_TARGET_NS;
+}
+
 /* The slot with room and the fewest tasks in flight, or -1. Under m->lock. */
-static int gf_pick_slot(gf_manager *m) {
+static int gf_pick_slot(gf_manager *m, int64_t now) {
   int best = -1;
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
     if (!gf_slot_accepts(m, i) || m->sched[i].inflight >= gf_slot_depth(&m->seg->slots[i]))
+      continue;
+    if (m->sched[i].inflight > 0 && gf_long_at(&m->seg->slots[i]) <= now)
       continue;
     if (best < 0 || m->sched[i].inflight < m->sched[best].inflight)
       best = (int)i;
@@ -180,7 +193,83 @@ static void gf_flush_spawns(gf_manager *m) {
   }
 }
 
-static int gf_pending_push(gf_manager *m, const struct iovec *iov, int iovcnt, int front) {
+/* A queue entry holding a copy of a ring message, claimable again. NULL without memory. */
+static gf_pending *gf_pending_copy(const void *msg, size_t len) {
+  gf_pending *p = malloc(sizeof(*p) + len);
+  if (p == NULL)
+    return NULL;
+  memcpy(p->msg, msg, len);
+  atomic_store_explicit(&((gf_msg *)p->msg)->claim, GF_CLAIM_QUEUED, memory_order_relaxed);
+  p->len = len;
+  p->task_id = ((const gf_msg *)msg)->task_id;
+  p->next = NULL;
+  return p;
+}
+
+/* Puts the list from head to last (n entries, in order) at the front of the queue. Under
+ * m->lock. */
+static void gf_pending_prepend(gf_manager *m, gf_pending *head, gf_pending *last, uint64_t n) {
+  if (head == NULL)
+    return;
+  last->next = m->pending_head;
+  if (m->pending_head == NULL)
+    m->pending_tail = last;
+  m->pending_head = head;
+  m->npending += n;
+}
+
+/* Takes back from slot's request ring the tasks its worker has not claimed: all of them, or
+ * only task_id when it is not 0. Each is copied before the claim is won, so none is lost if
+ * memory runs out. Appends them to the list *head..*last in ring order. Under m->lock, which makes us the
+ * ring's only writer: messages between head and tail stay intact while we read them, even
+ * those the worker consumes meanwhile (their claim is no longer QUEUED). Returns how many. */
+static uint64_t gf_withdraw(gf_manager *m, uint32_t slot, uint64_t task_id, gf_pending **head,
+                            gf_pending **last) {
+  gf_ring *ring = gf_slot_requests(m->seg, slot);
+  uint64_t n = 0, pos = atomic_load(&ring->head), next;
+  const void *msg;
+  size_t len;
+  for (; gf_ring_peek_at(ring, pos, &msg, &len, &next) == 0; pos = next) {
+    gf_msg *hdr = (gf_msg *)msg;
+    if ((task_id != 0 && hdr->task_id != task_id) ||
+        atomic_load(&hdr->claim) != GF_CLAIM_QUEUED)
+      continue;
+    gf_pending *p = gf_pending_copy(msg, len);
+    uint32_t queued = GF_CLAIM_QUEUED;
+    if (p == NULL || !atomic_compare_exchange_strong(&hdr->claim, &queued, GF_CLAIM_WITHDRAWN)) {
+      free(p);
+      continue;
+    }
+    if (*last != NULL)
+      (*last)->next = p;
+    else
+      *head = p;
+    *last = p;
+    m->sched[slot].inflight--;
+    n++;
+  }
+  return n;
+}
+
+/* While a worker idles with nothing queued in the parent, moves the tasks waiting behind a
+ * long-running task in another worker's ring back to the front of the queue, to be dispatched
+ * to the idle one. Under m->lock. */
+static void gf_steal(gf_manager *m, int64_t now) {
+  int idle = 0;
+  for (uint32_t i = 0; i < m->seg->nslots && !idle; i++)
+    idle = m->sched[i].inflight == 0 &&
+           atomic_load(&m->seg->slots[i].state) == GF_SLOT_READY;
+  if (!idle || m->pending_head != NULL)
+    return;
+  gf_pending *head = NULL, *last = NULL;
+  uint64_t n = 0;
+  for (uint32_t i = 0; i < m->seg->nslots; i++)
+    if (m->sched[i].inflight > 1 && gf_long_at(&m->seg->slots[i]) <= now)
+      n += gf_withdraw(m, i, 0, &head, &last);
+  gf_pending_prepend(m, head, last, n);
+}
+
+static int gf_pending_push(gf_manager *m, const struct iovec *iov, int iovcnt) {
   size_t len = 0;
   for (int i = 0; i < iovcnt; i++)
     len += iov[i].iov_len;
@@ -195,18 +284,11 @@ static int gf_pending_push(gf_manager *m, const struct iovec *iov, int iovcnt, i
   }
   p->task_id = ((const gf_msg *)p->msg)->task_id;
   p->next = NULL;
-  if (front) {
-    p->next = m->pending_head;
+  if (m->pending_tail != NULL)
+    m->pending_tail->next = p;
+  else
     m->pending_head = p;
-    if (m->pending_tail == NULL)
-      m->pending_tail = p;
-  } else {
-    if (m->pending_tail != NULL)
-      m->pending_tail->next = p;
-    else
-      m->pending_head = p;
-    m->pending_tail = p;
-  }
+  m->pending_tail = p;
   m->npending++;
   return 0;
 }
@@ -215,8 +297,10 @@ static int gf_pending_push(gf_manager *m, const struct iovec *iov, int iovcnt, i
  * (the caller wakes them after unlocking). */
 static uint64_t gf_dispatch_pending(gf_manager *m) {
   uint64_t wake = 0;
+  int64_t now = gf_now_ns();
+  gf_steal(m, now);
   while (m->pending_head != NULL) {
-    int slot = gf_pick_slot(m);
+    int slot = gf_pick_slot(m, now);
     if (slot < 0)
       break;
     gf_pending *p = m->pending_head;
@@ -247,7 +331,7 @@ int gf_manager_submit(gf_manager *m, const struct iovec *iov, int iovcnt) {
     rc = -ESHUTDOWN;
     goto done;
   }
-  if (m->pending_head == NULL && (slot = gf_pick_slot(m)) >= 0) {
+  if (m->pending_head == NULL && (slot = gf_pick_slot(m, gf_now_ns())) >= 0) {
     rc = gf_ring_write(gf_slot_requests(m->seg, (uint32_t)slot), iov, iovcnt);
     if (rc == 0) {
       m->sched[slot].inflight++;
@@ -255,7 +339,7 @@ int gf_manager_submit(gf_manager *m, const struct iovec *iov, int iovcnt) {
     }
     slot = -1;
   }
-  rc = gf_pending_push(m, iov, iovcnt, 0);
+  rc = gf_pending_push(m, iov, iovcnt);
 
 done:
   pthread_mutex_unlock(&m->lock);
@@ -280,6 +364,14 @@ int gf_manager_cancel(gf_manager *m, uint64_t task_id) {
     free(p);
     rc = 0;
     break;
+  }
+  for (uint32_t i = 0; rc != 0 && i < m->seg->nslots; i++) {
+    gf_pending *head = NULL, *last = NULL;
+    if (gf_withdraw(m, i, task_id, &head, &last) > 0) {
+      gf_msg_release(&m->arena, (const gf_msg *)head->msg);
+      free(head);
+      rc = 0;
+    }
   }
   pthread_mutex_unlock(&m->lock);
   return rc;
@@ -321,22 +413,45 @@ int gf_manager_spin(gf_manager *m, int64_t spin_ns) {
   return found;
 }
 
-/* Milliseconds until the first running task passes task_timeout; -1 without timeouts. */
-static int gf_timeout_ms(gf_manager *m, int64_t now) {
-  if (m->task_timeout_ns <= 0)
-    return -1;
+/* Milliseconds until the parent must act without an event: a running task passing
+ * task_timeout, or tasks waiting behind a running one while a worker idles (gf_steal); -1 when
+ * nothing can come due. Takes m->lock. */
+static int gf_due_ms(gf_manager *m, int64_t now) {
   int64_t first = INT64_MAX;
+  int idle = 0, waiting_behind = 0;
+  pthread_mutex_lock(&m->lock);
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
     gf_slot *slot = &m->seg->slots[i];
-    if (atomic_load_explicit(&slot->current_task, memory_order_relaxed) == 0)
-      continue;
-    int64_t due = atomic_load_explicit(&slot->item_started_ns, memory_order_relaxed) +
-                  m->task_timeout_ns;
-    if (due < first)
-      first = due;
+    idle |= m->sched[i].inflight == 0;
+    if (m->sched[i].inflight > 1) {
+      waiting_behind = 1;
+      int64_t long_at = gf_long_at(slot);
+      /* Not started yet: look again soon. */
+      int64_t due = long_at == INT64_MAX ? now + GF_STEAL_RECHECK_NS : long_at;
+      if (due < first)
+        first = due;
+    }
   }
-  /* An idle pool still looks every 100 ms: a task may have started since. */
-  int64_t ms = first == INT64_MAX ? 100 : (first - now) / 1000000 + 1;
+  pthread_mutex_unlock(&m->lock);
+  if (!(idle && waiting_behind))
+    first = INT64_MAX;
+  if (m->task_timeout_ns > 0) {
+    for (uint32_t i = 0; i < m->seg->nslots; i++) {
+      gf_slot *slot = &m->seg->slots[i];
+      if (atomic_load_explicit(&slot->current_task, memory_order_relaxed) == 0)
+        continue;
+      int64_t due = atomic_load_explicit(&slot->item_started_ns, memory_order_relaxed) +
+                    m->task_timeout_ns;
+      if (due < first)
+        first = due;
+    }
+    /* With timeouts an idle pool still looks every 100 ms: a task may have started since. */
+    if (first == INT64_MAX)
+      first = now + 100000000;
+  }
+  if (first == INT64_MAX)
+    return -1;
+  int64_t ms = (first - now) / 1000000 + 1;
   return ms < 1 ? 1 : ms > 100 ? 100 : (int)ms;
 }
 
@@ -355,7 +470,7 @@ int gf_manager_wait(gf_manager *m, int64_t spin_ns, int64_t timeout_ns) {
     atomic_store(&m->seg->parent_sleeping, 0);
     return 1;
   }
-  int ms = gf_timeout_ms(m, start);
+  int due_ms = gf_due_ms(m, start), ms = due_ms;
   if (timeout_ns >= 0 && (ms < 0 || timeout_ns / 1000000 < ms))
     ms = (int)(timeout_ns / 1000000);
   int n = epoll_wait(m->epoll_fd, evs, 8, ms);
@@ -369,7 +484,7 @@ int gf_manager_wait(gf_manager *m, int64_t spin_ns, int64_t timeout_ns) {
       /* EAGAIN: another thread read it first. */
     }
   }
-  return n > 0 || m->task_timeout_ns > 0;
+  return n > 0 || due_ms >= 0;
 }
 
 void gf_manager_stop(gf_manager *m) {
@@ -422,40 +537,32 @@ static int gf_handle_death(gf_manager *m, uint32_t slot_index, int32_t pid, int3
                  .timed_out = failed != 0 && failed == m->sched[slot_index].timed_out_task,
                  .was_ready = state == GF_SLOT_READY || state == GF_SLOT_EXITING};
 
-  /* Untaken tasks go back to the front of the queue, in order. The failed task may still be
-   * at the head if the worker died between marking it and consuming it. */
+  /* Untaken tasks go back to the front of the queue, in order (withdrawn ones are there
+   * already). The failed task may still be at the head if the worker died between marking it
+   * and consuming it. */
   gf_pending *requeue_head = NULL, *requeue_last = NULL;
   uint64_t requeued = 0, pos = atomic_load(&requests->head), next;
   const void *msg;
   size_t len;
-  while (gf_ring_peek_at(requests, pos, &msg, &len, &next) == 0) {
+  for (; gf_ring_peek_at(requests, pos, &msg, &len, &next) == 0; pos = next) {
     const gf_msg *hdr = msg;
+    if (atomic_load(&hdr->claim) == GF_CLAIM_WITHDRAWN)
+      continue;
     if (hdr->task_id == failed) {
       gf_msg_release(&m->arena, hdr);
-    } else {
-      gf_pending *p = malloc(sizeof(*p) + len);
-      if (p != NULL) {
-        memcpy(p->msg, msg, len);
-        p->len = len;
-        p->task_id = hdr->task_id;
-        p->next = NULL;
-        if (requeue_last != NULL)
-          requeue_last->next = p;
-        else
-          requeue_head = p;
-        requeue_last = p;
-        requeued++;
-      }
+      continue;
     }
-    pos = next;
+    gf_pending *p = gf_pending_copy(msg, len);
+    if (p == NULL)
+      continue;
+    if (requeue_last != NULL)
+      requeue_last->next = p;
+    else
+      requeue_head = p;
+    requeue_last = p;
+    requeued++;
   }
-  if (requeue_head != NULL) {
-    requeue_last->next = m->pending_head;
-    if (m->pending_head == NULL)
-      m->pending_tail = requeue_last;
-    m->pending_head = requeue_head;
-    m->npending += requeued;
-  }
+  gf_pending_prepend(m, requeue_head, requeue_last, requeued);
   for (int i = 0; i < GF_HOLDINGS; i++) {
     if (slot->holdings[i] != 0 && gf_block_check(&m->arena, slot->holdings[i]) == 0)
       gf_block_decref(&m->arena, slot->holdings[i]);

@@ -36,6 +36,12 @@ int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *le
      * check covers the instant before it was set. */
     rc = gf_ring_wait(w->requests, spin_ns, 1000000000);
     if (rc == 0 && gf_ring_peek(w->requests, &at, len) == 0) {
+      gf_msg *hdr = (gf_msg *)at; /* the ring is writable: the claim word is shared */
+      uint32_t queued = GF_CLAIM_QUEUED;
+      if (!atomic_compare_exchange_strong(&hdr->claim, &queued, GF_CLAIM_TAKEN)) {
+        gf_ring_consume(w->requests); /* withdrawn: the parent owns it now */
+        continue;
+      }
       *msg = at;
       return 0;
     }

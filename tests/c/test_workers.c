@@ -149,6 +149,60 @@ GF_TEST(manager_forgotten_in_a_forked_child_keeps_working_in_the_parent) {
   gf_manager_free(&m);
 }
 
+static uint32_t head_claim(gf_worker *w) {
+  const void *msg;
+  size_t len;
+  if (gf_ring_peek(w->requests, &msg, &len) < 0)
+    return UINT32_MAX;
+  return atomic_load(&((gf_msg *)msg)->claim);
+}
+
+GF_TEST(manager_moves_tasks_from_behind_a_long_one_to_an_idle_worker) {
+  gf_manager m;
+  gf_worker w0, w1;
+  gf_ctl ctl;
+  seen s = {0};
+  GF_CHECK_EQ(gf_manager_init(&m, 2, 16384, 16u << 20), 0);
+  for (uint32_t i = 0; i < 2; i++) {
+    GF_CHECK_EQ(gf_manager_spawn(&m, i), 0);
+    GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+    /* Microsecond tasks so far: each ring may hold several. */
+    atomic_store(&m.seg->slots[i].tasks_done, 10);
+    atomic_store(&m.seg->slots[i].busy_ns, 10000);
+  }
+  GF_CHECK_EQ(gf_worker_attach(&w0, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(gf_worker_attach(&w1, m.map, m.map_size, 1, m.memfd), 0);
+  for (uint64_t id = 1; id <= 4; id++)
+    GF_CHECK_EQ(submit(&m, id), 0); /* 1, 3 to worker 0; 2, 4 to worker 1 */
+  GF_CHECK_EQ(take(&w0), 1);
+  GF_CHECK_EQ(take(&w1), 2);
+  GF_CHECK_EQ(reply(&w1, 2), 0);
+  GF_CHECK_EQ(take(&w1), 4);
+  GF_CHECK_EQ(reply(&w1, 4), 0);
+
+  /* Task 1 has run long: task 3 behind it goes to the idle worker 1. */
+  atomic_store(&m.seg->slots[0].task_started_ns, gf_now_ns() - 10000000);
+  GF_CHECK(gf_manager_collect(&m, 0, record, &s) >= 2);
+  GF_CHECK_EQ(head_claim(&w0), GF_CLAIM_WITHDRAWN);
+  GF_CHECK_EQ(take(&w1), 3);
+
+  /* A worker running a long task gets no more; a task waiting in a ring can be cancelled. */
+  GF_CHECK_EQ(submit(&m, 5), 0);
+  GF_CHECK_EQ(head_claim(&w1), GF_CLAIM_QUEUED);
+  GF_CHECK_EQ(gf_manager_cancel(&m, 5), 0);
+  GF_CHECK_EQ(head_claim(&w1), GF_CLAIM_WITHDRAWN);
+  GF_CHECK_EQ(gf_manager_cancel(&m, 5), -ENOENT);
+
+  /* Worker 0 dies running task 1: task 3, withdrawn, is not queued a second time. */
+  gf_ctl died = {.kind = GF_CTL_EXITED, .slot = 0, .pid = 4242, .status = SIGKILL};
+  GF_CHECK_EQ(send(m.ctl_child_fd, &died, sizeof(died), 0), (ssize_t)sizeof(died));
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
+  GF_CHECK_EQ(s.died_task, 1);
+  GF_CHECK_EQ(gf_manager_queued(&m), 0);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
 GF_TEST(manager_refuses_slot_counts_out_of_range) {
   gf_manager m;
   GF_CHECK_EQ(gf_manager_init(&m, 0, 16384, 16u << 20), -EINVAL);

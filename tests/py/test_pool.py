@@ -879,3 +879,14 @@ def test_import_hooks_installed_at_start_up_reach_workers(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert proc.stdout.split() == ["42"], proc.stderr
+
+
+def test_short_tasks_do_not_wait_behind_a_long_one():
+    with gilfree.Pool(2) as pool:
+        list(pool.map(f.square, range(2000), chunksize=1))  # microsecond tasks: rings run deep
+        for _ in range(2):
+            long = pool.submit(f.sleep_then, 2.0)
+            short = [pool.submit(f.square, i) for i in range(300)]
+            done, _ = concurrent.futures.wait(short, timeout=60)
+            assert len(done) == 300 and not long.done()
+            long.result()

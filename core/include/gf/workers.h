@@ -75,8 +75,13 @@ typedef struct gf_msg {
   uint32_t nbufs;
   uint64_t payload_len;
   uint32_t head_len;
-  uint32_t reserved;
+  /* A task in a request ring is taken by its worker or withdrawn by the parent (for an idle
+   * worker, or a cancel), whichever moves it from QUEUED first by compare-and-swap: the ring
+   * is shared, and neither side may run or requeue a task the other already has. */
+  _Atomic uint32_t claim;
 } gf_msg;
+
+enum { GF_CLAIM_QUEUED = 0, GF_CLAIM_TAKEN, GF_CLAIM_WITHDRAWN };
 
 /* TASK: fn(*args, **kwargs); CHUNK: fn over a list of items; RESULT, ERROR: a task's outcome. */
 enum { GF_MSG_TASK = 1, GF_MSG_CHUNK, GF_MSG_RESULT, GF_MSG_ERROR };
@@ -184,8 +189,8 @@ void gf_manager_child_fds(const gf_manager *m, int fds[3]);
 int gf_manager_spawn(gf_manager *m, uint32_t slot);
 /* Queues or dispatches one task message (header, buffer table, payload). */
 int gf_manager_submit(gf_manager *m, const struct iovec *iov, int iovcnt);
-/* Removes a task that no worker has taken yet; -ENOENT when it is gone already. Releases the
- * message's block references. */
+/* Removes a task that no worker has taken yet (queued in the parent, or waiting in a worker's
+ * ring); -ENOENT when it is gone already. Releases the message's block references. */
 int gf_manager_cancel(gf_manager *m, uint64_t task_id);
 /* Waits up to timeout_ns (< 0: until something happens) for results or control messages,
  * spinning first for spin_ns. Returns 1 when there is something to collect, 0 on timeout,
@@ -230,7 +235,7 @@ typedef struct gf_worker {
 
 int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t slot, int fd);
 /* Waits for the next task (spin up to spin_ns, then futex; checks every second that the
- * template lives).
+ * template lives) and claims it; tasks the parent withdrew are skipped.
  * On success *msg points at the message inside the ring. -EPIPE when the template is gone. */
 int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *len);
 /* Marks the task of the message at the ring head as running, then drops the message from the
