@@ -64,6 +64,7 @@ struct gf_chunk {
 
 struct gf_thread {
   struct gf_thread *next; /* the global list is push-only and never freed, so readers need no lock */
+  uint32_t id;  /* set before the record is published, then constant */
   uint32_t tid;
   /* Seqlock over the stats below: odd while the owner updates them. */
   uint32_t seq;
@@ -123,6 +124,7 @@ static struct {
   unsigned switch_signals;
   int cond_clock; /* the clock of the GIL's cond, learned from take_gil's deadline; -1 unknown */
   int tracing;
+  uint32_t next_id; /* atomic: records are created by their own threads */
   size_t budget, used;
   uint64_t dropped;
   int priority_threads;                  /* threads with a nonzero priority; atomic */
@@ -170,7 +172,7 @@ static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
       __atomic_store_n(&t->head, fresh, __ATOMIC_RELEASE);
     t->tail = chunk = fresh;
   }
-  chunk->events[chunk->count] = (struct gf_gilhook_event){t_ns, t->tid, kind};
+  chunk->events[chunk->count] = (struct gf_gilhook_event){t_ns, t->id, kind};
   __atomic_store_n(&chunk->count, chunk->count + 1, __ATOMIC_RELEASE);
 }
 
@@ -214,6 +216,7 @@ static struct gf_thread *gf_thread_self(void) {
     t = calloc(1, sizeof(*t));
     if (t == NULL)
       return NULL;
+    t->id = __atomic_add_fetch(&gf.next_id, 1, __ATOMIC_RELAXED);
     t->tid = (uint32_t)syscall(SYS_gettid);
     t->first_ns = gf_gilhook_now_ns();
     t->wait_slot = -1;
@@ -733,6 +736,7 @@ static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, 
   do {
     while ((seq = __atomic_load_n(&t->seq, __ATOMIC_ACQUIRE)) & 1)
       ;
+    s->id = t->id;
     s->tid = t->tid;
     s->first_ns = GF_LOAD(t->first_ns);
     s->exit_ns = GF_LOAD(t->exit_ns);
@@ -810,6 +814,11 @@ uint64_t gf_gilhook_dropped(void) { return __atomic_load_n(&gf.dropped, __ATOMIC
 uint32_t gf_gilhook_took_from(void) {
   struct gf_thread *t = gf_self;
   return t == NULL || t == &gf_exited ? 0 : t->took_from;
+}
+
+uint32_t gf_gilhook_self_id(void) {
+  struct gf_thread *t = gf_self;
+  return t == NULL || t == &gf_exited ? 0 : t->id;
 }
 
 int gf_gilhook_set_priority(int level) {

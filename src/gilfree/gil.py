@@ -22,8 +22,9 @@ __all__ = ["monitor", "counters", "stop", "Monitor", "Report", "ThreadReport", "
 
 _EVENT = struct.Struct("=QII")
 _TRACE_BUDGET = 256 << 20
-# Rows of _gilhook.threads().
-_TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO = range(13)
+# Rows of _gilhook.threads(). _ID identifies a thread's record: the kernel reuses native ids
+# (_TID) once a thread has ended, so every per-thread table is keyed by _ID.
+_ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO = range(14)
 
 
 def _hook():
@@ -104,30 +105,38 @@ def _percentile(sorted_values, q):
     return sorted_values[index]
 
 
-class _ThreadNames:
-    """Native id -> thread name, also for threads that start and end while monitoring."""
+def _live_records(rows):
+    """Native id -> record id of the threads alive in rows (a live native id is unique)."""
+    return {row[_TID]: row[_ID] for row in rows if not row[_EXIT]}
 
-    def __init__(self):
+
+class _ThreadNames:
+    """Record id -> thread name, also for threads that start and end while monitoring."""
+
+    def __init__(self, hook):
         self.names = {}
+        self._hook = hook
         self._previous = None
 
     def _record(self, *_):
-        self.names[threading.get_native_id()] = threading.current_thread().name
+        # Runs in the new thread, which took the GIL through the hooks: it has a record.
+        self.names[self._hook.record_id()] = threading.current_thread().name
         sys.setprofile(self._previous)
 
-    def start(self):
-        self.snapshot()
+    def start(self, rows):
+        self.snapshot(rows)
         self._previous = threading.getprofile()
         threading.setprofile(self._record)
 
-    def stop(self):
+    def stop(self, rows):
         threading.setprofile(self._previous)
-        self.snapshot()
+        self.snapshot(rows)
 
-    def snapshot(self):
+    def snapshot(self, rows):
+        live = _live_records(rows)
         for t in threading.enumerate():
-            if t.native_id is not None:
-                self.names[t.native_id] = t.name
+            if t.native_id in live:
+                self.names[live[t.native_id]] = t.name
 
 
 class _Sampler(threading.Thread):
@@ -138,8 +147,10 @@ class _Sampler(threading.Thread):
         self._hook, self._period = hook, 1.0 / rate_hz
         self._stop_event = threading.Event()
         self.counts = {}
+        self.record = None  # its own record id, left out of the report
 
     def run(self):
+        self.record = self._hook.record_id()
         ids = {}
         while not self._stop_event.wait(self._period):
             holder = self._hook.took_from()
@@ -183,15 +194,15 @@ class Monitor:
     def __enter__(self):
         hook = self._hook = _hook()
         self._events = []
-        self._names = _ThreadNames()
+        self._names = _ThreadNames(hook)
         hook.acquire(self._trace, self._budget)
         self._dropped0 = hook.dropped()
-        self._names.start()
         if self._trace:
             _drain(hook)  # what came before belongs to earlier monitors
             _active.append(self)
         self._t0, rows = hook.threads()
-        self._start = {row[_TID]: row for row in rows}
+        self._names.start(rows)
+        self._start = {row[_ID]: row for row in rows}
         self._sampler = _Sampler(hook, self._sample_hz) if self._sample_hz else None
         if self._sampler:
             self._sampler.start()
@@ -203,10 +214,13 @@ class Monitor:
         if self._sampler:
             self._sampler.stop()
         self._t1, rows = hook.threads()
-        self._end = {row[_TID]: row for row in rows}
+        self._end = {row[_ID]: row for row in rows}
         self._interval = sys.getswitchinterval()
-        self._names.stop()
-        self._alive = {t.native_id for t in threading.enumerate()}
+        self._names.stop(rows)
+        live = _live_records(rows)
+        # Python threads alive now, by record id; those without a record (never seen by the
+        # hooks: blocked without the GIL all along) by their negated native id.
+        self._alive = {live.get(t.native_id, -t.native_id): t.name for t in threading.enumerate() if t.native_id}
         if self._trace:
             _drain(hook)
             _active.remove(self)
@@ -218,23 +232,23 @@ class Monitor:
         return [e for e in self._events if self._t0 <= e[0] <= self._t1]
 
     def _intervals(self):
-        """tid -> list of (start_ns, end_ns, state) with state in held/wait, from the events."""
+        """record id -> list of (start_ns, end_ns, state) with state in held/wait, from the events."""
         hook = self._hook
         open_at, spans = {}, {}
-        for t_ns, tid, kind in sorted(self._window_events(), key=lambda e: (e[1], e[0])):
+        for t_ns, thread, kind in sorted(self._window_events(), key=lambda e: (e[1], e[0])):
             base = kind & 0xFF
             if base == hook.EVENT_WAIT:
-                open_at[tid] = ("wait", t_ns)
+                open_at[thread] = ("wait", t_ns)
             elif base == hook.EVENT_ACQUIRE:
-                state, since = open_at.get(tid, ("wait", self._t0))
+                state, since = open_at.get(thread, ("wait", self._t0))
                 if state == "wait":
-                    spans.setdefault(tid, []).append((since, t_ns, "wait", bool(kind & hook.EVENT_CONTENDED)))
-                open_at[tid] = ("held", t_ns)
+                    spans.setdefault(thread, []).append((since, t_ns, "wait", bool(kind & hook.EVENT_CONTENDED)))
+                open_at[thread] = ("held", t_ns)
             elif base in (hook.EVENT_RELEASE, hook.EVENT_ABORT):
-                state, since = open_at.pop(tid, ("held" if base == hook.EVENT_RELEASE else "wait", self._t0))
-                spans.setdefault(tid, []).append((since, t_ns, state, False))
-        for tid, (state, since) in open_at.items():
-            spans.setdefault(tid, []).append((since, self._t1, state, False))
+                state, since = open_at.pop(thread, ("held" if base == hook.EVENT_RELEASE else "wait", self._t0))
+                spans.setdefault(thread, []).append((since, t_ns, state, False))
+        for thread, (state, since) in open_at.items():
+            spans.setdefault(thread, []).append((since, self._t1, state, False))
         return spans
 
     def report(self):
@@ -246,18 +260,15 @@ class Monitor:
     def _build_report(self):
         wall_ns = max(1, self._t1 - self._t0)
         spans = self._intervals() if self._trace else {}
-        sampler_tid = self._sampler.native_id if self._sampler else None
-        threads, switches, forced, held_total = [], 0, 0, 0
-        tids = set(self._end) | {t for t in self._alive if t is not None}
-        for tid in tids:
-            if tid == sampler_tid:
+        sampler = self._sampler.record if self._sampler else None
+        threads, self._keys, switches, forced, held_total = [], [], 0, 0, 0
+        for key in set(self._end) | set(self._alive):
+            if key == sampler:
                 continue
-            end = self._end.get(tid)
-            start = self._start.get(tid)
+            end = self._end.get(key)
+            start = self._start.get(key)
             if end is None:
-                if tid not in self._alive:
-                    continue
-                end = (tid, self._t0, 0) + (0,) * 10
+                end = (key, -key, self._t0, 0) + (0,) * 10
             if end[_FIRST] > self._t1 or (end[_EXIT] and end[_EXIT] < self._t0):
                 continue
 
@@ -267,20 +278,21 @@ class Monitor:
             held, wait = delta(_HELD), delta(_WAIT)
             born = max(self._t0, end[_FIRST])
             gone = end[_EXIT] if end[_EXIT] and end[_EXIT] < self._t1 else self._t1
-            if tid not in self._alive and not end[_EXIT]:
-                last = [s[1] for s in spans.get(tid, ())]
+            if key not in self._alive and not end[_EXIT]:
+                last = [s[1] for s in spans.get(key, ())]
                 gone = max(last) if last else self._t1
             alive = max(held + wait, gone - born)
-            waits_ns = sorted(s[1] - s[0] for s in spans.get(tid, ()) if s[2] == "wait" and s[3])
-            if held == 0 and wait == 0 and tid not in self._alive:
+            waits_ns = sorted(s[1] - s[0] for s in spans.get(key, ()) if s[2] == "wait" and s[3])
+            if held == 0 and wait == 0 and key not in self._alive:
                 continue
+            self._keys.append(key)
             switches += delta(_SWITCHES)
             forced += delta(_REQUESTS)
             held_total += held
             threads.append(
                 ThreadReport(
-                    name=self._names.names.get(tid, f"thread-{tid}"),
-                    tid=tid,
+                    name=self._names.names.get(key) or self._alive.get(key) or f"thread-{end[_TID]}",
+                    tid=end[_TID],
                     held_s=held / 1e9,
                     wait_s=wait / 1e9,
                     waits=delta(_WAITS),
@@ -322,17 +334,19 @@ class Monitor:
         pid = os.getpid()
         colors = {"held": "good", "wait": "terrible"}
         events = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "GIL"}}]
-        for t in report.threads:
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": t.tid, "args": {"name": t.name}})
-        for tid, spans in self._intervals().items():
-            for start, end, state, _ in spans:
+        spans_of = self._intervals()
+        # Tracks are keyed by record id: two threads with the same (reused) native id stay apart.
+        for key, t in zip(self._keys, report.threads):
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": key, "args": {"name": t.name, "native_id": t.tid}})
+        for key in self._keys:
+            for start, end, state, _ in spans_of.get(key, ()):
                 events.append(
                     {
                         "name": state,
                         "cat": "gil",
                         "ph": "X",
                         "pid": pid,
-                        "tid": tid,
+                        "tid": key,
                         "ts": (start - self._t0) / 1e3,
                         "dur": max(0.0, (end - start) / 1e3),
                         "cname": colors[state],
@@ -348,7 +362,7 @@ class Monitor:
         report = self.report()
         spans = self._intervals()
         row, label, top = 22, 180, 30
-        rows = sorted(report.threads, key=lambda t: -t.wanted_s)
+        rows = sorted(zip(self._keys, report.threads), key=lambda kt: -kt[1].wanted_s)
         height = top + row * len(rows) + 40
         scale = width / max(1, self._t1 - self._t0)
         colors = {"held": "#2ca02c", "wait": "#d62728"}
@@ -358,11 +372,11 @@ class Monitor:
             f'<text x="4" y="18">GIL timeline, {report.wall_s:.3f} s, held {report.held_fraction:.0%}: '
             f'green held, red waiting, grey free</text>',
         ]
-        for i, t in enumerate(rows):
+        for i, (key, t) in enumerate(rows):
             y = top + i * row
             out.append(f'<text x="4" y="{y + 14}">{html.escape(t.name[:24])}</text>')
             out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#cccccc"/>')
-            for x, w, state in _pixel_runs(spans.get(t.tid, ()), self._t0, scale, width):
+            for x, w, state in _pixel_runs(spans.get(key, ()), self._t0, scale, width):
                 out.append(f'<rect x="{label + x}" y="{y}" width="{w}" height="{row - 4}" fill="{colors[state]}"/>')
         axis = top + row * len(rows) + 12
         for i in range(6):

@@ -59,6 +59,7 @@ struct worker {
   int priority;
   pthread_t thread;
   uint32_t tid;
+  uint32_t id; /* its hook record's */
 };
 
 static void *worker_main(void *arg) {
@@ -67,6 +68,7 @@ static void *worker_main(void *arg) {
   gf_gilhook_set_priority(w->priority);
   for (int i = 0; i < w->rounds; i++) {
     fx.take(w);
+    w->id = gf_gilhook_self_id();
     fx_run(w, w->ms);
     fx.drop(w);
   }
@@ -156,7 +158,7 @@ GF_TEST(gilhook_accounts_held_wait_and_forced_switches) {
   uint64_t acquires = 0, last_t = 0;
   uint32_t last_kind = 0;
   for (size_t i = 0; i < n; i++) {
-    if (events[i].tid != w.tid)
+    if (events[i].thread != w.id)
       continue;
     GF_CHECK(events[i].t_ns >= last_t);
     if ((events[i].kind & ~GF_GIL_CONTENDED) == GF_GIL_ACQUIRE) {
@@ -244,11 +246,70 @@ GF_TEST(gilhook_lower_priority_waiter_lets_the_higher_one_take_first) {
   for (size_t i = 0; i < n; i++) {
     if ((events[i].kind & ~GF_GIL_CONTENDED) != GF_GIL_ACQUIRE)
       continue;
-    if (events[i].tid == low.tid)
+    if (events[i].thread == low.id)
       low_at = events[i].t_ns;
-    if (events[i].tid == high.tid)
+    if (events[i].thread == high.id)
       high_at = events[i].t_ns;
   }
   GF_CHECK(low_at != 0 && high_at != 0);
   GF_CHECK(high_at < low_at);
+}
+
+static int read_pid_max(void) {
+  FILE *f = fopen("/proc/sys/kernel/pid_max", "r");
+  int pid_max = 0;
+  if (f != NULL) {
+    if (fscanf(f, "%d", &pid_max) != 1)
+      pid_max = 0;
+    fclose(f);
+  }
+  return pid_max;
+}
+
+struct find_reused {
+  uint32_t tid;
+  int found;
+  uint32_t ids[2];
+  uint64_t acquisitions[2];
+};
+
+static int find_reused_visit(const struct gf_gilhook_thread_stats *s, void *arg) {
+  struct find_reused *f = arg;
+  if (s->tid == f->tid && f->found < 2) {
+    f->ids[f->found] = s->id;
+    f->acquisitions[f->found++] = s->acquisitions;
+  }
+  return 0;
+}
+
+GF_TEST(gilhook_keeps_threads_with_a_reused_tid_apart) {
+  GF_CHECK(fx_load() == 0);
+  int pid_max = read_pid_max();
+  if (pid_max <= 0 || pid_max > 100000) {
+    fprintf(stderr, "  skipped: tids wrap only after pid_max=%d threads\n", pid_max);
+    return;
+  }
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  struct worker first = {.rounds = 1};
+  pthread_create(&first.thread, NULL, worker_main, &first);
+  pthread_join(first.thread, NULL);
+  struct worker again = {.rounds = 2};
+  for (int i = 0; i < pid_max + 1000 && again.tid != first.tid; i++) {
+    again.rounds = 2;
+    pthread_create(&again.thread, NULL, worker_main, &again);
+    pthread_join(again.thread, NULL);
+  }
+  fx.take(&self);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  GF_CHECK_EQ(again.tid, first.tid);
+  struct find_reused f = {.tid = first.tid};
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), find_reused_visit, &f);
+  GF_CHECK_EQ(f.found, 2);
+  GF_CHECK(f.ids[0] != f.ids[1]);
+  /* Newest first: the thread that got the tid again took the GIL twice, the first once. */
+  GF_CHECK_EQ(f.acquisitions[0], 2);
+  GF_CHECK_EQ(f.acquisitions[1], 1);
 }

@@ -487,3 +487,42 @@ def test_event_budget_drops_timeline_events_but_keeps_totals_exact():
     with gil.monitor() as m:  # the default budget again: nothing lost
         cpu_loop(0.01)
     assert m.report().dropped_events == 0
+
+
+def pid_max():
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read())
+
+
+def start_until_native_id(native_id, work):
+    """Starts and joins short threads until the kernel hands one of them native_id again
+    (it reuses ids once pid_max is reached); that thread runs work. Returns its name."""
+    reused = []
+
+    def maybe_work():
+        if threading.get_native_id() == native_id:
+            reused.append(threading.current_thread().name)
+            work()
+
+    for _ in range(pid_max() + 1000):
+        t = threading.Thread(target=maybe_work)
+        t.start()
+        t.join()
+        if reused:
+            return reused[0]
+    pytest.fail(f"native id {native_id} was not reused")
+
+
+def test_threads_whose_native_id_was_reused_are_reported_apart():
+    if pid_max() > 100_000:
+        pytest.skip("native ids wrap only after pid_max threads: too many to start here")
+    with gil.monitor(trace=False) as m:
+        first = threading.Thread(target=cpu_loop, args=(0.05,), name="first")
+        first.start()
+        first.join()
+        second = start_until_native_id(first.native_id, lambda: cpu_loop(0.05))
+    report = m.report()
+    a, b = thread_of(report, "first"), thread_of(report, second)
+    assert a.tid == b.tid == first.native_id
+    assert a.held_s >= 0.04 and b.held_s >= 0.04
+    assert sum(t.held_s for t in report.threads) <= report.wall_s

@@ -41,16 +41,17 @@ enum gf_gilhook_kind {
 #define GF_GIL_CONTENDED 0x100u
 
 struct gf_gilhook_event {
-  uint64_t t_ns; /* CLOCK_MONOTONIC */
-  uint32_t tid;  /* kernel thread id (threading.get_native_id()) */
-  uint32_t kind; /* enum gf_gilhook_kind, | GF_GIL_CONTENDED */
+  uint64_t t_ns;   /* CLOCK_MONOTONIC */
+  uint32_t thread; /* the record's id (gf_gilhook_thread_stats.id): kernel tids are reused */
+  uint32_t kind;   /* enum gf_gilhook_kind, | GF_GIL_CONTENDED */
 };
 
 enum gf_gilhook_state { GF_GIL_UNKNOWN, GF_GIL_FREE, GF_GIL_WANT, GF_GIL_HELD };
 
 /* Cumulative since the thread was first seen; the in-progress interval is included. */
 struct gf_gilhook_thread_stats {
-  uint64_t tid;
+  uint32_t id;  /* unique per record in this process (from 1; wraps after 2^32 threads) */
+  uint32_t tid; /* kernel thread id (threading.get_native_id()); reused once the thread ends */
   uint64_t first_ns, exit_ns; /* exit_ns 0 while alive */
   uint64_t held_ns, wait_ns;
   uint64_t acquisitions; /* every take of the GIL */
@@ -91,6 +92,8 @@ uint64_t gf_gilhook_dropped(void);
 /* The tid the calling thread took the GIL from in its last acquisition if it had to wait for
  * that holder, else 0 (the GIL was free). A sampler thread uses it to see who was running. */
 uint32_t gf_gilhook_took_from(void);
+/* The id of the calling thread's record, 0 if it has none yet. */
+uint32_t gf_gilhook_self_id(void);
 
 /* Priority of the calling thread for the GIL (clamped to +-GF_GILHOOK_MAX_PRIORITY). A waiter
  * asks a lower-priority holder to drop at once; a waiter does not take the GIL while a

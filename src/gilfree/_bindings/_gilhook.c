@@ -155,20 +155,20 @@ done:
 }
 
 struct own_stats {
-  uint64_t tid;
+  uint32_t id;
   struct gf_gilhook_thread_stats stats;
 };
 
 static int find_own(const struct gf_gilhook_thread_stats *s, void *arg) {
   struct own_stats *own = arg;
-  if (s->tid != own->tid)
+  if (s->id != own->id)
     return 0;
   own->stats = *s;
   return 1;
 }
 
 static struct gf_gilhook_thread_stats own_stats(void) {
-  struct own_stats own = {.tid = PyThread_get_thread_native_id()};
+  struct own_stats own = {.id = gf_gilhook_self_id()};
   gf_gilhook_foreach_thread(gf_gilhook_now_ns(), find_own, &own);
   return own.stats;
 }
@@ -291,7 +291,8 @@ static PyObject *gilhook_slots_restored(PyObject *module, PyObject *Py_UNUSED(ig
  * reference); stops the walk with an exception set on error. */
 static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
   PyObject *row = Py_BuildValue(
-      "(KKKKKKKKKKKii)", (unsigned long long)s->tid, (unsigned long long)s->first_ns,
+      "(kkKKKKKKKKKKii)", (unsigned long)s->id, (unsigned long)s->tid,
+      (unsigned long long)s->first_ns,
       (unsigned long long)s->exit_ns, (unsigned long long)s->held_ns,
       (unsigned long long)s->wait_ns, (unsigned long long)s->acquisitions,
       (unsigned long long)s->waits, (unsigned long long)s->switches_in,
@@ -305,7 +306,7 @@ static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
 }
 
 PyDoc_STRVAR(threads_doc,
-             "threads()\n--\n\nReturns a new tuple (now_ns, rows): rows is a list of (tid, first_ns, exit_ns, held_ns, wait_ns, "
+             "threads()\n--\n\nReturns a new tuple (now_ns, rows): rows is a list of (id, tid, first_ns, exit_ns, held_ns, wait_ns, "
              "acquisitions, waits, switches_in, forced, drop_requests, timeouts, state, "
              "priority), cumulative per thread up to now_ns, times on time.monotonic_ns()'s clock.");
 
@@ -324,7 +325,8 @@ static PyObject *gilhook_threads(PyObject *module, PyObject *Py_UNUSED(ignored))
 }
 
 PyDoc_STRVAR(drain_doc, "drain()\n--\n\nReturns new bytes holding the recorded events as "
-                        "(t_ns: u64, tid: u32, kind: u32) records, and forgets them.");
+                        "(t_ns: u64, thread: u32, kind: u32) records (thread: the record id of "
+                        "threads()), and forgets them.");
 
 /* Returns a new reference, or NULL with an exception set. */
 static PyObject *gilhook_drain(PyObject *module, PyObject *Py_UNUSED(ignored)) {
@@ -353,6 +355,11 @@ static PyObject *gilhook_hooked_object(PyObject *module, PyObject *Py_UNUSED(ign
   if (dladdr(&_PyRuntime, &info) == 0 || info.dli_fname == NULL)
     Py_RETURN_NONE;
   return PyUnicode_DecodeFSDefault(info.dli_fname);
+}
+
+/* Returns a new reference. */
+static PyObject *gilhook_record_id(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  return PyLong_FromUnsignedLong(gf_gilhook_self_id());
 }
 
 /* Returns a new reference. */
@@ -399,6 +406,9 @@ static PyMethodDef gilhook_methods[] = {
     {"dropped", gilhook_dropped, METH_NOARGS, "dropped()\n--\n\nEvents lost to the budget."},
     {"hooked_object", gilhook_hooked_object, METH_NOARGS,
      "hooked_object()\n--\n\nThe file (libpython or the executable) whose GOT is hooked."},
+    {"record_id", gilhook_record_id, METH_NOARGS,
+     "record_id()\n--\n\nThe id of the calling thread's record in threads() (unique, unlike "
+     "native ids, which the kernel reuses), 0 if it has none."},
     {"took_from", gilhook_took_from, METH_NOARGS,
      "took_from()\n--\n\nNative id of the thread this one last took the GIL from after "
      "waiting for it, 0 if the GIL was free."},
