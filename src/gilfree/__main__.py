@@ -5,7 +5,8 @@ USAGE = """usage: python -m gilfree <command> [args...]
 
 commands:
   diagnose   run a program with exact GIL accounting and print a verdict
-             (python -m gilfree diagnose [--trace OUT.json] [--svg OUT.svg] script.py [args...])
+             (python -m gilfree diagnose [--trace OUT.json] [--svg OUT.svg] [--sample-hz N]
+                                         (script.py | -m module) [args...])
 """
 
 

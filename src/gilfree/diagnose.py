@@ -4,7 +4,7 @@ Runs a program under exact GIL accounting (like ``python -m cProfile``) and prin
 report and its verdict to stderr when the program ends: normally, by sys.exit, by an exception
 or on Ctrl-C. Where accounting is impossible the program still runs, unmeasured.
 """
-import argparse
+import optparse
 import os
 import runpy
 import sys
@@ -13,33 +13,48 @@ import threading
 from . import gil
 from .errors import UnsupportedInterpreter
 
-USAGE = "python -m gilfree diagnose [--trace OUT.json] [--svg OUT.svg] [--sample-hz N] (script.py | -m module) [args...]"
+USAGE = "%prog [--trace OUT.json] [--svg OUT.svg] [--sample-hz N] (script.py | -m module) [args...]"
+MAX_SAMPLE_HZ = 1000.0
+MIN_SAMPLE_HZ = 0.01  # the sampler waits 1/rate s between samples: slower never samples a run
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m gilfree diagnose", usage=USAGE)
-    parser.add_argument("--trace", metavar="OUT.json", help="write the timeline as Chrome trace JSON (Perfetto)")
-    parser.add_argument("--svg", metavar="OUT.svg", help="draw the timeline (held green, waiting red, free grey)")
-    parser.add_argument("--sample-hz", type=float, default=20.0, help="stack samples of the GIL holder per second (0: off)")
-    parser.add_argument("-m", dest="module", help="run a library module as a script")
-    parser.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] or module args")
-    args = parser.parse_args(argv)
-    if args.module is None and not args.target:
+    # As in cProfile's main: options end at the script or module name, the rest is the program's.
+    parser = optparse.OptionParser(usage=USAGE, prog="python -m gilfree diagnose")
+    parser.allow_interspersed_args = False
+    parser.add_option("--trace", metavar="OUT.json", help="write the timeline as Chrome trace JSON (Perfetto)")
+    parser.add_option("--svg", metavar="OUT.svg", help="draw the timeline (held green, waiting red, free grey)")
+    parser.add_option("--sample-hz", type="float", default=20.0, metavar="N",
+                      help=f"stack samples of the GIL holder per second, 0 (off) or {MIN_SAMPLE_HZ:g} to {MAX_SAMPLE_HZ:g} (default 20)")
+    parser.add_option("-m", dest="module", action="store_true", default=False, help="run a library module as a script")
+    options, target = parser.parse_args(argv)
+    if not target:
         parser.error("give a script or -m module")
-    return args
+    if options.sample_hz != 0 and not MIN_SAMPLE_HZ <= options.sample_hz <= MAX_SAMPLE_HZ:  # also refuses nan
+        parser.error(f"--sample-hz: 0 (off) or {MIN_SAMPLE_HZ:g} to {MAX_SAMPLE_HZ:g}, not {options.sample_hz}")
+    return options, target
 
 
-def _run(args):
+def _writable(path):
+    """The absolute path (the program may chdir); raises OSError now if it cannot be written."""
+    path = os.path.abspath(path)
+    existed = os.path.exists(path)
+    with open(path, "a"):
+        pass
+    if not existed:
+        os.remove(path)
+    return path
+
+
+def _run(is_module, target):
     """Runs the program the way `python script.py` / `python -m module` would."""
-    if args.module is not None:
-        sys.argv = [args.module, *args.target]
+    sys.argv = list(target)
+    if is_module:
         sys.path.insert(0, os.getcwd())
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        runpy.run_module(target[0], run_name="__main__", alter_sys=True)
     else:
-        script, *rest = args.target
-        sys.argv = [script, *rest]
-        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-        runpy.run_path(script, run_name="__main__")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))
+        runpy.run_path(target[0], run_name="__main__")
 
 
 def _join_non_daemon_threads():
@@ -50,16 +65,25 @@ def _join_non_daemon_threads():
 
 
 def main(argv):
-    args = _parse(argv)
+    options, target = _parse(argv)
+    outputs = {}
+    for flag, path in (("--trace", options.trace), ("--svg", options.svg)):
+        if path is not None:
+            try:
+                outputs[flag] = _writable(path)
+            except OSError as exc:
+                print(f"gilfree diagnose: cannot write {flag} {path}: {exc.strerror}", file=sys.stderr)
+                return 2
     try:
-        m = gil.monitor(trace=True, sample_hz=args.sample_hz).__enter__()
+        m = gil.monitor(trace=True, sample_hz=options.sample_hz).__enter__()
     except UnsupportedInterpreter as exc:
+        skipped = f"; {' and '.join(outputs)} not written" if outputs else ""
         print(f"gilfree diagnose: exact GIL accounting is unavailable here: {exc}\n"
-              f"gilfree diagnose: running the program unmeasured.", file=sys.stderr)
+              f"gilfree diagnose: running the program unmeasured{skipped}.", file=sys.stderr)
         m = None
     code = 0
     try:
-        _run(args)
+        _run(options.module, target)
         _join_non_daemon_threads()
     except SystemExit as exc:
         code = exc.code
@@ -74,12 +98,13 @@ def main(argv):
     finally:
         if m is not None:
             m.__exit__(None, None, None)
-            report = m.report()
-            print("\n" + str(report), file=sys.stderr)
-            if args.trace:
-                m.write_trace(args.trace)
-                print(f"gilfree diagnose: timeline written to {args.trace} (open in https://ui.perfetto.dev)", file=sys.stderr)
-            if args.svg:
-                m.write_svg(args.svg)
-                print(f"gilfree diagnose: picture written to {args.svg}", file=sys.stderr)
+            print("\n" + str(m.report()), file=sys.stderr)
+            for flag, write, what in (("--trace", m.write_trace, "timeline written to {} (open in https://ui.perfetto.dev)"),
+                                      ("--svg", m.write_svg, "picture written to {}")):
+                if flag in outputs:
+                    try:
+                        write(outputs[flag])
+                        print("gilfree diagnose: " + what.format(outputs[flag]), file=sys.stderr)
+                    except OSError as exc:
+                        print(f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}", file=sys.stderr)
     return code

@@ -1,0 +1,89 @@
+"""`python -m gilfree diagnose`: the program behaves as under plain `python`, plus the report."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], **{"capture_output": True, "text": True, "timeout": 60, **kwargs})
+
+
+def diagnose(*args, **kwargs):
+    return run("-m", "gilfree", "diagnose", "--sample-hz", "0", *args, **kwargs)
+
+
+def write(path, source):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+# --- command line
+
+
+PRINTS_ARGV = "import sys\nprint(sys.argv[1:])\n"
+
+
+@pytest.mark.parametrize("args, program_args", [
+    (["-m", "prog", "--svg", "x.svg", "a"], ["--svg", "x.svg", "a"]),
+    (["-m", "prog", "--sort-keys"], ["--sort-keys"]),
+    (["-m", "prog", "-n", "10"], ["-n", "10"]),
+    (["-m", "prog", "-h"], ["-h"]),
+    (["--", "prog.py", "-h", "a"], ["-h", "a"]),
+])
+def test_everything_after_the_program_is_the_programs(tmp_path, args, program_args):
+    write(tmp_path / "prog.py", PRINTS_ARGV)
+    out = diagnose(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{program_args}\n"
+    assert "verdict:" in out.stderr
+    assert not (tmp_path / "x.svg").exists()
+
+
+@pytest.mark.parametrize("rate", ["-1", "nan", "inf", "1e9"])
+def test_sample_rate_must_be_zero_or_a_sane_positive_number(tmp_path, rate):
+    script = write(tmp_path / "prog.py", "print('ran')\n")
+    out = diagnose("--sample-hz", rate, str(script))
+    assert out.returncode == 2
+    assert "--sample-hz" in out.stderr and out.stdout == ""
+
+
+@pytest.mark.parametrize("flag", ["--trace", "--svg"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(tmp_path, flag):
+    script = write(tmp_path / "prog.py", "print('ran')\n")
+    out = diagnose(flag, str(tmp_path / "missing" / "out"), str(script))
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.count("\n") == 1 and flag in out.stderr, out.stderr
+
+
+def test_outputs_are_resolved_before_the_program_changes_directory(tmp_path):
+    write(tmp_path / "elsewhere" / ".keep", "")
+    script = write(tmp_path / "prog.py", "import os\nos.chdir('elsewhere')\n")
+    out = diagnose("--svg", "g.svg", "--trace", "t.json", str(script), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "g.svg").exists() and (tmp_path / "t.json").exists()
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == [".keep"]
+
+
+def test_an_output_failing_after_the_run_keeps_the_exit_status_and_the_other_output(tmp_path):
+    script = write(tmp_path / "prog.py", "import shutil, sys\nshutil.rmtree('gone')\nsys.exit(3)\n")
+    (tmp_path / "gone").mkdir()
+    out = diagnose("--trace", "gone/t.json", "--svg", "g.svg", str(script), cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert "verdict:" in out.stderr and "gone/t.json" in out.stderr
+    assert (tmp_path / "g.svg").read_text().startswith("<svg")
+
+
+def test_unmeasured_run_says_outputs_are_skipped(tmp_path):
+    script = write(tmp_path / "prog.py", "print('ran')\n")
+    # gilfree._gilhook failing to import is what an unsupported interpreter looks like.
+    launcher = "import sys; sys.modules['gilfree._gilhook'] = None; from gilfree.__main__ import main; sys.exit(main())"
+    out = run("-c", launcher, "diagnose", "--svg", str(tmp_path / "g.svg"), str(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ran\n"
+    assert "unmeasured" in out.stderr and "--svg" in out.stderr and "not written" in out.stderr
+    assert not (tmp_path / "g.svg").exists()
