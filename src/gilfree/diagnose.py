@@ -2,13 +2,15 @@
 
 Runs a program under exact GIL accounting (like ``python -m cProfile``) and prints the GIL
 report and its verdict to stderr when the program ends: normally, by sys.exit, by an exception
-or on Ctrl-C. Where accounting is impossible the program still runs, unmeasured.
+or on Ctrl-C, once its non-daemon threads have finished. Where accounting is impossible the
+program still runs, unmeasured.
 """
 import optparse
 import os
 import runpy
 import sys
 import threading
+import traceback
 
 from . import gil
 from .errors import UnsupportedInterpreter
@@ -57,11 +59,14 @@ def _run(is_module, target):
         runpy.run_path(target[0], run_name="__main__")
 
 
-def _join_non_daemon_threads():
-    # The interpreter would wait for them before exiting: they belong to the run.
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+def _end_threads():
+    # What the interpreter does once the main module has finished: threading's atexit callbacks
+    # (concurrent.futures' executors), the main thread marked finished, non-daemon threads joined.
+    try:
+        threading._shutdown()
+    except KeyboardInterrupt as exc:  # a second Ctrl-C stops the wait; python reports it so
+        print(f"Exception ignored in: {threading!r}", file=sys.stderr)
+        traceback.print_exception(exc.with_traceback(exc.__traceback__.tb_next))
 
 
 def main(argv):
@@ -81,30 +86,29 @@ def main(argv):
         print(f"gilfree diagnose: exact GIL accounting is unavailable here: {exc}\n"
               f"gilfree diagnose: running the program unmeasured{skipped}.", file=sys.stderr)
         m = None
+    pid = os.getpid()
     code = 0
     try:
         _run(options.module, target)
-        _join_non_daemon_threads()
     except SystemExit as exc:
         code = exc.code
     except KeyboardInterrupt:
         print("gilfree diagnose: interrupted", file=sys.stderr)
         code = 130
     except BaseException:
-        import traceback
-
         traceback.print_exc()
         code = 1
-    finally:
-        if m is not None:
-            m.__exit__(None, None, None)
-            print("\n" + str(m.report()), file=sys.stderr)
-            for flag, write, what in (("--trace", m.write_trace, "timeline written to {} (open in https://ui.perfetto.dev)"),
-                                      ("--svg", m.write_svg, "picture written to {}")):
-                if flag in outputs:
-                    try:
-                        write(outputs[flag])
-                        print("gilfree diagnose: " + what.format(outputs[flag]), file=sys.stderr)
-                    except OSError as exc:
-                        print(f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}", file=sys.stderr)
+    _end_threads()
+    if m is None or os.getpid() != pid:  # a child the program forked ends without a report
+        return code
+    m.__exit__(None, None, None)
+    print("\n" + str(m.report()), file=sys.stderr)
+    for flag, write, what in (("--trace", m.write_trace, "timeline written to {} (open in https://ui.perfetto.dev)"),
+                              ("--svg", m.write_svg, "picture written to {}")):
+        if flag in outputs:
+            try:
+                write(outputs[flag])
+                print("gilfree diagnose: " + what.format(outputs[flag]), file=sys.stderr)
+            except OSError as exc:
+                print(f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}", file=sys.stderr)
     return code

@@ -87,3 +87,65 @@ def test_unmeasured_run_says_outputs_are_skipped(tmp_path):
     assert out.stdout == "ran\n"
     assert "unmeasured" in out.stderr and "--svg" in out.stderr and "not written" in out.stderr
     assert not (tmp_path / "g.svg").exists()
+
+
+# --- the end of the run: as the interpreter ends it (threading._shutdown), then the report
+
+
+def test_an_executor_left_running_ends_as_under_python(tmp_path):
+    """A library's module-level executor, never shut down: threading's atexit callback stops it."""
+    write(tmp_path / "lib.py", """
+        from concurrent.futures import ThreadPoolExecutor
+        EXECUTOR = ThreadPoolExecutor(2)
+    """)
+    script = write(tmp_path / "app.py", "import lib\nprint(lib.EXECUTOR.submit(pow, 2, 10).result())\n")
+    out = diagnose(str(script), timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "1024\n"
+    assert "verdict:" in out.stderr
+
+
+def test_a_thread_waiting_for_the_main_thread_to_finish_ends(tmp_path):
+    script = write(tmp_path / "watchdog.py", """
+        import threading, time
+        def watchdog():
+            while threading.main_thread().is_alive():
+                time.sleep(0.01)
+            print("watchdog: main finished", flush=True)
+        threading.Thread(target=watchdog).start()
+        print("main done", flush=True)
+    """)
+    out = diagnose(str(script), timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "main done\nwatchdog: main finished\n"
+
+
+@pytest.mark.parametrize("ending, status", [("sys.exit(3)", 3), ("raise ValueError('boom')", 1)])
+def test_the_report_waits_for_threads_still_running_after_an_exit(tmp_path, ending, status):
+    script = write(tmp_path / "exits.py", f"""
+        import sys, threading, time
+        def work():
+            time.sleep(0.3)
+            print("worker finished", flush=True)
+        threading.Thread(target=work).start()
+        {ending}
+    """)
+    out = diagnose(str(script), stderr=subprocess.STDOUT, capture_output=False, stdout=subprocess.PIPE)
+    assert out.returncode == status
+    assert "worker finished" in out.stdout and "GIL report" in out.stdout
+    assert out.stdout.index("worker finished") < out.stdout.index("GIL report"), out.stdout
+
+
+def test_a_forked_child_ends_without_a_report(tmp_path):
+    script = write(tmp_path / "forks.py", """
+        import os, sys
+        pid = os.fork()
+        if pid == 0:
+            print("child", flush=True)
+            sys.exit(5)   # runs to the end of the program, as a child of os.fork may
+        print("parent saw", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    """)
+    out = diagnose("--svg", str(tmp_path / "g.svg"), str(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "child\nparent saw 5\n"
+    assert out.stderr.count("GIL report") == 1 and out.stderr.count("picture written") == 1, out.stderr
