@@ -1,16 +1,24 @@
-"""`python -m gilfree diagnose [--trace OUT.json] [--svg OUT.svg] (script.py | -m module) [args...]`
+"""`python -m gilfree diagnose [--trace OUT.json] [--svg OUT.svg] [--sample-hz N] (script.py | -m module) [args...]`
 
 Runs a program under exact GIL accounting (like ``python -m cProfile``) and prints the GIL
 report and its verdict to stderr when the program ends: normally, by sys.exit, by an exception
 or on Ctrl-C, once its non-daemon threads have finished. Where accounting is impossible the
 program still runs, unmeasured.
+
+The program runs as under ``python``: its own ``__main__`` module (also ``__mp_main__``, for
+multiprocessing), ``sys.argv``, ``sys.path[0]``, ``__file__``, ``sys.excepthook`` and exit status.
 """
+import builtins
+import io
 import optparse
 import os
 import runpy
 import sys
 import threading
 import traceback
+import types
+from importlib.machinery import SourceFileLoader
+from pkgutil import get_importer
 
 from . import gil
 from .errors import UnsupportedInterpreter
@@ -48,15 +56,76 @@ def _writable(path):
     return path
 
 
-def _run(is_module, target):
-    """Runs the program the way `python script.py` / `python -m module` would."""
-    sys.argv = list(target)
-    if is_module:
-        sys.path.insert(0, os.getcwd())
-        runpy.run_module(target[0], run_name="__main__", alter_sys=True)
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))
-        runpy.run_path(target[0], run_name="__main__")
+def _put_first(entry, even_safe=False):
+    # python puts the program's location first; here that slot holds gilfree's own launcher
+    # entry, unless -P / PYTHONSAFEPATH kept python from adding one.
+    if not sys.flags.safe_path:
+        sys.path[0] = entry
+    elif even_safe:
+        sys.path.insert(0, entry)
+
+
+def _locate(is_module, name):
+    """The program's (code, spec), found as `python` finds it, sys.path[0] set on the way; if it
+    cannot be found, exits with python's message and status."""
+    try:
+        if is_module:
+            _put_first(os.getcwd())
+            _, spec, code = runpy._get_module_details(name, runpy._Error)
+            return code, spec
+        path = os.path.join(os.getcwd(), name)  # python's __file__: absolute, as typed otherwise
+        if get_importer(path) is not None:  # a directory or zip file: python runs its __main__ module
+            _put_first(path, even_safe=True)
+            _, spec, code = runpy._get_main_module_details(runpy._Error)
+            return code, spec
+        _put_first(os.path.dirname(os.path.realpath(path)))
+        try:
+            with io.open_code(path) as f:
+                source = f.read()
+        except OSError as exc:
+            print(f"{sys.orig_argv[0]}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}", file=sys.stderr)
+            sys.exit(2)
+        return compile(source, path, "exec", dont_inherit=True), None
+    except runpy._Error as exc:
+        sys.exit(f"{sys.executable}: {exc}")  # as runpy._run_module_as_main, which python -m runs
+    except SyntaxError as exc:
+        sys.excepthook(type(exc), exc.with_traceback(None), None)  # python shows no traceback for it
+        sys.exit(1)
+
+
+def _exit_status(exc):
+    """The exit status python gives a SystemExit, printing its message if it is not a number."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    try:
+        print(exc.code, file=sys.stderr)
+    except (OSError, ValueError):  # python ignores a stderr it cannot write to
+        pass
+    return 1
+
+
+def _run(code, spec, main):
+    """Runs the program in module `main`; returns its exit status, having shown its error as python would."""
+    try:
+        if spec is None:
+            main.__file__, main.__cached__ = code.co_filename, None
+            main.__loader__ = SourceFileLoader("__main__", code.co_filename)
+            exec(code, vars(main))
+        else:
+            runpy._run_code(code, vars(main), None, "__main__", spec)
+    except SystemExit as exc:
+        return _exit_status(exc)
+    except BaseException as exc:
+        # Cut diagnose's and runpy's frames: python shows none above the program's.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code is not code:
+            tb = tb.tb_next
+        exc.__traceback__ = tb or exc.__traceback__
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    return 0
 
 
 def _end_threads():
@@ -69,6 +138,13 @@ def _end_threads():
         traceback.print_exception(exc.with_traceback(exc.__traceback__.tb_next))
 
 
+def _real_stderr():
+    """The process's stderr, even if the program closed or replaced sys.stderr."""
+    if sys.__stderr__ is not None and not sys.__stderr__.closed:
+        return sys.__stderr__
+    return open(2, "w", errors="backslashreplace", closefd=False)
+
+
 def main(argv):
     options, target = _parse(argv)
     outputs = {}
@@ -79,6 +155,16 @@ def main(argv):
             except OSError as exc:
                 print(f"gilfree diagnose: cannot write {flag} {path}: {exc.strerror}", file=sys.stderr)
                 return 2
+    # The program gets a fresh __main__ that stays until the process ends, as under python, so
+    # its classes pickle also from threads still running after its body; multiprocessing's
+    # __mp_main__ alias (set when gilfree imported it) must point there too.
+    main_module = types.ModuleType("__main__")
+    main_module.__builtins__ = builtins
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = main_module
+    sys.argv = ["-m" if options.module else target[0], *target[1:]]  # python's argv while it looks for a module
+    code, spec = _locate(options.module, target[0])
+    if options.module:
+        sys.argv[0] = spec.origin
     try:
         m = gil.monitor(trace=True, sample_hz=options.sample_hz).__enter__()
     except UnsupportedInterpreter as exc:
@@ -87,28 +173,20 @@ def main(argv):
               f"gilfree diagnose: running the program unmeasured{skipped}.", file=sys.stderr)
         m = None
     pid = os.getpid()
-    code = 0
-    try:
-        _run(options.module, target)
-    except SystemExit as exc:
-        code = exc.code
-    except KeyboardInterrupt:
-        print("gilfree diagnose: interrupted", file=sys.stderr)
-        code = 130
-    except BaseException:
-        traceback.print_exc()
-        code = 1
+    status = _run(code, spec, main_module)
     _end_threads()
     if m is None or os.getpid() != pid:  # a child the program forked ends without a report
-        return code
+        return status
     m.__exit__(None, None, None)
-    print("\n" + str(m.report()), file=sys.stderr)
+    err = _real_stderr()
+    print("\n" + str(m.report()), file=err)
     for flag, write, what in (("--trace", m.write_trace, "timeline written to {} (open in https://ui.perfetto.dev)"),
                               ("--svg", m.write_svg, "picture written to {}")):
         if flag in outputs:
             try:
                 write(outputs[flag])
-                print("gilfree diagnose: " + what.format(outputs[flag]), file=sys.stderr)
+                print("gilfree diagnose: " + what.format(outputs[flag]), file=err)
             except OSError as exc:
-                print(f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}", file=sys.stderr)
-    return code
+                print(f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}", file=err)
+    err.flush()
+    return status

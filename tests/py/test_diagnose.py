@@ -1,5 +1,6 @@
 """`python -m gilfree diagnose`: the program behaves as under plain `python`, plus the report."""
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -149,3 +150,122 @@ def test_a_forked_child_ends_without_a_report(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout == "child\nparent saw 5\n"
     assert out.stderr.count("GIL report") == 1 and out.stderr.count("picture written") == 1, out.stderr
+
+
+# --- the program sees what python gives it
+
+
+SHOWS = """
+import builtins, multiprocessing, sys
+print(sys.argv, __file__, __name__, __package__, __spec__ and __spec__.name, type(__loader__).__name__)
+print(sys.path)
+print(__builtins__ is builtins, sys.modules["__main__"].__dict__ is globals(), sys.modules["__mp_main__"] is sys.modules["__main__"])
+"""
+
+
+@pytest.mark.parametrize("target", [["./app/shows.py", "a"], ["-m", "shows", "a"], ["app", "a"]])
+def test_program_sees_argv_path_and_main_as_under_python(tmp_path, target):
+    write(tmp_path / "app" / "shows.py", SHOWS)
+    write(tmp_path / "app" / "__main__.py", SHOWS)
+    write(tmp_path / "shows.py", SHOWS)
+    write(tmp_path / "colorsys.py", "print('the cwd shadowed the standard library')\n")  # in diagnose's own sys.path[0]
+    plain = run(*target, cwd=tmp_path)
+    out = diagnose(*target, cwd=tmp_path)
+    assert plain.returncode == out.returncode == 0, out.stderr
+    assert out.stdout == plain.stdout
+
+
+def test_script_directory_replaces_the_cwd_on_sys_path(tmp_path):
+    write(tmp_path / "cwd" / "colorsys.py", "print('the cwd shadowed the standard library')\n")
+    script = write(tmp_path / "app" / "prog.py", "import colorsys, sys\nprint(sys.path[0])\n")
+    out = diagnose(str(script), cwd=tmp_path / "cwd")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{tmp_path / 'app'}\n"
+
+
+def test_main_classes_pickle_from_threads_running_after_the_body(tmp_path):
+    script = write(tmp_path / "prog.py", """
+        import pickle, threading, time
+        class Point:
+            def __init__(self, x): self.x = x
+        def late():
+            time.sleep(0.2)
+            print(pickle.loads(pickle.dumps(Point(4))).x, pickle.loads(pickle.dumps(late)) is late, flush=True)
+        threading.Thread(target=late).start()
+    """)
+    out = diagnose(str(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "4 True\n"
+
+
+def test_spawned_workers_return_objects_of_main_classes(tmp_path):
+    script = write(tmp_path / "prog.py", """
+        import multiprocessing as mp
+        class Box:
+            pass
+        def make(_):
+            return Box()
+        if __name__ == "__main__":
+            with mp.get_context("spawn").Pool(1) as pool:
+                print(type(pool.apply_async(make, (0,)).get(timeout=20)).__name__)
+    """)
+    out = diagnose(str(script), timeout=40)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "Box\n"
+
+
+def test_uncaught_exception_is_shown_as_python_shows_it(tmp_path):
+    script = write(tmp_path / "boom.py", "def f():\n    raise ValueError('boom')\nf()\n")
+    plain = run(str(script))
+    out = diagnose(str(script))
+    assert out.returncode == plain.returncode == 1
+    assert out.stderr.startswith(plain.stderr), out.stderr
+    assert "verdict:" in out.stderr
+
+
+def test_the_programs_excepthook_handles_its_exception(tmp_path):
+    script = write(tmp_path / "hook.py", """
+        import sys
+        sys.excepthook = lambda t, v, tb: print("custom hook:", v, file=sys.stderr)
+        raise RuntimeError("x")
+    """)
+    out = diagnose(str(script))
+    assert out.returncode == 1
+    assert out.stderr.startswith("custom hook: x\n"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_ctrl_c_shows_the_programs_keyboard_interrupt(tmp_path):
+    script = write(tmp_path / "waits.py", """
+        import time
+        print("ready", flush=True)
+        time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "gilfree", "diagnose", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.startswith(f'Traceback (most recent call last):\n  File "{script}", line 4, in <module>\n'), err
+    assert "KeyboardInterrupt" in err and "verdict:" in err
+
+
+@pytest.mark.parametrize("mischief", ["sys.stderr.close()", "sys.stderr = io.StringIO()"])
+def test_report_reaches_the_real_stderr_whatever_the_program_did_to_sys_stderr(tmp_path, mischief):
+    script = write(tmp_path / "prog.py", f"import io, sys\n{mischief}\nsys.exit(4)\n")
+    out = diagnose(str(script))
+    assert out.returncode == 4
+    assert "verdict:" in out.stderr
+
+
+@pytest.mark.parametrize("target", [["missing.py"], ["-m", "no_such_module_here"]])
+def test_a_program_that_cannot_be_found_fails_as_under_python(tmp_path, target):
+    plain = run(*target, cwd=tmp_path)
+    out = diagnose(*target, cwd=tmp_path)
+    assert out.returncode == plain.returncode != 0
+    assert out.stderr == plain.stderr
+    assert out.stdout == ""
