@@ -30,6 +30,9 @@
 #include "gf/gilhook.h"
 #include "gf/got.h"
 
+/* A thread's first chunk is small: most threads of a thread-per-task program record a handful
+ * of events. Its later chunks are 64 KiB. */
+#define GF_FIRST_CHUNK_EVENTS 256
 #define GF_CHUNK_EVENTS 4096
 #define GF_SLOTS_PER_FUNCTION 4
 #define GF_HOOKED_FUNCTIONS 5 /* the entries of gf_hooked */
@@ -59,13 +62,19 @@
 struct gf_chunk {
   struct gf_chunk *next; /* set once by the owner (release), read by the drainer (acquire) */
   uint32_t count;        /* events published: owner stores with release, drainer loads acquire */
-  struct gf_gilhook_event events[GF_CHUNK_EVENTS];
+  uint32_t capacity;     /* set before the chunk is published, then constant */
+  struct gf_gilhook_event events[];
 };
 
 struct gf_thread {
-  struct gf_thread *next; /* the global list is push-only and never freed, so readers need no lock */
+  /* Threads push their record at the head of the list (CAS); only the reaper unlinks, and it is
+   * serialized with every reader, so readers need no lock. */
+  struct gf_thread *next;
   uint32_t id;  /* set before the record is published, then constant */
   uint32_t tid;
+  /* Set (release) by the owner as its very last access, at thread exit: from then on the
+   * reaper may free the record. */
+  int done;
   /* Seqlock over the stats below: odd while the owner updates them. */
   uint32_t seq;
   uint64_t first_ns, exit_ns, held_ns, wait_ns, acquisitions, waits, switches_in, forced,
@@ -83,10 +92,12 @@ struct gf_thread {
   unsigned wait_generation;
   uint64_t defer_ns; /* deferral used in the current wait */
   uint64_t spin_ns;  /* current adaptive poll for a requested drop (0: not yet set) */
-  struct gf_thread *asked; /* the holder this wait already asked to drop */
+  uint32_t asked; /* id of the holder this wait already asked to drop (ids, unlike pointers, are
+                     not reused when a record is freed) */
   uint32_t took_from;      /* see gf_gilhook_took_from */
   struct gf_chunk *tail;
-  /* Set once by the owner (release); the drainer starts from it. */
+  /* Set once by the owner (release); the drainer starts from it, and clears it once it has
+   * freed the chunks of a done record. */
   struct gf_chunk *head;
   /* Drainer-only fields. */
   struct gf_chunk *drain_chunk;
@@ -115,8 +126,11 @@ static struct {
   int installed;
   unsigned generation;
   struct gf_thread *threads;
-  /* Written only under the GIL's mutex (at acquire/release/request), read holding it. */
-  struct gf_thread *holder, *last_holder, *asked_holder;
+  /* Written only under the GIL's mutex (at acquire/release/request), read holding it. holder and
+   * asked_holder point to the thread holding the GIL, which cannot have ended; the previous
+   * holder is kept by id and tid, since its record may be freed once it ends. */
+  struct gf_thread *holder, *asked_holder;
+  uint32_t last_holder_id, last_holder_tid;
   int asked_by_priority; /* asked_holder was asked by a higher-priority waiter */
   /* Signals of switch_cond so far. take_gil sends them under switch_mutex, so a reader holding
    * switch_mutex knows no signal is missed between its read and its wait; atomic, because
@@ -125,6 +139,8 @@ static struct {
   int cond_clock; /* the clock of the GIL's cond, learned from take_gil's deadline; -1 unknown */
   int tracing;
   uint32_t next_id; /* atomic: records are created by their own threads */
+  /* Counts of the records reaped so far; only the (serialized) reaper and totals touch them. */
+  struct gf_gilhook_totals retired;
   size_t budget, used;
   uint64_t dropped;
   int priority_threads;                  /* threads with a nonzero priority; atomic */
@@ -154,18 +170,40 @@ static void gf_write_end(struct gf_thread *t) {
   __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELEASE);
 }
 
+static size_t gf_chunk_size(uint32_t capacity) {
+  return sizeof(struct gf_chunk) + capacity * sizeof(struct gf_gilhook_event);
+}
+
+/* For the drainer and the reaper, once the owner no longer touches the chunk. */
+static void gf_free_chunk(struct gf_chunk *chunk) {
+  __atomic_sub_fetch(&gf.used, gf_chunk_size(chunk->capacity), __ATOMIC_RELAXED);
+  free(chunk);
+}
+
+/* Frees a done record's chunks from `chunk` on. */
+static void gf_free_chunks(struct gf_chunk *chunk) {
+  while (chunk != NULL) {
+    struct gf_chunk *next = chunk->next;
+    gf_free_chunk(chunk);
+    chunk = next;
+  }
+}
+
 static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
   if (!__atomic_load_n(&gf.tracing, __ATOMIC_RELAXED))
     return;
   struct gf_chunk *chunk = t->tail;
-  if (chunk == NULL || chunk->count == GF_CHUNK_EVENTS) {
-    size_t used = __atomic_add_fetch(&gf.used, sizeof(*chunk), __ATOMIC_RELAXED);
-    struct gf_chunk *fresh = used <= gf.budget ? calloc(1, sizeof(*fresh)) : NULL;
+  if (chunk == NULL || chunk->count == chunk->capacity) {
+    uint32_t capacity = chunk == NULL ? GF_FIRST_CHUNK_EVENTS : GF_CHUNK_EVENTS;
+    size_t size = gf_chunk_size(capacity);
+    size_t used = __atomic_add_fetch(&gf.used, size, __ATOMIC_RELAXED);
+    struct gf_chunk *fresh = used <= gf.budget ? calloc(1, size) : NULL;
     if (fresh == NULL) {
-      __atomic_sub_fetch(&gf.used, sizeof(*chunk), __ATOMIC_RELAXED);
+      __atomic_sub_fetch(&gf.used, size, __ATOMIC_RELAXED);
       __atomic_add_fetch(&gf.dropped, 1, __ATOMIC_RELAXED);
       return;
     }
+    fresh->capacity = capacity;
     if (chunk != NULL)
       __atomic_store_n(&chunk->next, fresh, __ATOMIC_RELEASE);
     else
@@ -202,6 +240,7 @@ static void gf_thread_exit(void *arg) {
   if (__atomic_exchange_n(&t->priority, 0, __ATOMIC_RELAXED) != 0)
     __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
   gf_self = &gf_exited;
+  __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
 }
 
 static void gf_make_key(void) { pthread_key_create(&gf.key, gf_thread_exit); }
@@ -250,7 +289,7 @@ static void gf_begin_wait(struct gf_thread *t, uint64_t since) {
   t->contended = 0;
   t->forced_at = 0;
   t->defer_ns = 0;
-  t->asked = NULL;
+  t->asked = 0;
   t->wait_slot = gf_slot_of(GF_LOAD(t->priority));
   t->wait_generation = __atomic_load_n(&gf.generation, __ATOMIC_RELAXED);
   __atomic_add_fetch(&gf.waiting[t->wait_slot], 1, __ATOMIC_RELAXED);
@@ -275,16 +314,19 @@ static void gf_on_acquire(struct gf_thread *t) {
     GF_ADD(t->waits, (uint64_t)t->contended);
   }
   GF_ADD(t->acquisitions, 1);
-  t->took_from = state == GF_GIL_WANT && t->contended && gf.last_holder && gf.last_holder != t
-                     ? gf.last_holder->tid
+  t->took_from = state == GF_GIL_WANT && t->contended && gf.last_holder_id != 0 &&
+                         gf.last_holder_id != t->id
+                     ? gf.last_holder_tid
                      : 0;
-  if (gf.last_holder != t)
+  if (gf.last_holder_id != t->id)
     GF_ADD(t->switches_in, 1);
   GF_STORE(t->state, GF_GIL_HELD);
   GF_STORE(t->since_ns, now);
   gf_write_end(t);
   gf_end_wait_slot(t);
-  gf.last_holder = gf.holder = t;
+  gf.holder = t;
+  gf.last_holder_id = t->id;
+  gf.last_holder_tid = t->tid;
   gf.asked_holder = NULL;
   gf.asked_by_priority = 0;
   gf_emit_at(t, GF_GIL_ACQUIRE | (state == GF_GIL_WANT && t->contended ? GF_GIL_CONTENDED : 0), now);
@@ -325,9 +367,9 @@ static int gf_waiting_from(int priority) {
 /* Counts one drop request of t's current wait against `holder`. */
 static void gf_count_request(struct gf_thread *t, struct gf_thread *holder) {
   gf.asked_holder = holder;
-  if (t->asked == holder)
+  if (t->asked == holder->id)
     return;
-  t->asked = holder;
+  t->asked = holder->id;
   gf_write_begin(t);
   GF_ADD(t->drop_requests, 1);
   gf_write_end(t);
@@ -680,7 +722,9 @@ int gf_gilhook_install(const void *object_addr, const struct gf_gilhook_targets 
   GF_STORE(self->state, GF_GIL_HELD);
   GF_STORE(self->since_ns, gf.install_ns);
   gf_write_end(self);
-  gf.holder = gf.last_holder = self;
+  gf.holder = self;
+  gf.last_holder_id = self->id;
+  gf.last_holder_tid = self->tid;
 
   gf.nsaved = 0;
   for (size_t i = 0; i < GF_NHOOKED; i++) {
@@ -785,6 +829,8 @@ size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap) {
   size_t n = 0;
   for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t && n < cap;
        t = t->next) {
+    /* Loaded before the events: once done is seen, every event of the owner is published. */
+    int done = __atomic_load_n(&t->done, __ATOMIC_ACQUIRE);
     if (t->drain_chunk == NULL) {
       t->drain_chunk = __atomic_load_n(&t->head, __ATOMIC_ACQUIRE);
       t->drain_pos = 0;
@@ -794,19 +840,89 @@ size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap) {
       uint32_t count = __atomic_load_n(&chunk->count, __ATOMIC_ACQUIRE);
       while (t->drain_pos < count && n < cap)
         out[n++] = chunk->events[t->drain_pos++];
-      if (t->drain_pos < GF_CHUNK_EVENTS)
+      if (t->drain_pos < count)
+        break; /* out is full */
+      struct gf_chunk *next =
+          t->drain_pos == chunk->capacity ? __atomic_load_n(&chunk->next, __ATOMIC_ACQUIRE) : NULL;
+      if (next == NULL) {
+        if (done) { /* all read, and the owner has ended: its last chunk is not needed */
+          gf_free_chunk(chunk);
+          t->head = t->drain_chunk = NULL;
+        }
         break;
-      struct gf_chunk *next = __atomic_load_n(&chunk->next, __ATOMIC_ACQUIRE);
-      if (next == NULL)
-        break;
+      }
       /* The owner linked a successor, so it never touches this full chunk again. */
       t->drain_chunk = next;
       t->drain_pos = 0;
-      free(chunk);
-      __atomic_sub_fetch(&gf.used, sizeof(*chunk), __ATOMIC_RELAXED);
+      gf_free_chunk(chunk);
     }
   }
   return n;
+}
+
+/* Whether the reaper may free t: its owner has ended, and its events were drained or nobody
+ * records events any more (tracing off: they are discarded). */
+static int gf_reapable(struct gf_thread *t, int tracing) {
+  return __atomic_load_n(&t->done, __ATOMIC_ACQUIRE) && (!tracing || t->head == NULL);
+}
+
+static void gf_add_counts(struct gf_gilhook_totals *sum, const struct gf_gilhook_thread_stats *s) {
+  sum->held_ns += s->held_ns;
+  sum->wait_ns += s->wait_ns;
+  sum->acquisitions += s->acquisitions;
+  sum->waits += s->waits;
+  sum->switches_in += s->switches_in;
+  sum->forced += s->forced;
+  sum->drop_requests += s->drop_requests;
+  sum->timeouts += s->timeouts;
+}
+
+/* Takes t out of the list, whose head other threads may be pushing to meanwhile. */
+static void gf_unlink(struct gf_thread *prev, struct gf_thread *t) {
+  if (prev == NULL) {
+    struct gf_thread *head = t;
+    if (__atomic_compare_exchange_n(&gf.threads, &head, t->next, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE))
+      return;
+    /* Threads pushed records in front of t meanwhile: it has a predecessor now. Pushers
+     * write only the head and their own record's next, so this store races with nobody. */
+    for (prev = head; prev->next != t; prev = prev->next)
+      ;
+  }
+  prev->next = t->next;
+}
+
+size_t gf_gilhook_reap(int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg) {
+  int tracing = __atomic_load_n(&gf.tracing, __ATOMIC_RELAXED);
+  size_t n = 0;
+  struct gf_thread *prev = NULL, *next;
+  for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = next) {
+    next = t->next;
+    if (!gf_reapable(t, tracing)) {
+      prev = t;
+      continue;
+    }
+    struct gf_gilhook_thread_stats s;
+    gf_snapshot(t, &s, 0); /* an ended thread has no interval in progress */
+    if (fn != NULL && fn(&s, arg))
+      break;
+    gf_unlink(prev, t);
+    gf_add_counts(&gf.retired, &s);
+    gf_free_chunks(t->drain_chunk != NULL ? t->drain_chunk : t->head);
+    free(t);
+    n++;
+  }
+  return n;
+}
+
+void gf_gilhook_totals(uint64_t now, struct gf_gilhook_totals *out) {
+  *out = gf.retired;
+  for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = t->next) {
+    struct gf_gilhook_thread_stats s;
+    gf_snapshot(t, &s, now);
+    out->live_threads += s.exit_ns == 0;
+    gf_add_counts(out, &s);
+  }
 }
 
 uint64_t gf_gilhook_dropped(void) { return __atomic_load_n(&gf.dropped, __ATOMIC_RELAXED); }

@@ -170,16 +170,23 @@ class _Sampler(threading.Thread):
         self.join()
 
 
-_active = []  # monitors collecting events; drained events go to each of them
+# Draining and reaping run under _lock, with the monitors' windows opening and closing.
+_lock = threading.Lock()
+_open = []  # monitors inside their window: they get the final rows of threads reaped meanwhile
+_active = []  # of which collect events: drained events go to each of them
 
 
-def _drain(hook):
+def _sync(hook):
+    """Drains the recorded events into the tracing monitors, then frees the records of ended
+    threads (whose events are all drained now), handing their final rows to the open monitors."""
     data = hook.drain()
-    if not data or not _active:
-        return
-    events = list(_EVENT.iter_unpack(data))
-    for m in _active:
-        m._events.extend(events)
+    if data and _active:
+        events = list(_EVENT.iter_unpack(data))
+        for m in _active:
+            m._events.extend(events)
+    for row in hook.reap():
+        for m in _open:
+            m._reaped[row[_ID]] = row
 
 
 class Monitor:
@@ -194,13 +201,16 @@ class Monitor:
     def __enter__(self):
         hook = self._hook = _hook()
         self._events = []
+        self._reaped = {}
         self._names = _ThreadNames(hook)
-        hook.acquire(self._trace, self._budget)
-        self._dropped0 = hook.dropped()
-        if self._trace:
-            _drain(hook)  # what came before belongs to earlier monitors
-            _active.append(self)
-        self._t0, rows = hook.threads()
+        with _lock:
+            hook.acquire(self._trace, self._budget)
+            self._dropped0 = hook.dropped()
+            _sync(hook)  # what came before belongs to earlier monitors
+            self._t0, rows = hook.threads()
+            _open.append(self)
+            if self._trace:
+                _active.append(self)
         self._names.start(rows)
         self._start = {row[_ID]: row for row in rows}
         self._sampler = _Sampler(hook, self._sample_hz) if self._sample_hz else None
@@ -213,19 +223,22 @@ class Monitor:
         hook = self._hook
         if self._sampler:
             self._sampler.stop()
-        self._t1, rows = hook.threads()
-        self._end = {row[_ID]: row for row in rows}
+        with _lock:
+            self._t1, rows = hook.threads()
+            _sync(hook)
+            _open.remove(self)
+            if self._trace:
+                _active.remove(self)
+            self._dropped = hook.dropped() - self._dropped0
+            hook.release(self._trace)
+        # Threads reaped during the window, with their rows at its end where still listed then.
+        self._end = {**self._reaped, **{row[_ID]: row for row in rows}}
         self._interval = sys.getswitchinterval()
         self._names.stop(rows)
         live = _live_records(rows)
         # Python threads alive now, by record id; those without a record (never seen by the
         # hooks: blocked without the GIL all along) by their negated native id.
         self._alive = {live.get(t.native_id, -t.native_id): t.name for t in threading.enumerate() if t.native_id}
-        if self._trace:
-            _drain(hook)
-            _active.remove(self)
-        self._dropped = hook.dropped() - self._dropped0
-        hook.release(self._trace)
         return False
 
     def _window_events(self):
@@ -509,29 +522,34 @@ _counting = False
 def counters():
     """Cumulative GIL numbers since accounting started (the first call starts it; stop() ends it).
 
-    Returns a dict: held_s, wait_s, waits, acquisitions, switches, forced_switches, threads.
+    Returns a dict: held_s, wait_s, waits, acquisitions, switches, forced_switches, and threads:
+    the threads alive now that the hooks have seen. Its cost grows with those, not with the
+    threads that have ended.
     """
     global _counting
     hook = _hook()
-    if not _counting:
-        hook.acquire(False, 0)
-        _counting = True
-    _, rows = hook.threads()
+    with _lock:
+        if not _counting:
+            hook.acquire(False, 0)
+            _counting = True
+        _sync(hook)  # ended threads' records are folded into the totals
+        live, held, wait, acquisitions, waits, switches, _, requests = hook.totals()
     return {
-        "held_s": sum(r[_HELD] for r in rows) / 1e9,
-        "wait_s": sum(r[_WAIT] for r in rows) / 1e9,
-        "waits": sum(r[_WAITS] for r in rows),
-        "acquisitions": sum(r[_ACQ] for r in rows),
-        "switches": sum(r[_SWITCHES] for r in rows),
-        "forced_switches": sum(r[_REQUESTS] for r in rows),
-        "threads": len(rows),
+        "held_s": held / 1e9,
+        "wait_s": wait / 1e9,
+        "waits": waits,
+        "acquisitions": acquisitions,
+        "switches": switches,
+        "forced_switches": requests,
+        "threads": live,
     }
 
 
 def stop():
     """Ends the accounting counters() started (monitors and priorities keep theirs)."""
     global _counting
-    if _counting:
-        _hook().release(False)
-        _counting = False
+    with _lock:
+        if _counting:
+            _hook().release(False)
+            _counting = False
 

@@ -313,3 +313,62 @@ GF_TEST(gilhook_keeps_threads_with_a_reused_tid_apart) {
   GF_CHECK_EQ(f.acquisitions[0], 2);
   GF_CHECK_EQ(f.acquisitions[1], 1);
 }
+
+static int count_ended(const struct gf_gilhook_thread_stats *s, void *arg) {
+  *(int *)arg += s->exit_ns != 0;
+  return 0;
+}
+
+static int count_visit(const struct gf_gilhook_thread_stats *s, void *arg) {
+  ++*(int *)arg;
+  return 0;
+}
+
+GF_TEST(gilhook_frees_an_ended_threads_chunks_and_record) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  /* Room for a few small first chunks: each ended thread must give its chunk back once its
+   * events are read, or the budget is gone after four threads. */
+  size_t budget = 4 * (sizeof(struct gf_gilhook_event) * 256 + 64);
+  gf_gilhook_tracing(1, budget);
+  uint64_t dropped = gf_gilhook_dropped();
+  struct gf_gilhook_event events[64];
+  size_t drained = 0;
+  for (int i = 0; i < 20; i++) {
+    struct worker w = {.rounds = 1};
+    pthread_create(&w.thread, NULL, worker_main, &w);
+    pthread_join(w.thread, NULL);
+    for (size_t n; (n = gf_gilhook_drain(events, 64)) > 0;)
+      drained += n;
+  }
+  int ended = 0;
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), count_ended, &ended);
+  GF_CHECK(ended >= 20);
+  /* Reaping frees the ended records; the totals keep their counts. */
+  uint64_t now = gf_gilhook_now_ns();
+  struct gf_gilhook_totals before, after;
+  gf_gilhook_totals(now, &before);
+  int reaped = 0;
+  GF_CHECK_EQ(gf_gilhook_reap(count_visit, &reaped), (size_t)reaped);
+  gf_gilhook_totals(now, &after);
+  int left = 0;
+  ended = 0;
+  gf_gilhook_foreach_thread(now, count_visit, &left);
+  gf_gilhook_foreach_thread(now, count_ended, &ended);
+  gf_gilhook_tracing(-1, budget);
+  fx.take(&self);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+
+  GF_CHECK_EQ(gf_gilhook_dropped(), dropped);
+  GF_CHECK(drained >= 20 * 3); /* wait or acquire, release, exit per thread */
+  GF_CHECK(reaped >= 20);
+  GF_CHECK_EQ(ended, 0);
+  GF_CHECK_EQ(left, (int)after.live_threads);
+  GF_CHECK_EQ(after.live_threads, before.live_threads);
+  GF_CHECK_EQ(after.acquisitions, before.acquisitions);
+  GF_CHECK_EQ(after.held_ns, before.held_ns);
+  GF_CHECK_EQ(after.wait_ns, before.wait_ns);
+}

@@ -526,3 +526,41 @@ def test_threads_whose_native_id_was_reused_are_reported_apart():
     assert a.tid == b.tid == first.native_id
     assert a.held_s >= 0.04 and b.held_s >= 0.04
     assert sum(t.held_s for t in report.threads) <= report.wall_s
+
+
+def start_and_join(n, target=lambda: None):
+    for _ in range(n):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+
+
+def test_ended_threads_give_their_event_memory_back():
+    budget = 4 << 20  # 64 KB a thread kept after its end would exhaust it after 64 threads
+    with gil.monitor(trace_budget_bytes=budget) as m:
+        start_and_join(300)
+    assert m.report().dropped_events == 0
+    with gil.monitor(trace_budget_bytes=budget) as later:  # the budget is all there again
+        a, b = threading.Thread(target=cpu_loop, args=(0.05,)), threading.Thread(target=cpu_loop, args=(0.05,))
+        for t in (a, b):
+            t.start()
+        start_and_join(300)
+        for t in (a, b):
+            t.join()
+    report = later.report()
+    assert report.dropped_events == 0
+    assert thread_of(report, a.name).wait_p50_s > 0 and thread_of(report, b.name).wait_p50_s > 0
+
+
+def test_counters_count_live_threads_and_forget_ended_ones():
+    try:
+        first = gil.counters()
+        start_and_join(500, lambda: cpu_loop(0.0001))
+        second = gil.counters()
+        records = len(gilfree._gilhook.threads()[1])
+    finally:
+        gil.stop()
+    alive = threading.active_count() + 1  # slack for a thread of an earlier test still ending
+    assert first["threads"] <= alive and second["threads"] <= alive
+    assert records <= alive  # the ended threads' records are freed ...
+    assert second["acquisitions"] >= first["acquisitions"] + 500  # ... and their counts kept

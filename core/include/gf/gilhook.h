@@ -4,9 +4,10 @@
  * finds and checks the GIL's addresses and passes them in.
  *
  * Threading model: each hooked thread updates only its own record (stats under a seqlock,
- * events in its own chunk list); readers (stats, drain) may run on any thread. install,
- * uninstall, drain and the tracing switch must be serialized by the caller (the binding holds
- * the GIL). All functions return 0 or a negative errno unless stated. */
+ * events in its own chunk list). Everything else - install, uninstall, the tracing switch and
+ * the readers (foreach_thread, totals, drain, reap, reset_priorities) - may run on any thread
+ * but must be serialized by the caller (the binding holds the GIL): the reaper frees records.
+ * All functions return 0 or a negative errno unless stated. */
 #ifndef GF_GILHOOK_H
 #define GF_GILHOOK_H
 
@@ -65,6 +66,12 @@ struct gf_gilhook_thread_stats {
   int priority;
 };
 
+/* Sums over every record, those still listed and those reaped. */
+struct gf_gilhook_totals {
+  uint64_t live_threads; /* records of threads that have not ended */
+  uint64_t held_ns, wait_ns, acquisitions, waits, switches_in, forced, drop_requests, timeouts;
+};
+
 uint64_t gf_gilhook_now_ns(void);
 
 /* Rewrites the GOT slots of the ELF object containing `object_addr` (libpython, or the
@@ -77,15 +84,22 @@ int gf_gilhook_installed(void);
 /* 1 when every slot holds the value install found (or nothing is installed), else 0. */
 int gf_gilhook_slots_restored(void);
 
-/* Calls fn for every thread record seen so far (until it returns nonzero), with the
+/* Calls fn for every thread record not yet reaped (until it returns nonzero), with the
  * in-progress interval counted up to now_ns (gf_gilhook_now_ns()). */
 void gf_gilhook_foreach_thread(uint64_t now_ns,
                                int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg);
+/* Frees the records of threads that have ended and whose events were drained (all of them
+ * while tracing is off: their undrained events are discarded), after passing each one's final
+ * stats to fn (unless fn is NULL; a nonzero return stops before that record). Their counts stay
+ * in gf_gilhook_totals. Returns how many were freed. */
+size_t gf_gilhook_reap(int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg);
+void gf_gilhook_totals(uint64_t now_ns, struct gf_gilhook_totals *out);
 
 /* Events are recorded while tracing > 0, within `budget_bytes` of chunks; beyond it they are
  * counted as dropped. */
 void gf_gilhook_tracing(int delta, size_t budget_bytes);
-/* Moves up to cap recorded events (per thread in time order) into out; returns how many. */
+/* Moves up to cap recorded events (per thread in time order) into out; returns how many. The
+ * chunks it has read are freed, the last one too once its thread has ended. */
 size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap);
 uint64_t gf_gilhook_dropped(void);
 

@@ -324,6 +324,35 @@ static PyObject *gilhook_threads(PyObject *module, PyObject *Py_UNUSED(ignored))
   return Py_BuildValue("(KN)", (unsigned long long)now, rows); /* N steals rows */
 }
 
+PyDoc_STRVAR(reap_doc,
+             "reap()\n--\n\nFrees the records of threads that have ended and whose events were "
+             "drained; returns a new list of their final rows (as in threads()). Their counts stay "
+             "in totals().");
+
+/* Returns a new reference, or NULL with an exception set. */
+static PyObject *gilhook_reap(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  PyObject *rows = PyList_New(0);
+  if (rows == NULL)
+    return NULL;
+  gf_gilhook_reap(append_thread, rows);
+  if (PyErr_Occurred()) {
+    Py_DECREF(rows);
+    return NULL;
+  }
+  return rows;
+}
+
+/* Returns a new reference, or NULL with an exception set. */
+static PyObject *gilhook_totals(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+  struct gf_gilhook_totals sum;
+  gf_gilhook_totals(gf_gilhook_now_ns(), &sum);
+  return Py_BuildValue("(KKKKKKKK)", (unsigned long long)sum.live_threads,
+                       (unsigned long long)sum.held_ns, (unsigned long long)sum.wait_ns,
+                       (unsigned long long)sum.acquisitions, (unsigned long long)sum.waits,
+                       (unsigned long long)sum.switches_in, (unsigned long long)sum.forced,
+                       (unsigned long long)sum.drop_requests);
+}
+
 PyDoc_STRVAR(drain_doc, "drain()\n--\n\nReturns new bytes holding the recorded events as "
                         "(t_ns: u64, thread: u32, kind: u32) records (thread: the record id of "
                         "threads()), and forgets them.");
@@ -403,6 +432,10 @@ static PyMethodDef gilhook_methods[] = {
      "slots_restored()\n--\n\nTrue when every GOT slot holds its original value."},
     {"threads", gilhook_threads, METH_NOARGS, threads_doc},
     {"drain", gilhook_drain, METH_NOARGS, drain_doc},
+    {"reap", gilhook_reap, METH_NOARGS, reap_doc},
+    {"totals", gilhook_totals, METH_NOARGS,
+     "totals()\n--\n\n(live_threads, held_ns, wait_ns, acquisitions, waits, switches_in, "
+     "forced, drop_requests) over every record, reaped ones included."},
     {"dropped", gilhook_dropped, METH_NOARGS, "dropped()\n--\n\nEvents lost to the budget."},
     {"hooked_object", gilhook_hooked_object, METH_NOARGS,
      "hooked_object()\n--\n\nThe file (libpython or the executable) whose GOT is hooked."},
