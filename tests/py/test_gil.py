@@ -494,37 +494,37 @@ def pid_max():
         return int(f.read())
 
 
-def start_until_native_id(native_id, work):
-    """Starts and joins short threads until the kernel hands one of them native_id again
-    (it reuses ids once pid_max is reached); that thread runs work. Returns its name."""
-    reused = []
+def start_until_native_id_reused(work):
+    """Starts and joins short threads until the kernel hands one of them the native id of an
+    earlier one (it reuses ids after pid_max); that thread runs work. Returns the names of the
+    two threads that had the id, and the id."""
+    seen, reused = {}, []
 
     def maybe_work():
-        if threading.get_native_id() == native_id:
-            reused.append(threading.current_thread().name)
+        native_id = threading.get_native_id()
+        if native_id in seen:
+            reused.append((seen[native_id], threading.current_thread().name, native_id))
             work()
 
-    for _ in range(pid_max() + 1000):
+    for _ in range(2 * pid_max()):
         t = threading.Thread(target=maybe_work)
         t.start()
         t.join()
         if reused:
             return reused[0]
-    pytest.fail(f"native id {native_id} was not reused")
+        seen[t.native_id] = t.name
+    pytest.fail("no native id was reused")
 
 
 def test_threads_whose_native_id_was_reused_are_reported_apart():
     if pid_max() > 100_000:
         pytest.skip("native ids wrap only after pid_max threads: too many to start here")
     with gil.monitor(trace=False) as m:
-        first = threading.Thread(target=cpu_loop, args=(0.05,), name="first")
-        first.start()
-        first.join()
-        second = start_until_native_id(first.native_id, lambda: cpu_loop(0.05))
+        earlier, later, native_id = start_until_native_id_reused(lambda: cpu_loop(0.05))
     report = m.report()
-    a, b = thread_of(report, "first"), thread_of(report, second)
-    assert a.tid == b.tid == first.native_id
-    assert a.held_s >= 0.04 and b.held_s >= 0.04
+    a, b = thread_of(report, earlier), thread_of(report, later)
+    assert a.tid == b.tid == native_id
+    assert b.held_s >= 0.04 and a.held_s < 0.01
     assert sum(t.held_s for t in report.threads) <= report.wall_s
 
 
