@@ -6,8 +6,10 @@
  *   drop_gil: lock(mutex) locked=0 signal(cond) unlock(mutex)
  *             [when a drop was requested: lock(switch_mutex) [wait(switch_cond)] unlock(..)]
  * So signal(switch_cond) marks an acquisition and signal(cond) a release, whatever state the
- * thread was in when the hooks went in; lock(mutex) by a non-holder starts a wait; lock of
- * unlock(mutex) while still waiting means take_gil gave up (thread exit at shutdown).
+ * thread was in when the hooks went in; lock(mutex) by a non-holder enters take_gil, which
+ * waits if it finds the GIL held (the timedwait) - an uncontended take is not a wait, however
+ * long the call takes; unlock(mutex) while still waiting means take_gil gave up (thread exit at
+ * shutdown).
  *
  * A release that answers a drop request (asked by a waiter whose interval expired, or by
  * priority) is forced: the thread wants the GIL back at once, so when its next take_gil comes
@@ -84,6 +86,7 @@ struct gf_thread {
   int priority;        /* written by its owner or by reset_priorities; atomic */
   /* Owner-only fields. */
   int contended; /* the current wait had to sleep */
+  uint64_t want_at;   /* when it entered take_gil */
   uint64_t forced_at; /* time of its last release if that was forced, else 0 */
   long blocked_at;    /* its voluntary context switches then (or after drop_gil's hand-over) */
   int handing_over;   /* inside drop_gil's forced hand-over (switch_mutex held) */
@@ -301,6 +304,28 @@ static uint64_t gf_unknown_since(struct gf_thread *t) {
   return t->first_ns > gf.install_ns ? t->first_ns : gf.install_ns;
 }
 
+/* t enters take_gil at `now`. It is not waiting yet: the GIL may be free, and the time take_gil
+ * takes then (the hooks' own cost included) is not time another thread made it wait. */
+static void gf_enter_take(struct gf_thread *t, uint64_t now) {
+  if (t->state == GF_GIL_UNKNOWN) { /* it takes, so it does not hold the GIL */
+    gf_write_begin(t);
+    GF_STORE(t->state, GF_GIL_FREE);
+    GF_STORE(t->since_ns, now);
+    gf_write_end(t);
+  }
+  t->want_at = now;
+  t->forced_at = 0;
+  t->defer_ns = 0;
+}
+
+/* t, in take_gil, has to wait after all: the GIL is held, or it defers to a higher-priority
+ * waiter. The wait counts from its take_gil call (or from the install, for a thread that was
+ * waiting then). */
+static void gf_must_wait(struct gf_thread *t) {
+  if (t->state != GF_GIL_WANT)
+    gf_begin_wait(t, t->state == GF_GIL_UNKNOWN ? gf_unknown_since(t) : t->want_at);
+}
+
 static void gf_on_acquire(struct gf_thread *t) {
   uint64_t now = gf_gilhook_now_ns();
   int state = t->state;
@@ -460,6 +485,7 @@ static void gf_priority_defer(struct gf_thread *t, pthread_mutex_t *mutex) {
   pthread_cond_t *cond = gf.targets.cond;
   while (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) &&
          gf_waiting_from(GF_LOAD(t->priority) + 1) && t->defer_ns < GF_DEFER_NS) {
+    gf_must_wait(t);
     uint64_t start = gf_gilhook_now_ns();
     struct timespec deadline;
     clock_gettime(gf.cond_clock, &deadline);
@@ -546,7 +572,10 @@ static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
       uint64_t now = gf_gilhook_now_ns();
       int handover = t->forced_at != 0 && now - t->forced_at <= GF_HANDOVER_NS &&
                      t->blocked_at >= 0 && gf_blocked_count() == t->blocked_at;
-      gf_begin_wait(t, handover ? t->forced_at : now);
+      if (handover)
+        gf_begin_wait(t, t->forced_at);
+      else
+        gf_enter_take(t, now);
     }
   } else if (mutex == gf.targets.switch_mutex) {
     t = gf_thread_self();
@@ -555,9 +584,13 @@ static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
     t = NULL;
   }
   int rc = gf.mutex_lock(mutex);
-  if (t != NULL && rc == 0 && t->state == GF_GIL_WANT) {
-    gf_priority_request(t);
-    gf_priority_defer(t, mutex);
+  if (t != NULL && rc == 0 && t->state != GF_GIL_HELD) { /* in take_gil, holding its mutex */
+    if (__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED)) {
+      gf_must_wait(t);
+      gf_priority_request(t);
+    } else {
+      gf_priority_defer(t, mutex);
+    }
   }
   return rc;
 }
@@ -597,8 +630,7 @@ static int gf_hook_cond_timedwait(pthread_cond_t *cond, pthread_mutex_t *mutex,
   struct gf_thread *t = gf_thread_self();
   if (t == NULL)
     return gf.cond_timedwait(cond, mutex, abstime);
-  if (t->state != GF_GIL_WANT)
-    gf_begin_wait(t, t->state == GF_GIL_UNKNOWN ? gf_unknown_since(t) : gf_gilhook_now_ns());
+  gf_must_wait(t);
   t->contended = 1;
   if (gf.cond_clock < 0)
     gf_learn_clock(abstime);

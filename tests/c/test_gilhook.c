@@ -162,7 +162,8 @@ GF_TEST(gilhook_accounts_held_wait_and_forced_switches) {
       continue;
     GF_CHECK(events[i].t_ns >= last_t);
     if ((events[i].kind & ~GF_GIL_CONTENDED) == GF_GIL_ACQUIRE) {
-      GF_CHECK_EQ(last_kind, GF_GIL_WAIT);
+      if (events[i].kind & GF_GIL_CONTENDED)
+        GF_CHECK_EQ(last_kind, GF_GIL_WAIT);
       acquires++;
     }
     if (events[i].kind == GF_GIL_RELEASE)
@@ -373,4 +374,27 @@ GF_TEST(gilhook_frees_an_ended_threads_chunks_and_record) {
   GF_CHECK_EQ(after.acquisitions, before.acquisitions);
   GF_CHECK_EQ(after.held_ns, before.held_ns);
   GF_CHECK_EQ(after.wait_ns, before.wait_ns);
+}
+
+GF_TEST(gilhook_an_uncontended_take_is_not_a_wait) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  gf_gilhook_tracing(1, 1 << 20);
+  struct worker alone = {.rounds = 2000}; /* takes and drops a GIL nobody else wants */
+  pthread_create(&alone.thread, NULL, worker_main, &alone);
+  pthread_join(alone.thread, NULL);
+  struct gf_gilhook_event events[4096];
+  size_t n = gf_gilhook_drain(events, 4096);
+  gf_gilhook_tracing(-1, 1 << 20);
+  fx.take(&self);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  struct gf_gilhook_thread_stats s = stats_of(alone.tid);
+  GF_CHECK_EQ(s.acquisitions, 2000);
+  GF_CHECK_EQ(s.waits, 0);
+  GF_CHECK_EQ(s.wait_ns, 0);
+  for (size_t i = 0; i < n; i++)
+    GF_CHECK(events[i].thread != alone.id || events[i].kind != GF_GIL_WAIT);
 }

@@ -564,3 +564,28 @@ def test_counters_count_live_threads_and_forget_ended_ones():
     assert first["threads"] <= alive and second["threads"] <= alive
     assert records <= alive  # the ended threads' records are freed ...
     assert second["acquisitions"] >= first["acquisitions"] + 500  # ... and their counts kept
+
+
+SYSCALL_LOOP = """
+import os, time
+from gilfree import gil
+fd = os.open("/dev/null", os.O_RDONLY)
+with gil.monitor() as m:
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        for _ in range(1000):
+            os.lseek(fd, 0, 0)  # releases and retakes the GIL, which nobody else wants
+(t,) = m.report().threads
+print(t.acquisitions, t.waits, t.wait_s, t.wait_p99_s)
+print(m.report().verdict)
+"""
+
+
+def test_a_single_thread_taking_a_free_gil_never_waits():
+    out = subprocess.run([sys.executable, "-c", SYSCALL_LOOP], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    counts, verdict = out.stdout.splitlines()
+    acquisitions, waits, wait_s, p99 = counts.split()
+    assert int(acquisitions) > 10_000
+    assert (int(waits), float(wait_s), float(p99)) == (0, 0.0, 0.0)
+    assert verdict.startswith("Not GIL-bound")
