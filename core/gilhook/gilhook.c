@@ -81,6 +81,10 @@ struct gf_thread {
   uint32_t seq;
   uint64_t first_ns, exit_ns, held_ns, wait_ns, acquisitions, waits, switches_in, forced,
       drop_requests, timeouts, since_ns;
+  /* Its first event lost to the budget since its last recorded one, in tracing session
+   * `session` (0: none); see gf_emit_at. */
+  uint64_t lost_ns;
+  unsigned session;
   int state;
   unsigned generation; /* the install this state belongs to */
   int priority;        /* written by its owner or by reset_priorities; atomic */
@@ -140,12 +144,16 @@ static struct {
    * drop_gil's polling hand-over reads it without the mutex. */
   unsigned switch_signals;
   int cond_clock; /* the clock of the GIL's cond, learned from take_gil's deadline; -1 unknown */
+  /* Written by the (serialized) tracing switch, read by every hooked thread: atomic. A session
+   * is one stretch of tracing > 0; it starts before tracing shows (release/acquire). */
   int tracing;
+  unsigned trace_session;
+  size_t budget;
   uint32_t next_id; /* atomic: records are created by their own threads */
   /* Counts of the records reaped so far; only the (serialized) reaper and totals touch them. */
   struct gf_gilhook_totals retired;
-  size_t budget, used;
-  uint64_t dropped;
+  size_t used;      /* atomic: chunk bytes, added by their owners, subtracted by the drainer */
+  uint64_t dropped; /* atomic */
   int priority_threads;                  /* threads with a nonzero priority; atomic */
   int waiting[GF_PRIORITY_SLOTS];        /* waiters per priority; atomic */
   struct gf_saved_slot saved[GF_HOOKED_FUNCTIONS * GF_SLOTS_PER_FUNCTION];
@@ -192,18 +200,36 @@ static void gf_free_chunks(struct gf_chunk *chunk) {
   }
 }
 
+static void gf_set_lost(struct gf_thread *t, unsigned session, uint64_t lost_ns) {
+  gf_write_begin(t);
+  GF_STORE(t->session, session);
+  GF_STORE(t->lost_ns, lost_ns);
+  gf_write_end(t);
+}
+
+/* Appends an event to t's chunks. When the budget refuses a chunk, the event is dropped and
+ * the thread's timeline breaks off there: the time goes to lost_ns, and the next event that
+ * finds room is preceded by a GF_GIL_GAP event at that time. */
 static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
-  if (!__atomic_load_n(&gf.tracing, __ATOMIC_RELAXED))
+  if (!__atomic_load_n(&gf.tracing, __ATOMIC_ACQUIRE))
     return;
+  unsigned session = __atomic_load_n(&gf.trace_session, __ATOMIC_RELAXED);
+  if (t->session != session) /* a loss in an earlier session matters to no monitor now */
+    gf_set_lost(t, session, 0);
   struct gf_chunk *chunk = t->tail;
-  if (chunk == NULL || chunk->count == chunk->capacity) {
+  uint32_t count = chunk != NULL ? chunk->count : 0;
+  int gap = 0;
+  if (chunk == NULL || count == chunk->capacity) {
     uint32_t capacity = chunk == NULL ? GF_FIRST_CHUNK_EVENTS : GF_CHUNK_EVENTS;
     size_t size = gf_chunk_size(capacity);
     size_t used = __atomic_add_fetch(&gf.used, size, __ATOMIC_RELAXED);
-    struct gf_chunk *fresh = used <= gf.budget ? calloc(1, size) : NULL;
+    struct gf_chunk *fresh =
+        used <= __atomic_load_n(&gf.budget, __ATOMIC_RELAXED) ? calloc(1, size) : NULL;
     if (fresh == NULL) {
       __atomic_sub_fetch(&gf.used, size, __ATOMIC_RELAXED);
       __atomic_add_fetch(&gf.dropped, 1, __ATOMIC_RELAXED);
+      if (t->lost_ns == 0)
+        gf_set_lost(t, session, t_ns);
       return;
     }
     fresh->capacity = capacity;
@@ -212,9 +238,15 @@ static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
     else
       __atomic_store_n(&t->head, fresh, __ATOMIC_RELEASE);
     t->tail = chunk = fresh;
+    count = 0;
+    gap = t->lost_ns != 0;
+    if (gap)
+      chunk->events[count++] = (struct gf_gilhook_event){t->lost_ns, t->id, GF_GIL_GAP};
   }
-  chunk->events[chunk->count] = (struct gf_gilhook_event){t_ns, t->id, kind};
-  __atomic_store_n(&chunk->count, chunk->count + 1, __ATOMIC_RELEASE);
+  chunk->events[count++] = (struct gf_gilhook_event){t_ns, t->id, kind};
+  __atomic_store_n(&chunk->count, count, __ATOMIC_RELEASE);
+  if (gap) /* after the GAP is published: a reader that sees no loss will drain the GAP */
+    gf_set_lost(t, session, 0);
 }
 
 /* Voluntary context switches of the calling thread: it blocked (I/O, sleep, a cond wait). */
@@ -824,12 +856,16 @@ static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, 
     s->forced = GF_LOAD(t->forced);
     s->drop_requests = GF_LOAD(t->drop_requests);
     s->timeouts = GF_LOAD(t->timeouts);
+    s->lost_ns = GF_LOAD(t->lost_ns);
+    unsigned session = GF_LOAD(t->session);
     s->state = GF_LOAD(t->state);
     generation = GF_LOAD(t->generation);
     uint64_t since = GF_LOAD(t->since_ns);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     if (__atomic_load_n(&t->seq, __ATOMIC_RELAXED) != seq)
       continue;
+    if (session != __atomic_load_n(&gf.trace_session, __ATOMIC_RELAXED))
+      s->lost_ns = 0;
     if (!gf_gilhook_installed() || generation != __atomic_load_n(&gf.generation, __ATOMIC_RELAXED))
       s->state = GF_GIL_UNKNOWN;
     else if (s->state == GF_GIL_HELD && now > since)
@@ -853,8 +889,10 @@ void gf_gilhook_foreach_thread(uint64_t now,
 }
 
 void gf_gilhook_tracing(int delta, size_t budget_bytes) {
-  gf.budget = budget_bytes;
-  __atomic_add_fetch(&gf.tracing, delta, __ATOMIC_RELAXED);
+  __atomic_store_n(&gf.budget, budget_bytes, __ATOMIC_RELAXED);
+  if (delta > 0 && __atomic_load_n(&gf.tracing, __ATOMIC_RELAXED) == 0)
+    __atomic_add_fetch(&gf.trace_session, 1, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&gf.tracing, delta, __ATOMIC_RELEASE);
 }
 
 size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap) {
@@ -958,6 +996,8 @@ void gf_gilhook_totals(uint64_t now, struct gf_gilhook_totals *out) {
 }
 
 uint64_t gf_gilhook_dropped(void) { return __atomic_load_n(&gf.dropped, __ATOMIC_RELAXED); }
+
+size_t gf_gilhook_event_bytes(void) { return __atomic_load_n(&gf.used, __ATOMIC_RELAXED); }
 
 uint32_t gf_gilhook_took_from(void) {
   struct gf_thread *t = gf_self;

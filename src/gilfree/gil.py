@@ -14,17 +14,19 @@ import os
 import struct
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 from .errors import UnsupportedInterpreter
 
 __all__ = ["monitor", "counters", "stop", "Monitor", "Report", "ThreadReport", "UnsupportedInterpreter"]
 
-_EVENT = struct.Struct("=QII")
+_SLICE = struct.Struct("=IIQQQQII")  # _gilhook.slices()
 _TRACE_BUDGET = 256 << 20
+MAX_TRACE_SLICES = 200_000
 # Rows of _gilhook.threads(). _ID identifies a thread's record: the kernel reuses native ids
 # (_TID) once a thread has ended, so every per-thread table is keyed by _ID.
-_ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO = range(14)
+_ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO, _LOST = range(15)
 
 
 def _hook():
@@ -52,6 +54,7 @@ class ThreadReport:
     drop_requests: int = 0
     timeouts: int = 0
     alive_s: float = 0.0
+    lost_after_s: float = None  # its timeline's events were lost (budget) from then on
 
     @property
     def wanted_s(self):
@@ -71,6 +74,7 @@ class Report:
     samples: int = 0
     notes: list = field(default_factory=list)
     verdict: str = ""
+    lost_after_s: float = None  # the earliest time a thread's timeline events were lost from
 
     def to_dict(self):
         d = asdict(self)
@@ -85,24 +89,23 @@ class Report:
             f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
         ]
         for t in sorted(self.threads, key=lambda t: -t.wanted_s):
+            name = t.name[:23] + "*" if t.lost_after_s is not None else t.name[:24]
             lines.append(
-                f"{t.name[:24]:<24} {t.tid:>8} {t.held_s:>8.3f} {t.wait_s:>8.3f} {t.free_s:>8.3f} "
+                f"{name:<24} {t.tid:>8} {t.held_s:>8.3f} {t.wait_s:>8.3f} {t.free_s:>8.3f} "
                 f"{t.waits:>7} {t.wait_p50_s * 1e3:>8.2f} {t.wait_p99_s * 1e3:>8.2f} {t.wait_max_s * 1e3:>8.2f}"
             )
         if self.top_functions:
             lines.append(f"held the GIL most ({self.samples} samples): " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
         if self.dropped_events:
-            lines.append(f"({self.dropped_events} timeline events dropped: memory budget reached; totals are exact)")
+            lines.append(
+                f"({self.dropped_events} timeline events dropped: memory budget reached"
+                + (f"; from {self.lost_after_s:.3f} s on, the timeline (trace, picture) and the wait percentiles "
+                   f"of the threads marked * are partial" if self.lost_after_s is not None else "")
+                + "; held, wait, waits and the other totals are exact)"
+            )
         lines.extend(f"note: {note}" for note in self.notes)
         lines.append("verdict: " + self.verdict)
         return "\n".join(lines)
-
-
-def _percentile(sorted_values, q):
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
 
 
 def _live_records(rows):
@@ -179,11 +182,13 @@ _active = []  # of which collect events: drained events go to each of them
 def _sync(hook):
     """Drains the recorded events into the tracing monitors, then frees the records of ended
     threads (whose events are all drained now), handing their final rows to the open monitors."""
-    data = hook.drain()
-    if data and _active:
-        events = list(_EVENT.iter_unpack(data))
-        for m in _active:
-            m._events.extend(events)
+    takers = [m for m in _active if m._cut is None]
+    started = time.monotonic_ns()  # CLOCK_MONOTONIC, the hooks' clock
+    data = bytearray() if takers else None
+    count = hook.drain(data)
+    adopted = False
+    for m in _active:
+        adopted = m._take(data, count, started, adopt=not adopted) or adopted
     for row in hook.reap():
         for m in _open:
             m._reaped[row[_ID]] = row
@@ -200,7 +205,11 @@ class Monitor:
 
     def __enter__(self):
         hook = self._hook = _hook()
-        self._events = []
+        # The window's events as drained (16 bytes each, never a Python object per event), at
+        # most the budget: past it, the timeline is cut where the events kept are complete.
+        self._events = bytearray()
+        self._cut = None
+        self._refused = 0
         self._reaped = {}
         self._names = _ThreadNames(hook)
         with _lock:
@@ -208,6 +217,7 @@ class Monitor:
             self._dropped0 = hook.dropped()
             _sync(hook)  # what came before belongs to earlier monitors
             self._t0, rows = hook.threads()
+            self._complete_until = self._t0
             _open.append(self)
             if self._trace:
                 _active.append(self)
@@ -229,7 +239,7 @@ class Monitor:
             _open.remove(self)
             if self._trace:
                 _active.remove(self)
-            self._dropped = hook.dropped() - self._dropped0
+            self._dropped = hook.dropped() - self._dropped0 + self._refused
             hook.release(self._trace)
         # Threads reaped during the window, with their rows at its end where still listed then.
         self._end = {**self._reaped, **{row[_ID]: row for row in rows}}
@@ -241,28 +251,27 @@ class Monitor:
         self._alive = {live.get(t.native_id, -t.native_id): t.name for t in threading.enumerate() if t.native_id}
         return False
 
-    def _window_events(self):
-        return [e for e in self._events if self._t0 <= e[0] <= self._t1]
+    def _take(self, data, count, started, adopt):
+        """Keeps a drain's events (drained from `started` on) within the budget; returns whether
+        it adopted data as its buffer (only one monitor may: the others copy)."""
+        if self._cut is not None or len(self._events) + len(data) > self._budget:
+            if self._cut is None:
+                self._cut = self._complete_until  # every event before it is kept
+            self._refused += count
+            return False
+        self._complete_until = started
+        if adopt and not self._events:
+            self._events = data
+            return True
+        self._events += data
+        return False
 
-    def _intervals(self):
-        """record id -> list of (start_ns, end_ns, state) with state in held/wait, from the events."""
-        hook = self._hook
-        open_at, spans = {}, {}
-        for t_ns, thread, kind in sorted(self._window_events(), key=lambda e: (e[1], e[0])):
-            base = kind & 0xFF
-            if base == hook.EVENT_WAIT:
-                open_at[thread] = ("wait", t_ns)
-            elif base == hook.EVENT_ACQUIRE:
-                state, since = open_at.get(thread, ("wait", self._t0))
-                if state == "wait":
-                    spans.setdefault(thread, []).append((since, t_ns, "wait", bool(kind & hook.EVENT_CONTENDED)))
-                open_at[thread] = ("held", t_ns)
-            elif base in (hook.EVENT_RELEASE, hook.EVENT_ABORT):
-                state, since = open_at.pop(thread, ("held" if base == hook.EVENT_RELEASE else "wait", self._t0))
-                spans.setdefault(thread, []).append((since, t_ns, state, False))
-        for thread, (state, since) in open_at.items():
-            spans.setdefault(thread, []).append((since, self._t1, state, False))
-        return spans
+    def _timeline_ends(self):
+        """(end, ends): the timelines end at end, or for the threads whose events were lost
+        before it (the budget) at ends[record id]."""
+        end = self._t1 if self._cut is None else min(self._t1, self._cut)
+        ends = {key: max(self._t0, row[_LOST]) for key, row in self._end.items() if 0 < row[_LOST] < end}
+        return end, ends
 
     def report(self):
         """Returns the Report of the last monitored block (computed once)."""
@@ -272,52 +281,51 @@ class Monitor:
 
     def _build_report(self):
         wall_ns = max(1, self._t1 - self._t0)
-        spans = self._intervals() if self._trace else {}
+        end, ends = self._timeline_ends()
+        self._summary = self._hook.summarize(self._events, self._t0, end, ends) if self._trace else {}
         sampler = self._sampler.record if self._sampler else None
         threads, self._keys, switches, forced, held_total = [], [], 0, 0, 0
         for key in set(self._end) | set(self._alive):
             if key == sampler:
                 continue
-            end = self._end.get(key)
+            row = self._end.get(key)
             start = self._start.get(key)
-            if end is None:
-                end = (key, -key, self._t0, 0) + (0,) * 10
-            if end[_FIRST] > self._t1 or (end[_EXIT] and end[_EXIT] < self._t0):
+            if row is None:
+                row = (key, -key, self._t0, 0) + (0,) * 11
+            if row[_FIRST] > self._t1 or (row[_EXIT] and row[_EXIT] < self._t0):
                 continue
 
             def delta(i):
-                return end[i] - (start[i] if start else 0)
+                return row[i] - (start[i] if start else 0)
 
             held, wait = delta(_HELD), delta(_WAIT)
-            born = max(self._t0, end[_FIRST])
-            gone = end[_EXIT] if end[_EXIT] and end[_EXIT] < self._t1 else self._t1
-            if key not in self._alive and not end[_EXIT]:
-                last = [s[1] for s in spans.get(key, ())]
-                gone = max(last) if last else self._t1
-            alive = max(held + wait, gone - born)
-            waits_ns = sorted(s[1] - s[0] for s in spans.get(key, ()) if s[2] == "wait" and s[3])
             if held == 0 and wait == 0 and key not in self._alive:
                 continue
+            born = max(self._t0, row[_FIRST])
+            gone = row[_EXIT] if row[_EXIT] and row[_EXIT] < self._t1 else self._t1
+            alive = max(held + wait, gone - born)
+            timeline_end, _, p50, p99, wait_max = self._summary.get(key, (ends.get(key, end), 0, 0, 0, 0))
             self._keys.append(key)
             switches += delta(_SWITCHES)
             forced += delta(_REQUESTS)
             held_total += held
             threads.append(
                 ThreadReport(
-                    name=self._names.names.get(key) or self._alive.get(key) or f"thread-{end[_TID]}",
-                    tid=end[_TID],
+                    name=self._names.names.get(key) or self._alive.get(key) or f"thread-{row[_TID]}",
+                    tid=row[_TID],
                     held_s=held / 1e9,
                     wait_s=wait / 1e9,
                     waits=delta(_WAITS),
-                    wait_p50_s=_percentile(waits_ns, 0.50) / 1e9,
-                    wait_p99_s=_percentile(waits_ns, 0.99) / 1e9,
-                    wait_max_s=(waits_ns[-1] if waits_ns else 0) / 1e9,
+                    wait_p50_s=p50 / 1e9,
+                    wait_p99_s=p99 / 1e9,
+                    wait_max_s=wait_max / 1e9,
                     free_s=max(0, alive - held - wait) / 1e9,
                     acquisitions=delta(_ACQ),
                     forced=delta(_FORCED),
                     drop_requests=delta(_REQUESTS),
                     timeouts=delta(_TIMEOUTS),
                     alive_s=alive / 1e9,
+                    lost_after_s=(timeline_end - self._t0) / 1e9 if self._trace and timeline_end < gone else None,
                 )
             )
         top, total = [], 0
@@ -335,62 +343,83 @@ class Monitor:
             top_functions=top,
             samples=total,
             notes=_subinterpreter_notes(),
+            lost_after_s=min((t.lost_after_s for t in threads if t.lost_after_s is not None), default=None),
         )
         report.verdict = verdict(report)
         return report
 
+    def _slices(self, resolution_ns):
+        """(record id, state, start_ns, end_ns, held_ns, wait_ns, spans) of the report's threads,
+        their spans shorter than resolution_ns merged."""
+        end, ends = self._timeline_ends()
+        keys = set(self._keys)
+        for thread, state, start, stop, held, wait, spans, _ in _SLICE.iter_unpack(
+                self._hook.slices(self._events, self._t0, end, ends, resolution_ns)):
+            if thread in keys:
+                yield thread, state, start, stop, held, wait, spans
+
     def write_trace(self, path):
-        """Writes the timeline as Chrome trace-event JSON (one track per thread; open in Perfetto)."""
+        """Writes the timeline as Chrome trace-event JSON (one track per thread; open in Perfetto).
+
+        Up to MAX_TRACE_SLICES held and wait spans are written as they are; beyond, spans shorter
+        than a resolution that keeps the file within about that many slices are merged (a
+        merged slice is named by the state covering half of it or more, else "mixed", and says
+        how much of it was held and waited)."""
         if not self._trace:
             raise ValueError("this monitor was created with trace=False")
         report = self.report()
-        pid = os.getpid()
-        colors = {"held": "good", "wait": "terrible"}
-        events = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "GIL"}}]
-        spans_of = self._intervals()
-        # Tracks are keyed by record id: two threads with the same (reused) native id stay apart.
-        for key, t in zip(self._keys, report.threads):
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": key, "args": {"name": t.name, "native_id": t.tid}})
-        for key in self._keys:
-            for start, end, state, _ in spans_of.get(key, ()):
-                events.append(
-                    {
-                        "name": state,
-                        "cat": "gil",
-                        "ph": "X",
-                        "pid": pid,
-                        "tid": key,
-                        "ts": (start - self._t0) / 1e3,
-                        "dur": max(0.0, (end - start) / 1e3),
-                        "cname": colors[state],
-                    }
-                )
+        spans = sum(self._summary[key][1] for key in self._keys if key in self._summary)
+        tracks = sum(1 for key in self._keys if key in self._summary) or 1
+        resolution = 0 if spans <= MAX_TRACE_SLICES else max(1000, 3 * tracks * (self._t1 - self._t0) // MAX_TRACE_SLICES)
+        pid, held_state = os.getpid(), self._hook.STATE_HELD
+        other = {"verdict": report.verdict, "merged_below_us": resolution / 1e3, "dropped_events": report.dropped_events}
         with open(path, "w") as f:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"verdict": report.verdict}}, f)
+            f.write('{"displayTimeUnit": "ms", "otherData": %s, "traceEvents": [\n' % json.dumps(other))
+            f.write(json.dumps({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "GIL"}}))
+            # Tracks are keyed by record id: two threads with the same (reused) native id stay apart.
+            for key, t in zip(self._keys, report.threads):
+                meta = {"ph": "M", "name": "thread_name", "pid": pid, "tid": key, "args": {"name": t.name, "native_id": t.tid}}
+                f.write(",\n" + json.dumps(meta))
+            for thread, state, start, stop, held, wait, n in self._slices(resolution):
+                args = ""
+                name = "held" if state == held_state else "wait"
+                if n > 1:
+                    if max(held, wait) * 2 < stop - start:
+                        name = "mixed"
+                    args = f', "args": {{"held_ms": {held / 1e6:.3f}, "wait_ms": {wait / 1e6:.3f}, "spans": {n}}}'
+                f.write(f',\n{{"name": "{name}", "cat": "gil", "ph": "X", "pid": {pid}, "tid": {thread}, '
+                        f'"ts": {(start - self._t0) / 1e3:.3f}, "dur": {(stop - start) / 1e3:.3f}, '
+                        f'"cname": "{_TRACE_COLORS[name]}"{args}}}')
+            f.write("\n]}\n")
 
     def write_svg(self, path, width=1200):
-        """Draws the timeline Beazley-style: held green, waiting red, free grey, one row per thread."""
+        """Draws the timeline Beazley-style: held green, waiting red, free grey, one row per thread
+        (where a pixel holds several spans, its colour is the one that covers more, as opaque
+        as the thread was busy there)."""
         if not self._trace:
             raise ValueError("this monitor was created with trace=False")
         report = self.report()
-        spans = self._intervals()
         row, label, top = 22, 180, 30
         rows = sorted(zip(self._keys, report.threads), key=lambda kt: -kt[1].wanted_s)
         height = top + row * len(rows) + 40
         scale = width / max(1, self._t1 - self._t0)
-        colors = {"held": "#2ca02c", "wait": "#d62728"}
+        colors = {self._hook.STATE_HELD: "#2ca02c", self._hook.STATE_WANT: "#d62728"}
+        y_of = {key: top + i * row for i, (key, _) in enumerate(rows)}
         out = [
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{label + width + 10}" height="{height}" '
             f'font-family="sans-serif" font-size="12">',
             f'<text x="4" y="18">GIL timeline, {report.wall_s:.3f} s, held {report.held_fraction:.0%}: '
             f'green held, red waiting, grey free</text>',
         ]
-        for i, (key, t) in enumerate(rows):
-            y = top + i * row
+        for key, t in rows:
+            y = y_of[key]
             out.append(f'<text x="4" y="{y + 14}">{html.escape(t.name[:24])}</text>')
             out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#cccccc"/>')
-            for x, w, state in _pixel_runs(spans.get(key, ()), self._t0, scale, width):
-                out.append(f'<rect x="{label + x}" y="{y}" width="{w}" height="{row - 4}" fill="{colors[state]}"/>')
+        for thread, state, start, stop, held, wait, _ in self._slices(max(1, (self._t1 - self._t0) // width)):
+            x, w = (start - self._t0) * scale, max(0.5, (stop - start) * scale)
+            opacity = min(1.0, (held + wait) / max(1, stop - start))
+            out.append(f'<rect x="{label + x:.2f}" y="{y_of[thread]}" width="{w:.2f}" height="{row - 4}" '
+                       f'fill="{colors[state]}"' + (f' fill-opacity="{opacity:.2f}"/>' if opacity < 0.99 else "/>"))
         axis = top + row * len(rows) + 12
         for i in range(6):
             out.append(f'<text x="{label + i * width // 5 - (20 if i == 5 else 0)}" y="{axis}">{report.wall_s * i / 5 * 1e3:.0f} ms</text>')
@@ -398,6 +427,9 @@ class Monitor:
         out.append("</svg>")
         with open(path, "w") as f:
             f.write("\n".join(out))
+
+
+_TRACE_COLORS = {"held": "good", "wait": "terrible", "mixed": "grey"}
 
 
 def _subinterpreter_notes():
@@ -412,30 +444,6 @@ def _subinterpreter_notes():
             return [f"{count - 1} subinterpreter(s) exist: threads running under their own GIL are not covered"]
         return []
     return []
-
-
-def _pixel_runs(spans, t0, scale, width):
-    """Merges spans into runs of whole pixels, each pixel taking its dominant state."""
-    cover = {}
-    for start, end, state, _ in spans:
-        x0, x1 = (start - t0) * scale, (end - t0) * scale
-        px = int(x0)
-        while px < x1 and px < width:
-            part = min(x1, px + 1) - max(x0, px)
-            counts = cover.setdefault(px, {})
-            counts[state] = counts.get(state, 0) + part
-            px += 1
-    runs = []
-    for px in sorted(cover):
-        counts = cover[px]
-        state, amount = max(counts.items(), key=lambda kv: kv[1])
-        if amount < 0.5:
-            continue
-        if runs and runs[-1][2] == state and runs[-1][0] + runs[-1][1] == px:
-            runs[-1][1] += 1
-        else:
-            runs.append([px, 1, state])
-    return runs
 
 
 MIN_HOT_SPOT_SAMPLES = 10
@@ -509,8 +517,9 @@ def monitor(trace=True, sample_hz=0.0, trace_budget_bytes=_TRACE_BUDGET):
 
     trace: record the timeline (needed for wait percentiles, write_trace, write_svg).
     sample_hz: sample which function holds the GIL this many times a second (0: off).
-    trace_budget_bytes: memory for timeline events (64 KB chunks); beyond it events are
-    counted as dropped (report.dropped_events) and the totals stay exact.
+    trace_budget_bytes: memory for timeline events (16 bytes each), while recording and in the
+    monitor; beyond it events are dropped (report.dropped_events), each thread's timeline ends
+    where its events were lost (report.lost_after_s), and the totals stay exact.
     Raises UnsupportedInterpreter on entry where exact accounting is impossible.
     """
     return Monitor(trace=trace, sample_hz=sample_hz, trace_budget_bytes=trace_budget_bytes)

@@ -398,3 +398,176 @@ GF_TEST(gilhook_an_uncontended_take_is_not_a_wait) {
   for (size_t i = 0; i < n; i++)
     GF_CHECK(events[i].thread != alone.id || events[i].kind != GF_GIL_WAIT);
 }
+
+struct spans_seen {
+  struct gf_gilhook_span spans[16];
+  int n;
+};
+
+static void collect_span(const struct gf_gilhook_span *span, void *arg) {
+  struct spans_seen *seen = arg;
+  if (seen->n < 16)
+    seen->spans[seen->n++] = *span;
+}
+
+#define EV(t, kind) {(t), 7, (kind)}
+
+GF_TEST(gilhook_spans_follow_events_and_end_where_they_were_lost) {
+  const struct gf_gilhook_event events[] = {
+      EV(15, GF_GIL_RELEASE), /* held since before the window */
+      EV(20, GF_GIL_WAIT),    EV(30, GF_GIL_ACQUIRE | GF_GIL_CONTENDED), EV(40, GF_GIL_RELEASE),
+      EV(45, GF_GIL_WAIT),    EV(50, GF_GIL_GAP), /* lost from 50 to 70: the timeline ends */
+      EV(70, GF_GIL_ACQUIRE), EV(80, GF_GIL_RELEASE)};
+  struct spans_seen seen = {.n = 0};
+  struct gf_gilhook_spanner s;
+  gf_gilhook_spans_begin(&s, 10, 100, collect_span, &seen);
+  gf_gilhook_spans_feed(&s, events, 3); /* fed in pieces, as runs of several drains */
+  gf_gilhook_spans_feed(&s, events + 3, 5);
+  GF_CHECK_EQ(gf_gilhook_spans_end(&s), 50);
+  GF_CHECK_EQ(seen.n, 4);
+  GF_CHECK(seen.spans[0].state == GF_GIL_HELD && seen.spans[0].start_ns == 10 && seen.spans[0].end_ns == 15);
+  GF_CHECK(seen.spans[1].state == GF_GIL_WANT && seen.spans[1].end_ns == 30);
+  GF_CHECK_EQ(seen.spans[1].waited_ns, 10);
+  GF_CHECK(seen.spans[2].state == GF_GIL_HELD && seen.spans[2].end_ns == 40);
+  GF_CHECK(seen.spans[3].state == GF_GIL_WANT && seen.spans[3].end_ns == 50);
+  GF_CHECK_EQ(seen.spans[3].waited_ns, 0);
+
+  /* A loss before the window does not cut it; a wait from before it counts whole. */
+  seen.n = 0;
+  gf_gilhook_spans_begin(&s, 60, 100, collect_span, &seen);
+  gf_gilhook_spans_feed(&s, events + 4, 2);
+  const struct gf_gilhook_event later[] = {EV(55, GF_GIL_WAIT), EV(65, GF_GIL_ACQUIRE | GF_GIL_CONTENDED)};
+  gf_gilhook_spans_feed(&s, later, 2);
+  GF_CHECK_EQ(gf_gilhook_spans_end(&s), 100);
+  GF_CHECK_EQ(seen.n, 2);
+  GF_CHECK(seen.spans[0].state == GF_GIL_WANT && seen.spans[0].start_ns == 60 && seen.spans[0].end_ns == 65);
+  GF_CHECK_EQ(seen.spans[0].waited_ns, 10);
+  GF_CHECK(seen.spans[1].state == GF_GIL_HELD && seen.spans[1].end_ns == 100);
+
+  /* Lost with nothing after it: the timeline ends at the loss. */
+  seen.n = 0;
+  gf_gilhook_spans_begin(&s, 10, 100, collect_span, &seen);
+  gf_gilhook_spans_feed(&s, events + 1, 2);
+  const struct gf_gilhook_event gap[] = {EV(35, GF_GIL_GAP)};
+  gf_gilhook_spans_feed(&s, gap, 1);
+  GF_CHECK_EQ(gf_gilhook_spans_end(&s), 35);
+  GF_CHECK_EQ(seen.n, 2);
+  GF_CHECK(seen.spans[1].state == GF_GIL_HELD && seen.spans[1].end_ns == 35);
+}
+
+struct slices_seen {
+  struct gf_gilhook_slice slices[64];
+  int n;
+};
+
+static void collect_slice(const struct gf_gilhook_slice *slice, void *arg) {
+  struct slices_seen *seen = arg;
+  if (seen->n < 64)
+    seen->slices[seen->n] = *slice;
+  seen->n++;
+}
+
+GF_TEST(gilhook_coalescing_merges_short_spans_within_a_bound) {
+  const struct gf_gilhook_span spans[] = {
+      {0, 2, GF_GIL_HELD, 0}, {3, 5, GF_GIL_WANT, 0},  {6, 8, GF_GIL_HELD, 0},
+      {9, 11, GF_GIL_HELD, 0}, {12, 50, GF_GIL_WANT, 0}, {200, 201, GF_GIL_HELD, 0}};
+  struct slices_seen seen = {.n = 0};
+  struct gf_gilhook_coalescer c = {.resolution_ns = 10, .fn = collect_slice, .arg = &seen};
+  for (int i = 0; i < 6; i++)
+    gf_gilhook_coalesce(&c, &spans[i]);
+  gf_gilhook_coalesce_end(&c);
+  GF_CHECK_EQ(seen.n, 3);
+  struct gf_gilhook_slice *merged = &seen.slices[0];
+  GF_CHECK(merged->start_ns == 0 && merged->end_ns == 11 && merged->spans == 4);
+  GF_CHECK(merged->held_ns == 6 && merged->wait_ns == 2 && merged->state == GF_GIL_HELD);
+  GF_CHECK(seen.slices[1].spans == 1 && seen.slices[1].state == GF_GIL_WANT && seen.slices[1].start_ns == 12);
+  GF_CHECK(seen.slices[2].start_ns == 200 && seen.slices[2].spans == 1);
+
+  seen.n = 0; /* resolution 0: every span is its own slice */
+  c = (struct gf_gilhook_coalescer){.resolution_ns = 0, .fn = collect_slice, .arg = &seen};
+  for (int i = 0; i < 6; i++)
+    gf_gilhook_coalesce(&c, &spans[i]);
+  gf_gilhook_coalesce_end(&c);
+  GF_CHECK_EQ(seen.n, 6);
+
+  /* 10,000 short spans over a window of 20,000: at most 3 slices per resolution. */
+  seen.n = 0;
+  c = (struct gf_gilhook_coalescer){.resolution_ns = 1000, .fn = collect_slice, .arg = &seen};
+  for (uint64_t t = 0; t < 20000; t += 2)
+    gf_gilhook_coalesce(&c, &(struct gf_gilhook_span){t, t + 1, t % 4 ? GF_GIL_HELD : GF_GIL_WANT, 0});
+  gf_gilhook_coalesce_end(&c);
+  GF_CHECK(seen.n <= 3 * 20000 / 1000 + 1);
+}
+
+/* A worker that takes and drops the fixture GIL in two bursts, told when to start each. */
+struct bursts {
+  int go, done; /* atomic: 1, 2 */
+  uint32_t tid, id;
+  pthread_t thread;
+};
+
+static void *bursts_main(void *arg) {
+  struct bursts *b = arg;
+  b->tid = (uint32_t)syscall(SYS_gettid);
+  for (int burst = 1; burst <= 2; burst++) {
+    while (__atomic_load_n(&b->go, __ATOMIC_ACQUIRE) < burst)
+      usleep(100);
+    for (int i = 0; i < 200; i++) {
+      fx.take(b);
+      b->id = gf_gilhook_self_id();
+      fx.drop(b);
+    }
+    __atomic_store_n(&b->done, burst, __ATOMIC_RELEASE);
+  }
+  return NULL;
+}
+
+GF_TEST(gilhook_marks_where_a_threads_events_were_lost) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  static struct gf_gilhook_event events[8192];
+  gf_gilhook_tracing(1, 1 << 20);
+  while (gf_gilhook_drain(events, 8192) > 0) /* what earlier tests left */
+    ;
+  /* Beyond this thread's chunk: room for two first chunks and a 64 KiB one, less a little. */
+  size_t small = 16 + 256 * sizeof(struct gf_gilhook_event), big = 16 + 4096 * sizeof(struct gf_gilhook_event);
+  size_t budget = gf_gilhook_event_bytes() + small + big + small - 64;
+  gf_gilhook_tracing(0, budget);
+  struct worker other = {.rounds = 1}; /* ends, its first chunk taken until drained */
+  pthread_create(&other.thread, NULL, worker_main, &other);
+  pthread_join(other.thread, NULL);
+  struct bursts b = {.go = 1};
+  pthread_create(&b.thread, NULL, bursts_main, &b);
+  while (__atomic_load_n(&b.done, __ATOMIC_ACQUIRE) < 1)
+    usleep(100);
+  /* 600 events do not fit in its first chunk, and the next does not fit in the budget. */
+  uint64_t lost = stats_of(b.tid).lost_ns;
+  size_t n = gf_gilhook_drain(events, 8192); /* frees the ended thread's chunk */
+  __atomic_store_n(&b.go, 2, __ATOMIC_RELEASE);
+  pthread_join(b.thread, NULL);
+  n += gf_gilhook_drain(events + n, 8192 - n);
+  uint64_t lost_after = stats_of(b.tid).lost_ns;
+  gf_gilhook_tracing(-1, budget);
+  fx.take(&self);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+
+  GF_CHECK(lost != 0);
+  GF_CHECK_EQ(lost_after, 0);
+  size_t gaps = 0, mine = 0, gap_at = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (events[i].thread != b.id)
+      continue;
+    mine++;
+    if (events[i].kind == GF_GIL_GAP) {
+      gaps++;
+      gap_at = mine;
+      GF_CHECK_EQ(events[i].t_ns, lost);
+    }
+  }
+  GF_CHECK_EQ(gaps, 1);
+  GF_CHECK_EQ(gap_at, 257); /* right after its first chunk's 256 events */
+  GF_CHECK(mine >= 257 + 400); /* the second burst, all of it */
+}

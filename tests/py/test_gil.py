@@ -10,6 +10,7 @@ import sysconfig
 import textwrap
 import threading
 import time
+import tracemalloc
 
 import pytest
 
@@ -41,6 +42,10 @@ class Gated(threading.Thread):
 
 
 def run_gated(threads, **monitor_args):
+    return monitor_gated(threads, **monitor_args).report()
+
+
+def monitor_gated(threads, **monitor_args):
     for t in threads:
         t.start()
     with gil.monitor(**monitor_args) as m:
@@ -51,7 +56,7 @@ def run_gated(threads, **monitor_args):
     for t in threads:
         t.leave.set()
         t.join()
-    return m.report()
+    return m
 
 
 def duty_cycle(busy_s, idle_s, total_s):
@@ -589,3 +594,69 @@ def test_a_single_thread_taking_a_free_gil_never_waits():
     assert int(acquisitions) > 10_000
     assert (int(waits), float(wait_s), float(p99)) == (0, 0.0, 0.0)
     assert verdict.startswith("Not GIL-bound")
+
+
+def syscall_loop(total_s):
+    """Releases and retakes the GIL a million times a second: many events."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    end = time.monotonic() + total_s
+    while time.monotonic() < end:
+        for _ in range(1000):
+            os.lseek(fd, 0, 0)
+    os.close(fd)
+
+
+def trace_slices(path):
+    """{track name: [slice, ...]} of a trace file."""
+    events = json.loads(path.read_text())["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    tracks = {}
+    for e in events:
+        if e["ph"] == "X":
+            tracks.setdefault(names[e["tid"]], []).append(e)
+    return tracks
+
+
+def test_reports_and_timelines_need_no_object_per_event_and_stay_bounded(tmp_path, monkeypatch):
+    with gil.monitor() as m:
+        syscall_loop(0.4)
+    monkeypatch.setattr(gil, "MAX_TRACE_SLICES", 5000)
+    tracemalloc.start()
+    try:
+        report = m.report()
+        m.write_trace(tmp_path / "t.json")
+        m.write_svg(tmp_path / "t.svg")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    main = thread_of(report, "MainThread")
+    events = 2 * main.acquisitions  # an acquire and a release each
+    assert events > 100_000
+    assert peak < 4 * events  # a quarter of the events' own 16 bytes
+    (slices,) = trace_slices(tmp_path / "t.json").values()
+    assert 100 < len(slices) <= 5000
+    # Merged slices say how much of them was held: the trace still adds up to the report.
+    held_ms = sum(e["args"]["held_ms"] if "args" in e else e["dur"] / 1e3 * (e["name"] == "held") for e in slices)
+    assert abs(held_ms / 1e3 - main.held_s) <= 0.01 * report.wall_s
+    svg = (tmp_path / "t.svg").read_text()
+    assert svg.count("<rect") <= 3 * 1200 + 10
+
+
+def test_events_lost_to_the_budget_end_the_timeline_where_they_were_lost(tmp_path):
+    cpu, io = Gated("cpu", cpu_loop, 0.4), Gated("io", syscall_loop, 0.4)
+    m = monitor_gated([cpu, io], trace_budget_bytes=200_000)
+    report = m.report()
+    assert report.dropped_events > 0
+    i = thread_of(report, "io")
+    assert i.lost_after_s is not None and report.lost_after_s <= i.lost_after_s < 0.9 * report.wall_s
+    assert "partial" in str(report) and "io*" in str(report)
+    held, _, ambiguous = truth_bounds(cpu.truth, [])  # the totals stay exact
+    assert_within(thread_of(report, "cpu").held_s, held, ambiguous + 0.4 * report.wall_s, report.wall_s, "cpu held")
+    # Each thread's timeline stops where its events were lost; held slices never overlap.
+    m.write_trace(tmp_path / "t.json")
+    tracks = trace_slices(tmp_path / "t.json")
+    for t in report.threads:
+        end_us = (t.lost_after_s if t.lost_after_s is not None else report.wall_s) * 1e6
+        assert all(e["ts"] + e["dur"] <= end_us + 1 for e in tracks.get(t.name, ())), t.name
+    held = sorted((e["ts"], e["ts"] + e["dur"]) for slices in tracks.values() for e in slices if e["name"] == "held")
+    assert all(later[0] >= earlier[1] - 1 for earlier, later in zip(held, held[1:]))

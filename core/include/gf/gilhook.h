@@ -36,6 +36,7 @@ enum gf_gilhook_kind {
   GF_GIL_FORCED,   /* the release just before answered a drop request */
   GF_GIL_ABORT,    /* it stopped waiting without the GIL (thread exit at shutdown) */
   GF_GIL_EXIT,     /* the thread ended */
+  GF_GIL_GAP,      /* its events were lost (budget) from t_ns until its next event */
 };
 
 /* Set in an ACQUIRE event's kind when the thread had to wait for another holder. */
@@ -62,6 +63,8 @@ struct gf_gilhook_thread_stats {
   uint64_t drop_requests; /* times this waiter asked the holder to drop (interval expired, or
                              priority) */
   uint64_t timeouts;     /* switch intervals that expired while waiting */
+  uint64_t lost_ns;      /* its events are lost (budget) from then on, in this tracing session;
+                            0: none (a GF_GIL_GAP event marks where they resumed) */
   int state;             /* enum gf_gilhook_state */
   int priority;
 };
@@ -102,6 +105,8 @@ void gf_gilhook_tracing(int delta, size_t budget_bytes);
  * chunks it has read are freed, the last one too once its thread has ended. */
 size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap);
 uint64_t gf_gilhook_dropped(void);
+/* Bytes of event chunks allocated now (what the budget counts). */
+size_t gf_gilhook_event_bytes(void);
 
 /* The tid the calling thread took the GIL from in its last acquisition if it had to wait for
  * that holder, else 0 (the GIL was free). A sampler thread uses it to see who was running. */
@@ -117,5 +122,51 @@ int gf_gilhook_set_priority(int level);
 int gf_gilhook_get_priority(void);
 /* Sets every thread's priority back to 0. */
 void gf_gilhook_reset_priorities(void);
+
+/* Timelines, from one thread's drained events in the order it recorded them. */
+
+struct gf_gilhook_span {
+  uint64_t start_ns, end_ns; /* within the window */
+  uint32_t state;            /* GF_GIL_HELD or GF_GIL_WANT */
+  uint64_t waited_ns; /* a wait that ended in the window taking the GIL from another holder:
+                         its whole length (also from before the window); else 0 */
+};
+
+/* Turns events into held and wait spans within the window [t0, end]. The state before a
+ * thread's first event follows from that event (a release: it held the GIL); where its events
+ * were lost (GF_GIL_GAP) inside the window, the timeline ends. */
+struct gf_gilhook_spanner {
+  uint64_t t0, end;
+  void (*fn)(const struct gf_gilhook_span *, void *);
+  void *arg;
+  int state; /* enum gf_gilhook_state */
+  uint64_t since;
+  int lost, ended;
+  uint64_t lost_at;
+};
+void gf_gilhook_spans_begin(struct gf_gilhook_spanner *s, uint64_t t0, uint64_t end,
+                            void (*fn)(const struct gf_gilhook_span *, void *), void *arg);
+void gf_gilhook_spans_feed(struct gf_gilhook_spanner *s, const struct gf_gilhook_event *events,
+                           size_t n);
+/* Closes the span in progress; returns where the timeline ends: `end`, or before it where the
+ * thread's events were lost. */
+uint64_t gf_gilhook_spans_end(struct gf_gilhook_spanner *s);
+
+/* Spans merged for display: spans shorter than the resolution that follow each other within
+ * it are merged into slices about a resolution long (0: none are), so a window of W gives at
+ * most 3 W / resolution + 1 slices. A slice's state is the one that covers most of it. */
+struct gf_gilhook_slice {
+  uint64_t start_ns, end_ns, held_ns, wait_ns;
+  uint32_t spans; /* merged into it */
+  uint32_t state;
+};
+struct gf_gilhook_coalescer {
+  uint64_t resolution_ns;
+  void (*fn)(const struct gf_gilhook_slice *, void *);
+  void *arg;
+  struct gf_gilhook_slice pending; /* zero-initialize the coalescer */
+};
+void gf_gilhook_coalesce(struct gf_gilhook_coalescer *c, const struct gf_gilhook_span *span);
+void gf_gilhook_coalesce_end(struct gf_gilhook_coalescer *c);
 
 #endif

@@ -291,13 +291,13 @@ static PyObject *gilhook_slots_restored(PyObject *module, PyObject *Py_UNUSED(ig
  * reference); stops the walk with an exception set on error. */
 static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
   PyObject *row = Py_BuildValue(
-      "(kkKKKKKKKKKKii)", (unsigned long)s->id, (unsigned long)s->tid,
+      "(kkKKKKKKKKKKiiK)", (unsigned long)s->id, (unsigned long)s->tid,
       (unsigned long long)s->first_ns,
       (unsigned long long)s->exit_ns, (unsigned long long)s->held_ns,
       (unsigned long long)s->wait_ns, (unsigned long long)s->acquisitions,
       (unsigned long long)s->waits, (unsigned long long)s->switches_in,
       (unsigned long long)s->forced, (unsigned long long)s->drop_requests,
-      (unsigned long long)s->timeouts, s->state, s->priority);
+      (unsigned long long)s->timeouts, s->state, s->priority, (unsigned long long)s->lost_ns);
   if (row == NULL)
     return 1;
   int rc = PyList_Append(arg, row);
@@ -308,7 +308,8 @@ static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
 PyDoc_STRVAR(threads_doc,
              "threads()\n--\n\nReturns a new tuple (now_ns, rows): rows is a list of (id, tid, first_ns, exit_ns, held_ns, wait_ns, "
              "acquisitions, waits, switches_in, forced, drop_requests, timeouts, state, "
-             "priority), cumulative per thread up to now_ns, times on time.monotonic_ns()'s clock.");
+             "priority, lost_ns), cumulative per thread up to now_ns, times on "
+             "time.monotonic_ns()'s clock; lost_ns: its events are lost from then on (0: none).");
 
 /* Returns a new reference, or NULL with an exception set. */
 static PyObject *gilhook_threads(PyObject *module, PyObject *Py_UNUSED(ignored)) {
@@ -353,23 +354,292 @@ static PyObject *gilhook_totals(PyObject *module, PyObject *Py_UNUSED(ignored)) 
                        (unsigned long long)sum.drop_requests);
 }
 
-PyDoc_STRVAR(drain_doc, "drain()\n--\n\nReturns new bytes holding the recorded events as "
-                        "(t_ns: u64, thread: u32, kind: u32) records (thread: the record id of "
-                        "threads()), and forgets them.");
+PyDoc_STRVAR(drain_doc, "drain(target)\n--\n\nAppends the recorded events to the bytearray "
+                        "target (or, with None, discards them) as (t_ns: u64, thread: u32, kind: "
+                        "u32) records (thread: the record id of threads()), forgets them, and "
+                        "returns how many there were.");
 
-/* Returns a new reference, or NULL with an exception set. */
-static PyObject *gilhook_drain(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+/* Borrows target. Returns a new reference, or NULL with an exception set. */
+static PyObject *gilhook_drain(PyObject *module, PyObject *target) {
   enum { BATCH = 8192 };
+  if (target != Py_None && !PyByteArray_Check(target)) {
+    PyErr_SetString(PyExc_TypeError, "drain() takes a bytearray or None");
+    return NULL;
+  }
   struct gf_gilhook_event *batch = PyMem_Malloc(BATCH * sizeof(*batch));
   if (batch == NULL)
     return PyErr_NoMemory();
-  PyObject *out = PyBytes_FromStringAndSize(NULL, 0);
-  size_t n;
-  while (out != NULL && (n = gf_gilhook_drain(batch, BATCH)) > 0) {
-    PyObject *chunk = PyBytes_FromStringAndSize((const char *)batch, n * sizeof(*batch));
-    PyBytes_ConcatAndDel(&out, chunk); /* steals chunk; on failure clears out */
+  size_t total = 0, n;
+  while ((n = gf_gilhook_drain(batch, BATCH)) > 0) {
+    total += n;
+    if (target == Py_None)
+      continue;
+    Py_ssize_t size = PyByteArray_GET_SIZE(target);
+    if (PyByteArray_Resize(target, size + (Py_ssize_t)(n * sizeof(*batch))) < 0) {
+      PyMem_Free(batch);
+      return NULL;
+    }
+    memcpy(PyByteArray_AS_STRING(target) + size, batch, n * sizeof(*batch));
   }
   PyMem_Free(batch);
+  return PyLong_FromSize_t(total);
+}
+
+/* Timelines from a buffer of drained events (drains one after another). A drain gives each
+ * thread's events in order, thread after thread, so a thread's events are the runs of its
+ * consecutive events, taken in buffer order: no sort, no copy of the events. */
+struct run {
+  uint32_t thread;
+  size_t start, count;
+};
+
+static int run_order(const void *a, const void *b) {
+  const struct run *x = a, *y = b;
+  if (x->thread != y->thread)
+    return x->thread < y->thread ? -1 : 1;
+  return x->start < y->start ? -1 : x->start > y->start;
+}
+
+struct timeline {
+  Py_buffer view;
+  const struct gf_gilhook_event *events;
+  size_t nevents;
+  uint64_t t0, end; /* the window; end for threads not in ends */
+  PyObject *ends;   /* {record id: end_ns} of threads whose timeline ends before */
+  struct run *runs;
+  size_t nruns;
+};
+
+static void timeline_close(struct timeline *tl) {
+  PyMem_Free(tl->runs);
+  if (tl->view.obj != NULL)
+    PyBuffer_Release(&tl->view);
+}
+
+/* Parses (events, t0, end, ends) and finds the runs. Returns 0, or -1 with an exception set
+ * (tl is closed then). */
+static int timeline_open(struct timeline *tl, PyObject *const *args) {
+  unsigned long long t0, end;
+  *tl = (struct timeline){0};
+  if (PyObject_GetBuffer(args[0], &tl->view, PyBUF_SIMPLE) < 0)
+    return -1;
+  t0 = PyLong_AsUnsignedLongLong(args[1]);
+  end = PyLong_AsUnsignedLongLong(args[2]);
+  if (PyErr_Occurred())
+    goto error;
+  if (!PyDict_Check(args[3]) || tl->view.len % sizeof(struct gf_gilhook_event) != 0 ||
+      (uintptr_t)tl->view.buf % _Alignof(struct gf_gilhook_event) != 0) {
+    PyErr_SetString(PyExc_ValueError, "expected drained events and a dict of ends");
+    goto error;
+  }
+  tl->events = tl->view.buf;
+  tl->nevents = (size_t)tl->view.len / sizeof(struct gf_gilhook_event);
+  tl->t0 = t0;
+  tl->end = end;
+  tl->ends = args[3];
+  size_t cap = 0;
+  for (size_t i = 0; i < tl->nevents; i++) {
+    if (tl->nruns > 0 && tl->runs[tl->nruns - 1].thread == tl->events[i].thread) {
+      tl->runs[tl->nruns - 1].count++;
+      continue;
+    }
+    if (tl->nruns == cap) {
+      cap = cap ? 2 * cap : 64;
+      struct run *more = PyMem_Realloc(tl->runs, cap * sizeof(*more));
+      if (more == NULL) {
+        PyErr_NoMemory();
+        goto error;
+      }
+      tl->runs = more;
+    }
+    tl->runs[tl->nruns++] = (struct run){tl->events[i].thread, i, 1};
+  }
+  qsort(tl->runs, tl->nruns, sizeof(*tl->runs), run_order);
+  return 0;
+error:
+  timeline_close(tl);
+  return -1;
+}
+
+/* For each thread: begin(thread, arg) (unless NULL), its events to a spanner calling
+ * span_fn(span, arg), then done(thread, where its timeline ends, arg). Returns 0, or -1 with an
+ * exception set (also when done fails). */
+static int timeline_walk(struct timeline *tl, void (*begin)(uint32_t, void *),
+                         void (*span_fn)(const struct gf_gilhook_span *, void *),
+                         int (*done)(uint32_t, uint64_t, void *), void *arg) {
+  struct gf_gilhook_spanner spanner;
+  for (size_t i = 0; i < tl->nruns;) {
+    uint32_t thread = tl->runs[i].thread;
+    uint64_t end = tl->end;
+    PyObject *key = PyLong_FromUnsignedLong(thread);
+    PyObject *value = key != NULL ? PyDict_GetItemWithError(tl->ends, key) : NULL; /* borrowed */
+    Py_XDECREF(key);
+    if (value != NULL)
+      end = PyLong_AsUnsignedLongLong(value);
+    if (PyErr_Occurred())
+      return -1;
+    if (begin != NULL)
+      begin(thread, arg);
+    gf_gilhook_spans_begin(&spanner, tl->t0, end, span_fn, arg);
+    for (; i < tl->nruns && tl->runs[i].thread == thread; i++)
+      gf_gilhook_spans_feed(&spanner, tl->events + tl->runs[i].start, tl->runs[i].count);
+    if (done(thread, gf_gilhook_spans_end(&spanner), arg) < 0)
+      return -1;
+  }
+  return 0;
+}
+
+/* One thread's spans, for summarize(). */
+struct summary {
+  PyObject *out; /* {record id: row} */
+  size_t spans;
+  uint64_t *waits; /* whole contended waits */
+  size_t nwaits, cap;
+  int failed;
+};
+
+static void summary_span(const struct gf_gilhook_span *span, void *arg) {
+  struct summary *sum = arg;
+  sum->spans++;
+  if (span->waited_ns == 0 || sum->failed)
+    return;
+  if (sum->nwaits == sum->cap) {
+    size_t cap = sum->cap ? 2 * sum->cap : 256;
+    uint64_t *more = PyMem_Realloc(sum->waits, cap * sizeof(*more));
+    if (more == NULL) {
+      sum->failed = 1;
+      return;
+    }
+    sum->waits = more;
+    sum->cap = cap;
+  }
+  sum->waits[sum->nwaits++] = span->waited_ns;
+}
+
+static int wait_order(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* The q-quantile of n sorted values, rounding its index as Python's round() does. */
+static uint64_t quantile(const uint64_t *sorted, size_t n, double q) {
+  return n == 0 ? 0 : sorted[(size_t)llrint(q * (double)(n - 1))];
+}
+
+static int summary_done(uint32_t thread, uint64_t end, void *arg) {
+  struct summary *sum = arg;
+  if (sum->failed) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  qsort(sum->waits, sum->nwaits, sizeof(*sum->waits), wait_order);
+  PyObject *key = PyLong_FromUnsignedLong(thread);
+  PyObject *row = Py_BuildValue("(KnKKK)", (unsigned long long)end, (Py_ssize_t)sum->spans,
+                                (unsigned long long)quantile(sum->waits, sum->nwaits, 0.5),
+                                (unsigned long long)quantile(sum->waits, sum->nwaits, 0.99),
+                                (unsigned long long)quantile(sum->waits, sum->nwaits, 1.0));
+  int rc = key != NULL && row != NULL ? PyDict_SetItem(sum->out, key, row) : -1;
+  Py_XDECREF(key);
+  Py_XDECREF(row);
+  sum->spans = sum->nwaits = 0;
+  return rc;
+}
+
+PyDoc_STRVAR(summarize_doc,
+             "summarize(events, t0, end, ends)\n--\n\nPer thread of the drained events: a new dict "
+             "{record id: (timeline_end_ns, spans, wait_p50_ns, wait_p99_ns, wait_max_ns)} over "
+             "the window from t0 to end, or to ends[record id]; earlier where its events were "
+             "lost. The percentiles are over the waits that took the GIL from another holder.");
+
+/* Borrows args. Returns a new reference, or NULL with an exception set. */
+static PyObject *gilhook_summarize(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+  struct timeline tl;
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "summarize(events, t0, end, ends)");
+    return NULL;
+  }
+  if (timeline_open(&tl, args) < 0)
+    return NULL;
+  struct summary sum = {.out = PyDict_New()};
+  if (sum.out == NULL || timeline_walk(&tl, NULL, summary_span, summary_done, &sum) < 0)
+    Py_CLEAR(sum.out);
+  PyMem_Free(sum.waits);
+  timeline_close(&tl);
+  return sum.out;
+}
+
+/* The slices of every thread, for slices(): a packed array of struct out_slice. */
+struct out_slice {
+  uint32_t thread, state;
+  uint64_t start_ns, end_ns, held_ns, wait_ns;
+  uint32_t spans, pad;
+};
+
+struct slicer {
+  struct gf_gilhook_coalescer coalescer;
+  uint32_t thread;
+  struct out_slice *out;
+  size_t n, cap;
+  int failed;
+};
+
+static void slicer_slice(const struct gf_gilhook_slice *slice, void *arg) {
+  struct slicer *sl = arg;
+  if (sl->failed)
+    return;
+  if (sl->n == sl->cap) {
+    size_t cap = sl->cap ? 2 * sl->cap : 1024;
+    struct out_slice *more = PyMem_Realloc(sl->out, cap * sizeof(*more));
+    if (more == NULL) {
+      sl->failed = 1;
+      return;
+    }
+    sl->out = more;
+    sl->cap = cap;
+  }
+  sl->out[sl->n++] = (struct out_slice){sl->thread, slice->state, slice->start_ns, slice->end_ns,
+                                        slice->held_ns, slice->wait_ns, slice->spans, 0};
+}
+
+static void slicer_span(const struct gf_gilhook_span *span, void *arg) {
+  gf_gilhook_coalesce(&((struct slicer *)arg)->coalescer, span);
+}
+
+static void slicer_begin(uint32_t thread, void *arg) { ((struct slicer *)arg)->thread = thread; }
+
+static int slicer_done(uint32_t thread, uint64_t end, void *arg) {
+  struct slicer *sl = arg;
+  gf_gilhook_coalesce_end(&sl->coalescer);
+  if (sl->failed) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  return 0;
+}
+
+PyDoc_STRVAR(slices_doc,
+             "slices(events, t0, end, ends, resolution_ns)\n--\n\nThe timeline of every thread "
+             "(window as in summarize), its spans shorter than resolution_ns merged: new bytes "
+             "of (thread: u32, state: u32, start_ns, end_ns, held_ns, wait_ns: u64, spans: u32, "
+             "pad: u32) records, state STATE_HELD or STATE_WANT (whichever covers more).");
+
+/* Borrows args. Returns a new reference, or NULL with an exception set. */
+static PyObject *gilhook_slices(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+  struct timeline tl;
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "slices(events, t0, end, ends, resolution_ns)");
+    return NULL;
+  }
+  unsigned long long resolution = PyLong_AsUnsignedLongLong(args[4]);
+  if (PyErr_Occurred() || timeline_open(&tl, args) < 0)
+    return NULL;
+  struct slicer sl = {.coalescer = {.resolution_ns = resolution, .fn = slicer_slice}};
+  sl.coalescer.arg = &sl;
+  PyObject *out = NULL;
+  if (timeline_walk(&tl, slicer_begin, slicer_span, slicer_done, &sl) == 0)
+    out = PyBytes_FromStringAndSize((const char *)sl.out, (Py_ssize_t)(sl.n * sizeof(*sl.out)));
+  PyMem_Free(sl.out);
+  timeline_close(&tl);
   return out;
 }
 
@@ -431,7 +701,9 @@ static PyMethodDef gilhook_methods[] = {
     {"slots_restored", gilhook_slots_restored, METH_NOARGS,
      "slots_restored()\n--\n\nTrue when every GOT slot holds its original value."},
     {"threads", gilhook_threads, METH_NOARGS, threads_doc},
-    {"drain", gilhook_drain, METH_NOARGS, drain_doc},
+    {"drain", gilhook_drain, METH_O, drain_doc},
+    {"summarize", (PyCFunction)(void (*)(void))gilhook_summarize, METH_FASTCALL, summarize_doc},
+    {"slices", (PyCFunction)(void (*)(void))gilhook_slices, METH_FASTCALL, slices_doc},
     {"reap", gilhook_reap, METH_NOARGS, reap_doc},
     {"totals", gilhook_totals, METH_NOARGS,
      "totals()\n--\n\n(live_threads, held_ns, wait_ns, acquisitions, waits, switches_in, "
@@ -472,6 +744,7 @@ static int gilhook_exec(PyObject *module) {
       PyModule_AddIntConstant(module, "EVENT_FORCED", GF_GIL_FORCED) < 0 ||
       PyModule_AddIntConstant(module, "EVENT_ABORT", GF_GIL_ABORT) < 0 ||
       PyModule_AddIntConstant(module, "EVENT_EXIT", GF_GIL_EXIT) < 0 ||
+      PyModule_AddIntConstant(module, "EVENT_GAP", GF_GIL_GAP) < 0 ||
       PyModule_AddIntConstant(module, "EVENT_CONTENDED", GF_GIL_CONTENDED) < 0 ||
       PyModule_AddIntConstant(module, "MAX_PRIORITY", GF_GILHOOK_MAX_PRIORITY) < 0)
     return -1;
