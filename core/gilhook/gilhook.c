@@ -81,6 +81,7 @@ struct gf_thread {
   uint32_t seq;
   uint64_t first_ns, exit_ns, held_ns, wait_ns, acquisitions, waits, switches_in, forced,
       drop_requests, timeouts, since_ns;
+  uint64_t cpu_ns; /* its CPU time, stored when it ends (read from its clock before) */
   /* Its first event lost to the budget since its last recorded one, in tracing session
    * `session` (0: none); see gf_emit_at. */
   uint64_t lost_ns;
@@ -263,11 +264,26 @@ static void gf_end_wait_slot(struct gf_thread *t) {
   t->wait_slot = -1;
 }
 
+/* CPU time of thread tid, read from another thread; 0 if it has ended. */
+static uint64_t gf_cpu_of(uint32_t tid) {
+  /* The kernel's clock id of a thread's CPU time (CPUCLOCK_SCHED | CPUCLOCK_PERTHREAD_MASK over
+   * ~tid), what pthread_getcpuclockid returns; computed unsigned, as shifting a negative is
+   * undefined. */
+  clockid_t clock = (clockid_t)((~(unsigned)tid << 3) | 6u);
+  struct timespec ts;
+  if (clock_gettime(clock, &ts) != 0)
+    return 0;
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static void gf_thread_exit(void *arg) {
   struct gf_thread *t = arg;
   uint64_t now = gf_gilhook_now_ns();
+  struct timespec cpu;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
   gf_end_wait_slot(t);
   gf_write_begin(t);
+  GF_STORE(t->cpu_ns, (uint64_t)cpu.tv_sec * 1000000000ull + (uint64_t)cpu.tv_nsec);
   GF_STORE(t->exit_ns, now);
   GF_STORE(t->state, GF_GIL_FREE);
   gf_write_end(t);
@@ -841,6 +857,7 @@ int gf_gilhook_slots_restored(void) {
 static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, uint64_t now) {
   unsigned generation;
   uint32_t seq;
+  int retried = 0;
   do {
     while ((seq = __atomic_load_n(&t->seq, __ATOMIC_ACQUIRE)) & 1)
       ;
@@ -857,6 +874,7 @@ static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, 
     s->drop_requests = GF_LOAD(t->drop_requests);
     s->timeouts = GF_LOAD(t->timeouts);
     s->lost_ns = GF_LOAD(t->lost_ns);
+    s->cpu_ns = GF_LOAD(t->cpu_ns);
     unsigned session = GF_LOAD(t->session);
     s->state = GF_LOAD(t->state);
     generation = GF_LOAD(t->generation);
@@ -872,6 +890,10 @@ static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, 
       s->held_ns += now - since;
     else if (s->state == GF_GIL_WANT && now > since)
       s->wait_ns += now - since;
+    /* A live thread's clock; if it has just ended, a second look shows what it stored. A tid
+     * reused between the two reads would need the kernel's ids to wrap within microseconds. */
+    if (s->exit_ns == 0 && (s->cpu_ns = gf_cpu_of(s->tid)) == 0 && !retried++)
+      continue;
     break;
   } while (1);
   s->priority = GF_LOAD(t->priority);

@@ -26,7 +26,7 @@ _TRACE_BUDGET = 256 << 20
 MAX_TRACE_SLICES = 200_000
 # Rows of _gilhook.threads(). _ID identifies a thread's record: the kernel reuses native ids
 # (_TID) once a thread has ended, so every per-thread table is keyed by _ID.
-_ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO, _LOST = range(15)
+_ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO, _LOST, _CPU = range(16)
 
 
 def _hook():
@@ -55,10 +55,22 @@ class ThreadReport:
     timeouts: int = 0
     alive_s: float = 0.0
     lost_after_s: float = None  # its timeline's events were lost (budget) from then on
+    cpu_s: float = 0.0  # CPU time in the window
 
     @property
     def wanted_s(self):
         return self.held_s + self.wait_s
+
+    @property
+    def parallel_s(self):
+        """CPU time without the GIL (C code that released it): work that ran in parallel."""
+        return max(0.0, self.cpu_s - self.held_s)
+
+    @property
+    def busy_s(self):
+        """Holding the GIL, waiting for it or running without it: not blocked (I/O, sleep, a
+        lock, join) or idle."""
+        return self.held_s + self.wait_s + self.parallel_s
 
 
 @dataclass
@@ -291,7 +303,7 @@ class Monitor:
             row = self._end.get(key)
             start = self._start.get(key)
             if row is None:
-                row = (key, -key, self._t0, 0) + (0,) * 11
+                row = (key, -key, self._t0, 0) + (0,) * 12
             if row[_FIRST] > self._t1 or (row[_EXIT] and row[_EXIT] < self._t0):
                 continue
 
@@ -325,6 +337,7 @@ class Monitor:
                     drop_requests=delta(_REQUESTS),
                     timeouts=delta(_TIMEOUTS),
                     alive_s=alive / 1e9,
+                    cpu_s=delta(_CPU) / 1e9,
                     lost_after_s=(timeline_end - self._t0) / 1e9 if self._trace and timeline_end < gone else None,
                 )
             )
@@ -450,46 +463,65 @@ MIN_HOT_SPOT_SAMPLES = 10
 
 
 def verdict(report):
-    """A sentence a person can act on, from the numbers of a Report."""
+    """A sentence a person can act on, from the numbers of a Report.
+
+    Waiting is weighed against the time threads were busy (holding the GIL, waiting for it, or
+    running without it: their CPU time outside it), not against the run's wall time, which
+    idle stretches would dilute; time blocked in I/O, sleep, locks or join() is not work.
+    """
+    threads = report.threads
     wall = report.wall_s or 1e-9
-    busy = [t for t in report.threads if t.held_s > 0.1 * wall]
-    wanted = sum(t.wanted_s for t in report.threads)
-    waited = sum(t.wait_s for t in report.threads)
-    alive = sum(t.alive_s for t in report.threads) or 1e-9
-    free = sum(t.free_s for t in report.threads)
+    work = sum(t.busy_s for t in threads) or 1e-9
+    waited = sum(t.wait_s for t in threads) / work
+    parallel = sum(t.parallel_s for t in threads) / work
+    busiest = max((t.busy_s for t in threads), default=0.0)
+    working = [t for t in threads if 0 < t.busy_s >= 0.1 * busiest]
+    top_held = max((t.held_s for t in threads), default=0.0)
+    # Threads that hold a fair share of the GIL and spend a fair share of their work waiting.
+    contenders = [t for t in threads if 0 < t.held_s >= 0.05 * top_held and t.wait_s >= 0.1 * t.busy_s]
+    contended = sum(t.wait_s for t in contenders) / (sum(t.busy_s for t in contenders) or 1e-9)
     parts = []
-    threads_scale = False
-    saturated = wanted / wall > 1.2 and report.held_fraction > 0.7
-    if len(busy) >= 2 and (saturated or waited / wall >= 0.5):
-        # Held nearly all the time, or half a thread's worth of waiting on average: the GIL is
-        # the bottleneck even if part of the work releases it.
+    quiet = False  # where the GIL sat is beside the point
+    if len(contenders) >= 2 and contended >= 0.3:
         parts.append(
-            f"GIL-bound: {len(busy)} threads wanted the GIL for {wanted / wall:.2f}x the run's wall time; "
-            f"it was held {report.held_fraction:.0%} of the time; adding threads will not help - move this "
+            f"GIL-bound: {len(contenders)} threads waited for the GIL {contended:.0%} of the time they were busy "
+            f"(holding it, waiting for it or running without it); adding threads will not help - move this "
             f"work to processes (gilfree.Pool) or to code that releases the GIL."
         )
-    elif waited / wall < 0.1:
-        if len(busy) <= 1 and report.held_fraction > 0.7:
+    elif work < 0.1 * wall:
+        quiet = True
+        parts.append(
+            f"Not GIL-bound: {'single-threaded and ' if len(working) <= 1 else ''}mostly idle: its threads "
+            f"were busy {work / wall:.0%} of the run's wall time, and blocked (I/O, sleep, locks) or idle the rest."
+        )
+    elif waited < 0.05:
+        quiet = True
+        if len(working) <= 1 and top_held > 0.7 * wall:
+            quiet = False
             parts.append(
-                f"Not GIL-bound, but one thread held the GIL {report.held_fraction:.0%} of the time and nobody "
+                f"Not GIL-bound, but one thread held the GIL {top_held / wall:.0%} of the time and nobody "
                 f"waited for it: the program is single-threaded CPU work; more cores need processes (gilfree.Pool)."
             )
-        else:
-            threads_scale = True
+        elif len(working) <= 1:
             parts.append(
-                f"Not GIL-bound: threads ran {free / alive:.0%} of their time without the GIL; threads scale here."
+                f"Not GIL-bound: single-threaded: one thread did the work (busy {busiest / wall:.0%} of the run's "
+                f"wall time) and nobody waited for the GIL."
             )
-    elif report.held_fraction < 0.5:
+        else:
+            parts.append(
+                f"Not GIL-bound: threads ran {parallel:.0%} of their busy time without the GIL and waited "
+                f"{waited:.0%} of it; threads scale here."
+            )
+    elif parallel >= 0.5:
         parts.append(
-            f"Mostly releases the GIL: it was held {report.held_fraction:.0%} of the time, so threads do most "
-            f"of their work in parallel; their waits ({waited / wall:.2f}x the run's wall time) are what "
-            f"processes (gilfree.Pool) would still win back."
+            f"Mostly releases the GIL: threads ran {parallel:.0%} of their busy time without it, in parallel; "
+            f"their waits ({waited:.0%} of it) are what processes (gilfree.Pool) would still win back."
         )
     else:
         parts.append(
-            f"Partly GIL-bound: threads waited for the GIL {waited / wall:.2f}x the run's wall time "
-            f"(held {report.held_fraction:.0%}); the waiting threads would run sooner in processes "
-            f"(gilfree.Pool) or with the CPU work in code that releases the GIL."
+            f"Partly GIL-bound: threads waited for the GIL {waited:.0%} of their busy time (held it "
+            f"{1 - waited - parallel:.0%}); the waiting threads would run sooner in processes (gilfree.Pool) or "
+            f"with the CPU work in code that releases the GIL."
         )
     interval = report.interval_s or 0.005
     for t in report.threads:
@@ -506,7 +538,7 @@ def verdict(report):
             )
     # A hot spot is worth naming when the GIL is what the program waits on or holds, and when
     # there are enough samples for a share to mean something.
-    if report.top_functions and report.samples >= MIN_HOT_SPOT_SAMPLES and not threads_scale:
+    if report.top_functions and report.samples >= MIN_HOT_SPOT_SAMPLES and not quiet:
         name, share = report.top_functions[0]
         parts.append(f"The GIL was held most in {name} ({share:.0%} of samples).")
     return " ".join(parts)

@@ -571,3 +571,51 @@ GF_TEST(gilhook_marks_where_a_threads_events_were_lost) {
   GF_CHECK_EQ(gap_at, 257); /* right after its first chunk's 256 events */
   GF_CHECK(mine >= 257 + 400); /* the second burst, all of it */
 }
+
+static uint64_t own_cpu_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+struct spinner {
+  uint64_t spun_ns; /* its own CPU time once it spun, by its own clock */
+  int leave;        /* atomic */
+  uint32_t tid;
+  pthread_t thread;
+};
+
+static void *spinner_main(void *arg) {
+  struct spinner *sp = arg;
+  fx.take(sp);
+  while (own_cpu_ns() < 20000000ull)
+    ;
+  fx.drop(sp);
+  usleep(30000); /* no CPU time for a while */
+  __atomic_store_n(&sp->spun_ns, own_cpu_ns(), __ATOMIC_RELEASE);
+  __atomic_store_n(&sp->tid, (uint32_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
+  while (!__atomic_load_n(&sp->leave, __ATOMIC_ACQUIRE))
+    usleep(100);
+  return NULL;
+}
+
+GF_TEST(gilhook_reports_each_threads_cpu_time) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  struct spinner sp = {.leave = 0};
+  pthread_create(&sp.thread, NULL, spinner_main, &sp);
+  while (__atomic_load_n(&sp.tid, __ATOMIC_ACQUIRE) == 0)
+    usleep(100);
+  uint64_t alive = stats_of(sp.tid).cpu_ns; /* read from its clock */
+  __atomic_store_n(&sp.leave, 1, __ATOMIC_RELEASE);
+  pthread_join(sp.thread, NULL);
+  struct gf_gilhook_thread_stats ended = stats_of(sp.tid); /* stored as it ended */
+  fx.take(&self);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  GF_CHECK(ended.exit_ns != 0);
+  GF_CHECK(alive >= sp.spun_ns && alive < sp.spun_ns + 10000000ull);
+  GF_CHECK(ended.cpu_ns >= alive && ended.cpu_ns < sp.spun_ns + 10000000ull);
+}

@@ -1,4 +1,5 @@
 """gilfree.gil: exact GIL accounting against ground truth measured by the workloads themselves."""
+import asyncio
 import json
 import os
 import shutil
@@ -328,24 +329,30 @@ for t in threads: t.join()
 
 
 def synthetic_report(held_fraction, per_thread):
-    """A 10 s Report of two worker threads and an idle main thread; per_thread: (held_s, wait_s)."""
+    """A 10 s Report of two worker threads and an idle main thread blocked in join();
+    per_thread: (held_s, wait_s, parallel_s), the last its CPU time without the GIL."""
     from gilfree.gil import Report, ThreadReport
 
-    threads = [ThreadReport(f"w{i}", i, held, wait, 100, 0.001, 0.005, 0.01, 10 - held - wait, 100, alive_s=10)
-               for i, (held, wait) in enumerate(per_thread)]
-    threads.append(ThreadReport("MainThread", 99, 0.01, 0.0, 0, 0, 0, 0, 9.99, 1, alive_s=10))
+    threads = [ThreadReport(f"w{i}", i, held, wait, 100, 0.001, 0.005, 0.01, 10 - held - wait, 100, alive_s=10,
+                            cpu_s=held + parallel)
+               for i, (held, wait, parallel) in enumerate(per_thread)]
+    threads.append(ThreadReport("MainThread", 99, 0.01, 0.0, 0, 0, 0, 0, 9.99, 1, alive_s=10, cpu_s=0.01))
     return Report(10.0, held_fraction, 200, 50, threads)
 
 
 @pytest.mark.parametrize(
     "held_fraction, per_thread, opening",
     [
-        (0.99, [(5.0, 4.9), (4.9, 5.0)], "GIL-bound: 2 threads"),  # two CPU threads
-        (0.65, [(3.3, 3.3), (3.2, 3.3)], "GIL-bound: 2 threads"),  # re-encode: half a thread always waits
-        (0.23, [(1.2, 1.0), (1.1, 0.9)], "Mostly releases the GIL"),  # thumbnails: Pillow releases it
-        (0.60, [(3.0, 1.0), (3.0, 1.0)], "Partly GIL-bound"),
-        (0.30, [(1.5, 0.2), (1.5, 0.2)], "Not GIL-bound: threads ran"),
-        (0.95, [(9.5, 0.0), (0.0, 0.0)], "Not GIL-bound, but one thread"),
+        (0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)], "GIL-bound: 2 threads"),  # two CPU threads
+        (0.65, [(3.3, 3.3, 3.4), (3.2, 3.3, 3.5)], "GIL-bound: 2 threads"),  # re-encode: half a thread always waits
+        (0.20, [(1.0, 1.0, 0), (1.0, 1.0, 0)], "GIL-bound: 2 threads"),  # two CPU threads, then a long sleep
+        (0.23, [(1.2, 1.2, 7.6), (1.1, 1.1, 7.8)], "Mostly releases the GIL"),  # thumbnails: Pillow releases it
+        (0.60, [(3.0, 1.0, 0), (3.0, 1.0, 0)], "Partly GIL-bound"),
+        (0.30, [(1.5, 0.2, 8.3), (1.5, 0.2, 8.3)], "Not GIL-bound: threads ran 83%"),
+        (0.95, [(9.5, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound, but one thread"),
+        (0.40, [(4.0, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded: one thread"),
+        (0.03, [(0.3, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded and mostly idle"),
+        (0.02, [(0.1, 0.0, 0.1), (0.1, 0.0, 0.1)], "Not GIL-bound: mostly idle"),
     ],
 )
 def test_verdict_classes(held_fraction, per_thread, opening):
@@ -357,9 +364,9 @@ def test_verdict_classes(held_fraction, per_thread, opening):
 @pytest.mark.parametrize(
     "held_fraction, per_thread, samples, named",
     [
-        (0.99, [(5.0, 4.9), (4.9, 5.0)], 40, True),  # GIL-bound, enough samples
-        (0.99, [(5.0, 4.9), (4.9, 5.0)], 3, False),  # too few samples for a share to mean anything
-        (0.30, [(1.5, 0.2), (1.5, 0.2)], 40, False),  # threads scale: where the GIL sat is beside the point
+        (0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)], 40, True),  # GIL-bound, enough samples
+        (0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)], 3, False),  # too few samples for a share to mean anything
+        (0.30, [(1.5, 0.2, 8.3), (1.5, 0.2, 8.3)], 40, False),  # threads scale: where the GIL sat is beside the point
     ],
 )
 def test_verdict_names_a_hot_spot_only_when_it_means_something(held_fraction, per_thread, samples, named):
@@ -660,3 +667,44 @@ def test_events_lost_to_the_budget_end_the_timeline_where_they_were_lost(tmp_pat
         assert all(e["ts"] + e["dur"] <= end_us + 1 for e in tracks.get(t.name, ())), t.name
     held = sorted((e["ts"], e["ts"] + e["dur"]) for slices in tracks.values() for e in slices if e["name"] == "held")
     assert all(later[0] >= earlier[1] - 1 for earlier, later in zip(held, held[1:]))
+
+
+def test_verdict_weighs_waits_against_busy_time_not_idle_wall_time():
+    a, b = threading.Thread(target=cpu_loop, args=(0.15,)), threading.Thread(target=cpu_loop, args=(0.15,))
+    with gil.monitor() as m:
+        for t in (a, b):
+            t.start()
+        for t in (a, b):
+            t.join()
+        time.sleep(0.6)  # idle afterwards: two thirds of the run
+    assert m.report().verdict.startswith("GIL-bound: 2 threads"), m.report()
+
+
+def test_verdict_calls_an_idle_single_threaded_program_so():
+    async def blocking():
+        time.sleep(0.2)  # a coroutine blocking the loop
+
+    async def ticking():
+        for _ in range(10):
+            await asyncio.sleep(0.005)
+
+    async def main():
+        await asyncio.gather(blocking(), ticking())
+
+    with gil.monitor() as m:
+        asyncio.run(main())
+    v = m.report().verdict
+    assert v.startswith("Not GIL-bound: single-threaded and mostly idle") and "scale" not in v, v
+
+
+def test_verdict_counts_cpu_time_without_the_gil_as_parallel_not_blocked_time():
+    # Two threads that hold the GIL a fifth of the time and sleep the rest; main blocks in join().
+    ts = [threading.Thread(target=duty_cycle, args=(0.002, 0.008, 0.3)) for _ in range(2)]
+    with gil.monitor() as m:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    v = m.report().verdict
+    assert v.startswith("Not GIL-bound: threads ran "), v
+    assert int(v.split("threads ran ")[1].split("%")[0]) < 30, v  # sleeping is not running in parallel

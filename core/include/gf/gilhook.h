@@ -63,6 +63,7 @@ struct gf_gilhook_thread_stats {
   uint64_t drop_requests; /* times this waiter asked the holder to drop (interval expired, or
                              priority) */
   uint64_t timeouts;     /* switch intervals that expired while waiting */
+  uint64_t cpu_ns;       /* its CPU time (since it started, the hooks or not) */
   uint64_t lost_ns;      /* its events are lost (budget) from then on, in this tracing session;
                             0: none (a GF_GIL_GAP event marks where they resumed) */
   int state;             /* enum gf_gilhook_state */
