@@ -125,33 +125,21 @@ def _live_records(rows):
     return {row[_TID]: row[_ID] for row in rows if not row[_EXIT]}
 
 
-class _ThreadNames:
-    """Record id -> thread name, also for threads that start and end while monitoring."""
+def _name_threads(names, rows):
+    """Adds the names of the Python threads alive in rows to names (record id -> name)."""
+    live = _live_records(rows)
+    for t in threading.enumerate():
+        if t.native_id in live:
+            names[live[t.native_id]] = t.name
 
-    def __init__(self, hook):
-        self.names = {}
-        self._hook = hook
-        self._previous = None
 
-    def _record(self, *_):
-        # Runs in the new thread, which took the GIL through the hooks: it has a record.
-        self.names[self._hook.record_id()] = threading.current_thread().name
-        sys.setprofile(self._previous)
-
-    def start(self, rows):
-        self.snapshot(rows)
-        self._previous = threading.getprofile()
-        threading.setprofile(self._record)
-
-    def stop(self, rows):
-        threading.setprofile(self._previous)
-        self.snapshot(rows)
-
-    def snapshot(self, rows):
-        live = _live_records(rows)
-        for t in threading.enumerate():
-            if t.native_id in live:
-                self.names[live[t.native_id]] = t.name
+def _record_name(*_):
+    """threading's profile function while monitors are open: runs first thing in each new
+    thread (which took the GIL through the hooks, so it has a record) and names it for them."""
+    key, name = _hook().record_id(), threading.current_thread().name
+    for m in list(_open):
+        m._names[key] = name
+    sys.setprofile(_profile_before)
 
 
 class _Sampler(threading.Thread):
@@ -189,6 +177,7 @@ class _Sampler(threading.Thread):
 _lock = threading.Lock()
 _open = []  # monitors inside their window: they get the final rows of threads reaped meanwhile
 _active = []  # of which collect events: drained events go to each of them
+_profile_before = None  # threading's profile function before the first monitor opened
 
 
 def _sync(hook):
@@ -207,15 +196,25 @@ def _sync(hook):
 
 
 class Monitor:
-    """Context manager measuring the GIL between __enter__ and __exit__. Reusable, nestable."""
+    """Context manager measuring the GIL between __enter__ and __exit__.
+
+    Monitors nest (each reports its own window). A monitor is reused one window after another:
+    each ``with`` starts a fresh window and report() then describes the last one; entering a
+    monitor again inside its own window raises RuntimeError, and so does report() before its
+    first window has ended or inside a window.
+    """
 
     def __init__(self, trace=True, sample_hz=0.0, trace_budget_bytes=_TRACE_BUDGET):
         self._trace = trace
         self._sample_hz = sample_hz
         self._budget = trace_budget_bytes
         self._report = None
+        self._inside = False
+        self._t1 = None
 
     def __enter__(self):
+        if self._inside:
+            raise RuntimeError("this monitor is measuring already: use another monitor to nest a window")
         hook = self._hook = _hook()
         # The window's events as drained (16 bytes each, never a Python object per event), at
         # most the budget: past it, the timeline is cut where the events kept are complete.
@@ -223,22 +222,26 @@ class Monitor:
         self._cut = None
         self._refused = 0
         self._reaped = {}
-        self._names = _ThreadNames(hook)
+        self._names = {}  # record id -> thread name
+        global _profile_before
         with _lock:
             hook.acquire(self._trace, self._budget)
             self._dropped0 = hook.dropped()
             _sync(hook)  # what came before belongs to earlier monitors
             self._t0, rows = hook.threads()
             self._complete_until = self._t0
+            if not _open:
+                _profile_before = threading.getprofile()
+                threading.setprofile(_record_name)
             _open.append(self)
             if self._trace:
                 _active.append(self)
-        self._names.start(rows)
+        self._inside, self._report = True, None
+        _name_threads(self._names, rows)
         self._start = {row[_ID]: row for row in rows}
         self._sampler = _Sampler(hook, self._sample_hz) if self._sample_hz else None
         if self._sampler:
             self._sampler.start()
-        self._report = None
         return self
 
     def __exit__(self, *exc):
@@ -249,14 +252,17 @@ class Monitor:
             self._t1, rows = hook.threads()
             _sync(hook)
             _open.remove(self)
+            if not _open:
+                threading.setprofile(_profile_before)
             if self._trace:
                 _active.remove(self)
             self._dropped = hook.dropped() - self._dropped0 + self._refused
             hook.release(self._trace)
+        self._inside = False
         # Threads reaped during the window, with their rows at its end where still listed then.
         self._end = {**self._reaped, **{row[_ID]: row for row in rows}}
         self._interval = sys.getswitchinterval()
-        self._names.stop(rows)
+        _name_threads(self._names, rows)
         live = _live_records(rows)
         # Python threads alive now, by record id; those without a record (never seen by the
         # hooks: blocked without the GIL all along) by their negated native id.
@@ -286,7 +292,13 @@ class Monitor:
         return end, ends
 
     def report(self):
-        """Returns the Report of the last monitored block (computed once)."""
+        """Returns the Report of the last window (computed once per window).
+
+        Raises RuntimeError inside a window, or before the first one has ended."""
+        if self._inside:
+            raise RuntimeError("report() comes after the with block: this monitor is still measuring")
+        if self._t1 is None:
+            raise RuntimeError("report() comes after a with block: this monitor has not measured anything yet")
         if self._report is None:
             self._report = self._build_report()
         return self._report
@@ -323,7 +335,7 @@ class Monitor:
             held_total += held
             threads.append(
                 ThreadReport(
-                    name=self._names.names.get(key) or self._alive.get(key) or f"thread-{row[_TID]}",
+                    name=self._names.get(key) or self._alive.get(key) or f"thread-{row[_TID]}",
                     tid=row[_TID],
                     held_s=held / 1e9,
                     wait_s=wait / 1e9,

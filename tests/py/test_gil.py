@@ -708,3 +708,38 @@ def test_verdict_counts_cpu_time_without_the_gil_as_parallel_not_blocked_time():
     v = m.report().verdict
     assert v.startswith("Not GIL-bound: threads ran "), v
     assert int(v.split("threads ran ")[1].split("%")[0]) < 30, v  # sleeping is not running in parallel
+
+
+def test_a_monitor_is_reused_one_window_after_another_and_refuses_misuse():
+    m = gil.monitor()
+    with pytest.raises(RuntimeError, match="not measured"):
+        m.report()
+    with m:
+        time.sleep(0.2)
+    first = m.report()
+    with m:
+        cpu_loop(0.05)
+        with pytest.raises(RuntimeError, match="still measuring"):
+            m.report()  # a peek inside the window
+        with pytest.raises(RuntimeError, match="measuring already"):
+            with m:
+                pass
+        cpu_loop(0.05)
+    second = m.report()  # the second window's, whole
+    assert second is not first and m.report() is second
+    assert 0.09 <= second.wall_s < first.wall_s
+    assert 0.8 <= second.held_fraction <= 1 and thread_of(second, "MainThread").held_s >= 0.09
+    assert not gilfree._gilhook.installed() and gilfree._gilhook.slots_restored()
+
+
+def test_monitors_closed_out_of_order_name_threads_and_leave_no_profile_function():
+    a, b = gil.monitor(), gil.monitor()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    late = threading.Thread(target=cpu_loop, args=(0.02,), name="late")
+    late.start()
+    late.join()
+    b.__exit__(None, None, None)
+    assert thread_of(b.report(), "late").held_s > 0
+    assert threading.getprofile() is None
