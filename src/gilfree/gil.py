@@ -239,6 +239,10 @@ class Monitor:
         self._inside, self._report = True, None
         _name_threads(self._names, rows)
         self._start = {row[_ID]: row for row in rows}
+        # Python threads alive now that the hooks have not seen yet (blocked since before they
+        # went in): their records, when they come, belong to threads alive from the start.
+        seen = _live_records(rows)
+        self._unseen = {t.native_id: t.name for t in threading.enumerate() if t.native_id not in seen}
         self._sampler = _Sampler(hook, self._sample_hz) if self._sample_hz else None
         if self._sampler:
             self._sampler.start()
@@ -308,6 +312,13 @@ class Monitor:
         end, ends = self._timeline_ends()
         self._summary = self._hook.summarize(self._events, self._t0, end, ends) if self._trace else {}
         sampler = self._sampler.record if self._sampler else None
+        # The first record made in the window for each native id of a thread unseen at the
+        # start is that thread's: a thread ends through a hooked release, so one that ended
+        # before its id was reused has a record, made before.
+        first_made = {}
+        for key, row in sorted(self._end.items(), key=lambda kv: -kv[1][_FIRST]):
+            if key not in self._start and row[_TID] in self._unseen:
+                first_made[row[_TID]] = key
         threads, self._keys, switches, forced, held_total = [], [], 0, 0, 0
         for key in set(self._end) | set(self._alive):
             if key == sampler:
@@ -325,7 +336,8 @@ class Monitor:
             held, wait = delta(_HELD), delta(_WAIT)
             if held == 0 and wait == 0 and key not in self._alive:
                 continue
-            born = max(self._t0, row[_FIRST])
+            unseen = first_made.get(row[_TID]) == key
+            born = self._t0 if unseen else max(self._t0, row[_FIRST])
             gone = row[_EXIT] if row[_EXIT] and row[_EXIT] < self._t1 else self._t1
             alive = max(held + wait, gone - born)
             timeline_end, _, p50, p99, wait_max = self._summary.get(key, (ends.get(key, end), 0, 0, 0, 0))
@@ -335,7 +347,8 @@ class Monitor:
             held_total += held
             threads.append(
                 ThreadReport(
-                    name=self._names.get(key) or self._alive.get(key) or f"thread-{row[_TID]}",
+                    name=(self._names.get(key) or self._alive.get(key) or (self._unseen[row[_TID]] if unseen else None)
+                          or f"thread-{row[_TID]}"),
                     tid=row[_TID],
                     held_s=held / 1e9,
                     wait_s=wait / 1e9,
