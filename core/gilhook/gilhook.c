@@ -294,7 +294,50 @@ static void gf_thread_exit(void *arg) {
   __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
 }
 
-static void gf_make_key(void) { pthread_key_create(&gf.key, gf_thread_exit); }
+/* In a forked child only the thread that forked lives on: the other records, every event (the
+ * parent's monitors read them) and the counts are the parent's. Its own record starts afresh,
+ * with a new id and the child's tid; the hooks, tracing and priorities stay as they were (their
+ * users release them). Runs inside fork(), before any other code of the child. */
+static void gf_after_fork_in_child(void) {
+  struct gf_thread *self = gf_self == &gf_exited ? NULL : gf_self, *next;
+  for (struct gf_thread *t = gf.threads; t != NULL; t = next) {
+    next = t->next;
+    gf_free_chunks(t->drain_chunk != NULL ? t->drain_chunk : t->head);
+    if (t != self)
+      free(t);
+  }
+  gf.threads = self;
+  gf.holder = gf.asked_holder = NULL;
+  gf.last_holder_id = gf.last_holder_tid = 0;
+  gf.asked_by_priority = 0;
+  gf.retired = (struct gf_gilhook_totals){0};
+  gf.used = 0;
+  gf.dropped = 0;
+  gf.priority_threads = 0;
+  memset(gf.waiting, 0, sizeof(gf.waiting));
+  if (self == NULL)
+    return;
+  /* What it was doing at the fork (holding the GIL, if it forked from Python), it still does. */
+  int state = self->state, priority = self->priority;
+  unsigned generation = self->generation;
+  uint64_t now = gf_gilhook_now_ns();
+  *self = (struct gf_thread){.id = __atomic_add_fetch(&gf.next_id, 1, __ATOMIC_RELAXED),
+                             .tid = (uint32_t)syscall(SYS_gettid),
+                             .first_ns = now,
+                             .since_ns = now,
+                             .state = state,
+                             .generation = generation,
+                             .priority = priority,
+                             .wait_slot = -1};
+  if (state == GF_GIL_HELD)
+    gf.holder = self;
+  gf.priority_threads = priority != 0;
+}
+
+static void gf_make_key(void) {
+  pthread_key_create(&gf.key, gf_thread_exit);
+  pthread_atfork(NULL, NULL, gf_after_fork_in_child);
+}
 
 /* The calling thread's record, created on first use; NULL if it cannot be had. */
 static struct gf_thread *gf_thread_self(void) {

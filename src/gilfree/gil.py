@@ -125,12 +125,25 @@ def _live_records(rows):
     return {row[_TID]: row[_ID] for row in rows if not row[_EXIT]}
 
 
+# In a forked child, threading keeps the parent's native id for the thread that forked.
+_forked_thread = None  # (that Thread, its native id in this process)
+
+
+def _threads():
+    """(native id, Thread) of the Python threads alive."""
+    for t in threading.enumerate():
+        if _forked_thread is not None and t is _forked_thread[0]:
+            yield _forked_thread[1], t
+        elif t.native_id is not None:
+            yield t.native_id, t
+
+
 def _name_threads(names, rows):
     """Adds the names of the Python threads alive in rows to names (record id -> name)."""
     live = _live_records(rows)
-    for t in threading.enumerate():
-        if t.native_id in live:
-            names[live[t.native_id]] = t.name
+    for native_id, t in _threads():
+        if native_id in live:
+            names[live[native_id]] = t.name
 
 
 def _record_name(*_):
@@ -210,11 +223,13 @@ class Monitor:
         self._budget = trace_budget_bytes
         self._report = None
         self._inside = False
+        self._forked = False  # set in a forked child for the parent's windows
         self._t1 = None
 
     def __enter__(self):
         if self._inside:
             raise RuntimeError("this monitor is measuring already: use another monitor to nest a window")
+        self._forked = False
         hook = self._hook = _hook()
         # The window's events as drained (16 bytes each, never a Python object per event), at
         # most the budget: past it, the timeline is cut where the events kept are complete.
@@ -242,13 +257,15 @@ class Monitor:
         # Python threads alive now that the hooks have not seen yet (blocked since before they
         # went in): their records, when they come, belong to threads alive from the start.
         seen = _live_records(rows)
-        self._unseen = {t.native_id: t.name for t in threading.enumerate() if t.native_id not in seen}
+        self._unseen = {native_id: t.name for native_id, t in _threads() if native_id not in seen}
         self._sampler = _Sampler(hook, self._sample_hz) if self._sample_hz else None
         if self._sampler:
             self._sampler.start()
         return self
 
     def __exit__(self, *exc):
+        if self._forked:  # a forked child leaving the parent's window: it gave it up at the fork
+            return False
         hook = self._hook
         if self._sampler:
             self._sampler.stop()
@@ -270,7 +287,7 @@ class Monitor:
         live = _live_records(rows)
         # Python threads alive now, by record id; those without a record (never seen by the
         # hooks: blocked without the GIL all along) by their negated native id.
-        self._alive = {live.get(t.native_id, -t.native_id): t.name for t in threading.enumerate() if t.native_id}
+        self._alive = {live.get(native_id, -native_id): t.name for native_id, t in _threads()}
         return False
 
     def _take(self, data, count, started, adopt):
@@ -299,6 +316,8 @@ class Monitor:
         """Returns the Report of the last window (computed once per window).
 
         Raises RuntimeError inside a window, or before the first one has ended."""
+        if self._forked:
+            raise RuntimeError("this monitor measured the process this one was forked from")
         if self._inside:
             raise RuntimeError("report() comes after the with block: this monitor is still measuring")
         if self._t1 is None:
@@ -468,6 +487,24 @@ class Monitor:
 
 
 _TRACE_COLORS = {"held": "good", "wait": "terrible", "mixed": "grey"}
+
+
+def _after_fork_in_child():
+    """Only the thread that forked lives on in a child, whose records the hooks have reset: the
+    parent's open monitors give up their windows (no more events or counting for them here)."""
+    global _lock, _forked_thread
+    _lock = threading.Lock()  # another thread of the parent may have held it
+    _forked_thread = (threading.current_thread(), threading.get_native_id())
+    if _open:
+        threading.setprofile(_profile_before)
+    for m in _open:
+        m._forked, m._inside = True, False
+        m._hook.release(m._trace)
+    _open.clear()
+    _active.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _subinterpreter_notes():

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "gf/gilhook.h"
@@ -618,4 +619,51 @@ GF_TEST(gilhook_reports_each_threads_cpu_time) {
   GF_CHECK(ended.exit_ns != 0);
   GF_CHECK(alive >= sp.spun_ns && alive < sp.spun_ns + 10000000ull);
   GF_CHECK(ended.cpu_ns >= alive && ended.cpu_ns < sp.spun_ns + 10000000ull);
+}
+
+/* In the forked child: only its own record, afresh; no events of the parent's; exit status 0
+ * when so. */
+static int check_forked_child(uint32_t parent_id, void *self_state) {
+  int records = 0;
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), count_visit, &records);
+  struct gf_gilhook_thread_stats s = stats_of((uint32_t)getpid());
+  struct gf_gilhook_event events[64];
+  if (records != 1 || s.id == parent_id || s.id != gf_gilhook_self_id() || s.acquisitions != 0 ||
+      s.state != GF_GIL_HELD || gf_gilhook_event_bytes() != 0 || gf_gilhook_drain(events, 64) != 0)
+    return 1;
+  fx.drop(self_state); /* the child's own events and counts */
+  fx.take(self_state);
+  size_t n = gf_gilhook_drain(events, 64);
+  s = stats_of((uint32_t)getpid());
+  if (s.acquisitions != 1 || n < 2)
+    return 2;
+  for (size_t i = 0; i < n; i++)
+    if (events[i].thread != s.id)
+      return 3;
+  return 0;
+}
+
+GF_TEST(gilhook_a_forked_child_keeps_only_its_own_thread) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  gf_gilhook_tracing(1, 1 << 20);
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  struct worker w = {.rounds = 3}; /* another record, with events */
+  pthread_create(&w.thread, NULL, worker_main, &w);
+  pthread_join(w.thread, NULL);
+  fx.take(&self);
+  uint32_t parent_id = gf_gilhook_self_id();
+  pid_t pid = fork();
+  if (pid == 0)
+    _exit(check_forked_child(parent_id, &self));
+  int status = -1;
+  waitpid(pid, &status, 0);
+  struct gf_gilhook_thread_stats ws = stats_of(w.tid);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  gf_gilhook_tracing(-1, 1 << 20);
+  GF_CHECK(WIFEXITED(status));
+  GF_CHECK_EQ(WEXITSTATUS(status), 0);
+  GF_CHECK_EQ(ws.acquisitions, 3); /* the parent's records are untouched */
 }

@@ -757,3 +757,45 @@ def test_a_thread_blocked_since_before_the_monitor_is_alive_from_its_start():
     t = thread_of(m.report(), "blocked")
     assert t.held_s >= 0.04
     assert t.alive_s >= 0.24 and t.free_s >= 0.18
+
+
+FORKED = """
+import os, threading
+from gilfree import gil, _gilhook
+
+def cpu(n=300_000):
+    while n:
+        n -= 1
+
+with gil.monitor() as parent:  # open across the fork
+    pid = os.fork()
+    if pid == 0:
+        print("hooked", _gilhook.installed(), len(_gilhook.threads()[1]))
+        for _ in range(100_000):
+            os.stat(".")  # releases and retakes the GIL: no events recorded for the parent's monitor
+        with gil.monitor() as child:
+            ts = [threading.Thread(target=cpu, name=f"cpu-{i}") for i in range(2)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        print(sorted((t.name, t.tid == os.getpid()) for t in child.report().threads))
+if pid == 0:
+    try:
+        parent.report()
+    except RuntimeError as exc:
+        print("parent's:", exc)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent", [t.name for t in parent.report().threads])
+"""
+
+
+def test_a_forked_child_leaves_the_parents_monitor_and_reports_its_own_threads():
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    hooked, child, parents, parent = out.stdout.splitlines()
+    assert hooked == "hooked False 1"  # no hooks left for the parent's monitor; one record: its own
+    assert child == "[('MainThread', True), ('cpu-0', False), ('cpu-1', False)]"
+    assert parents.startswith("parent's: ") and "forked" in parents
+    assert parent == "parent ['MainThread']"
