@@ -11,6 +11,7 @@ take_gil/drop_gil, recorded without the GIL (see docs/gil.md).
 import html
 import json
 import os
+import re
 import struct
 import sys
 import threading
@@ -24,6 +25,7 @@ __all__ = ["monitor", "counters", "stop", "Monitor", "Report", "ThreadReport", "
 _SLICE = struct.Struct("=IIQQQQII")  # _gilhook.slices()
 _TRACE_BUDGET = 256 << 20
 MAX_TRACE_SLICES = 200_000
+TOP_THREADS = 20  # rows of the report's table and picture, by held + wait time
 # Rows of _gilhook.threads(). _ID identifies a thread's record: the kernel reuses native ids
 # (_TID) once a thread has ended, so every per-thread table is keyed by _ID.
 _ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO, _LOST, _CPU = range(16)
@@ -100,12 +102,17 @@ class Report:
             f"{'thread':<24} {'tid':>8} {'held s':>8} {'wait s':>8} {'free s':>8} {'waits':>7} "
             f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
         ]
-        for t in sorted(self.threads, key=lambda t: -t.wanted_s):
+        ranked = _ranked(self.threads)
+        for t in ranked[:TOP_THREADS]:
             name = t.name[:23] + "*" if t.lost_after_s is not None else t.name[:24]
             lines.append(
                 f"{name:<24} {t.tid:>8} {t.held_s:>8.3f} {t.wait_s:>8.3f} {t.free_s:>8.3f} "
                 f"{t.waits:>7} {t.wait_p50_s * 1e3:>8.2f} {t.wait_p99_s * 1e3:>8.2f} {t.wait_max_s * 1e3:>8.2f}"
             )
+        if len(ranked) > TOP_THREADS:
+            rest = ranked[TOP_THREADS:]
+            lines.append(f"... and {len(rest)} more threads (held {sum(t.held_s for t in rest):.3f} s, "
+                         f"waited {sum(t.wait_s for t in rest):.3f} s; all in Report.threads)")
         if self.top_functions:
             lines.append(f"held the GIL most ({self.samples} samples): " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
         if self.dropped_events:
@@ -457,8 +464,11 @@ class Monitor:
             raise ValueError("this monitor was created with trace=False")
         report = self.report()
         row, label, top = 22, 180, 30
-        rows = sorted(zip(self._keys, report.threads), key=lambda kt: -kt[1].wanted_s)
-        height = top + row * len(rows) + 40
+        by_thread = dict(zip(map(id, report.threads), self._keys))
+        ranked = _ranked(report.threads)
+        rows = [(by_thread[id(t)], t) for t in ranked[:TOP_THREADS]]
+        more = len(ranked) - len(rows)
+        height = top + row * (len(rows) + (more > 0)) + 40
         scale = width / max(1, self._t1 - self._t0)
         colors = {self._hook.STATE_HELD: "#2ca02c", self._hook.STATE_WANT: "#d62728"}
         y_of = {key: top + i * row for i, (key, _) in enumerate(rows)}
@@ -470,17 +480,21 @@ class Monitor:
         ]
         for key, t in rows:
             y = y_of[key]
-            out.append(f'<text x="4" y="{y + 14}">{html.escape(t.name[:24])}</text>')
+            out.append(f'<text x="4" y="{y + 14}">{_xml_text(t.name[:24])}</text>')
             out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#cccccc"/>')
+        if more:
+            out.append(f'<text x="4" y="{top + row * len(rows) + 14}">... and {more} more threads</text>')
         for thread, state, start, stop, held, wait, _ in self._slices(max(1, (self._t1 - self._t0) // width)):
+            if thread not in y_of:
+                continue
             x, w = (start - self._t0) * scale, max(0.5, (stop - start) * scale)
             opacity = min(1.0, (held + wait) / max(1, stop - start))
             out.append(f'<rect x="{label + x:.2f}" y="{y_of[thread]}" width="{w:.2f}" height="{row - 4}" '
                        f'fill="{colors[state]}"' + (f' fill-opacity="{opacity:.2f}"/>' if opacity < 0.99 else "/>"))
-        axis = top + row * len(rows) + 12
+        axis = top + row * (len(rows) + (more > 0)) + 12
         for i in range(6):
             out.append(f'<text x="{label + i * width // 5 - (20 if i == 5 else 0)}" y="{axis}">{report.wall_s * i / 5 * 1e3:.0f} ms</text>')
-        out.append(f'<text x="4" y="{height - 12}">{html.escape(report.verdict[:200])}</text>')
+        out.append(f'<text x="4" y="{height - 12}">{_xml_text(report.verdict[:200])}</text>')
         out.append("</svg>")
         with open(path, "w") as f:
             f.write("\n".join(out))
@@ -505,6 +519,20 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _ranked(threads):
+    """Threads, those that held or waited for the GIL longest first."""
+    return sorted(threads, key=lambda t: -t.wanted_s)
+
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(text):
+    """text escaped for XML, the characters XML 1.0 cannot hold (thread names may have any)
+    replaced."""
+    return html.escape(_NOT_XML.sub("\ufffd", text))
 
 
 def _subinterpreter_notes():

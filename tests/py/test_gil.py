@@ -799,3 +799,29 @@ def test_a_forked_child_leaves_the_parents_monitor_and_reports_its_own_threads()
     assert child == "[('MainThread', True), ('cpu-0', False), ('cpu-1', False)]"
     assert parents.startswith("parent's: ") and "forked" in parents
     assert parent == "parent ['MainThread']"
+
+
+def test_trace_picture_and_table_stay_readable_with_many_threads_and_odd_names(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    names = ["ctl\x01\x1bname", "<b>&amp; \"q\"", "ünï 🐍", "]]> -->"] + [f"short-{i}" for i in range(24)]
+    with gil.monitor(sample_hz=200) as m:  # the sampler takes the GIL too, and must not show
+        for name in names:
+            t = threading.Thread(target=cpu_loop, args=(0.005,), name=name)
+            t.start()
+            t.join()
+    report = m.report()
+    m.write_trace(tmp_path / "t.json")
+    m.write_svg(tmp_path / "t.svg")
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    named = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert {e["tid"] for e in events if e["ph"] == "X"} <= set(named)  # no unnamed track
+    assert set(names) <= set(named.values()) and "gilfree-sampler" not in named.values()
+    root = ET.parse(tmp_path / "t.svg").getroot()  # well-formed despite the names
+    labels = [e.text for e in root.iter("{http://www.w3.org/2000/svg}text")]
+    more = len(report.threads) - gil.TOP_THREADS
+    assert more > 0 and f"... and {more} more threads" in labels
+    lines = str(report).splitlines()
+    rows = lines[2:lines.index(next(line for line in lines if line.startswith("... and")))]
+    assert len(rows) == gil.TOP_THREADS
+    assert f"... and {more} more threads" in str(report)
