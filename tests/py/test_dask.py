@@ -119,9 +119,48 @@ def test_unpicklable_exception_becomes_runtime_error(pool):
     def fail():
         raise Local("gone")
 
-    with pytest.raises(RuntimeError, match="unpicklable exception Local.'gone'") as info:
+    with pytest.raises(RuntimeError, match=r"Local: gone \(the exception cannot travel back.*TypeError: no") as info:
         pool.submit(fail).result(timeout=30)
     assert "in fail" in str(info.value.__cause__)
+
+
+class NeedsArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+def raise_needs_args():
+    raise NeedsArgs(1, 2)
+
+
+def test_exception_that_does_not_unpickle_becomes_runtime_error(pool):
+    with pytest.raises(RuntimeError, match=r"NeedsArgs: 1-2 \(the exception cannot travel back") as info:
+        pool.submit(raise_needs_args).result(timeout=30)
+    assert "in raise_needs_args" in str(info.value.__cause__)
+    assert pool.submit(square, 3).result(timeout=30) == 9
+
+
+def rebuild_unless_in(pid):
+    if os.getpid() == pid:
+        raise ImportError("not here")
+    return ValueError("rebuilt")
+
+
+class FailsToRebuildIn(Exception):
+    """Pickles and unpickles on a worker, but unpickling it in process args[0] fails."""
+
+    def __reduce__(self):
+        return rebuild_unless_in, self.args
+
+
+def test_exception_that_cannot_be_rebuilt_in_the_caller_fails_only_its_task(pool):
+    def fail(pid):
+        raise FailsToRebuildIn(pid)
+
+    with pytest.raises(RuntimeError, match="not rebuilt in this process: ImportError: not here") as info:
+        pool.submit(fail, os.getpid()).result(timeout=30)
+    assert "in fail" in str(info.value.__cause__)
+    assert pool.submit(square, 3).result(timeout=30) == 9
 
 
 def test_lambdas_and_closures(pool):

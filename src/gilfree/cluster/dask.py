@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import uuid
 import warnings
 from concurrent.futures import CancelledError, Future
@@ -39,6 +38,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
 from .._executor import PoolBase, run_chunk, with_remote_traceback
+from .._worker import _error
 from ..errors import TaskTimeout, WorkerCrashed
 
 __all__ = ["DaskPool", "SharedHandle"]
@@ -148,15 +148,6 @@ class RemoteTaskError(Exception):
         return self.args[0]
 
     __repr__ = __str__
-
-
-def _portable_exception(exc, tb_text):
-    """Pickles exc for the trip home; an unpicklable exception travels as its repr."""
-    exc.__traceback__ = None  # the text carries the traceback; frames need not travel
-    try:
-        return cloudpickle.dumps(exc)
-    except Exception:
-        return cloudpickle.dumps(RuntimeError(f"unpicklable exception {exc!r}"))
 
 
 # ---------------------------------------------------------------- worker side
@@ -294,8 +285,10 @@ def _execute(token, kind, payload, timeout, *shared):
             try:
                 outcome = fn(*args, **extra)
             except Exception as exc:
-                tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                failure = (f"{type(exc).__qualname__}: {exc}", _portable_exception(exc, tb_text), tb_text)
+                # As the local pool's workers: an exception that would not unpickle at home
+                # travels as a RuntimeError naming it.
+                error, tb_text = _error(exc)
+                failure = (f"{type(exc).__qualname__}: {exc}", cloudpickle.dumps(error), tb_text)
             if failure is not None:
                 # Raised outside the except block: the user's exception must not ride along as
                 # __context__ (Dask pickles the chain, and it may not pickle).
@@ -303,8 +296,8 @@ def _execute(token, kind, payload, timeout, *shared):
         else:  # a chunk: args are the items, extra says whether to star them
             results, error, elapsed = run_chunk(fn, args, extra)
             tasks = len(results) + (error is not None)
-            if error is not None:
-                error = (_portable_exception(*error), error[1])
+            if error is not None:  # run_chunk made it portable (_error)
+                error = (cloudpickle.dumps(error[0]), error[1])
             outcome = (results, error, elapsed)
         out = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
         bytes_out = len(out)
@@ -480,7 +473,10 @@ class DaskPool(PoolBase):
             except Exception:  # e.g. a result was lost with its worker: fetch one by one below
                 outs = {}
             for dask_future in batch:
-                self._settle(dask_future, outs)
+                try:
+                    self._settle(dask_future, outs)
+                except BaseException as exc:  # never the settler's end: every later task needs it
+                    self._fail(dask_future.key, RuntimeError(f"the pool could not settle this task: {exc!r}"))
 
     def _settle(self, dask_future, outs):
         with self._lock:
@@ -503,6 +499,13 @@ class DaskPool(PoolBase):
         if error is None:
             future.set_result(value)
         else:
+            future.set_exception(error)
+
+    def _fail(self, key, error):
+        """Fails the pool's future for the Dask task key, unless it was settled already."""
+        with self._lock:
+            future = self._outstanding.get(key)
+        if future is not None and self._claim(future, key, 1):
             future.set_exception(error)
 
     def _claim(self, future, key, done_count):
@@ -660,8 +663,12 @@ def _decode_chunk(out):
 def _translate(exc):
     """The gilfree exception for what a Dask future raised."""
     if isinstance(exc, RemoteTaskError):
-        _, exc_bytes, tb_text = exc.args
-        return with_remote_traceback(pickle.loads(exc_bytes), tb_text)
+        summary, exc_bytes, tb_text = exc.args
+        try:
+            error = pickle.loads(exc_bytes)
+        except Exception as problem:  # e.g. its class is importable on the workers only
+            error = RuntimeError(f"{summary} (not rebuilt in this process: {type(problem).__name__}: {problem})")
+        return with_remote_traceback(error, tb_text)
     if isinstance(exc, KilledWorker):
         last = exc.last_worker
         return WorkerCrashed(
