@@ -145,6 +145,14 @@ def _threads():
             yield t.native_id, t
 
 
+def _cpu_ns(thread):
+    """CPU time of a live Python thread so far (0 if it has just ended)."""
+    try:
+        return time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+    except (OSError, TypeError):
+        return 0
+
+
 def _name_threads(names, rows):
     """Adds the names of the Python threads alive in rows to names (record id -> name)."""
     live = _live_records(rows)
@@ -180,7 +188,7 @@ class _Sampler(threading.Thread):
             if not holder:
                 continue
             if holder not in ids:
-                ids = {t.native_id: t.ident for t in threading.enumerate()}
+                ids = {native_id: t.ident for native_id, t in _threads()}
             frame = sys._current_frames().get(ids.get(holder))
             if frame is None:
                 continue
@@ -262,9 +270,10 @@ class Monitor:
         _name_threads(self._names, rows)
         self._start = {row[_ID]: row for row in rows}
         # Python threads alive now that the hooks have not seen yet (blocked since before they
-        # went in): their records, when they come, belong to threads alive from the start.
+        # went in): their records, when they come, belong to threads alive from the start. Their
+        # name, and CPU time so far.
         seen = _live_records(rows)
-        self._unseen = {native_id: t.name for native_id, t in _threads() if native_id not in seen}
+        self._unseen = {native_id: (t.name, _cpu_ns(t)) for native_id, t in _threads() if native_id not in seen}
         self._sampler = _Sampler(hook, self._sample_hz) if self._sample_hz else None
         if self._sampler:
             self._sampler.start()
@@ -356,13 +365,16 @@ class Monitor:
             if row[_FIRST] > self._t1 or (row[_EXIT] and row[_EXIT] < self._t0):
                 continue
 
+            unseen = first_made.get(row[_TID]) == key
+
             def delta(i):
+                if i == _CPU and unseen:
+                    return row[i] - self._unseen[row[_TID]][1]
                 return row[i] - (start[i] if start else 0)
 
             held, wait = delta(_HELD), delta(_WAIT)
             if held == 0 and wait == 0 and key not in self._alive:
                 continue
-            unseen = first_made.get(row[_TID]) == key
             born = self._t0 if unseen else max(self._t0, row[_FIRST])
             gone = row[_EXIT] if row[_EXIT] and row[_EXIT] < self._t1 else self._t1
             alive = max(held + wait, gone - born)
@@ -373,7 +385,7 @@ class Monitor:
             held_total += held
             threads.append(
                 ThreadReport(
-                    name=(self._names.get(key) or self._alive.get(key) or (self._unseen[row[_TID]] if unseen else None)
+                    name=(self._names.get(key) or self._alive.get(key) or (self._unseen[row[_TID]][0] if unseen else None)
                           or f"thread-{row[_TID]}"),
                     tid=row[_TID],
                     held_s=held / 1e9,

@@ -746,9 +746,10 @@ def test_monitors_closed_out_of_order_name_threads_and_leave_no_profile_function
 
 
 def test_a_thread_blocked_since_before_the_monitor_is_alive_from_its_start():
-    go = threading.Event()
-    blocked = threading.Thread(target=lambda: (go.wait(), cpu_loop(0.05)), name="blocked")
+    go, ready = threading.Event(), threading.Event()
+    blocked = threading.Thread(target=lambda: (cpu_loop(0.1), ready.set(), go.wait(), cpu_loop(0.05)), name="blocked")
     blocked.start()
+    ready.wait()
     time.sleep(0.05)  # it blocks without the GIL before any hook is in: no record yet
     with gil.monitor() as m:
         time.sleep(0.2)
@@ -757,6 +758,7 @@ def test_a_thread_blocked_since_before_the_monitor_is_alive_from_its_start():
     t = thread_of(m.report(), "blocked")
     assert t.held_s >= 0.04
     assert t.alive_s >= 0.24 and t.free_s >= 0.18
+    assert t.parallel_s < 0.05  # its CPU time before the window is not the window's
 
 
 FORKED = """
