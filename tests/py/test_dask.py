@@ -163,6 +163,34 @@ def test_exception_that_cannot_be_rebuilt_in_the_caller_fails_only_its_task(pool
     assert pool.submit(square, 3).result(timeout=30) == 9
 
 
+def exit_with(code):
+    sys.exit(code)
+
+
+def interrupt():
+    raise KeyboardInterrupt
+
+
+def exit_at_three(x):
+    if x == 3:
+        sys.exit(5)
+    return x
+
+
+def test_system_exit_and_keyboard_interrupt_reach_the_caller_and_spare_the_workers(pool):
+    pids = set(pool.client.run(os.getpid).values())
+    with pytest.raises(SystemExit) as info:
+        pool.submit(exit_with, 3).result(timeout=30)
+    assert info.value.code == 3 and "in exit_with" in str(info.value.__cause__)
+    with pytest.raises(KeyboardInterrupt) as info:
+        pool.submit(interrupt).result(timeout=30)
+    assert "in interrupt" in str(info.value.__cause__)
+    with pytest.raises(SystemExit) as info:
+        list(pool.map(exit_at_three, range(6), chunksize=6))
+    assert info.value.code == 5
+    assert set(pool.client.run(os.getpid).values()) == pids
+
+
 def test_lambdas_and_closures(pool):
     offset = 1000
     counter = {"n": 0}

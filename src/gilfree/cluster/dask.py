@@ -87,11 +87,31 @@ class SharedHandle:
         return f"<SharedHandle {self.nbytes} bytes {state}>"
 
 
-class _TaskPickler(cloudpickle.Pickler):
-    """cloudpickle that replaces each SharedHandle with its index in ``self.futures``."""
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, with exceptions pickled as the standard library does: distributed installs
+    tblib's reducers for exception classes, which skip ``__init__`` (SystemExit(3) would arrive
+    with code None) and carry the frames."""
 
     def __init__(self, file):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def reducer_override(self, obj):
+        if isinstance(obj, BaseException):
+            return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return super().reducer_override(obj)
+
+
+def _dumps(obj):
+    buf = io.BytesIO()
+    _Pickler(buf).dump(obj)
+    return buf.getvalue()
+
+
+class _TaskPickler(_Pickler):
+    """Also replaces each SharedHandle with its index in ``self.futures``."""
+
+    def __init__(self, file):
+        super().__init__(file)
         self.futures = []
         self._index = {}  # handle -> its index in futures, so a repeated handle travels once
 
@@ -269,8 +289,9 @@ def _execute(token, kind, payload, timeout, *shared):
 
     payload pickles (fn, args, kwargs) for a call, (fn, items, star) for a chunk; shared are the
     values of the SharedHandles it refers to.
-    Returns the pickled outcome. A failed call raises RemoteTaskError; a chunk returns its error
-    beside the results before it, as ``run_chunk`` does.
+    Returns the pickled outcome. A chunk returns its error beside the results before it, as
+    ``run_chunk`` does; anything else that fails (a call, or a chunk ended by SystemExit, say)
+    raises RemoteTaskError.
     """
     _count(token, running=1, bytes_in=len(payload))
     started = time.perf_counter()
@@ -281,29 +302,27 @@ def _execute(token, kind, payload, timeout, *shared):
             fn = _with_timeout(fn, timeout, token)
         if kind == "call":  # extra: the keyword arguments
             tasks = 1
-            failure = None
-            try:
-                outcome = fn(*args, **extra)
-            except Exception as exc:
-                # As the local pool's workers: an exception that would not unpickle at home
-                # travels as a RuntimeError naming it.
-                error, tb_text = _error(exc)
-                failure = (f"{type(exc).__qualname__}: {exc}", cloudpickle.dumps(error), tb_text)
-            if failure is not None:
-                # Raised outside the except block: the user's exception must not ride along as
-                # __context__ (Dask pickles the chain, and it may not pickle).
-                raise RemoteTaskError(*failure)
+            outcome = fn(*args, **extra)
         else:  # a chunk: args are the items, extra says whether to star them
             results, error, elapsed = run_chunk(fn, args, extra)
             tasks = len(results) + (error is not None)
             if error is not None:  # run_chunk made it portable (_error)
-                error = (cloudpickle.dumps(error[0]), error[1])
+                error = (_dumps(error[0]), error[1])
             outcome = (results, error, elapsed)
-        out = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        out = _dumps(outcome)
         bytes_out = len(out)
         return out
+    except BaseException as exc:
+        # SystemExit and KeyboardInterrupt too: they end the task, not the worker (left to Dask,
+        # they kill its process). As in the local pool's workers, an exception that would not
+        # unpickle at home travels as a RuntimeError naming it.
+        error, tb_text = _error(exc)
+        failure = (f"{type(exc).__qualname__}: {exc}", _dumps(error), tb_text)
     finally:
         _count(token, running=-1, tasks=tasks, bytes_out=bytes_out, busy_s=time.perf_counter() - started)
+    # Raised outside the except block: the user's exception must not ride along as __context__
+    # (Dask pickles the chain, and it may not pickle).
+    raise RemoteTaskError(*failure)
 
 
 def _worker_stats(token, dask_worker):
