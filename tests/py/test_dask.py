@@ -275,6 +275,12 @@ def test_options_that_belong_to_dask_workers_warn(client):
         DaskPool(client, max_memory_per_worker=1 << 30).shutdown()
 
 
+@pytest.mark.parametrize("max_workers, error", [(0, ValueError), (-1, ValueError), ("2", TypeError), (1.5, TypeError)])
+def test_invalid_max_workers_is_refused_at_construction(client, max_workers, error):
+    with pytest.raises(error):
+        DaskPool(client, max_workers=max_workers)
+
+
 def test_stats_per_dask_worker(client):
     with DaskPool(client) as pool:
         list(pool.map(square, range(30), chunksize=5))

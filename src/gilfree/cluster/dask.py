@@ -17,6 +17,7 @@ bookkeeping they share, ``_done_cond`` the settler's queue.
 """
 import ctypes
 import io
+import operator
 import os
 import pickle
 import signal
@@ -416,6 +417,8 @@ class DaskPool(PoolBase):
             )
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be > 0")
+        if max_workers is not None and operator.index(max_workers) < 1:
+            raise ValueError("max_workers must be at least 1")
         super().__init__()
         if isinstance(cluster, distributed.Client):
             self._client, self._owns_client = cluster, False
