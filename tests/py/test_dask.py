@@ -35,6 +35,17 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
+def thread_cluster():
+    """Two workers in this process: they share a pid and have no nanny."""
+    cluster = distributed.LocalCluster(
+        processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0",
+        silence_logs=logging.CRITICAL,
+    )
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
 def client(cluster):
     with distributed.Client(cluster, set_as_default=False) as client:
         yield client
@@ -119,7 +130,7 @@ def test_unpicklable_exception_becomes_runtime_error(pool):
     def fail():
         raise Local("gone")
 
-    with pytest.raises(RuntimeError, match=r"Local: gone \(the exception cannot travel back.*TypeError: no") as info:
+    with pytest.raises(RuntimeError, match=r"Local: gone \(the exception cannot travel back.*: no") as info:
         pool.submit(fail).result(timeout=30)
     assert "in fail" in str(info.value.__cause__)
 
@@ -275,7 +286,9 @@ def test_options_that_belong_to_dask_workers_warn(client):
         DaskPool(client, max_memory_per_worker=1 << 30).shutdown()
 
 
-@pytest.mark.parametrize("max_workers, error", [(0, ValueError), (-1, ValueError), ("2", TypeError), (1.5, TypeError)])
+@pytest.mark.parametrize(
+    "max_workers, error", [(0, ValueError), (-1, ValueError), ("2", TypeError), (1.5, TypeError)]
+)
 def test_invalid_max_workers_is_refused_at_construction(client, max_workers, error):
     with pytest.raises(error):
         DaskPool(client, max_workers=max_workers)
@@ -294,6 +307,16 @@ def test_stats_per_dask_worker(client):
     assert stats["tasks"] == 31 == sum(row["tasks"] for row in stats["workers"])
     assert stats["bytes_in"] > 0 and stats["bytes_out"] > 0
     assert stats["running"] == stats["queued"] == 0
+
+
+def test_stats_count_each_worker_of_a_shared_process(thread_cluster):
+    with DaskPool(thread_cluster) as pool:
+        for i in range(10):
+            pool.submit(square, i).result(timeout=30)
+        stats = pool.stats()
+    rows = stats["workers"]
+    assert len(rows) == 2 and rows[0]["pid"] == rows[1]["pid"] == os.getpid()
+    assert stats["tasks"] == 10 == sum(row["tasks"] for row in rows)
 
 
 def test_pool_with_cluster_argument_is_a_dask_pool(client):

@@ -236,18 +236,19 @@ class _Deadline:
 
 _watchdog = None
 _watchdog_lock = threading.Lock()
-# Per-pool counters in this worker process, read by DaskPool.stats(); keyed by pool token. A
+# Per-pool counters of the workers in this process, read by DaskPool.stats(); keyed by (pool
+# token, worker address), since workers may share a process (LocalCluster(processes=False)). A
 # Dask worker may run several tasks at once in threads: every update holds _counters_lock.
 _counters = {}
 _counters_lock = threading.Lock()
 
 
-def _count(token, **deltas):
-    """Adds deltas to this process's counters for the pool; returns a copy of them."""
+def _count(token, address, **deltas):
+    """Adds deltas to the pool's counters on the worker at address; returns a copy of them."""
     with _counters_lock:
-        counters = _counters.get(token)
+        counters = _counters.get((token, address))
         if counters is None:
-            counters = _counters[token] = dict(
+            counters = _counters[token, address] = dict(
                 started=time.monotonic(), tasks=0, busy_s=0.0, bytes_in=0, bytes_out=0, running=0
             )
         for name, delta in deltas.items():
@@ -294,7 +295,8 @@ def _execute(token, kind, payload, timeout, *shared):
     ``run_chunk`` does; anything else that fails (a call, or a chunk ended by SystemExit, say)
     raises RemoteTaskError.
     """
-    _count(token, running=1, bytes_in=len(payload))
+    address = distributed.get_worker().address
+    _count(token, address, running=1, bytes_in=len(payload))
     started = time.perf_counter()
     tasks = bytes_out = 0
     try:
@@ -320,14 +322,15 @@ def _execute(token, kind, payload, timeout, *shared):
         error, tb_text = _error(exc)
         failure = (f"{type(exc).__qualname__}: {exc}", _dumps(error), tb_text)
     finally:
-        _count(token, running=-1, tasks=tasks, bytes_out=bytes_out, busy_s=time.perf_counter() - started)
+        busy_s = time.perf_counter() - started
+        _count(token, address, running=-1, tasks=tasks, bytes_out=bytes_out, busy_s=busy_s)
     # Raised outside the except block: the user's exception must not ride along as __context__
     # (Dask pickles the chain, and it may not pickle).
     raise RemoteTaskError(*failure)
 
 
 def _worker_stats(token, dask_worker):
-    counters = _count(token)
+    counters = _count(token, dask_worker.address)
     counters["uptime_s"] = time.monotonic() - counters.pop("started")
     counters.update(pid=os.getpid(), name=dask_worker.name, nthreads=dask_worker.state.nthreads)
     return counters
@@ -345,7 +348,7 @@ class _PoolPlugin(WorkerPlugin):
         initializer, initargs, preload = pickle.loads(self.setup_bytes)
         for module in preload:
             __import__(module)
-        _count(self.token)
+        _count(self.token, worker.address)
         if initializer is not None:
             initializer(*initargs)
         # By RPC: a starting worker runs plugins before its event stream to the scheduler is
@@ -356,7 +359,7 @@ class _PoolPlugin(WorkerPlugin):
 
     def teardown(self, worker):
         with _counters_lock:
-            _counters.pop(self.token, None)
+            _counters.pop((self.token, worker.address), None)
 
 
 # ---------------------------------------------------------------- client side
@@ -689,7 +692,9 @@ def _translate(exc):
         try:
             error = pickle.loads(exc_bytes)
         except Exception as problem:  # e.g. its class is importable on the workers only
-            error = RuntimeError(f"{summary} (not rebuilt in this process: {type(problem).__name__}: {problem})")
+            error = RuntimeError(
+                f"{summary} (not rebuilt in this process: {type(problem).__name__}: {problem})"
+            )
         return with_remote_traceback(error, tb_text)
     if isinstance(exc, KilledWorker):
         last = exc.last_worker
