@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import cloudpickle
 import dask
@@ -356,6 +357,38 @@ def test_cancel_futures_on_shutdown(client):
     pool.shutdown(cancel_futures=True)
     assert all(f.done() for f in futures)
     assert any(f.cancelled() for f in futures)
+
+
+def test_closing_the_users_client_fails_pending_and_new_work_clearly(cluster):
+    client = distributed.Client(cluster, set_as_default=False)
+    pool = DaskPool(client)
+    pending = pool.submit(time.sleep, 1)
+    client.close()
+    with pytest.raises(BrokenProcessPool, match="client was closed"):
+        pending.result(timeout=30)
+    with pytest.raises(BrokenProcessPool, match="client was closed"):
+        pool.submit(square, 2)
+    with pytest.raises(BrokenProcessPool, match="client was closed"):
+        pool.stats()
+    pool.shutdown()
+
+
+def test_pool_whose_scheduler_is_gone_fails_pending_and_new_work_clearly():
+    cluster = distributed.LocalCluster(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0",
+        silence_logs=logging.CRITICAL,
+    )
+    pool = DaskPool(cluster.scheduler_address)
+    pending = pool.submit(time.sleep, 1)
+    cluster.close()
+    with pytest.raises(BrokenProcessPool, match="lost its scheduler"):
+        pending.result(timeout=30)
+    with pytest.raises(BrokenProcessPool, match="lost its scheduler"):
+        pool.submit(square, 2)
+    with pytest.raises(BrokenProcessPool, match="lost its scheduler"):
+        list(pool.map(square, range(3)))
+    pool.shutdown()
+    assert pool.client.status == "closed"
 
 
 # -- failures that take worker processes down: last, since the cluster restarts workers

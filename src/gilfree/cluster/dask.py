@@ -41,6 +41,7 @@ from distributed.scheduler import KilledWorker
 from .._executor import PoolBase, run_chunk, with_remote_traceback
 from .._worker import _error
 from ..errors import TaskTimeout, WorkerCrashed
+from ..pool import BrokenPool
 
 __all__ = ["DaskPool", "SharedHandle"]
 
@@ -468,13 +469,34 @@ class DaskPool(PoolBase):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            dask_future = self._client.submit(
-                _execute, self._token, kind, payload, self._task_timeout, *shared, key=key, pure=False
-            )
-            self._outstanding[key] = _ClusterFuture(dask_future, decode)
-            future = self._outstanding[key]
+            self._check_client()
+            try:
+                dask_future = self._client.submit(
+                    _execute, self._token, kind, payload, self._task_timeout, *shared, key=key, pure=False
+                )
+            except Exception as exc:
+                self._check_client(exc)  # closed meanwhile
+                raise
+            future = self._outstanding[key] = _ClusterFuture(dask_future, decode)
         dask_future.add_done_callback(self._on_done)
+        if self._client.status != "running":
+            # Closing: Dask may have cancelled its tasks before this one, or stopped the loop
+            # that runs done-callbacks.
+            self._fail(key, self._broken())
         return future
+
+    def _check_client(self, cause=None):
+        """Raises BrokenPool if the client cannot run tasks (closed, or without its scheduler)."""
+        if self._client.status != "running":
+            raise self._broken() from cause
+
+    def _broken(self):
+        if self._client.status == "connecting":
+            return BrokenPool(
+                "the pool's Dask client lost its scheduler (it is trying to reconnect; "
+                "Dask dropped the tasks it had)"
+            )
+        return BrokenPool("the pool's Dask client was closed (by its owner, or after it lost its scheduler)")
 
     def _on_done(self, dask_future):
         """Runs in Dask's callback thread: hands the finished Dask task to the settler thread."""
@@ -493,10 +515,12 @@ class DaskPool(PoolBase):
                     return
                 batch, self._done = self._done, []
             finished = [f for f in batch if f.status == "finished"]
-            try:
-                outs = dict(zip([f.key for f in finished], self._client.gather(finished)))
-            except Exception:  # e.g. a result was lost with its worker: fetch one by one below
-                outs = {}
+            outs = {}
+            if finished and self._client.status == "running":
+                try:
+                    outs = dict(zip([f.key for f in finished], self._client.gather(finished)))
+                except Exception:  # e.g. a result was lost with its worker: fetch one by one below
+                    pass
             for dask_future in batch:
                 try:
                     self._settle(dask_future, outs)
@@ -508,16 +532,21 @@ class DaskPool(PoolBase):
             future = self._outstanding.get(dask_future.key)
         if future is None:
             return
-        try:
-            out = outs[dask_future.key] if dask_future.key in outs else dask_future.result()
-            value, error = future.decode(out), None
-            done_count = len(value[0]) + (value[1] is not None) if future.decode is _decode_chunk else 1
-        except CancelledError:
-            if not future.cancelled():
-                future.cancel()
-            value, error, done_count = None, None, 0
-        except BaseException as exc:
-            value, error, done_count = None, _translate(exc), 1
+        value = error = None
+        done_count = 0
+        if future.cancelled():
+            pass  # claimed below, which wakes concurrent.futures.wait()
+        elif dask_future.key not in outs and self._client.status != "running":
+            error = self._broken()  # asking would wait for the client to reconnect
+        else:
+            try:
+                out = outs[dask_future.key] if dask_future.key in outs else dask_future.result()
+                value = future.decode(out)
+                done_count = len(value[0]) + (value[1] is not None) if future.decode is _decode_chunk else 1
+            except CancelledError as exc:  # not cancelled here: Dask dropped it
+                error = self._dropped(exc)
+            except BaseException as exc:
+                value, error, done_count = None, _translate(exc), 1
         if not self._claim(future, dask_future.key, done_count):
             return  # cancelled, or already failed by a stuck-task report
         # Outside the lock: done-callbacks may submit more work (PoolBase's read-ahead).
@@ -525,6 +554,12 @@ class DaskPool(PoolBase):
             future.set_result(value)
         else:
             future.set_exception(error)
+
+    def _dropped(self, exc):
+        """The error for a task Dask cancelled on its own (exc: its FutureCancelledError)."""
+        if self._client.status != "running":
+            return self._broken()
+        return RuntimeError(f"Dask cancelled this task: {exc}")
 
     def _fail(self, key, error):
         """Fails the pool's future for the Dask task key, unless it was settled already."""
@@ -581,10 +616,12 @@ class DaskPool(PoolBase):
             data = buf
         else:
             data = memoryview(buf).cast("B")
+        self._check_client()
         future = self._client.scatter(data, broadcast=True, hash=False)
         return SharedHandle(future, data.nbytes)
 
     def stats(self):
+        self._check_client()
         per_worker = self._client.run(_worker_stats, self._token, on_error="return")
         # The scheduler keeps the pool's events: every worker process that started for the pool
         # announced (name, pid); more than one pid under a name are restarts.
@@ -653,8 +690,9 @@ class DaskPool(PoolBase):
             self._settler_stop = True
             self._done_cond.notify()
         self._settler.join()
-        self._client.unsubscribe_topic(self._topic)
-        self._client.unregister_worker_plugin(self._topic)
+        if self._client.status == "running":  # else the pool's subscription and plugin are out of reach
+            self._client.unsubscribe_topic(self._topic)
+            self._client.unregister_worker_plugin(self._topic)
         self._close_client()
 
     def _close_client(self):
