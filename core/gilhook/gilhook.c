@@ -23,6 +23,7 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -32,10 +33,10 @@
 #include "gf/gilhook.h"
 #include "gf/got.h"
 
-/* A thread's first chunk is small: most threads of a thread-per-task program record a handful
- * of events. Its later chunks are 64 KiB. */
-#define GF_FIRST_CHUNK_EVENTS 256
-#define GF_CHUNK_EVENTS 4096
+/* A thread's first chunk is one page: most threads of a thread-per-task program record a
+ * handful of events. Its later chunks are 64 KiB. (With the 16-byte header.) */
+#define GF_FIRST_CHUNK_EVENTS 255
+#define GF_CHUNK_EVENTS 4095
 #define GF_SLOTS_PER_FUNCTION 4
 #define GF_HOOKED_FUNCTIONS 5 /* the entries of gf_hooked */
 #define GF_PRIORITY_SLOTS (2 * GF_GILHOOK_MAX_PRIORITY + 1)
@@ -61,7 +62,7 @@
 #define GF_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
 #define GF_ADD(x, v) GF_STORE(x, GF_LOAD(x) + (v))
 
-struct gf_chunk {
+struct gf_chunk { /* 16 bytes, then the events */
   struct gf_chunk *next; /* set once by the owner (release), read by the drainer (acquire) */
   uint32_t count;        /* events published: owner stores with release, drainer loads acquire */
   uint32_t capacity;     /* set before the chunk is published, then constant */
@@ -186,10 +187,18 @@ static size_t gf_chunk_size(uint32_t capacity) {
   return sizeof(struct gf_chunk) + capacity * sizeof(struct gf_gilhook_event);
 }
 
+/* Chunks are mapped, not malloc'd: a drained chunk's memory goes back to the system at once,
+ * so draining into the monitor's buffer does not hold the events twice. */
+static struct gf_chunk *gf_map_chunk(size_t size) {
+  void *chunk = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return chunk == MAP_FAILED ? NULL : chunk;
+}
+
 /* For the drainer and the reaper, once the owner no longer touches the chunk. */
 static void gf_free_chunk(struct gf_chunk *chunk) {
-  __atomic_sub_fetch(&gf.used, gf_chunk_size(chunk->capacity), __ATOMIC_RELAXED);
-  free(chunk);
+  size_t size = gf_chunk_size(chunk->capacity);
+  __atomic_sub_fetch(&gf.used, size, __ATOMIC_RELAXED);
+  munmap(chunk, size);
 }
 
 /* Frees a done record's chunks from `chunk` on. */
@@ -225,7 +234,7 @@ static void gf_emit_at(struct gf_thread *t, uint32_t kind, uint64_t t_ns) {
     size_t size = gf_chunk_size(capacity);
     size_t used = __atomic_add_fetch(&gf.used, size, __ATOMIC_RELAXED);
     struct gf_chunk *fresh =
-        used <= __atomic_load_n(&gf.budget, __ATOMIC_RELAXED) ? calloc(1, size) : NULL;
+        used <= __atomic_load_n(&gf.budget, __ATOMIC_RELAXED) ? gf_map_chunk(size) : NULL;
     if (fresh == NULL) {
       __atomic_sub_fetch(&gf.used, size, __ATOMIC_RELAXED);
       __atomic_add_fetch(&gf.dropped, 1, __ATOMIC_RELAXED);

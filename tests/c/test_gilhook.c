@@ -335,7 +335,7 @@ GF_TEST(gilhook_frees_an_ended_threads_chunks_and_record) {
   fx.drop(&self);
   /* Room for a few small first chunks: each ended thread must give its chunk back once its
    * events are read, or the budget is gone after four threads. */
-  size_t budget = 4 * (sizeof(struct gf_gilhook_event) * 256 + 64);
+  size_t budget = 4 * 4096;
   gf_gilhook_tracing(1, budget);
   uint64_t dropped = gf_gilhook_dropped();
   struct gf_gilhook_event events[64];
@@ -533,7 +533,7 @@ GF_TEST(gilhook_marks_where_a_threads_events_were_lost) {
   while (gf_gilhook_drain(events, 8192) > 0) /* what earlier tests left */
     ;
   /* Beyond this thread's chunk: room for two first chunks and a 64 KiB one, less a little. */
-  size_t small = 16 + 256 * sizeof(struct gf_gilhook_event), big = 16 + 4096 * sizeof(struct gf_gilhook_event);
+  size_t small = 4096, big = 65536;
   size_t budget = gf_gilhook_event_bytes() + small + big + small - 64;
   gf_gilhook_tracing(0, budget);
   struct worker other = {.rounds = 1}; /* ends, its first chunk taken until drained */
@@ -543,7 +543,7 @@ GF_TEST(gilhook_marks_where_a_threads_events_were_lost) {
   pthread_create(&b.thread, NULL, bursts_main, &b);
   while (__atomic_load_n(&b.done, __ATOMIC_ACQUIRE) < 1)
     usleep(100);
-  /* 600 events do not fit in its first chunk, and the next does not fit in the budget. */
+  /* 400 events do not fit in its first chunk, and the next does not fit in the budget. */
   uint64_t lost = stats_of(b.tid).lost_ns;
   size_t n = gf_gilhook_drain(events, 8192); /* frees the ended thread's chunk */
   __atomic_store_n(&b.go, 2, __ATOMIC_RELEASE);
@@ -569,8 +569,8 @@ GF_TEST(gilhook_marks_where_a_threads_events_were_lost) {
     }
   }
   GF_CHECK_EQ(gaps, 1);
-  GF_CHECK_EQ(gap_at, 257); /* right after its first chunk's 256 events */
-  GF_CHECK(mine >= 257 + 400); /* the second burst, all of it */
+  GF_CHECK_EQ(gap_at, 256); /* right after its first chunk's 255 events */
+  GF_CHECK(mine >= 256 + 400); /* the second burst, all of it */
 }
 
 static uint64_t own_cpu_ns(void) {
