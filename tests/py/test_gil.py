@@ -833,3 +833,17 @@ def test_trace_picture_and_table_stay_readable_with_many_threads_and_odd_names(t
     rows = lines[2:lines.index(next(line for line in lines if line.startswith("... and")))]
     assert len(rows) == gil.TOP_THREADS
     assert f"... and {more} more threads" in str(report)
+
+
+def test_a_monitor_keeps_its_budget_over_several_drains():
+    try:
+        with gil.monitor(trace_budget_bytes=200_000) as m:
+            for _ in range(4):
+                syscall_loop(0.05)  # fills the budget each time
+                gil.counters()  # which drains the events into the monitor
+    finally:
+        gil.stop()
+    report = m.report()
+    assert len(m._events) <= 200_000  # what it keeps of them
+    assert report.dropped_events > 0 and report.lost_after_s < 0.5 * report.wall_s
+    assert thread_of(report, "MainThread").lost_after_s == report.lost_after_s
