@@ -1,4 +1,5 @@
 """DaskPool against a real distributed.LocalCluster with two worker processes (one thread each)."""
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -345,10 +346,27 @@ def test_cancelled_future_never_runs(pool, tmp_path):
     blockers = [pool.submit(time.sleep, 1.0) for _ in range(4)]
     late = pool.submit(marker.write_text, "yes")
     assert late.cancel() and late.cancelled()
+    assert late in concurrent.futures.wait([late], timeout=30).done
     for blocker in blockers:
         blocker.result(timeout=60)
     assert pool.submit(square, 4).result(timeout=30) == 16
     assert not marker.exists()
+
+
+def test_cancel_is_refused_once_the_task_runs(pool, tmp_path):
+    started = tmp_path / "started"
+
+    def mark_then_sleep():
+        started.write_text("yes")
+        time.sleep(1)
+        return "done"
+
+    future = pool.submit(mark_then_sleep)
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not future.cancel() and not future.cancelled()
+    assert future.result(timeout=30) == "done"
 
 
 def test_cancel_futures_on_shutdown(client):

@@ -257,6 +257,27 @@ def _count(token, address, **deltas):
         return dict(counters)
 
 
+# Keys of a pool's tasks that cancel() stopped before they started, by (pool token, worker
+# address): _execute skips them there. Written on the worker's event loop, read by its task
+# threads: single set operations, atomic under the GIL.
+_stopped = {}
+# A worker's states of a task it has started (or finished).
+_STARTED = frozenset({"executing", "long-running", "cancelled", "resumed", "memory", "error"})
+
+
+def _stop_unless_started(token, keys, dask_worker):
+    """Runs on each worker's event loop, where Dask starts tasks: returns those of keys this
+    worker has started; the others, if they ever start here, are skipped (see DaskPool._cancel)."""
+    tasks = dask_worker.state.tasks
+    started = [key for key in keys if key in tasks and tasks[key].state in _STARTED]
+    _stopped.setdefault((token, dask_worker.address), set()).update(set(keys).difference(started))
+    return started
+
+
+def _unstop(token, keys, dask_worker):
+    _stopped.get((token, dask_worker.address), set()).difference_update(keys)
+
+
 def _with_timeout(fn, timeout, token):
     """fn, stopped with TaskTimeout when one call of it runs longer than timeout seconds."""
     global _watchdog
@@ -296,7 +317,12 @@ def _execute(token, kind, payload, timeout, *shared):
     ``run_chunk`` does; anything else that fails (a call, or a chunk ended by SystemExit, say)
     raises RemoteTaskError.
     """
-    address = distributed.get_worker().address
+    worker = distributed.get_worker()
+    address = worker.address
+    stopped = _stopped.get((token, address))
+    if stopped and worker.get_current_task() in stopped:
+        stopped.discard(worker.get_current_task())
+        return None  # cancelled before it started: the pool settled its future
     _count(token, address, running=1, bytes_in=len(payload))
     started = time.perf_counter()
     tasks = bytes_out = 0
@@ -361,24 +387,27 @@ class _PoolPlugin(WorkerPlugin):
     def teardown(self, worker):
         with _counters_lock:
             _counters.pop((self.token, worker.address), None)
+        _stopped.pop((self.token, worker.address), None)
 
 
 # ---------------------------------------------------------------- client side
 
 
 class _ClusterFuture(Future):
-    """A concurrent.futures.Future over a Dask future; cancelling it cancels the Dask task."""
+    """A concurrent.futures.Future over a Dask future; cancelling it cancels the Dask task,
+    unless a worker has started it."""
 
-    def __init__(self, dask_future, decode):
+    def __init__(self, pool, dask_future, decode):
         super().__init__()
+        self.pool = pool
         self.dask_future = dask_future
         self.decode = decode  # turns the task's pickled outcome into this future's result
+        self.cancelling = False  # the pool is asking the workers; guarded by the pool's _lock
 
     def cancel(self):
-        if not super().cancel():
-            return False
-        self.dask_future.cancel()
-        return True
+        if not self.done():
+            self.pool._cancel([self])
+        return self.cancelled()
 
 
 class DaskPool(PoolBase):
@@ -477,7 +506,7 @@ class DaskPool(PoolBase):
             except Exception as exc:
                 self._check_client(exc)  # closed meanwhile
                 raise
-            future = self._outstanding[key] = _ClusterFuture(dask_future, decode)
+            future = self._outstanding[key] = _ClusterFuture(self, dask_future, decode)
         dask_future.add_done_callback(self._on_done)
         if self._client.status != "running":
             # Closing: Dask may have cancelled its tasks before this one, or stopped the loop
@@ -534,13 +563,16 @@ class DaskPool(PoolBase):
             return
         value = error = None
         done_count = 0
-        if future.cancelled():
-            pass  # claimed below, which wakes concurrent.futures.wait()
-        elif dask_future.key not in outs and self._client.status != "running":
+        if dask_future.key not in outs and self._client.status != "running":
             error = self._broken()  # asking would wait for the client to reconnect
         else:
             try:
                 out = outs[dask_future.key] if dask_future.key in outs else dask_future.result()
+                if out is None:  # a worker skipped it for _cancel
+                    with self._lock:
+                        if future.cancelling:
+                            return  # _cancel settles it
+                    raise RuntimeError("a worker skipped this task: it was being cancelled")
                 value = future.decode(out)
                 done_count = len(value[0]) + (value[1] is not None) if future.decode is _decode_chunk else 1
             except CancelledError as exc:  # not cancelled here: Dask dropped it
@@ -554,6 +586,37 @@ class DaskPool(PoolBase):
             future.set_result(value)
         else:
             future.set_exception(error)
+
+    def _cancel(self, futures):
+        """Cancels those of futures that no worker has started. Every worker is asked at once
+        (a task may move between workers) and promises to skip the others if they start there;
+        then Dask forgets them."""
+        with self._lock:
+            asking = {f.dask_future.key: f for f in futures if not f.done() and not f.cancelling}
+            for future in asking.values():
+                future.cancelling = True
+        keys = list(asking)
+        started = set(keys)  # unless every worker says otherwise
+        try:
+            if keys and self._client.status == "running":
+                replies = self._client.run(_stop_unless_started, self._token, keys, on_error="return")
+                started = set()
+                for reply in replies.values():
+                    started.update(keys if isinstance(reply, BaseException) else reply)
+                if started:  # they run after all: no worker may skip them (a retry, say)
+                    self._client.run(_unstop, self._token, list(started), on_error="ignore")
+        except Exception:
+            pass  # the client or the scheduler went away: the settler fails these tasks
+        finally:
+            stopped = [asking[key] for key in keys if key not in started]
+            for future in stopped:
+                if Future.cancel(future):
+                    self._claim(future, future.dask_future.key, 0)  # notifies wait()
+            with self._lock:
+                for future in asking.values():
+                    future.cancelling = False
+        if stopped and self._client.status == "running":
+            self._client.cancel([f.dask_future for f in stopped])
 
     def _dropped(self, exc):
         """The error for a task Dask cancelled on its own (exc: its FutureCancelledError)."""
@@ -674,8 +737,7 @@ class DaskPool(PoolBase):
             self._shutdown = True
             pending = list(self._outstanding.values())
         if cancel_futures:
-            for future in pending:
-                future.cancel()
+            self._cancel(pending)
         if wait:
             self._release(pending)
         else:
