@@ -100,7 +100,8 @@ size_t gf_gilhook_reap(int (*fn)(const struct gf_gilhook_thread_stats *, void *)
 void gf_gilhook_totals(uint64_t now_ns, struct gf_gilhook_totals *out);
 
 /* Events are recorded while tracing > 0, within `budget_bytes` of chunks; beyond it they are
- * counted as dropped. */
+ * dropped: counted, and marked per thread (lost_ns, then a GF_GIL_GAP event). A fork's child
+ * keeps only the forking thread's record, afresh, and none of the parent's events. */
 void gf_gilhook_tracing(int delta, size_t budget_bytes);
 /* Moves up to cap recorded events (per thread in time order) into out; returns how many. The
  * chunks it has read are freed, the last one too once its thread has ended. */
