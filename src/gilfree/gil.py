@@ -452,9 +452,13 @@ class Monitor:
         with open(path, "w") as f:
             f.write('{"displayTimeUnit": "ms", "otherData": %s, "traceEvents": [\n' % json.dumps(other))
             f.write(json.dumps({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "GIL"}}))
-            # Tracks are keyed by record id: two threads with the same (reused) native id stay apart.
-            for key, t in zip(self._keys, report.threads):
-                meta = {"ph": "M", "name": "thread_name", "pid": pid, "tid": key, "args": {"name": t.name, "native_id": t.tid}}
+            # A track's id is its thread's native id, but for a thread whose native id an earlier
+            # one had (the kernel reuses them): two threads must not share a track.
+            tracks, taken = {}, set()
+            for key, t in sorted(zip(self._keys, report.threads), key=lambda kt: kt[0]):
+                tracks[key] = t.tid if t.tid not in taken else (1 << 32) + key
+                taken.add(t.tid)
+                meta = {"ph": "M", "name": "thread_name", "pid": pid, "tid": tracks[key], "args": {"name": t.name, "native_id": t.tid}}
                 f.write(",\n" + json.dumps(meta))
             for thread, state, start, stop, held, wait, n in self._slices(resolution):
                 args = ""
@@ -463,7 +467,7 @@ class Monitor:
                     if max(held, wait) * 2 < stop - start:
                         name = "mixed"
                     args = f', "args": {{"held_ms": {held / 1e6:.3f}, "wait_ms": {wait / 1e6:.3f}, "spans": {n}}}'
-                f.write(f',\n{{"name": "{name}", "cat": "gil", "ph": "X", "pid": {pid}, "tid": {thread}, '
+                f.write(f',\n{{"name": "{name}", "cat": "gil", "ph": "X", "pid": {pid}, "tid": {tracks[thread]}, '
                         f'"ts": {(start - self._t0) / 1e3:.3f}, "dur": {(stop - start) / 1e3:.3f}, '
                         f'"cname": "{_TRACE_COLORS[name]}"{args}}}')
             f.write("\n]}\n")

@@ -520,26 +520,36 @@ def start_until_native_id_reused(work):
             reused.append((seen[native_id], threading.current_thread().name, native_id))
             work()
 
-    for _ in range(2 * pid_max()):
+    for i in range(2 * pid_max()):
         t = threading.Thread(target=maybe_work)
         t.start()
         t.join()
         if reused:
             return reused[0]
         seen[t.native_id] = t.name
+        if i % 1000 == 0:
+            gil.counters()  # drains the events of the threads that ended
     pytest.fail("no native id was reused")
 
 
-def test_threads_whose_native_id_was_reused_are_reported_apart():
+def test_threads_whose_native_id_was_reused_are_reported_apart(tmp_path):
     if pid_max() > 100_000:
         pytest.skip("native ids wrap only after pid_max threads: too many to start here")
-    with gil.monitor(trace=False) as m:
-        earlier, later, native_id = start_until_native_id_reused(lambda: cpu_loop(0.05))
+    try:
+        with gil.monitor() as m:
+            earlier, later, native_id = start_until_native_id_reused(lambda: cpu_loop(0.05))
+    finally:
+        gil.stop()
     report = m.report()
     a, b = thread_of(report, earlier), thread_of(report, later)
     assert a.tid == b.tid == native_id
     assert b.held_s >= 0.04 and a.held_s < 0.01
     assert sum(t.held_s for t in report.threads) <= report.wall_s
+    m.write_trace(tmp_path / "t.json")  # and on two tracks
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    tracks = {e["args"]["name"]: e["tid"] for e in events if e["name"] == "thread_name"}
+    assert tracks[earlier] == native_id != tracks[later]
+    assert any(e["ph"] == "X" and e["tid"] == tracks[later] and e["name"] == "held" for e in events)
 
 
 def start_and_join(n, target=lambda: None):
