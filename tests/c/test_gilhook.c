@@ -667,3 +667,56 @@ GF_TEST(gilhook_a_forked_child_keeps_only_its_own_thread) {
   GF_CHECK_EQ(WEXITSTATUS(status), 0);
   GF_CHECK_EQ(ws.acquisitions, 3); /* the parent's records are untouched */
 }
+
+struct churner {
+  int stop; /* atomic */
+  pthread_t thread;
+};
+
+/* Starts short threads that take the fixture GIL once and end, until told to stop. */
+static void *churner_main(void *arg) {
+  struct churner *c = arg;
+  while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+    struct worker w = {.rounds = 2};
+    pthread_create(&w.thread, NULL, worker_main, &w);
+    pthread_join(w.thread, NULL);
+  }
+  return NULL;
+}
+
+GF_TEST(gilhook_reaps_while_threads_come_and_go) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  gf_gilhook_tracing(1, 1 << 20);
+  struct churner churners[3] = {{0}};
+  for (int i = 0; i < 3; i++)
+    pthread_create(&churners[i].thread, NULL, churner_main, &churners[i]);
+  /* The binding's round: drain, then reap, then read; records are pushed meanwhile. */
+  static struct gf_gilhook_event events[4096];
+  size_t reaped = 0;
+  uint64_t end = gf_gilhook_now_ns() + 300000000ull;
+  while (gf_gilhook_now_ns() < end) {
+    while (gf_gilhook_drain(events, 4096) > 0)
+      ;
+    reaped += gf_gilhook_reap(NULL, NULL);
+    int n = 0;
+    gf_gilhook_foreach_thread(gf_gilhook_now_ns(), count_visit, &n);
+  }
+  for (int i = 0; i < 3; i++) {
+    __atomic_store_n(&churners[i].stop, 1, __ATOMIC_RELEASE);
+    pthread_join(churners[i].thread, NULL);
+  }
+  while (gf_gilhook_drain(events, 4096) > 0)
+    ;
+  reaped += gf_gilhook_reap(NULL, NULL);
+  gf_gilhook_tracing(-1, 1 << 20);
+  int ended = 0;
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), count_ended, &ended);
+  fx.take(&self);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  GF_CHECK(reaped > 30);
+  GF_CHECK_EQ(ended, 0);
+}
