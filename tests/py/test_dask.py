@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
@@ -250,6 +251,22 @@ def test_share_numpy_array_arrives_read_only(pool):
     handle.release()
 
 
+def test_share_broadcasts_again_when_a_worker_left_meanwhile(pool, monkeypatch):
+    scatter = pool.client.scatter
+    calls = []
+
+    def worker_left_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:  # what the scheduler's replicate raises for a worker gone meanwhile
+            raise KeyError("tcp://127.0.0.1:1")
+        return scatter(*args, **kwargs)
+
+    monkeypatch.setattr(pool.client, "scatter", worker_left_once)
+    with pool.share(b"abc") as handle:
+        assert pool.submit(bytes, handle).result(timeout=30) == b"abc"
+    assert len(calls) == 2
+
+
 async def test_run_awaits_one_call(pool):
     assert await pool.run(add, 1, y=2) == 3
 
@@ -465,15 +482,43 @@ def wait_for_restart(pool, timeout=30):
     return pool.stats()
 
 
-def test_task_timeout_restarts_a_worker_stuck_in_c(client):
+def test_task_timeout_restarts_a_worker_stuck_in_c(client, tmp_path):
     client.wait_for_workers(2, timeout=60)
+    address_file = tmp_path / "address"
+
+    def stuck():
+        address_file.write_text(distributed.get_worker().address)
+        time.sleep(60)
+
     with DaskPool(client, task_timeout=0.5) as pool:
         pids = {row["pid"] for row in pool.stats()["workers"]}
         started = time.monotonic()
-        with pytest.raises(TaskTimeout, match="restarted"):
-            pool.submit(time.sleep, 60).result(timeout=30)
+        future = pool.submit(stuck)
+        # Callbacks run as the future fails: by then the scheduler must have let the worker go,
+        # so that what the caller does next (a share(), say) only meets live workers.
+        listed = []
+        checked = threading.Event()
+
+        def check(_):
+            listed.append(address_file.read_text() in client.scheduler_info()["workers"])
+            checked.set()
+
+        future.add_done_callback(check)
+        with pytest.raises(TaskTimeout, match="worker process was killed and is being restarted"):
+            future.result(timeout=30)
         assert time.monotonic() - started < 15
+        assert checked.wait(30) and listed == [False]
+        with pool.share(b"after") as handle:
+            assert pool.submit(bytes, handle).result(timeout=30) == b"after"
         stats = wait_for_restart(pool)
         assert stats["restarts"] == 1
         assert len(pids - {row["pid"] for row in stats["workers"]}) == 1  # the stuck one is gone
         assert list(pool.map(square, range(10))) == [x * x for x in range(10)]
+
+
+def test_task_stuck_in_c_without_a_nanny_says_its_worker_was_not_restarted(thread_cluster):
+    with DaskPool(thread_cluster, task_timeout=0.5) as pool:
+        with pytest.raises(TaskTimeout, match="worker was not restarted .no nanny") as info:
+            pool.submit(time.sleep, 2.5).result(timeout=30)
+        assert "killed" not in str(info.value)
+        assert pool.submit(square, 5).result(timeout=30) == 25

@@ -47,6 +47,8 @@ __all__ = ["DaskPool", "SharedHandle"]
 
 # A task still running this long after its async TaskTimeout is stuck in C code: restart its worker.
 _STUCK_GRACE_S = 1.0
+# share() broadcasts again when a worker leaves during one, at most this many times in all.
+_SHARE_ATTEMPTS = 3
 
 
 # ---------------------------------------------------------------- shared data
@@ -656,18 +658,37 @@ class DaskPool(PoolBase):
             thread.start()
 
     def _fail_stuck(self, msg):
-        """A task ignored its TaskTimeout (stuck in C code): fail it, and kill its worker process
-        (the Dask nanny starts a new one) since its thread is lost until the C call returns."""
+        """A task ignored its TaskTimeout (stuck in C code), so its thread is lost until the C
+        call returns. Kill its worker process if a nanny runs it (the nanny starts a new one);
+        only then fail the task, so that what the caller does next never meets that worker."""
+        key, address = msg["key"], msg["address"]
         with self._lock:
-            future = self._outstanding.get(msg["key"])
-        if future is None or not self._claim(future, msg["key"], 1):
+            future = self._outstanding.get(key)
+        if future is None or not self._claim(future, key, 1):
             return
-        future.set_exception(
-            TaskTimeout(f"the task ran past task_timeout={msg['timeout']}s; its worker was restarted")
+        killed = False
+        try:
+            # Forgotten by the scheduler before the kill (the client's own cancel message could
+            # arrive after it), so the worker's death does not run it again elsewhere.
+            self._client.run_on_scheduler(_forget, [key], self._client.id)
+            # No answer at all: no nanny (LocalCluster(processes=False), dask worker --no-nanny).
+            answers = self._client.run(
+                _kill_process, msg["pid"], workers=[address], nanny=True, on_error="return"
+            )
+            killed = True in answers.values()
+            if killed:
+                self._client.run_on_scheduler(_remove_worker, address)
+        except Exception:
+            pass  # the client, the scheduler or the worker went away meanwhile: fail it all the same
+        what = (
+            "its worker process was killed and is being restarted by its nanny"
+            if killed
+            else "its thread cannot be stopped and its worker was not restarted (no nanny runs it), "
+            "so that thread stays busy until the call returns"
         )
-        # Forgotten by the scheduler first, so the worker's death does not reschedule it.
-        future.dask_future.cancel()
-        self._client.run(_kill_process, msg["pid"], workers=[msg["address"]], nanny=True, on_error="ignore")
+        future.set_exception(TaskTimeout(
+            f"the task ran past task_timeout={msg['timeout']}s and did not stop (stuck in C code?): {what}"
+        ))
 
     # -- the rest of the Pool API
 
@@ -680,8 +701,14 @@ class DaskPool(PoolBase):
         else:
             data = memoryview(buf).cast("B")
         self._check_client()
-        future = self._client.scatter(data, broadcast=True, hash=False)
-        return SharedHandle(future, data.nbytes)
+        for attempt in range(_SHARE_ATTEMPTS):
+            try:
+                return SharedHandle(self._client.scatter(data, broadcast=True, hash=False), data.nbytes)
+            except (KeyError, OSError):
+                # A worker left during the broadcast (the scheduler meets it gone): again, to the
+                # workers there are now.
+                if attempt == _SHARE_ATTEMPTS - 1:
+                    raise
 
     def stats(self):
         self._check_client()
@@ -768,9 +795,23 @@ class DaskPool(PoolBase):
 
 
 def _kill_process(pid, dask_worker):
-    """Run on the nanny of the worker process pid: kill that process if it is still the worker."""
-    if dask_worker.pid == pid:
-        os.kill(pid, signal.SIGKILL)
+    """Runs on the nanny of the worker process pid: kills that process if it is still the worker;
+    True if it did."""
+    if dask_worker.pid != pid:
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _forget(keys, client, dask_scheduler):
+    """Runs on the scheduler: cancels the client's tasks keys now."""
+    dask_scheduler.stimulus_cancel(keys, client, force=False, reason="gilfree: past task_timeout", msg=None)
+
+
+async def _remove_worker(address, dask_scheduler):
+    """Runs on the scheduler: forgets a worker whose process was just killed, without waiting for
+    its nanny to report the death."""
+    await dask_scheduler.remove_worker(address, stimulus_id=f"gilfree-stuck-task-{time.time()}", close=False)
 
 
 def _decode_call(out):
