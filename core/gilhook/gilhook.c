@@ -158,6 +158,12 @@ static struct {
   uint64_t dropped; /* atomic */
   int priority_threads;                  /* threads with a nonzero priority; atomic */
   int waiting[GF_PRIORITY_SLOTS];        /* waiters per priority; atomic */
+  /* Waiters asleep on the GIL's cond until a signal or their deadline (gf_plain_wait). Changed
+   * and read only with the GIL's mutex held, which a cond wait gives up and takes back
+   * atomically: a releaser holding the mutex sees every such sleeper counted. Each sleeper
+   * takes its count back, whatever install it began under, so it is never reset but in a
+   * forked child (whose other threads are gone). */
+  int plain_waiters;
   struct gf_saved_slot saved[GF_HOOKED_FUNCTIONS * GF_SLOTS_PER_FUNCTION];
   int nsaved;
   pthread_key_t key;
@@ -324,6 +330,7 @@ static void gf_after_fork_in_child(void) {
   gf.dropped = 0;
   gf.priority_threads = 0;
   memset(gf.waiting, 0, sizeof(gf.waiting));
+  gf.plain_waiters = 0;
   if (self == NULL)
     return;
   /* What it was doing at the fork (holding the GIL, if it forked from Python), it still does. */
@@ -605,6 +612,17 @@ static int gf_below_holder(struct gf_thread *t) {
   return gf.cond_clock >= 0 && holder != NULL && GF_LOAD(holder->priority) > GF_LOAD(t->priority);
 }
 
+/* A cond wait that only a signal or the deadline ends, with the GIL's mutex held. Counted, so
+ * that a release never skips the signal while such a waiter sleeps: its priority may have
+ * risen above the waiter's after the waiter chose this kind of wait (gf_hook_cond_signal). */
+static int gf_plain_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
+                         const struct timespec *abstime) {
+  gf.plain_waiters++;
+  int rc = gf.cond_timedwait(cond, mutex, abstime);
+  gf.plain_waiters--;
+  return rc;
+}
+
 /* gf_cond_wait_sliced's sleeps, with the GIL's mutex held by waiting thread t. */
 static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread_mutex_t *mutex,
                               const struct timespec *abstime) {
@@ -613,7 +631,7 @@ static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread
     if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED))
       return 0; /* a silent release: take_gil re-checks `locked`, as after a spurious wake-up */
     if (!gf_below_holder(t))
-      return gf.cond_timedwait(cond, mutex, abstime);
+      return gf_plain_wait(cond, mutex, abstime);
     struct timespec slice_end;
     clock_gettime(gf.cond_clock, &slice_end);
     slice_end.tv_nsec += (long)slice_ns;
@@ -621,7 +639,7 @@ static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread
     slice_end.tv_nsec %= 1000000000;
     if (slice_end.tv_sec > abstime->tv_sec ||
         (slice_end.tv_sec == abstime->tv_sec && slice_end.tv_nsec >= abstime->tv_nsec))
-      return gf.cond_timedwait(cond, mutex, abstime);
+      return gf_plain_wait(cond, mutex, abstime);
     int rc = gf.cond_timedwait(cond, mutex, &slice_end);
     if (rc != ETIMEDOUT)
       return rc;
@@ -640,7 +658,7 @@ static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread
 static int gf_cond_wait_sliced(struct gf_thread *t, pthread_cond_t *cond, pthread_mutex_t *mutex,
                                const struct timespec *abstime) {
   if (!gf_below_holder(t))
-    return gf.cond_timedwait(cond, mutex, abstime);
+    return gf_plain_wait(cond, mutex, abstime);
   int slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
   prctl(PR_SET_TIMERSLACK, GF_SLICE_SLACK_NS, 0, 0, 0);
   int rc = gf_sleep_in_slices(t, cond, mutex, abstime);
@@ -759,10 +777,12 @@ static int gf_hook_cond_signal(pthread_cond_t *cond) {
       if (cond == gf.targets.switch_cond) {
         gf_on_acquire(t);
       } else if (!gf_on_release(t) && __atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) &&
-                 gf.cond_clock >= 0 && !gf_waiting_from(GF_LOAD(t->priority))) {
-        /* A voluntary release with only lower-priority waiters (if any): they look at the GIL
-         * at their next slice's end (gf_cond_wait_sliced) instead of being woken now. The GIL's
-         * mutex is held here, so every waiter that could sleep on the cond is counted. */
+                 gf.cond_clock >= 0 && !gf_waiting_from(GF_LOAD(t->priority)) &&
+                 gf.plain_waiters == 0) {
+        /* A voluntary release with only lower-priority waiters (if any), all sleeping in
+         * slices: they look at the GIL at their next slice's end (gf_cond_wait_sliced) instead
+         * of being woken now. The GIL's mutex is held here, so every waiter that could sleep on
+         * the cond is counted. */
         return 0;
       }
     }

@@ -72,6 +72,10 @@ def test_set_get_background_and_clamping():
     assert priority.get() == 3
     priority.set(100)
     assert priority.get() == _gilhook.MAX_PRIORITY
+    priority.set(-(2**100))  # beyond a C long: clamped like any other level
+    assert priority.get() == -_gilhook.MAX_PRIORITY
+    priority.set(2**63)
+    assert priority.get() == _gilhook.MAX_PRIORITY
     for not_a_level in (1.5, "1", None):
         with pytest.raises(TypeError):
             priority.set(not_a_level)
@@ -274,3 +278,59 @@ def test_background_warns_and_runs_where_priorities_are_unavailable(tmp_path):
     )
     out = subprocess.run([other, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.split("\n")[:3] == ["ran 0", "RuntimeWarning True", "refused"], out.stderr
+
+
+@pytest.mark.parametrize("levels", [(0, 1), (-1, 0)], ids=["holder-turns-urgent", "holder-leaves-background"])
+def test_a_waiter_of_the_holders_old_priority_is_woken_when_it_rises(levels):
+    # The waiter starts a plain wait (equal priority), then the holder rises above it and
+    # blocks: its release must wake the waiter, not leave it to its deadline (the interval).
+    before, after = levels
+    sys.setswitchinterval(1.5)  # the waiter's deadline; the hooks know its clock up to 2 s out
+    go, ran = threading.Event(), threading.Event()
+
+    def waiter():
+        priority.set(before)
+        go.wait()
+        ran.set()  # needs the GIL, which this thread holds
+
+    priority.set(-1)  # hooks in
+    priority.set(before)
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.05)
+    go.set()
+    deadline = time.monotonic() + 0.05
+    while time.monotonic() < deadline:  # hold the GIL: the waiter is now waiting for it
+        pass
+    priority.set(after)
+    time.sleep(0.75)
+    woke = ran.is_set()
+    t.join()
+    assert woke
+
+
+def test_hook_users_start_and_stop_from_two_threads_at_once():
+    # Installing gives the GIL up: a second user must wait for it, not find the hooks half in.
+    errors = []
+
+    def monitors():
+        for _ in range(100):
+            with gil.monitor():
+                pass
+
+    def priorities():
+        for _ in range(100):
+            try:
+                priority.set(-1)
+            except Exception as exc:
+                errors.append(exc)
+            priority.uninstall()
+
+    threads = [threading.Thread(target=monitors), threading.Thread(target=priorities)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert not _gilhook.installed()
+

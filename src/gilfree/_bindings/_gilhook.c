@@ -1,7 +1,8 @@
 /* gilfree._gilhook: finds and self-checks the GIL of this interpreter, then drives the
  * gf_gilhook core (GOT hooks of the GIL's pthread calls). Used by gilfree.gil and
- * gilfree.priority; every function runs with the GIL held, which serializes install/uninstall,
- * the user counts and draining. */
+ * gilfree.priority; every function runs with the GIL held, which serializes draining.
+ * Installing gives the GIL up (the self-check and its proof switch threads), so install,
+ * uninstall and the user counts take the module's users_lock too. */
 #define PY_SSIZE_T_CLEAN
 /* The GIL's layout is internal: compile against this exact CPython's internal headers. */
 #define Py_BUILD_CORE_MODULE 1
@@ -25,8 +26,9 @@
 /* Touched only with the GIL held (every entry point is a Python call): no other locking. */
 typedef struct {
   PyObject *unsupported; /* gilfree.UnsupportedInterpreter (strong reference) */
-  int users;             /* acquire() calls not yet released */
-  int tracers;           /* of which asked for events */
+  int users;             /* acquire() calls not yet released; under users_lock */
+  int tracers;           /* of which asked for events; under users_lock */
+  PyThread_type_lock users_lock;
 } gilhook_state;
 
 static gilhook_state *get_state(PyObject *module) { return PyModule_GetState(module); }
@@ -222,6 +224,16 @@ static PyObject *gilhook_check(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   Py_RETURN_NONE;
 }
 
+/* Takes users_lock; waits for it without the GIL, since its holder may be installing (which
+ * needs the GIL back). */
+static void lock_users(gilhook_state *st) {
+  if (PyThread_acquire_lock(st->users_lock, NOWAIT_LOCK))
+    return;
+  Py_BEGIN_ALLOW_THREADS
+  PyThread_acquire_lock(st->users_lock, WAIT_LOCK);
+  Py_END_ALLOW_THREADS
+}
+
 PyDoc_STRVAR(acquire_doc, "acquire(trace, budget_bytes)\n--\n\nAdds a user of the hooks "
                           "(installing them on the first); with trace, events are recorded.");
 
@@ -236,13 +248,17 @@ static PyObject *gilhook_acquire(PyObject *module, PyObject *const *args, Py_ssi
   Py_ssize_t budget = PyLong_AsSsize_t(args[1]);
   if (trace < 0 || (budget == -1 && PyErr_Occurred()))
     return NULL;
-  if (st->users == 0 && install(st) < 0)
+  lock_users(st);
+  if (st->users == 0 && install(st) < 0) {
+    PyThread_release_lock(st->users_lock);
     return NULL;
+  }
   st->users++;
   if (trace) {
     st->tracers++;
     gf_gilhook_tracing(1, budget > 0 ? (size_t)budget : GF_TRACE_BUDGET_DEFAULT);
   }
+  PyThread_release_lock(st->users_lock);
   Py_RETURN_NONE;
 }
 
@@ -259,7 +275,10 @@ static PyObject *gilhook_release(PyObject *module, PyObject *const *args, Py_ssi
   int trace = PyObject_IsTrue(args[0]);
   if (trace < 0)
     return NULL;
+  lock_users(st);
+  int rc = 0;
   if (st->users == 0 || (trace && st->tracers == 0)) {
+    PyThread_release_lock(st->users_lock);
     PyErr_SetString(PyExc_RuntimeError, "release() without acquire()");
     return NULL;
   }
@@ -267,12 +286,12 @@ static PyObject *gilhook_release(PyObject *module, PyObject *const *args, Py_ssi
     st->tracers--;
     gf_gilhook_tracing(-1, GF_TRACE_BUDGET_DEFAULT);
   }
-  if (--st->users == 0) {
-    int rc = gf_gilhook_uninstall();
-    if (rc < 0) {
-      errno = -rc;
-      return PyErr_SetFromErrno(PyExc_OSError);
-    }
+  if (--st->users == 0)
+    rc = gf_gilhook_uninstall();
+  PyThread_release_lock(st->users_lock);
+  if (rc < 0) {
+    errno = -rc;
+    return PyErr_SetFromErrno(PyExc_OSError);
   }
   Py_RETURN_NONE;
 }
@@ -674,9 +693,12 @@ PyDoc_STRVAR(set_priority_doc, "set_priority(level)\n--\n\nSets the calling thre
 
 /* Borrows arg. Returns a new reference (None), or NULL with an exception set. */
 static PyObject *gilhook_set_priority(PyObject *module, PyObject *arg) {
-  long level = PyLong_AsLong(arg);
+  int overflow;
+  long level = PyLong_AsLongAndOverflow(arg, &overflow);
   if (level == -1 && PyErr_Occurred())
     return NULL;
+  if (overflow != 0)
+    level = overflow > 0 ? LONG_MAX : LONG_MIN; /* beyond a C long: clamped like the rest */
   int rc = gf_gilhook_set_priority((int)(level > 1000 ? 1000 : level < -1000 ? -1000 : level));
   if (rc < 0) {
     errno = -rc;
@@ -737,6 +759,10 @@ static int gilhook_exec(PyObject *module) {
   Py_DECREF(errors);
   if (st->unsupported == NULL)
     return -1;
+  if ((st->users_lock = PyThread_allocate_lock()) == NULL) {
+    PyErr_NoMemory();
+    return -1;
+  }
   if (PyModule_AddIntConstant(module, "STATE_UNKNOWN", GF_GIL_UNKNOWN) < 0 ||
       PyModule_AddIntConstant(module, "STATE_FREE", GF_GIL_FREE) < 0 ||
       PyModule_AddIntConstant(module, "STATE_WANT", GF_GIL_WANT) < 0 ||
@@ -764,7 +790,14 @@ static int gilhook_clear(PyObject *module) {
   return 0;
 }
 
-static void gilhook_free(void *module) { gilhook_clear(module); }
+static void gilhook_free(void *module) {
+  gilhook_state *st = get_state(module);
+  gilhook_clear(module);
+  if (st->users_lock != NULL) {
+    PyThread_free_lock(st->users_lock);
+    st->users_lock = NULL;
+  }
+}
 
 static PyModuleDef_Slot gilhook_slots[] = {
     {Py_mod_exec, gilhook_exec},
