@@ -320,10 +320,10 @@ def _execute(token, kind, payload, timeout, *shared):
     raises RemoteTaskError.
     """
     worker = distributed.get_worker()
-    address = worker.address
+    address, key = worker.address, worker.get_current_task()
     stopped = _stopped.get((token, address))
-    if stopped and worker.get_current_task() in stopped:
-        stopped.discard(worker.get_current_task())
+    if stopped and key in stopped:
+        stopped.discard(key)
         return None  # cancelled before it started: the pool settled its future
     _count(token, address, running=1, bytes_in=len(payload))
     started = time.perf_counter()
@@ -527,7 +527,9 @@ class DaskPool(PoolBase):
                 "the pool's Dask client lost its scheduler (it is trying to reconnect; "
                 "Dask dropped the tasks it had)"
             )
-        return BrokenPool("the pool's Dask client was closed (by its owner, or after it lost its scheduler)")
+        return BrokenPool(
+            "the pool's Dask client was closed (by its owner, or after it lost its scheduler)"
+        )
 
     def _on_done(self, dask_future):
         """Runs in Dask's callback thread: hands the finished Dask task to the settler thread."""
@@ -556,7 +558,8 @@ class DaskPool(PoolBase):
                 try:
                     self._settle(dask_future, outs)
                 except BaseException as exc:  # never the settler's end: every later task needs it
-                    self._fail(dask_future.key, RuntimeError(f"the pool could not settle this task: {exc!r}"))
+                    error = RuntimeError(f"the pool could not settle this task: {exc!r}")
+                    self._fail(dask_future.key, error)
 
     def _settle(self, dask_future, outs):
         with self._lock:
