@@ -522,3 +522,41 @@ def test_task_stuck_in_c_without_a_nanny_says_its_worker_was_not_restarted(threa
             pool.submit(time.sleep, 2.5).result(timeout=30)
         assert "killed" not in str(info.value)
         assert pool.submit(square, 5).result(timeout=30) == 25
+
+
+def test_a_timeout_the_task_already_saw_leaves_no_pending_exception_behind():
+    # The watchdog used to clear a fired TaskTimeout with PyThreadState_SetAsyncExc(id, NULL),
+    # which signals the interpreter again: CPython 3.11 then keeps its eval breaker set for good,
+    # and a thread started under a profile function (a gil monitor's) spun forever.
+    script = """
+import os, threading, time
+from gilfree import gil
+from gilfree.cluster.dask import _Watchdog
+from gilfree.errors import TaskTimeout
+
+watchdog = _Watchdog()
+
+def task():
+    entry = watchdog.arm(0.05, lambda: None)
+    try:
+        try:
+            time.sleep(0.3)  # in C past the deadline: the TaskTimeout surfaces as it returns
+        finally:
+            watchdog.disarm(entry)
+    except TaskTimeout:
+        pass
+
+t = threading.Thread(target=task)
+t.start()
+t.join()
+with gil.monitor():
+    later = threading.Thread(target=sum, args=(range(1000),), daemon=True)
+    later.start()
+    later.join(10)
+print("stuck" if later.is_alive() else "ok", flush=True)
+os._exit(0)
+"""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["ok"], done.stderr

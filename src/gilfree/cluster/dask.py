@@ -207,7 +207,7 @@ class _Watchdog:
         with self._cond:
             self._armed.discard(entry)
             if entry.fired:
-                self._set_async_exc(entry.thread_id, None)
+                _take_pending(TaskTimeout)
 
     def _watch(self):
         with self._cond:
@@ -223,6 +223,17 @@ class _Watchdog:
                         entry.on_stuck()
                 wake = min((e.deadline for e in self._armed), default=now + 3600)
                 self._cond.wait(max(0.0, wake - time.monotonic()))
+
+
+def _take_pending(exc_type):
+    """Lets an asynchronous exc_type still pending in this thread surface here, and drops it.
+    Clearing it instead (PyThreadState_SetAsyncExc(id, NULL)) signals the interpreter again:
+    CPython 3.11 then keeps its eval breaker set for good, and threads of the process spin."""
+    try:
+        for _ in range(2):  # a backward jump: the interpreter looks for pending exceptions
+            pass
+    except exc_type:
+        pass
 
 
 class _Deadline:
