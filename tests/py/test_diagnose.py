@@ -241,8 +241,10 @@ def test_ctrl_c_shows_the_programs_keyboard_interrupt(tmp_path):
         print("ready", flush=True)
         time.sleep(30)
     """)
+    # A terminal program's SIGINT, also when this suite runs as a background job (which ignores it).
     proc = subprocess.Popen([sys.executable, "-m", "gilfree", "diagnose", str(script)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGINT)

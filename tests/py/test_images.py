@@ -892,3 +892,15 @@ async def test_worker_crash_is_500_for_that_request_only():
             assert status == 415
     finally:
         server.stop()
+
+
+async def test_the_app_ends_the_gil_accounting_it_started(root):
+    from gilfree import _gilhook
+    from gilfree.images import Config
+    from gilfree.images.server import make_runner
+
+    runner = make_runner(Config(workers=1, executor="threads", worker_nice=0, root=str(root)))
+    await runner.setup()
+    assert _gilhook.installed()  # /metrics reports the GIL held fraction
+    await runner.cleanup()
+    assert not _gilhook.installed()

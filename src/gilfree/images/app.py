@@ -205,9 +205,10 @@ def create_app(config):
 
     async def executor_lifetime(app):
         executor = make_executor(config.executor, config.workers, config.budget, config.worker_nice)
-        app[SERVICE] = Service(config, executor)
+        app[SERVICE] = service = Service(config, executor)
         yield
         executor.shutdown(wait=True, cancel_futures=True)
+        service.metrics.close()
 
     app.cleanup_ctx.append(executor_lifetime)
     app.router.add_post("/v1/transform", _transform_body, expect_handler=_continue_later)

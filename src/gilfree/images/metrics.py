@@ -18,6 +18,10 @@ class Metrics:
         self.latency_count = 0
         self._gil = _GilHeldFraction()
 
+    def close(self):
+        """Ends the GIL accounting the metrics started (the app is done with them)."""
+        self._gil.close()
+
     def observe(self, status, seconds):
         self.by_status[status] = self.by_status.get(status, 0) + 1
         self.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -75,6 +79,13 @@ class _GilHeldFraction:
     def __init__(self):
         self._previous = None
         self.sample()  # the first call starts the accounting: the first scrape has a baseline
+
+    def close(self):
+        try:
+            from .. import gil
+        except ImportError:
+            return
+        gil.stop()
 
     def sample(self):
         """(held fraction since the previous sample or None, counters), or None without gilfree.gil."""
