@@ -132,6 +132,7 @@ GF_TEST(gilhook_accounts_held_wait_and_forced_switches) {
   GF_CHECK_EQ(gf_gilhook_install((void *)fx.take, &targets), -EEXIST);
   struct worker w = {.rounds = 3, .ms = 20};
   pthread_create(&w.thread, NULL, worker_main, &w);
+  wait_for_state(&w.tid, GF_GIL_WANT); /* a busy machine may start it late */
   fx_run(&main_state, 30); /* the worker waits, times out, asks us to drop */
   fx.drop(&main_state);
   pthread_join(w.thread, NULL);
