@@ -213,7 +213,9 @@ def main():
     print(f"# bench_pool: {WORKERS} workers, CPython {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     rows = {}
-    for which in ("roundtrip", "burst", "map", "bytes100", "numpy100", "countdown"):
+    # The countdown goes first: after the 100 MB rounds free gigabytes, CPU-bound work on this
+    # machine ran about 10% slower for a while, longer than SETTLE_S.
+    for which in ("countdown", "roundtrip", "burst", "map", "bytes100", "numpy100"):
         for name in names:
             rows[(which, name)] = run_isolated(name, which, args.quick)
     rows[("share", "gilfree")] = run_isolated("gilfree", "share", args.quick)

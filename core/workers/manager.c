@@ -384,6 +384,19 @@ uint64_t gf_manager_queued(gf_manager *m) {
   return n;
 }
 
+int gf_manager_running(gf_manager *m, uint64_t task_id) {
+  /* Relaxed: current_task is a statistic here; a stale read says "not yet" or "still" for a
+   * task that is changing state, which the caller cannot tell from a read a moment earlier. */
+  for (uint32_t i = 0; i < m->seg->nslots; i++) {
+    gf_slot *slot = &m->seg->slots[i];
+    uint32_t state = atomic_load_explicit(&slot->state, memory_order_relaxed);
+    if ((state == GF_SLOT_READY || state == GF_SLOT_EXITING) &&
+        atomic_load_explicit(&slot->current_task, memory_order_relaxed) == task_id)
+      return 1;
+  }
+  return 0;
+}
+
 static int gf_any_response(gf_manager *m) {
   for (uint32_t i = 0; i < m->seg->nslots; i++)
     if (!gf_ring_empty(gf_slot_responses(m->seg, i)))

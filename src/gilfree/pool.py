@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures._base import FINISHED, PENDING
+from concurrent.futures._base import FINISHED, PENDING, RUNNING
 
 from . import _engine
 from ._executor import PoolBase, is_ctrl_c, with_remote_traceback
@@ -64,6 +64,7 @@ class _Future(concurrent.futures.Future):
     _lazy_condition = None
     _lazy_waiters = None
     _lazy_callbacks = None
+    _started = False  # a worker was seen running it
 
     def __init__(self, pool_ref, task_id):
         self._state = PENDING
@@ -145,6 +146,16 @@ class _Future(concurrent.futures.Future):
         if self._state == FINISHED or self._helped():
             return self._exception
         return _wait_interruptibly(self, super().exception, timeout)
+
+    def running(self):
+        """True once a worker has started the task, until it is done (such a task can no longer
+        be cancelled). The state stays PENDING: completion sets it without the condition."""
+        if self._state == PENDING and not self._started:
+            pool = self._pool_ref()
+            engine = None if pool is None else pool._engine
+            if engine is not None and engine.running(self._task_id):
+                self._started = True
+        return self._state == RUNNING or (self._state == PENDING and self._started)
 
     def cancel(self):
         pool = self._pool_ref()

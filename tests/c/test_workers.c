@@ -68,8 +68,12 @@ GF_TEST(manager_dispatch_result_and_crash_recovery) {
   GF_CHECK_EQ(gf_manager_queued(&m), 2);
 
   GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(gf_manager_running(&m, 1), 0);
   GF_CHECK_EQ(take(&w), 1);
+  GF_CHECK_EQ(gf_manager_running(&m, 1), 1);
+  GF_CHECK_EQ(gf_manager_running(&m, 2), 0);
   GF_CHECK_EQ(reply(&w, 1), 0);
+  GF_CHECK_EQ(gf_manager_running(&m, 1), 0);
   GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000000), 1);
   GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
   GF_CHECK_EQ(s.results, 1);
@@ -84,6 +88,7 @@ GF_TEST(manager_dispatch_result_and_crash_recovery) {
   GF_CHECK_EQ(s.deaths, 1);
   GF_CHECK_EQ(s.died_task, 2);
   GF_CHECK_EQ(s.timed_out, 0);
+  GF_CHECK_EQ(gf_manager_running(&m, 2), 0); /* a dead worker runs nothing */
   GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
   GF_CHECK_EQ(ctl.kind, GF_CTL_SPAWN); /* a replacement was asked for */
 
@@ -140,8 +145,12 @@ GF_TEST(manager_forgotten_in_a_forked_child_keeps_working_in_the_parent) {
   GF_CHECK_EQ(errno, EAGAIN);
   GF_CHECK_EQ(submit(&m, 1), 0);
   GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(gf_manager_running(&m, 1), 0);
   GF_CHECK_EQ(take(&w), 1);
+  GF_CHECK_EQ(gf_manager_running(&m, 1), 1);
+  GF_CHECK_EQ(gf_manager_running(&m, 2), 0);
   GF_CHECK_EQ(reply(&w, 1), 0);
+  GF_CHECK_EQ(gf_manager_running(&m, 1), 0);
   GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000000), 1);
   GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
   GF_CHECK_EQ(s.last_task, 1);

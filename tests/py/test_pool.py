@@ -216,6 +216,21 @@ def test_cancel_queued_tasks():
                 assert fut.result() is not None
 
 
+def test_running_reports_a_started_task_which_can_no_longer_be_cancelled():
+    with gilfree.Pool(1) as pool:
+        started = pool.submit(f.sleep_then, 1.0, "done")
+        queued = pool.submit(f.square, 3)
+        deadline = time.monotonic() + 10
+        while not started.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started.running() and not started.done()
+        assert not queued.running()
+        assert not started.cancel()
+        assert started.result() == "done"
+        assert not started.running() and started.done()
+        assert queued.result() == 9
+
+
 def test_shutdown_cancel_futures():
     pool = gilfree.Pool(1)
     pool.submit(f.sleep_then, 0.3)

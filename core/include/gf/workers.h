@@ -211,6 +211,8 @@ void gf_manager_stop(gf_manager *m);
 int gf_manager_alloc(gf_manager *m, uint64_t len, uint64_t *off);
 /* Number of tasks queued in the parent (not yet in a worker's ring). */
 uint64_t gf_manager_queued(gf_manager *m);
+/* 1 when a live worker has started task_id and not finished it, else 0. */
+int gf_manager_running(gf_manager *m, uint64_t task_id);
 /* Closes the control socket (the template then kills the workers and exits), kills the
  * template if it lingers past timeout_ns, reaps it, and frees everything. */
 void gf_manager_close(gf_manager *m, int64_t timeout_ns);

@@ -839,6 +839,14 @@ static PyObject *Engine_cancel(EngineObject *self, PyObject *arg) {
   return PyBool_FromLong(gf_manager_cancel(&self->m, task_id) == 0);
 }
 
+/* running(task_id) -> bool: True while a worker runs the task. */
+static PyObject *Engine_running(EngineObject *self, PyObject *arg) {
+  unsigned long long task_id = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred() || engine_check(self) < 0)
+    return NULL;
+  return PyBool_FromLong(gf_manager_running(&self->m, task_id));
+}
+
 /* export(obj) -> (block, at, len, flags); the tuple owns a block reference until sent. */
 static PyObject *Engine_export(EngineObject *self, PyObject *obj) {
   if (engine_check(self) < 0)
@@ -1062,6 +1070,7 @@ static PyMethodDef Engine_methods[] = {
     {"spawn", (PyCFunction)Engine_spawn, METH_O, NULL},
     {"submit", (PyCFunction)(void (*)(void))Engine_submit, METH_FASTCALL, NULL},
     {"cancel", (PyCFunction)Engine_cancel, METH_O, NULL},
+    {"running", (PyCFunction)Engine_running, METH_O, NULL},
     {"export", (PyCFunction)Engine_export, METH_O, NULL},
     {"view", (PyCFunction)(void (*)(void))Engine_view, METH_FASTCALL, NULL},
     {"addref", (PyCFunction)owner_addref, METH_O, NULL},
