@@ -55,6 +55,8 @@
 #define GF_SLICE_SLACK_NS 1000ul
 /* trylock rounds (16 pauses each, about 10 us in all) before sleeping on the GIL's mutex. */
 #define GF_RELOCK_TRIES 256
+/* Ended records a self-reaping walk waits for, at least (see gf_gilhook_self_reap). */
+#define GF_REAP_BATCH 64
 
 /* Relaxed atomics for fields one thread writes and others read (tearing-free snapshots come
  * from the per-record seqlock). */
@@ -70,8 +72,9 @@ struct gf_chunk { /* 16 bytes, then the events */
 };
 
 struct gf_thread {
-  /* Threads push their record at the head of the list (CAS); only the reaper unlinks, and it is
-   * serialized with every reader, so readers need no lock. */
+  /* Threads push their record at the head of the list (CAS); only a reaper unlinks, and it is
+   * serialized with every reader (it holds the GIL, as they do, and frees nothing while a walk
+   * gave the GIL up: gf.walking), so readers need no lock. */
   struct gf_thread *next;
   uint32_t id;  /* set before the record is published, then constant */
   uint32_t tid;
@@ -152,8 +155,20 @@ static struct {
   unsigned trace_session;
   size_t budget;
   uint32_t next_id; /* atomic: records are created by their own threads */
-  /* Counts of the records reaped so far; only the (serialized) reaper and totals touch them. */
+  /* Counts of the records reaped so far; only the (serialized) reapers and totals touch them. */
   struct gf_gilhook_totals retired;
+  /* Records of ended threads not freed yet: added by the ending threads before they set done,
+   * subtracted by the reapers once they saw done, so it never goes below zero; atomic. */
+  size_t ended;
+  /* Set by the (serialized) caller, read by the hooks: atomic. */
+  int self_reap;
+  /* The self-reap walks once `ended` reaches it; written by the (serialized) reapers, read by
+   * the hooks: atomic. */
+  size_t reap_at;
+  /* Walks over the records (foreach_thread, reap) in progress: their callbacks may give the GIL
+   * up (a Python finalizer), letting a reaper in mid-walk, so reapers free nothing while it is
+   * nonzero. Changed by readers holding the GIL, read by reapers holding it: atomic. */
+  int walking;
   size_t used;      /* atomic: chunk bytes, added by their owners, subtracted by the drainer */
   uint64_t dropped; /* atomic */
   int priority_threads;                  /* threads with a nonzero priority; atomic */
@@ -168,7 +183,7 @@ static struct {
   int nsaved;
   pthread_key_t key;
   pthread_once_t once;
-} gf = {.cond_clock = -1, .once = PTHREAD_ONCE_INIT};
+} gf = {.cond_clock = -1, .reap_at = GF_REAP_BATCH, .once = PTHREAD_ONCE_INIT};
 
 static __thread struct gf_thread *gf_self;
 /* gf_self of a thread whose record was closed at exit: its last hooked calls are not counted. */
@@ -306,6 +321,7 @@ static void gf_thread_exit(void *arg) {
   if (__atomic_exchange_n(&t->priority, 0, __ATOMIC_RELAXED) != 0)
     __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
   gf_self = &gf_exited;
+  __atomic_add_fetch(&gf.ended, 1, __ATOMIC_RELAXED);
   __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
 }
 
@@ -326,6 +342,10 @@ static void gf_after_fork_in_child(void) {
   gf.last_holder_id = gf.last_holder_tid = 0;
   gf.asked_by_priority = 0;
   gf.retired = (struct gf_gilhook_totals){0};
+  /* walking stays: a walk of the forking thread goes on in the child (one of a thread gone
+   * keeps the reapers off: a leak, never a use after free). */
+  gf.ended = 0;
+  gf.reap_at = GF_REAP_BATCH;
   gf.used = 0;
   gf.dropped = 0;
   gf.priority_threads = 0;
@@ -725,6 +745,15 @@ static void gf_end_wait_without_gil(struct gf_thread *t) {
   gf_emit_at(t, GF_GIL_ABORT, now);
 }
 
+/* Called by a thread that has just taken the GIL (serialized with the readers and the other
+ * reapers, which hold it too): frees the ended records once enough have piled up. */
+static void gf_self_reap_if_due(void) {
+  if (__atomic_load_n(&gf.self_reap, __ATOMIC_RELAXED) &&
+      __atomic_load_n(&gf.ended, __ATOMIC_RELAXED) >=
+          __atomic_load_n(&gf.reap_at, __ATOMIC_RELAXED))
+    gf_gilhook_reap(NULL, NULL);
+}
+
 static int gf_hook_mutex_unlock(pthread_mutex_t *mutex) {
   if (mutex == gf.targets.switch_mutex) {
     struct gf_thread *t = gf_thread_self();
@@ -735,8 +764,13 @@ static int gf_hook_mutex_unlock(pthread_mutex_t *mutex) {
     }
   } else if (mutex == gf.targets.mutex) {
     struct gf_thread *t = gf_thread_self();
-    if (t != NULL && t->state == GF_GIL_WANT)
+    if (t != NULL && t->state == GF_GIL_WANT) {
       gf_end_wait_without_gil(t);
+    } else if (t != NULL && t->state == GF_GIL_HELD) { /* take_gil's end: it holds the GIL */
+      int rc = gf.mutex_unlock(mutex);
+      gf_self_reap_if_due(); /* after the unlock: waiters need not wait on the mutex meanwhile */
+      return rc;
+    }
   }
   return gf.mutex_unlock(mutex);
 }
@@ -974,12 +1008,14 @@ static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, 
 void gf_gilhook_foreach_thread(uint64_t now,
                                int (*fn)(const struct gf_gilhook_thread_stats *, void *),
                                void *arg) {
+  __atomic_add_fetch(&gf.walking, 1, __ATOMIC_RELAXED);
   for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = t->next) {
     struct gf_gilhook_thread_stats s;
     gf_snapshot(t, &s, now);
     if (fn(&s, arg))
-      return;
+      break;
   }
+  __atomic_sub_fetch(&gf.walking, 1, __ATOMIC_RELAXED);
 }
 
 void gf_gilhook_tracing(int delta, size_t budget_bytes) {
@@ -1024,10 +1060,14 @@ size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap) {
   return n;
 }
 
-/* Whether the reaper may free t: its owner has ended, and its events were drained or nobody
- * records events any more (tracing off: they are discarded). */
+/* Whether a reaper may free t: its owner has ended, and its events were drained or nobody
+ * records events any more (tracing off: they are discarded). The holder's record stays, as
+ * waiters read its priority: it is the reaper's own (a reaper holds the GIL), unless a thread
+ * ended holding the GIL and its release went unseen. gf.holder changes only as the GIL changes
+ * hands or in install/uninstall, serialized with the reaper: the read races with no write. */
 static int gf_reapable(struct gf_thread *t, int tracing) {
-  return __atomic_load_n(&t->done, __ATOMIC_ACQUIRE) && (!tracing || t->head == NULL);
+  return __atomic_load_n(&t->done, __ATOMIC_ACQUIRE) && (!tracing || t->head == NULL) &&
+         t != GF_LOAD(gf.holder);
 }
 
 static void gf_add_counts(struct gf_gilhook_totals *sum, const struct gf_gilhook_thread_stats *s) {
@@ -1057,27 +1097,42 @@ static void gf_unlink(struct gf_thread *prev, struct gf_thread *t) {
 }
 
 size_t gf_gilhook_reap(int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg) {
+  if (__atomic_load_n(&gf.walking, __ATOMIC_RELAXED) != 0)
+    return 0; /* a walk gave the GIL up in its callback, and is still on the records */
+  __atomic_add_fetch(&gf.walking, 1, __ATOMIC_RELAXED);
   int tracing = __atomic_load_n(&gf.tracing, __ATOMIC_RELAXED);
-  size_t n = 0;
+  size_t n = 0, left = 0;
   struct gf_thread *prev = NULL, *next;
   for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = next) {
     next = t->next;
     if (!gf_reapable(t, tracing)) {
       prev = t;
+      left++;
       continue;
     }
     struct gf_gilhook_thread_stats s;
     gf_snapshot(t, &s, 0); /* an ended thread has no interval in progress */
     if (fn != NULL && fn(&s, arg))
       break;
+    if (__atomic_load_n(&gf.walking, __ATOMIC_RELAXED) != 1)
+      break; /* fn gave the GIL up and another walk began meanwhile: t stays listed */
     gf_unlink(prev, t);
     gf_add_counts(&gf.retired, &s);
     gf_free_chunks(t->drain_chunk != NULL ? t->drain_chunk : t->head);
     free(t);
+    __atomic_sub_fetch(&gf.ended, 1, __ATOMIC_RELAXED);
     n++;
   }
+  /* The next self-reap waits for as many more ended threads as this walk left records: a walk
+   * costs O(1) per record it frees. */
+  size_t wait = left > GF_REAP_BATCH ? left : GF_REAP_BATCH;
+  __atomic_store_n(&gf.reap_at, __atomic_load_n(&gf.ended, __ATOMIC_RELAXED) + wait,
+                   __ATOMIC_RELAXED);
+  __atomic_sub_fetch(&gf.walking, 1, __ATOMIC_RELAXED);
   return n;
 }
+
+void gf_gilhook_self_reap(int on) { __atomic_store_n(&gf.self_reap, on, __ATOMIC_RELAXED); }
 
 void gf_gilhook_totals(uint64_t now, struct gf_gilhook_totals *out) {
   *out = gf.retired;

@@ -255,7 +255,7 @@ class Monitor:
         self._names = {}  # record id -> thread name
         global _profile_before
         with _lock:
-            hook.acquire(self._trace, self._budget)
+            hook.acquire(self._trace, self._budget, True)  # keep: ended threads' rows until reaped
             self._dropped0 = hook.dropped()
             _sync(hook)  # what came before belongs to earlier monitors
             self._t0, rows = hook.threads()
@@ -294,7 +294,7 @@ class Monitor:
             if self._trace:
                 _active.remove(self)
             self._dropped = hook.dropped() - self._dropped0 + self._refused
-            hook.release(self._trace)
+            hook.release(self._trace, True)
         self._inside = False
         # Threads reaped during the window, with their rows at its end where still listed then.
         self._end = {**self._reaped, **{row[_ID]: row for row in rows}}
@@ -529,7 +529,7 @@ def _after_fork_in_child():
         threading.setprofile(_profile_before)
     for m in _open:
         m._forked, m._inside = True, False
-        m._hook.release(m._trace)
+        m._hook.release(m._trace, True)
     _open.clear()
     _active.clear()
 
@@ -677,7 +677,7 @@ def counters():
     hook = _hook()
     with _lock:
         if not _counting:
-            hook.acquire(False, 0)
+            hook.acquire(False, 0, False)
             _counting = True
         _sync(hook)  # ended threads' records are folded into the totals
         live, held, wait, acquisitions, waits, switches, _, requests = hook.totals()
@@ -697,6 +697,6 @@ def stop():
     global _counting
     with _lock:
         if _counting:
-            _hook().release(False)
+            _hook().release(False, False)
             _counting = False
 

@@ -35,7 +35,7 @@ def set(level):  # noqa: A001 - the name the issue fixes (Beazley's sys.setprior
     hook = _hook()
     with _lock:
         if level != 0 and not _installed:
-            hook.acquire(False, 0)
+            hook.acquire(False, 0, False)
             _installed = True
     hook.set_priority(level)
 
@@ -76,5 +76,5 @@ def uninstall():
             return
         hook = _hook()
         hook.reset_priorities()
-        hook.release(False)
+        hook.release(False, False)
         _installed = False

@@ -671,14 +671,15 @@ GF_TEST(gilhook_a_forked_child_keeps_only_its_own_thread) {
 
 struct churner {
   int stop; /* atomic */
+  int priority; /* of its short threads */
   pthread_t thread;
 };
 
-/* Starts short threads that take the fixture GIL once and end, until told to stop. */
+/* Starts short threads that take the fixture GIL twice and end, until told to stop. */
 static void *churner_main(void *arg) {
   struct churner *c = arg;
   while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
-    struct worker w = {.rounds = 2};
+    struct worker w = {.rounds = 2, .priority = c->priority};
     pthread_create(&w.thread, NULL, worker_main, &w);
     pthread_join(w.thread, NULL);
   }
@@ -720,4 +721,108 @@ GF_TEST(gilhook_reaps_while_threads_come_and_go) {
   fx.drop(&self);
   GF_CHECK(reaped > 30);
   GF_CHECK_EQ(ended, 0);
+}
+
+/* Runs n short threads one after another, each taking the fixture GIL twice at `priority`. */
+static void short_threads(int n, int priority) {
+  for (int i = 0; i < n; i++) {
+    struct worker w = {.rounds = 2, .priority = priority};
+    pthread_create(&w.thread, NULL, worker_main, &w);
+    pthread_join(w.thread, NULL);
+  }
+}
+
+/* Ended records left, counted holding the fixture GIL (self-reaping readers must hold it). */
+static int ended_records(void *self) {
+  int ended = 0;
+  fx.take(self);
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), count_ended, &ended);
+  fx.drop(self);
+  return ended;
+}
+
+GF_TEST(gilhook_self_reaping_frees_ended_threads_records_without_a_reader) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  struct gf_gilhook_totals before, after;
+  gf_gilhook_totals(gf_gilhook_now_ns(), &before);
+  fx.drop(&self);
+  short_threads(200, 1); /* off: the records wait for a reaper */
+  int kept = ended_records(&self);
+  gf_gilhook_self_reap(1);
+  short_threads(300, 1); /* they end holding a priority */
+  int left = ended_records(&self);
+  fx.take(&self);
+  gf_gilhook_totals(gf_gilhook_now_ns(), &after);
+  gf_gilhook_self_reap(0);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  GF_CHECK(kept >= 200);
+  GF_CHECK(left <= 64);
+  GF_CHECK(after.acquisitions >= before.acquisitions + 2 * 500); /* freed, still counted */
+}
+
+struct paused_walk {
+  void *self;
+  int paused, ended; /* ended records once the threads had come and gone */
+};
+
+/* At the first ended record, gives the fixture GIL up while enough threads end and take it to
+ * make a self-reap due: the walk goes on from that record afterwards. */
+static int pause_in_walk(const struct gf_gilhook_thread_stats *s, void *arg) {
+  struct paused_walk *w = arg;
+  if (s->exit_ns != 0 && !w->paused) {
+    w->paused = 1;
+    fx.drop(w->self);
+    short_threads(200, -1);
+    fx.take(w->self);
+    gf_gilhook_foreach_thread(gf_gilhook_now_ns(), count_ended, &w->ended);
+  }
+  return 0;
+}
+
+GF_TEST(gilhook_self_reaping_frees_nothing_under_a_walk_that_gave_the_gil_up) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  gf_gilhook_self_reap(1);
+  short_threads(1, 0); /* an ended record for the walk to stop at */
+  struct paused_walk w = {.self = &self};
+  fx.take(&self);
+  gf_gilhook_foreach_thread(gf_gilhook_now_ns(), pause_in_walk, &w);
+  fx.drop(&self);
+  short_threads(1, 0); /* the walk is over: the next take of the GIL reaps */
+  int after = ended_records(&self);
+  fx.take(&self);
+  gf_gilhook_self_reap(0);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  GF_CHECK_EQ(w.paused, 1);
+  GF_CHECK(w.ended >= 200);
+  GF_CHECK(after <= 64);
+}
+
+GF_TEST(gilhook_self_reaps_while_threads_of_every_priority_come_and_go) {
+  GF_CHECK(fx_load() == 0);
+  int self;
+  GF_CHECK_EQ(install_holding(&self), 0);
+  fx.drop(&self);
+  gf_gilhook_self_reap(1);
+  /* Urgent waiters compare themselves with background holders whose records are reaped. */
+  struct churner churners[3] = {{.priority = -1}, {.priority = 0}, {.priority = 2}};
+  for (int i = 0; i < 3; i++)
+    pthread_create(&churners[i].thread, NULL, churner_main, &churners[i]);
+  usleep(300000);
+  for (int i = 0; i < 3; i++) {
+    __atomic_store_n(&churners[i].stop, 1, __ATOMIC_RELEASE);
+    pthread_join(churners[i].thread, NULL);
+  }
+  int ended = ended_records(&self);
+  fx.take(&self);
+  gf_gilhook_self_reap(0);
+  GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
+  fx.drop(&self);
+  GF_CHECK(ended <= 64);
 }

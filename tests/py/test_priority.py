@@ -334,3 +334,55 @@ def test_hook_users_start_and_stop_from_two_threads_at_once():
     assert errors == []
     assert not _gilhook.installed()
 
+
+def assert_few_ended_records():
+    """The hooks free ended threads' records in batches: at most two batches are left (a batch
+    is 64 records, or as many as there are threads alive)."""
+    _, rows = _gilhook.threads()
+    ended = sum(1 for row in rows if row[gil._EXIT])
+    assert ended <= 2 * max(64, len(rows) - ended), (ended, len(rows))
+
+
+def short_threads(count, name="short"):
+    """Starts count threads one after another: a third set a priority (and end holding it), a
+    third run in background(), a third do neither."""
+
+    def short(i):
+        if i % 3 == 0:
+            priority.set(1)
+        elif i % 3 == 1:
+            with priority.background():
+                pass
+
+    for i in range(count):
+        t = threading.Thread(target=short, args=(i,), name=f"{name}-{i}")
+        t.start()
+        t.join()
+
+
+def test_records_of_ended_threads_go_with_priorities_alone():
+    # A thread per request: its GIL hook record must not outlive it by more than a batch.
+    priority.set(-1)  # hooks in, no monitor nor counters()
+    priority.set(0)
+    short_threads(1000)
+    assert_few_ended_records()
+
+    # A monitor still gets every thread that ended in its window, and counters() its counts.
+    before = gil.counters()["acquisitions"]
+    with gil.monitor(trace=False) as m:
+        short_threads(300)
+    after = gil.counters()["acquisitions"]
+    gil.stop()
+    assert len([t for t in m.report().threads if t.name.startswith("short-")]) == 300
+    assert after - before >= 300
+    short_threads(1000)  # priorities alone again
+    assert_few_ended_records()
+
+
+def test_records_of_ended_threads_go_once_a_monitor_before_priorities_ends():
+    with gil.monitor(trace=False) as m:
+        priority.set(-1)
+        short_threads(300)
+    assert len([t for t in m.report().threads if t.name.startswith("short-")]) == 300
+    short_threads(1000)
+    assert_few_ended_records()

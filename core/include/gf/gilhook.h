@@ -7,6 +7,8 @@
  * events in its own chunk list). Everything else - install, uninstall, the tracing switch and
  * the readers (foreach_thread, totals, drain, reap, reset_priorities) - may run on any thread
  * but must be serialized by the caller (the binding holds the GIL): the reaper frees records.
+ * With self-reaping on, the hooks reap too, in a thread that has just taken the hooked GIL:
+ * the caller must then hold that GIL in all of these (their callbacks may give it up).
  * All functions return 0 or a negative errno unless stated. */
 #ifndef GF_GILHOOK_H
 #define GF_GILHOOK_H
@@ -95,8 +97,14 @@ void gf_gilhook_foreach_thread(uint64_t now_ns,
 /* Frees the records of threads that have ended and whose events were drained (all of them
  * while tracing is off: their undrained events are discarded), after passing each one's final
  * stats to fn (unless fn is NULL; a nonzero return stops before that record). Their counts stay
- * in gf_gilhook_totals. Returns how many were freed. */
+ * in gf_gilhook_totals. Returns how many were freed: none while a walk (foreach_thread, reap)
+ * is in progress, whose callback gave the GIL up. */
 size_t gf_gilhook_reap(int (*fn)(const struct gf_gilhook_thread_stats *, void *), void *arg);
+/* While on (off at first), a thread that has just taken the GIL reaps as gf_gilhook_reap(NULL,
+ * NULL) once as many threads have ended since the last reap as it left records (64 at least):
+ * records of ended threads do not pile up while nobody calls reap. For callers that need no
+ * final stats of ended threads. */
+void gf_gilhook_self_reap(int on);
 void gf_gilhook_totals(uint64_t now_ns, struct gf_gilhook_totals *out);
 
 /* Events are recorded while tracing > 0, within `budget_bytes` of chunks; beyond it they are

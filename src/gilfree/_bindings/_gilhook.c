@@ -1,6 +1,7 @@
 /* gilfree._gilhook: finds and self-checks the GIL of this interpreter, then drives the
  * gf_gilhook core (GOT hooks of the GIL's pthread calls). Used by gilfree.gil and
- * gilfree.priority; every function runs with the GIL held, which serializes draining.
+ * gilfree.priority; every function runs with the GIL held, which serializes draining and
+ * reaping (the hooks reap holding it too).
  * Installing gives the GIL up (the self-check and its proof switch threads), so install,
  * uninstall and the user counts take the module's users_lock too. */
 #define PY_SSIZE_T_CLEAN
@@ -28,6 +29,7 @@ typedef struct {
   PyObject *unsupported; /* gilfree.UnsupportedInterpreter (strong reference) */
   int users;             /* acquire() calls not yet released; under users_lock */
   int tracers;           /* of which asked for events; under users_lock */
+  int keepers;           /* of which need ended threads' final rows from reap(); under users_lock */
   PyThread_type_lock users_lock;
 } gilhook_state;
 
@@ -234,19 +236,28 @@ static void lock_users(gilhook_state *st) {
   Py_END_ALLOW_THREADS
 }
 
-PyDoc_STRVAR(acquire_doc, "acquire(trace, budget_bytes)\n--\n\nAdds a user of the hooks "
-                          "(installing them on the first); with trace, events are recorded.");
+PyDoc_STRVAR(acquire_doc, "acquire(trace, budget_bytes, keep)\n--\n\nAdds a user of the hooks "
+                          "(installing them on the first); with trace, events are recorded. "
+                          "While no user keeps, the hooks free ended threads' records themselves; "
+                          "with keep, they stay until reap().");
+
+/* The hooks reap by themselves while no user wants the final rows reap() gives. Called under
+ * users_lock, holding the GIL. */
+static void update_self_reap(gilhook_state *st) { gf_gilhook_self_reap(st->keepers == 0); }
 
 /* Borrows args. Returns a new reference (None), or NULL with an exception set. */
 static PyObject *gilhook_acquire(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
   gilhook_state *st = get_state(module);
-  if (nargs != 2) {
-    PyErr_SetString(PyExc_TypeError, "acquire(trace, budget_bytes)");
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "acquire(trace, budget_bytes, keep)");
     return NULL;
   }
   int trace = PyObject_IsTrue(args[0]);
   Py_ssize_t budget = PyLong_AsSsize_t(args[1]);
   if (trace < 0 || (budget == -1 && PyErr_Occurred()))
+    return NULL;
+  int keep = PyObject_IsTrue(args[2]);
+  if (keep < 0)
     return NULL;
   lock_users(st);
   if (st->users == 0 && install(st) < 0) {
@@ -254,6 +265,8 @@ static PyObject *gilhook_acquire(PyObject *module, PyObject *const *args, Py_ssi
     return NULL;
   }
   st->users++;
+  st->keepers += keep;
+  update_self_reap(st);
   if (trace) {
     st->tracers++;
     gf_gilhook_tracing(1, budget > 0 ? (size_t)budget : GF_TRACE_BUDGET_DEFAULT);
@@ -262,22 +275,25 @@ static PyObject *gilhook_acquire(PyObject *module, PyObject *const *args, Py_ssi
   Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(release_doc, "release(trace)\n--\n\nRemoves a user; the last one uninstalls the "
-                          "hooks and restores the GOT.");
+PyDoc_STRVAR(release_doc, "release(trace, keep)\n--\n\nRemoves a user (as acquired); the last "
+                          "one uninstalls the hooks and restores the GOT.");
 
 /* Borrows args. Returns a new reference (None), or NULL with an exception set. */
 static PyObject *gilhook_release(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
   gilhook_state *st = get_state(module);
-  if (nargs != 1) {
-    PyErr_SetString(PyExc_TypeError, "release(trace)");
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "release(trace, keep)");
     return NULL;
   }
   int trace = PyObject_IsTrue(args[0]);
   if (trace < 0)
     return NULL;
+  int keep = PyObject_IsTrue(args[1]);
+  if (keep < 0)
+    return NULL;
   lock_users(st);
   int rc = 0;
-  if (st->users == 0 || (trace && st->tracers == 0)) {
+  if (st->users == 0 || (trace && st->tracers == 0) || (keep && st->keepers == 0)) {
     PyThread_release_lock(st->users_lock);
     PyErr_SetString(PyExc_RuntimeError, "release() without acquire()");
     return NULL;
@@ -286,6 +302,8 @@ static PyObject *gilhook_release(PyObject *module, PyObject *const *args, Py_ssi
     st->tracers--;
     gf_gilhook_tracing(-1, GF_TRACE_BUDGET_DEFAULT);
   }
+  st->keepers -= keep;
+  update_self_reap(st);
   if (--st->users == 0)
     rc = gf_gilhook_uninstall();
   PyThread_release_lock(st->users_lock);
