@@ -12,8 +12,12 @@ import html
 import json
 import os
 import re
+import resource
+import site
 import struct
 import sys
+import sysconfig
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +79,14 @@ class ThreadReport:
         return self.held_s + self.wait_s + self.parallel_s
 
 
+def _available_cores():
+    """The cores this process may run on (its affinity), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @dataclass
 class Report:
     wall_s: float
@@ -89,24 +101,54 @@ class Report:
     notes: list = field(default_factory=list)
     verdict: str = ""
     lost_after_s: float = None  # the earliest time a thread's timeline events were lost from
+    process_cpu_s: float = None  # the process's CPU time in the window (None: the threads' sum)
+    cores: int = field(default_factory=_available_cores)
+    other_load_cores: float = None  # the machine's busy cores beyond this process and its children
+    children_cpu_s: float = 0.0  # CPU time of child processes (and theirs) in the window
+    sampler_held_s: float = 0.0  # gilfree's own sampler thread held the GIL this long
+
+    @property
+    def cpu_s(self):
+        return sum(t.cpu_s for t in self.threads) if self.process_cpu_s is None else self.process_cpu_s
+
+    @property
+    def max_speedup(self):
+        """At most how much faster processes (no GIL) could run the window on this machine: its
+        CPU time spread over all the cores the process may use (at most as many times faster as it
+        may use cores)."""
+        cores = max(1, self.cores)
+        return max(1.0, min(cores, cores * (self.wall_s or 1e-9) / max(self.cpu_s, 1e-9)))
+
+    @property
+    def gil_wait_share(self):
+        """The longest time a thread waited for the GIL (less what it may have waited for
+        gilfree's sampler), as a share of the wall time: what processes could win back of it.
+        Under one switch interval in all it is a hand-over (a short run's start), not contention."""
+        longest = max((t.wait_s - self.sampler_held_s for t in self.threads), default=0.0)
+        return longest / (self.wall_s or 1e-9) if longest >= self.interval_s else 0.0
 
     def to_dict(self):
         d = asdict(self)
         d["threads"] = [asdict(t) for t in self.threads]
+        d.update(cpu_s=self.cpu_s, max_speedup=self.max_speedup, gil_wait_share=self.gil_wait_share)
         return d
 
     def __str__(self):
+        ranked = _ranked(self.threads)
+        shown = ranked[:TOP_THREADS]
+        width = max([len("thread")] + [len(t.name) + (t.lost_after_s is not None) for t in shown])
+        width = min(width, NAME_WIDTH)
         lines = [
             f"GIL report: wall {self.wall_s:.3f} s, GIL held {self.held_fraction:.1%}, "
             f"{self.switches} switches, {self.forced_switches} forced (drop requests)",
-            f"{'thread':<24} {'tid':>8} {'held s':>8} {'wait s':>8} {'free s':>8} {'waits':>7} "
+            self.usage(),
+            f"{'thread':<{width}} {'tid':>8} {'held s':>8} {'wait s':>8} {'free s':>8} {'cpu s':>8} {'waits':>7} "
             f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
         ]
-        ranked = _ranked(self.threads)
-        for t in ranked[:TOP_THREADS]:
-            name = t.name[:23] + "*" if t.lost_after_s is not None else t.name[:24]
+        for t in shown:
+            name = _elide(t.name, width - 1) + "*" if t.lost_after_s is not None else _elide(t.name, width)
             lines.append(
-                f"{name:<24} {t.tid:>8} {t.held_s:>8.3f} {t.wait_s:>8.3f} {t.free_s:>8.3f} "
+                f"{name:<{width}} {t.tid:>8} {t.held_s:>8.3f} {t.wait_s:>8.3f} {t.free_s:>8.3f} {t.cpu_s:>8.3f} "
                 f"{t.waits:>7} {t.wait_p50_s * 1e3:>8.2f} {t.wait_p99_s * 1e3:>8.2f} {t.wait_max_s * 1e3:>8.2f}"
             )
         if len(ranked) > TOP_THREADS:
@@ -115,6 +157,9 @@ class Report:
                          f"waited {sum(t.wait_s for t in rest):.3f} s; all in Report.threads)")
         if self.top_functions:
             lines.append(f"held the GIL most ({self.samples} samples): " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
+        if self.sampler_held_s:
+            lines.append(f"(gilfree's sampler thread, not listed, held the GIL {self.sampler_held_s * 1e3:.1f} ms: "
+                         f"the threads' waits include up to that much waiting for it)")
         if self.dropped_events:
             lines.append(
                 f"({self.dropped_events} timeline events dropped: memory budget reached"
@@ -125,6 +170,30 @@ class Report:
         lines.extend(f"note: {note}" for note in self.notes)
         lines.append("verdict: " + self.verdict)
         return "\n".join(lines)
+
+    def usage(self):
+        """The line on cores: what the process used of those it may use, its children, the
+        rest of the machine (which a verdict's numbers depend on)."""
+        used = self.cpu_s / (self.wall_s or 1e-9)
+        line = (f"process used {used:.2f} of {self.cores} core{'s' if self.cores != 1 else ''} "
+                f"(CPU {self.cpu_s:.3f} s over {self.wall_s:.3f} s wall)")
+        if self.children_cpu_s >= 0.001:
+            line += (f"; child processes: CPU {self.children_cpu_s:.3f} s "
+                     f"({self.children_cpu_s / (self.wall_s or 1e-9):.2f} cores)")
+        if self.other_load_cores is not None:
+            line += f"; machine: other work used ~{self.other_load_cores:.1f} cores"
+        return line
+
+
+NAME_WIDTH = 40  # the table's thread column at most; longer names lose their middle
+
+
+def _elide(name, width):
+    """name, its middle replaced by '...' if longer than width (both ends tell threads apart)."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) // 2
+    return name[:head] + "..." + name[len(name) - (width - 3 - head):]
 
 
 def _live_records(rows):
@@ -170,8 +239,16 @@ def _record_name(*_):
     sys.setprofile(_profile_before)
 
 
+SAMPLER_PRIORITY = 8  # above any the program sets: the sampler takes the GIL from its holder at once
+
+
 class _Sampler(threading.Thread):
-    """Wakes at a low rate; whoever it had to take the GIL from was running: count its function."""
+    """Wakes at a low rate and takes the GIL; the thread it took it from was holding it: counts
+    where that thread is.
+
+    It waits at a high GIL priority, so the holder is asked to drop the GIL at once: a plain
+    waiter waits a switch interval, in which another thread (one that releases the GIL often,
+    into C code or I/O) may take it first and be sampled in the middle of a call without it."""
 
     def __init__(self, hook, rate_hz):
         super().__init__(name="gilfree-sampler", daemon=True)
@@ -182,6 +259,13 @@ class _Sampler(threading.Thread):
 
     def run(self):
         self.record = self._hook.record_id()
+        self._hook.set_priority(SAMPLER_PRIORITY)
+        try:
+            self._sample()
+        finally:
+            self._hook.set_priority(0)
+
+    def _sample(self):
         ids = {}
         while not self._stop_event.wait(self._period):
             holder = self._hook.took_from()
@@ -192,13 +276,108 @@ class _Sampler(threading.Thread):
             frame = sys._current_frames().get(ids.get(holder))
             if frame is None:
                 continue
-            code = frame.f_code
-            key = f"{getattr(code, 'co_qualname', code.co_name)} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+            key = _where(frame)
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def stop(self):
         self._stop_event.set()
         self.join()
+
+
+def _frame_name(frame):
+    code = frame.f_code
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({os.path.basename(code.co_filename)}:{frame.f_lineno})"
+
+
+def _where(frame):
+    """Where a thread is: its innermost frame, and when that is library code, the innermost
+    frame of the program's own code too ("own > library")."""
+    own = frame
+    while own is not None and not _is_own(own.f_code.co_filename):
+        own = own.f_back
+    if own is None or own is frame:
+        return _frame_name(frame)
+    return f"{_frame_name(own)} > {_frame_name(frame)}"
+
+
+_LIBRARY_DIRS = None
+_own_files = {}
+
+
+def _is_own(filename):
+    """Whether a code file is the program's own: not the standard library, not an installed
+    package (site-packages), not gilfree, not frozen."""
+    global _LIBRARY_DIRS
+    if filename not in _own_files:
+        if _LIBRARY_DIRS is None:
+            paths = sysconfig.get_paths()
+            dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+            dirs.update(site.getsitepackages() if hasattr(site, "getsitepackages") else ())
+            dirs.add(site.getusersitepackages())
+            dirs.add(os.path.dirname(os.__file__))
+            dirs.add(os.path.dirname(os.path.abspath(__file__)))
+            _LIBRARY_DIRS = tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
+        real = os.path.realpath(filename) if not filename.startswith("<") else filename
+        _own_files[filename] = not filename.startswith("<frozen") and not real.startswith(_LIBRARY_DIRS)
+    return _own_files[filename]
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_ticks():
+    """(busy, all) clock ticks of the machine's CPUs since boot (/proc/stat; idle and iowait are
+    not busy), None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _descendants_cpu():
+    """{pid: CPU s} of this process's live descendants (/proc), with their reaped children's
+    (gilfree.Pool's workers are its template's children, the template the program's)."""
+    children, cpu = {}, {}
+    try:
+        names = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return {}
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after the command, which may hold anything
+            children.setdefault(int(fields[1]), []).append(int(name))
+            cpu[int(name)] = sum(int(v) for v in fields[11:15]) / _CLOCK_TICKS  # utime stime cutime cstime
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            continue
+    found, todo = {}, list(children.get(os.getpid(), ()))
+    while todo:
+        pid = todo.pop()
+        found[pid] = cpu[pid]
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _usage():
+    """(reaped children's CPU s, live descendants' {pid: CPU s}, machine ticks)."""
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return reaped.ru_utime + reaped.ru_stime, _descendants_cpu(), _machine_ticks()
+
+
+def _usage_between(before, after, cpu, wall_s):
+    """(children's CPU s, other load in cores or None) between two _usage()s, given the
+    process's CPU time."""
+    # A descendant alive at the start and reaped since is in the reaped total whole.
+    children = (after[0] - before[0] + sum(c - before[1].get(pid, 0.0) for pid, c in after[1].items())
+                - sum(c for pid, c in before[1].items() if pid not in after[1]))
+    children = max(0.0, children)
+    other = None
+    if before[2] and after[2] and after[2][1] - before[2][1] >= 50:  # enough ticks to mean something
+        busy = (after[2][0] - before[2][0]) / (after[2][1] - before[2][1]) * (os.cpu_count() or 1)
+        other = max(0.0, busy - (cpu + children) / (wall_s or 1e-9))
+    return children, other
 
 
 # Draining and reaping run under _lock, with the monitors' windows opening and closing.
@@ -253,11 +432,13 @@ class Monitor:
         self._refused = 0
         self._reaped = {}
         self._names = {}  # record id -> thread name
+        self._usage0 = _usage()  # before the window: its CPU time is not the main thread's work
         global _profile_before
         with _lock:
             hook.acquire(self._trace, self._budget, True)  # keep: ended threads' rows until reaped
             self._dropped0 = hook.dropped()
             _sync(hook)  # what came before belongs to earlier monitors
+            self._cpu0 = time.process_time()
             self._t0, rows = hook.threads()
             self._complete_until = self._t0
             if not _open:
@@ -287,6 +468,7 @@ class Monitor:
             self._sampler.stop()
         with _lock:
             self._t1, rows = hook.threads()
+            self._cpu1 = time.process_time()
             _sync(hook)
             _open.remove(self)
             if not _open:
@@ -295,6 +477,7 @@ class Monitor:
                 _active.remove(self)
             self._dropped = hook.dropped() - self._dropped0 + self._refused
             hook.release(self._trace, True)
+        self._usage1 = _usage()
         self._inside = False
         # Threads reaped during the window, with their rows at its end where still listed then.
         self._end = {**self._reaped, **{row[_ID]: row for row in rows}}
@@ -354,12 +537,13 @@ class Monitor:
         for key, row in sorted(self._end.items(), key=lambda kv: -kv[1][_FIRST]):
             if key not in self._start and row[_TID] in self._unseen:
                 first_made[row[_TID]] = key
-        threads, self._keys, switches, forced, held_total = [], [], 0, 0, 0
+        threads, self._keys, switches, forced, held_total, sampler_held = [], [], 0, 0, 0, 0
         for key in set(self._end) | set(self._alive):
-            if key == sampler:
-                continue
             row = self._end.get(key)
             start = self._start.get(key)
+            if key == sampler:
+                sampler_held = row[_HELD] - (start[_HELD] if start else 0) if row else 0
+                continue
             if row is None:
                 row = (key, -key, self._t0, 0) + (0,) * 12
             if row[_FIRST] > self._t1 or (row[_EXIT] and row[_EXIT] < self._t0):
@@ -408,6 +592,8 @@ class Monitor:
         if self._sampler and self._sampler.counts:
             total = sum(self._sampler.counts.values())
             top = [(name, n / total) for name, n in sorted(self._sampler.counts.items(), key=lambda kv: -kv[1])[:3]]
+        cpu = self._cpu1 - self._cpu0
+        children, other = _usage_between(self._usage0, self._usage1, cpu, wall_ns / 1e9)
         report = Report(
             wall_s=wall_ns / 1e9,
             held_fraction=min(1.0, held_total / wall_ns),
@@ -420,6 +606,10 @@ class Monitor:
             samples=total,
             notes=_subinterpreter_notes(),
             lost_after_s=min((t.lost_after_s for t in threads if t.lost_after_s is not None), default=None),
+            process_cpu_s=cpu,
+            children_cpu_s=children,
+            other_load_cores=other,
+            sampler_held_s=sampler_held / 1e9,
         )
         report.verdict = verdict(report)
         return report
@@ -475,16 +665,19 @@ class Monitor:
     def write_svg(self, path, width=1200):
         """Draws the timeline Beazley-style: held green, waiting red, free grey, one row per thread
         (where a pixel holds several spans, its colour is the one that covers more, as opaque
-        as the thread was busy there)."""
+        as the thread was busy there). A row's free time is tinted blue by the share of it the
+        thread ran C code without the GIL (its CPU time says how much, not when); the verdict
+        is wrapped below."""
         if not self._trace:
             raise ValueError("this monitor was created with trace=False")
         report = self.report()
-        row, label, top = 22, 180, 30
+        row, label, top, line = 22, 180, 30, 16
         by_thread = dict(zip(map(id, report.threads), self._keys))
         ranked = _ranked(report.threads)
         rows = [(by_thread[id(t)], t) for t in ranked[:TOP_THREADS]]
         more = len(ranked) - len(rows)
-        height = top + row * (len(rows) + (more > 0)) + 40
+        verdict_lines = textwrap.wrap(report.verdict, (label + width) // 7) or [""]
+        height = top + row * (len(rows) + (more > 0)) + 24 + line * len(verdict_lines)
         scale = width / max(1, self._t1 - self._t0)
         colors = {self._hook.STATE_HELD: "#2ca02c", self._hook.STATE_WANT: "#d62728"}
         y_of = {key: top + i * row for i, (key, _) in enumerate(rows)}
@@ -492,12 +685,17 @@ class Monitor:
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{label + width + 10}" height="{height}" '
             f'font-family="sans-serif" font-size="12">',
             f'<text x="4" y="18">GIL timeline, {report.wall_s:.3f} s, held {report.held_fraction:.0%}: '
-            f'green held, red waiting, grey free</text>',
+            f'green held, red waiting, grey free (blocked, or tinted blue by the share of it running C code '
+            f'without the GIL)</text>',
         ]
         for key, t in rows:
             y = y_of[key]
-            out.append(f'<text x="4" y="{y + 14}">{_xml_text(t.name[:24])}</text>')
+            out.append(f'<text x="4" y="{y + 14}">{_xml_text(_elide(t.name, 28))}</text>')
             out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#cccccc"/>')
+            tint = min(1.0, t.parallel_s / t.free_s) if t.free_s > 0 else 0.0
+            if tint >= 0.05:
+                out.append(f'<rect x="{label}" y="{y}" width="{width}" height="{row - 4}" fill="#6baed6" '
+                           f'fill-opacity="{tint:.2f}"/>')
         if more:
             out.append(f'<text x="4" y="{top + row * len(rows) + 14}">... and {more} more threads</text>')
         for thread, state, start, stop, held, wait, _ in self._slices(max(1, (self._t1 - self._t0) // width)):
@@ -510,7 +708,8 @@ class Monitor:
         axis = top + row * (len(rows) + (more > 0)) + 12
         for i in range(6):
             out.append(f'<text x="{label + i * width // 5 - (20 if i == 5 else 0)}" y="{axis}">{report.wall_s * i / 5 * 1e3:.0f} ms</text>')
-        out.append(f'<text x="4" y="{height - 12}">{_xml_text(report.verdict[:200])}</text>')
+        for i, text in enumerate(verdict_lines):
+            out.append(f'<text x="4" y="{axis + 24 + i * line}">{_xml_text(text)}</text>')
         out.append("</svg>")
         with open(path, "w") as f:
             f.write("\n".join(out))
@@ -566,43 +765,67 @@ def _subinterpreter_notes():
 
 
 MIN_HOT_SPOT_SAMPLES = 10
+GIL_BOUND_SHARE = 1 / 3  # a thread waited for the GIL this share of the wall time or more: GIL-bound
+PARTLY_SHARE = 0.1  # less: the GIL cost the run under a tenth of its wall time
+MOSTLY_PARALLEL = 2 / 3  # of the threads' CPU time ran without the GIL: it mostly releases it
 
 
 def verdict(report):
     """A sentence a person can act on, from the numbers of a Report.
 
-    Waiting is weighed against the time threads were busy (holding the GIL, waiting for it, or
-    running without it: their CPU time outside it), not against the run's wall time, which
-    idle stretches would dilute; time blocked in I/O, sleep, locks or join() is not work.
+    It rests on what processes could win back: waits for the GIL matter in proportion to the
+    run's wall time (Report.gil_wait_share: the longest-waiting thread's), not to the threads'
+    busy time, which is small in an I/O-bound program, and within the cores the process did not
+    use yet (Report.max_speedup). Busy time (holding the GIL, waiting for it, or running without
+    it: CPU time outside it) and the threads' lives then say where the rest of the time went:
+    blocked in I/O, sleep, locks or join() is not work.
     """
     threads = report.threads
     wall = report.wall_s or 1e-9
+    cores = max(1, report.cores)
+    share, speedup = report.gil_wait_share, report.max_speedup
+    used = f"the process used {report.cpu_s / wall:.2f} of its {cores} core{'s' if cores != 1 else ''}"
+    gain = f"processes (gilfree.Pool) could make it at most ~{speedup:.1f}x faster on this machine's {cores} core{'s' if cores != 1 else ''}"
+    top_held = max((t.held_s for t in threads), default=0.0)
+    longest = share * wall
+    # Threads that hold a fair share of the GIL and wait a fair share of the longest wait.
+    waiters = sum(1 for t in threads if t.wait_s - report.sampler_held_s >= 0.1 * longest > 0 and t.held_s >= 0.05 * top_held)
     work = sum(t.busy_s for t in threads) or 1e-9
-    waited = sum(t.wait_s for t in threads) / work
-    parallel = sum(t.parallel_s for t in threads) / work
+    parallel = sum(t.parallel_s for t in threads) / (sum(t.cpu_s for t in threads) or 1e-9)
     busiest = max((t.busy_s for t in threads), default=0.0)
     working = [t for t in threads if 0 < t.busy_s >= 0.1 * busiest]
-    top_held = max((t.held_s for t in threads), default=0.0)
-    # Threads that hold a fair share of the GIL and spend a fair share of their work waiting.
-    contenders = [t for t in threads if 0 < t.held_s >= 0.05 * top_held and t.wait_s >= 0.1 * t.busy_s]
-    contended = sum(t.wait_s for t in contenders) / (sum(t.busy_s for t in contenders) or 1e-9)
+    blocked = 1 - sum(t.busy_s for t in working) / (sum(max(t.alive_s, t.busy_s) for t in working) or 1e-9)
+    waited = f"the longest-waiting thread {share:.0%} of the run's wall time"
+    threads_waited = f"{waiters} thread{'s' if waiters != 1 else ''} waited for the GIL ({waited})"
     parts = []
     quiet = False  # where the GIL sat is beside the point
-    if len(contenders) >= 2 and contended >= 0.3:
+    if share >= PARTLY_SHARE and speedup < 1.1:
+        parts.append(f"Not GIL-bound on this machine: {threads_waited}, but {used}: processes would not run it faster here.")
+    elif share >= PARTLY_SHARE and parallel >= MOSTLY_PARALLEL:
         parts.append(
-            f"GIL-bound: {len(contenders)} threads waited for the GIL {contended:.0%} of the time they were busy "
-            f"(holding it, waiting for it or running without it); adding threads will not help - move this "
-            f"work to processes (gilfree.Pool) or to code that releases the GIL."
+            f"Mostly releases the GIL: threads ran {parallel:.0%} of their CPU time without it, in parallel, and "
+            f"{used}; their waits for it ({waited}) are what processes could still win back: {gain}."
         )
-    elif work < 0.1 * wall:
-        quiet = True
+    elif share >= GIL_BOUND_SHARE:
         parts.append(
-            f"Not GIL-bound: {'single-threaded and ' if len(working) <= 1 else ''}mostly idle: its threads "
-            f"were busy {work / wall:.0%} of the run's wall time, and blocked (I/O, sleep, locks) or idle the rest."
+            f"GIL-bound: {threads_waited} while {used}; adding threads will not help - {gain}, as would "
+            f"moving the CPU work to code that releases the GIL."
         )
-    elif waited < 0.05:
+    elif share >= PARTLY_SHARE:
+        parts.append(
+            f"Partly GIL-bound: {threads_waited} while {used}: {gain}, or with the CPU work in code that "
+            f"releases the GIL."
+        )
+    else:
         quiet = True
-        if len(working) <= 1 and top_held > 0.7 * wall:
+        cost = (f"waiting for the GIL cost its threads {f'at most {share:.0%}' if share >= 0.01 else 'under 1%'} "
+                f"of the wall time, which processes would not win back.")
+        if work < 0.1 * wall:
+            parts.append(
+                f"Not GIL-bound: {'single-threaded and ' if len(working) <= 1 else ''}mostly idle: its threads "
+                f"were busy {work / wall:.0%} of the run's wall time, and blocked (I/O, sleep, locks) or idle the rest."
+            )
+        elif len(working) <= 1 and top_held > 0.7 * wall:
             quiet = False
             parts.append(
                 f"Not GIL-bound, but one thread held the GIL {top_held / wall:.0%} of the time and nobody "
@@ -611,28 +834,30 @@ def verdict(report):
         elif len(working) <= 1:
             parts.append(
                 f"Not GIL-bound: single-threaded: one thread did the work (busy {busiest / wall:.0%} of the run's "
-                f"wall time) and nobody waited for the GIL."
+                f"wall time) and nobody waited for the GIL long."
+            )
+        elif blocked >= 0.5:
+            parts.append(
+                f"Not GIL-bound: I/O-bound: its {len(working)} working threads were blocked (I/O, sleep, locks) "
+                f"{blocked:.0%} of their lives and {used}; {cost}"
+            )
+        elif parallel >= MOSTLY_PARALLEL:
+            parts.append(
+                f"Not GIL-bound: mostly releases the GIL: threads ran {parallel:.0%} of their CPU time without it, "
+                f"in parallel, and {used}; threads scale here: {cost}"
             )
         else:
-            parts.append(
-                f"Not GIL-bound: threads ran {parallel:.0%} of their busy time without the GIL and waited "
-                f"{waited:.0%} of it; threads scale here."
-            )
-    elif parallel >= 0.5:
+            parts.append(f"Not GIL-bound: threads ran {parallel:.0%} of their CPU time without the GIL and {used}; "
+                         f"threads scale here: {cost}")
+    if not quiet and (report.other_load_cores or 0) >= 0.5:
         parts.append(
-            f"Mostly releases the GIL: threads ran {parallel:.0%} of their busy time without it, in parallel; "
-            f"their waits ({waited:.0%} of it) are what processes (gilfree.Pool) would still win back."
-        )
-    else:
-        parts.append(
-            f"Partly GIL-bound: threads waited for the GIL {waited:.0%} of their busy time (held it "
-            f"{1 - waited - parallel:.0%}); the waiting threads would run sooner in processes (gilfree.Pool) or "
-            f"with the CPU work in code that releases the GIL."
+            f"Other work kept ~{report.other_load_cores:.1f} of the machine's cores busy meanwhile: the waits "
+            f"may be longer, and the cores left for processes fewer, than on an idle machine."
         )
     interval = report.interval_s or 0.005
     for t in report.threads:
-        if t.acquisitions < 20:
-            continue
+        if t.acquisitions < 20 or t.parallel_s >= 0.25 * t.free_s:
+            continue  # few takes, or C code running without the GIL: a CPU thread, not an I/O one
         per_take, per_hold = t.wait_s / t.acquisitions, t.held_s / t.acquisitions
         # Short holds between blocking calls, then about an interval to get the GIL back.
         if per_hold < 0.2 * interval and per_take >= 0.5 * interval:

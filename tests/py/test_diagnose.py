@@ -273,3 +273,92 @@ def test_a_program_that_cannot_be_found_fails_as_under_python(tmp_path, target):
     assert out.returncode == plain.returncode != 0
     assert out.stderr == plain.stderr
     assert out.stdout == ""
+
+
+# --- verdicts of programs that wait on I/O or on other processes
+
+
+SLOW_SERVER = """
+import sys, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+class Slow(BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(0.05)   # a slow backend
+        body = b"x" * 2000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+FETCHES = """
+import sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+url = f"http://127.0.0.1:{sys.argv[1]}/"
+def fetch(i):
+    with urllib.request.urlopen(url) as r:
+        return len(r.read())
+with ThreadPoolExecutor(8) as ex:
+    print(sum(ex.map(fetch, range(160))))
+"""
+
+SLEEPS = """
+import threading, time
+def worker():
+    for _ in range(200):
+        time.sleep(0.002)                    # stands in for a database call
+        sum(i * i for i in range(1500))      # a little Python per call
+ts = [threading.Thread(target=worker) for _ in range(8)]
+for t in ts: t.start()
+for t in ts: t.join()
+"""
+
+
+def verdict_line(stderr):
+    (line,) = [line for line in stderr.splitlines() if line.startswith("verdict: ")]
+    return line
+
+
+def test_an_http_client_waiting_on_a_slow_server_is_io_bound(tmp_path):
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()
+        out = run("-m", "gilfree", "diagnose", str(write(tmp_path / "fetch.py", FETCHES)), port)
+    finally:
+        server.kill()
+        server.wait()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "320000\n"
+    assert verdict_line(out.stderr).startswith("verdict: Not GIL-bound: I/O-bound"), out.stderr
+
+
+def test_threads_sleeping_between_bits_of_python_are_not_gil_bound(tmp_path):
+    out = diagnose(str(write(tmp_path / "sleeps.py", SLEEPS)))
+    assert out.returncode == 0, out.stderr
+    assert verdict_line(out.stderr).startswith(("verdict: Not GIL-bound: I/O-bound", "verdict: Not GIL-bound: mostly idle")), out.stderr
+    assert re.search(r"^process used \d\.\d\d of \d+ cores? \(CPU [\d.]+ s over [\d.]+ s wall\)", out.stderr, re.M), out.stderr
+
+
+def test_the_report_counts_the_cpu_time_of_the_programs_pool_workers(tmp_path):
+    """The work runs in gilfree.Pool's workers (children of its template, itself the program's
+    child): the program's own threads idle, and the report says where the CPU time went."""
+    script = write(tmp_path / "pool.py", """
+        import gilfree
+        def spin(n):
+            while n:
+                n -= 1
+            return n
+        if __name__ == "__main__":
+            with gilfree.Pool(2) as pool:
+                print(sum(pool.map(spin, [3_000_000] * 4)))
+    """)
+    out = diagnose(str(script), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "0\n"
+    usage = re.search(r"child processes: CPU ([\d.]+) s", out.stderr)
+    assert usage and float(usage.group(1)) >= 0.2, out.stderr

@@ -3,6 +3,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -338,19 +339,20 @@ def synthetic_report(held_fraction, per_thread):
                             cpu_s=held + parallel)
                for i, (held, wait, parallel) in enumerate(per_thread)]
     threads.append(ThreadReport("MainThread", 99, 0.01, 0.0, 0, 0, 0, 0, 9.99, 1, alive_s=10, cpu_s=0.01))
-    return Report(10.0, held_fraction, 200, 50, threads)
+    return Report(10.0, held_fraction, 200, 50, threads, cores=2)
 
 
 @pytest.mark.parametrize(
     "held_fraction, per_thread, opening",
     [
         (0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)], "GIL-bound: 2 threads"),  # two CPU threads
-        (0.65, [(3.3, 3.3, 3.4), (3.2, 3.3, 3.5)], "GIL-bound: 2 threads"),  # re-encode: half a thread always waits
-        (0.20, [(1.0, 1.0, 0), (1.0, 1.0, 0)], "GIL-bound: 2 threads"),  # two CPU threads, then a long sleep
+        (0.65, [(3.3, 3.3, 3.4), (3.2, 3.3, 3.5)], "Partly GIL-bound: 2 threads"),  # re-encode: a third of it waiting
+        (0.10, [(0.5, 0.5, 0), (0.5, 0.5, 0)], "Not GIL-bound"),  # two CPU threads for a moment, then a long sleep
         (0.23, [(1.2, 1.2, 7.6), (1.1, 1.1, 7.8)], "Mostly releases the GIL"),  # thumbnails: Pillow releases it
         (0.60, [(3.0, 1.0, 0), (3.0, 1.0, 0)], "Partly GIL-bound"),
-        (0.30, [(1.5, 0.2, 8.3), (1.5, 0.2, 8.3)], "Not GIL-bound: threads ran 83%"),
-        (0.40, [(2.0, 0.05, 0.5), (2.0, 0.05, 0.5)], "Not GIL-bound: threads ran 20%"),  # not main's join()
+        (0.30, [(1.5, 0.2, 8.3), (1.5, 0.2, 8.3)], "Not GIL-bound: mostly releases the GIL: threads ran 85%"),
+        (0.40, [(2.0, 0.05, 0.5), (2.0, 0.05, 0.5)], "Not GIL-bound: I/O-bound: its 2 working threads"),  # not main's join()
+        (0.40, [(8.0, 0.05, 1.0), (8.0, 0.05, 1.0)], "Not GIL-bound: threads ran 11%"),
         (0.95, [(9.5, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound, but one thread"),
         (0.40, [(4.0, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded: one thread"),
         (0.03, [(0.3, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded and mostly idle"),
@@ -412,7 +414,7 @@ def test_diagnose_reports_also_when_the_program_raises(tmp_path):
     script.write_text("raise ValueError('boom')\n")
     out = run_diagnose(str(script))
     assert out.returncode == 1
-    assert "ValueError: boom" in out.stderr and "verdict:" in out.stderr
+    assert "ValueError: boom" in out.stderr and "verdict: Not GIL-bound" in out.stderr
 
 
 def test_unsupported_interpreter_runs_the_program_unmeasured(tmp_path):
@@ -681,15 +683,126 @@ def test_events_lost_to_the_budget_end_the_timeline_where_they_were_lost(tmp_pat
     assert all(later[0] >= earlier[1] - 1 for earlier, later in zip(held, held[1:]))
 
 
-def test_verdict_weighs_waits_against_busy_time_not_idle_wall_time():
-    a, b = threading.Thread(target=cpu_loop, args=(0.15,)), threading.Thread(target=cpu_loop, args=(0.15,))
+def test_verdict_weighs_waits_against_the_runs_wall_time_not_busy_time():
+    """Two CPU threads contend for a moment, then the program sleeps: processes would win back
+    a sliver of the run, however much of their busy time the threads waited."""
+    a, b = threading.Thread(target=cpu_loop, args=(0.1,)), threading.Thread(target=cpu_loop, args=(0.1,))
     with gil.monitor() as m:
         for t in (a, b):
             t.start()
         for t in (a, b):
             t.join()
-        time.sleep(0.6)  # idle afterwards: two thirds of the run
-    assert m.report().verdict.startswith("GIL-bound: 2 threads"), m.report()
+        time.sleep(1.5)
+    report = m.report()
+    assert report.gil_wait_share < gil.PARTLY_SHARE
+    assert report.verdict.startswith("Not GIL-bound"), report
+
+
+def test_verdict_gives_what_processes_could_win_on_the_cores_left():
+    """A mixed program already using 1.55 of 2 cores: processes could make it at most 2 / 1.55
+    times faster, however long its threads waited."""
+    report = synthetic_report(0.6, [(3.0, 4.0, 4.8), (3.0, 4.0, 4.8)])
+    report.process_cpu_s = 15.5
+    assert report.max_speedup == pytest.approx(2 / 1.55)
+    assert "at most ~1.3x faster on this machine's 2 cores" in verdict_of(report)
+    assert "process used 1.55 of 2 cores (CPU 15.500 s over 10.000 s wall)" in str(report)
+    report.cores = 1  # nothing left to win
+    assert verdict_of(report).startswith("Not GIL-bound on this machine")
+
+
+def verdict_of(report):
+    report.verdict = gil.verdict(report)
+    return report.verdict
+
+
+@pytest.mark.parametrize("parallel_s, convoy", [(0.05, True), (2.5, False)])
+def test_convoy_is_named_for_io_threads_not_for_cpu_threads_running_c_code(parallel_s, convoy):
+    """Short holds and a switch interval's wait per take: an I/O thread if it was mostly blocked
+    between them (little CPU time), a CPU thread in C code that releases the GIL if not."""
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.95, [(9.4, 0.0, 0)])
+    report.threads.append(ThreadReport("worker", 7, 0.2, 1.0, 400, 0.004, 0.005, 0.006, 2.8, acquisitions=400,
+                                       alive_s=4.0, cpu_s=0.2 + parallel_s))
+    assert ("Convoy: I/O thread 'worker'" in verdict_of(report)) is convoy, report.verdict
+
+
+def test_the_table_elides_long_thread_names_in_the_middle_and_shows_cpu_time():
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.5, [(5.0, 0.0, 0)])
+    name = "request-handler-" + "x" * 40 + "-worker-17"
+    report.threads.append(ThreadReport(name, 7, 1.0, 0.0, 0, 0, 0, 0, 9.0, alive_s=10, cpu_s=1.0))
+    text = str(report)
+    (row,) = [line for line in text.splitlines() if line.startswith("request-handler-")]
+    assert "..." in row and "worker-17" in row.split()[0]
+    assert "cpu s" in text
+
+
+def test_where_names_the_programs_own_frame_and_the_library_frame_it_is_in():
+    from gilfree.gil import _where
+
+    ready, go = threading.Event(), threading.Event()
+
+    def waiter():
+        ready.set()
+        go.wait()  # threading.Condition.wait: the standard library
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    ready.wait()
+    time.sleep(0.05)
+    try:
+        where = _where(sys._current_frames()[t.ident])
+    finally:
+        go.set()
+        t.join()
+    line = waiter.__code__.co_firstlineno + 2  # the line it is at, not the def line
+    assert where.startswith(f"test_where_names_the_programs_own_frame_and_the_library_frame_it_is_in.<locals>.waiter (test_gil.py:{line}) > ")
+    assert "(threading.py:" in where.split(" > ")[1]
+
+
+SAMPLER_BIAS = """
+import os, threading, time, zlib
+DATA = os.urandom(1 << 22)
+stop = time.monotonic() + 2
+def python_loop():
+    n = 0
+    while time.monotonic() < stop:
+        for i in range(10000):
+            n += i
+def c_work():
+    while time.monotonic() < stop:
+        zlib.compress(DATA, 6)   # releases the GIL while it compresses
+ts = [threading.Thread(target=python_loop)] + [threading.Thread(target=c_work) for _ in range(2)]
+for t in ts: t.start()
+for t in ts: t.join()
+"""
+
+
+def test_sampled_functions_are_those_holding_the_gil_not_those_releasing_it(tmp_path):
+    """The pure-Python thread holds the GIL nearly all the time it is held; the zlib threads take
+    it for moments between calls that release it. The samples must say so."""
+    script = tmp_path / "bias.py"
+    script.write_text(SAMPLER_BIAS)
+    out = run_diagnose("--sample-hz", "200", str(script))
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("held the GIL most")]
+    found = re.findall(r"(\w+) \(bias\.py:(\d+)\) (\d+)%", line)
+    assert sum(int(share) for name, _, share in found if name == "python_loop") >= 85, line
+    assert all(lineno != "5" for _, lineno, _ in found), line  # the lines in the loop, not its def
+
+
+def test_the_picture_wraps_the_whole_verdict(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    a, b = Gated("cpu-a", cpu_loop, 0.1), Gated("cpu-b", cpu_loop, 0.1)
+    m = monitor_gated([a, b])
+    m.write_svg(tmp_path / "t.svg")
+    verdict = m.report().verdict
+    assert len(verdict) > 200
+    texts = [e.text or "" for e in ET.parse(tmp_path / "t.svg").getroot().iter("{http://www.w3.org/2000/svg}text")]
+    assert " ".join(texts).endswith(verdict)
 
 
 def test_verdict_calls_an_idle_single_threaded_program_so():
@@ -840,7 +953,7 @@ def test_trace_picture_and_table_stay_readable_with_many_threads_and_odd_names(t
     more = len(report.threads) - gil.TOP_THREADS
     assert more > 0 and f"... and {more} more threads" in labels
     lines = str(report).splitlines()
-    rows = lines[2:lines.index(next(line for line in lines if line.startswith("... and")))]
+    rows = lines[3:lines.index(next(line for line in lines if line.startswith("... and")))]
     assert len(rows) == gil.TOP_THREADS
     assert f"... and {more} more threads" in str(report)
 
