@@ -120,7 +120,7 @@ class Service:
 
     def _remaining(self, request):
         """Seconds left of the request's budget, counted from its arrival."""
-        return request["started"] + self.config.budget - time.monotonic()
+        return request[STARTED] + self.config.budget - time.monotonic()
 
     async def _run(self, request, source, spec):
         future = self.executor.submit(ops.transform, source, spec)
@@ -136,6 +136,9 @@ class Service:
 
 
 SERVICE = web.AppKey("service", Service)
+# A request's arrival time (monotonic); aiohttp 3.14 warns about plain string keys, older ones
+# have no RequestKey.
+STARTED = web.RequestKey("started", float) if hasattr(web, "RequestKey") else "started"
 
 
 class _InFlight:
@@ -177,7 +180,7 @@ async def _close_unread(request, response):
 
 @web.middleware
 async def _errors_as_json(request, handler):
-    request["started"] = time.monotonic()
+    request[STARTED] = time.monotonic()
     service = request.app[SERVICE]
     try:
         response = await handler(request)
@@ -193,7 +196,7 @@ async def _errors_as_json(request, handler):
         request.app.logger.exception("unexpected error on %s %s", request.method, request.path)
         response = _error(500, "internal_error", "an unexpected error; the service's log has the details")
     if request.path.startswith("/v1/transform"):
-        service.metrics.observe(response.status, time.monotonic() - request["started"])
+        service.metrics.observe(response.status, time.monotonic() - request[STARTED])
     if request.transport is not None and not request.content.is_eof():  # a body refused, or cut short
         await _close_unread(request, response)
     return response
