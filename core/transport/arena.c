@@ -68,11 +68,17 @@ static int gf_block_free(const gf_arena *arena, uint64_t off) {
   return atomic_load_explicit(&gf_block_at(arena, off)->refs, memory_order_acquire) == 0;
 }
 
-/* Gives back the pages of [start, end) of the arena. */
-static void gf_arena_punch(const gf_arena *arena, uint64_t start, uint64_t end) {
-  if (end > start)
-    fallocate(arena->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-              (off_t)(arena->offset + start), (off_t)(end - start));
+/* Gives back the pages of [start, end) of the arena. -EBADFD, punching nothing, when arena->fd
+ * is no longer the memfd: a hole in whatever file sits at its number now would destroy data. */
+static int gf_arena_punch(const gf_arena *arena, uint64_t start, uint64_t end) {
+  int rc;
+  if (end <= start)
+    return 0;
+  if ((rc = gf_fd_id_check(arena->fd, &arena->fd_id)) < 0)
+    return rc;
+  fallocate(arena->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            (off_t)(arena->offset + start), (off_t)(end - start));
+  return 0;
 }
 
 #define GF_NONE UINT64_MAX
@@ -80,10 +86,10 @@ static void gf_arena_punch(const gf_arena *arena, uint64_t start, uint64_t end) 
 /* Gives back the pages above top + GF_KEEP_RESIDENT. */
 static void gf_region_release(const gf_arena *arena, gf_region *region) {
   uint64_t keep = region->top + GF_KEEP_RESIDENT;
-  if (region->resident > keep) {
-    gf_arena_punch(arena, region->start + keep, region->start + region->resident);
+  /* Without its memfd the process keeps the pages (they go when it ends). */
+  if (region->resident > keep &&
+      gf_arena_punch(arena, region->start + keep, region->start + region->resident) == 0)
     region->resident = keep;
-  }
   if (region->top > region->resident)
     region->resident = region->top;
 }
@@ -141,8 +147,12 @@ int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *o
 
 int gf_arena_map(const gf_arena *arena, uint64_t off, size_t before, unsigned char **data) {
   const gf_block *b = gf_block_at(arena, off);
+  int rc;
   if (before > GF_PAGE)
     return -EINVAL;
+  /* Mapping another file at the memfd's number would show its bytes as the block's. */
+  if ((rc = gf_fd_id_check(arena->fd, &arena->fd_id)) < 0)
+    return rc;
   uint64_t span = GF_PAGE_ALIGN(b->len + 1);
   unsigned char *reserve =
       mmap(NULL, GF_PAGE + span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

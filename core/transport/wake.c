@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <linux/futex.h>
 #include <sched.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -49,4 +50,22 @@ int gf_futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t timeout_ns)
 
 void gf_futex_wake(_Atomic uint32_t *word, int n) {
   syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+int gf_fd_id_get(int fd, gf_fd_id *id) {
+  struct stat st;
+  if (fstat(fd, &st) < 0)
+    return -errno;
+  id->dev = (uint64_t)st.st_dev;
+  id->ino = (uint64_t)st.st_ino;
+  return 0;
+}
+
+int gf_fd_id_check(int fd, const gf_fd_id *id) {
+  gf_fd_id now;
+  if (id->dev == 0 && id->ino == 0)
+    return 0;
+  if (gf_fd_id_get(fd, &now) < 0 || now.dev != id->dev || now.ino != id->ino)
+    return -EBADFD;
+  return 0;
 }

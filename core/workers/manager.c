@@ -114,6 +114,11 @@ int gf_manager_init(gf_manager *m, uint32_t nslots, size_t ring_cap, uint64_t ar
   }
   m->ctl_fd = sv[0];
   m->ctl_child_fd = sv[1];
+  gf_segment_ids *ids = gf_segment_ids_of(m->seg);
+  if ((rc = gf_fd_id_get(m->memfd, &ids->memfd)) < 0 ||
+      (rc = gf_fd_id_get(m->seg->doorbell_fd, &ids->doorbell)) < 0)
+    goto error;
+  m->arena.fd_id = ids->memfd;
   int watched[] = {m->seg->doorbell_fd, m->stop_fd, m->ctl_fd};
   for (size_t i = 0; i < sizeof(watched) / sizeof(watched[0]); i++) {
     ev.data.fd = watched[i];
@@ -745,15 +750,16 @@ void gf_manager_free(gf_manager *m) {
 void gf_manager_forget(gf_manager *m) {
   /* Another thread may have held a lock at the fork: take none. The doorbell's number is read
    * from the segment, never written: the segment is the parent's. */
-  int fds[] = {m->ctl_fd,   m->ctl_child_fd, m->template_pidfd,
-               m->epoll_fd, m->stop_fd,      m->seg != NULL ? m->seg->doorbell_fd : -1};
+  int fds[] = {m->ctl_fd,   m->ctl_child_fd, m->template_pidfd, m->epoll_fd,
+               m->stop_fd,  m->memfd,        m->seg != NULL ? m->seg->doorbell_fd : -1};
   for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
     if (fds[i] >= 0)
       close(fds[i]);
   m->ctl_fd = m->ctl_child_fd = m->template_pidfd = m->epoll_fd = m->stop_fd = -1;
+  m->memfd = m->arena.fd = -1; /* the mapping outlives its descriptor */
   m->template_pid = 0;
   gf_pending_clear(m);
   free(m->sched);
   m->sched = NULL;
-  gf_manager_free(m);
+  /* The map stays: results received before the fork may still be read through it. */
 }

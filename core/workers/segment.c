@@ -11,7 +11,13 @@
 #define GF_PAGE_ALIGN(n) (((n) + GF_PAGE - 1) & ~(size_t)(GF_PAGE - 1))
 
 static size_t gf_slots_end(uint32_t nslots) {
-  return GF_PAGE_ALIGN(sizeof(gf_segment) + nslots * sizeof(gf_slot));
+  return GF_PAGE_ALIGN(sizeof(gf_segment) + nslots * sizeof(gf_slot) + sizeof(gf_segment_ids));
+}
+
+gf_segment_ids *gf_segment_ids_of(gf_segment *seg) {
+  /* Right after the last slot; gf_slot's size is a multiple of 8. */
+  return (gf_segment_ids *)((unsigned char *)seg + sizeof(gf_segment) +
+                            seg->nslots * sizeof(gf_slot));
 }
 
 size_t gf_segment_footprint(uint32_t nslots, size_t ring_cap) {

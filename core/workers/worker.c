@@ -17,10 +17,16 @@ int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t
   w->arena.size = seg->arena_size;
   w->arena.fd = fd;
   w->arena.offset = seg->size;
+  w->arena.fd_id = gf_segment_ids_of(seg)->memfd;
+  w->doorbell_id = gf_segment_ids_of(seg)->doorbell;
+  w->doorbell_fd = seg->doorbell_fd;
   w->slot = &seg->slots[slot];
   w->requests = gf_slot_requests(seg, slot);
   w->responses = gf_slot_responses(seg, slot);
   w->parent = getppid();
+  if (gf_fd_id_check(fd, &w->arena.fd_id) < 0 ||
+      gf_fd_id_check(w->doorbell_fd, &w->doorbell_id) < 0)
+    return -EBADFD;
   atomic_store(&w->slot->born_ns, gf_now_ns());
   atomic_store(&w->slot->current_task, 0);
   atomic_store(&w->slot->state, GF_SLOT_READY);
@@ -109,10 +115,14 @@ int gf_worker_reply(gf_worker *w, const struct iovec *iov, int iovcnt, uint64_t 
 
   atomic_thread_fence(memory_order_seq_cst);
   if (atomic_load(&w->seg->parent_sleeping) && !atomic_load(&w->seg->parent_spinning)) {
+    /* Only here, where a write is due anyway: a task may have closed the doorbell, or opened a
+     * file at its number, whose data the write would change. Another eventfd there passes the
+     * check; epoll, signalfd and the like refuse the write. */
     uint64_t one = 1;
-    if (write(w->seg->doorbell_fd, &one, sizeof(one)) < 0) {
-      /* EAGAIN: the counter is saturated, the parent is woken anyway. */
-    }
+    if ((rc = gf_fd_id_check(w->doorbell_fd, &w->doorbell_id)) < 0)
+      return rc;
+    if (write(w->doorbell_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+      return -EBADFD; /* EAGAIN: the counter is saturated, the parent is woken anyway */
   }
   return 0;
 }

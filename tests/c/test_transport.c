@@ -125,6 +125,8 @@ static int arena_new(gf_arena *arena, gf_region *region, uint64_t size) {
   arena->fd = fd;
   arena->offset = 0;
   gf_region_init(region, 0, size);
+  if (gf_fd_id_get(fd, &arena->fd_id) < 0)
+    return -1;
   return arena->base == MAP_FAILED ? -1 : 0;
 }
 

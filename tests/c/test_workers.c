@@ -2,9 +2,12 @@
  * both the template (through the control socket) and the worker (through a gf_worker). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -129,11 +132,19 @@ GF_TEST(manager_forgotten_in_a_forked_child_keeps_working_in_the_parent) {
   GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 16u << 20), 0);
   GF_CHECK_EQ(gf_manager_spawn(&m, 0), 0);
   GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
-  int doorbell = m.seg->doorbell_fd;
+  int doorbell = m.seg->doorbell_fd, memfd = m.memfd;
+  uint64_t block;
+  GF_CHECK_EQ(gf_manager_alloc(&m, 100000, &block), 0);
+  gf_block_data(&m.arena, block)[99999] = 42;
   pid_t child = fork();
   if (child == 0) {
     gf_manager_forget(&m);
-    _exit(m.map == NULL && m.ctl_fd == -1 ? 0 : 1);
+    /* Views received before the fork still read the arena; descriptors are closed. */
+    int ok = m.ctl_fd == -1 && m.memfd == -1 && fcntl(memfd, F_GETFD) == -1 &&
+             fcntl(doorbell, F_GETFD) == -1 && gf_block_data(&m.arena, block)[99999] == 42 &&
+             atomic_load(&gf_block_at(&m.arena, block)->refs) == 1;
+    gf_manager_free(&m);
+    _exit(ok && m.map == NULL ? 0 : 1);
   }
   int status;
   GF_CHECK_EQ(waitpid(child, &status, 0), child);
@@ -236,4 +247,99 @@ GF_TEST(rss_is_positive) {
   uint64_t rss = 0;
   GF_CHECK_EQ(gf_rss_bytes(&rss), 0);
   GF_CHECK(rss > 0);
+}
+
+/* A file standing in for a descriptor a task replaced: open at number fd. */
+static int file_at(int fd, char *path) {
+  int file = mkstemp(path);
+  if (file < 0 || dup2(file, fd) < 0)
+    return -1;
+  close(file);
+  return 0;
+}
+
+GF_TEST(worker_never_rings_a_doorbell_a_task_closed_or_replaced) {
+  gf_manager m;
+  gf_worker w;
+  gf_ctl ctl;
+  seen s = {0};
+  struct stat st;
+  char path[] = "/tmp/gf-doorbell-XXXXXX";
+  GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 16u << 20), 0);
+  GF_CHECK_EQ(gf_manager_spawn(&m, 0), 0);
+  GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  int doorbell = m.seg->doorbell_fd, saved = dup(doorbell);
+
+  /* Nobody sleeps: the reply checks nothing, whatever the doorbell became. */
+  GF_CHECK_EQ(file_at(doorbell, path), 0);
+  GF_CHECK_EQ(submit(&m, 1), 0);
+  GF_CHECK_EQ(take(&w), 1);
+  GF_CHECK_EQ(reply(&w, 1), 0);
+  GF_CHECK(gf_manager_collect(&m, 0, record, &s) >= 1);
+
+  /* The parent sleeps: a file at the doorbell's number is left alone, the result is sent. */
+  GF_CHECK_EQ(submit(&m, 2), 0);
+  GF_CHECK_EQ(take(&w), 2);
+  atomic_store(&m.seg->parent_sleeping, 1);
+  GF_CHECK_EQ(reply(&w, 2), -EBADFD);
+  GF_CHECK_EQ(fstat(doorbell, &st), 0);
+  GF_CHECK_EQ(st.st_size, 0);
+  GF_CHECK_EQ(gf_manager_running(&m, 2), 0);
+  GF_CHECK(gf_manager_collect(&m, 0, record, &s) >= 1);
+  GF_CHECK_EQ(s.last_task, 2);
+  unlink(path);
+
+  /* Closed: the same. */
+  close(doorbell);
+  GF_CHECK_EQ(submit(&m, 3), 0);
+  GF_CHECK_EQ(take(&w), 3);
+  GF_CHECK_EQ(reply(&w, 3), -EBADFD);
+  GF_CHECK(gf_manager_collect(&m, 0, record, &s) >= 1);
+  GF_CHECK_EQ(s.last_task, 3);
+
+  /* Back in place: rung as before. */
+  GF_CHECK_EQ(dup2(saved, doorbell), doorbell);
+  close(saved);
+  GF_CHECK_EQ(submit(&m, 4), 0);
+  GF_CHECK_EQ(take(&w), 4);
+  GF_CHECK_EQ(reply(&w, 4), 0);
+  uint64_t rung = 0;
+  GF_CHECK_EQ(read(doorbell, &rung, sizeof(rung)), (ssize_t)sizeof(rung));
+  GF_CHECK_EQ(rung, 1);
+  atomic_store(&m.seg->parent_sleeping, 0);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
+GF_TEST(arena_never_maps_nor_punches_a_file_at_the_memfds_number) {
+  gf_manager m;
+  gf_worker w;
+  struct stat st;
+  unsigned char *data;
+  char path[] = "/tmp/gf-memfd-XXXXXX";
+  GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 1ull << 30), 0); /* regions above the reserve */
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  uint64_t block;
+  GF_CHECK_EQ(gf_manager_alloc(&m, 100000, &block), 0);
+  GF_CHECK_EQ(gf_arena_map(&m.arena, block, 16, &data), 0);
+  gf_arena_unmap(data, 100000);
+  int saved = dup(m.memfd);
+  GF_CHECK_EQ(file_at(m.memfd, path), 0);
+  GF_CHECK_EQ(gf_arena_map(&w.arena, block, 16, &data), -EBADFD);
+  /* A worker asked for the pool's descriptors finds the file, not the memfd. */
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), -EBADFD);
+  /* Allocating still works; pages above the kept reserve are not punched into the file. */
+  uint64_t big;
+  gf_region *region = &m.seg->slots[0].region;
+  region->resident = region->size; /* as if the region had been full once */
+  GF_CHECK_EQ(gf_block_alloc(&w.arena, region, 100000, &big), 0);
+  GF_CHECK_EQ(region->resident, region->size);
+  GF_CHECK_EQ(fstat(m.memfd, &st), 0);
+  GF_CHECK_EQ(st.st_size, 0);
+  unlink(path);
+  GF_CHECK_EQ(dup2(saved, m.memfd), m.memfd);
+  close(saved);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
 }

@@ -27,6 +27,20 @@ int gf_futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t timeout_ns)
 void gf_futex_wake(_Atomic uint32_t *word, int n);
 /* CLOCK_MONOTONIC in nanoseconds. */
 int64_t gf_now_ns(void);
+/* What names an open file: fstat's device and inode. Every anonymous-inode descriptor (eventfd,
+ * epoll, signalfd...) shares one inode, so for those it tells "still that kind of file" apart
+ * from "closed" or "now a regular file, pipe or socket"; a memfd has an inode of its own. */
+typedef struct gf_fd_id {
+  uint64_t dev, ino;
+} gf_fd_id;
+
+/* Records what fd names now. */
+int gf_fd_id_get(int fd, gf_fd_id *id);
+/* 0 when fd still names the file recorded in id; -EBADFD when it was closed or names another
+ * file now (code run in the process closed it, and maybe opened something at its number). An
+ * all-zero id is never checked (0). */
+int gf_fd_id_check(int fd, const gf_fd_id *id);
+
 /* One pause instruction: spinning politely. */
 void gf_cpu_relax(void);
 /* One step of a spin-wait: about half a microsecond of pause instructions, then a yield. */
@@ -113,11 +127,17 @@ typedef struct gf_arena {
   uint64_t size;
   int fd;
   uint64_t offset; /* where the arena starts in fd */
+  /* What fd named when the arena was mapped (all zero: unchecked). Code run in the process (a
+   * task) may close fd or put another file at its number: gf_arena_map and the hole punching
+   * check it first, so they never map or punch someone else's file. */
+  gf_fd_id fd_id;
 } gf_arena;
 
 void gf_region_init(gf_region *region, uint64_t start, uint64_t size);
 /* Allocates a block for len bytes with refs = 1 and stores its arena offset in *off.
- * -ENOMEM when the region is full. The caller serialises calls per region. */
+ * -ENOMEM when the region is full. The caller serialises calls per region. Free pages are
+ * given back only while arena->fd still names the arena's memfd (else they stay until the
+ * process ends). */
 int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *off);
 gf_block *gf_block_at(const gf_arena *arena, uint64_t off);
 unsigned char *gf_block_data(const gf_arena *arena, uint64_t off);
@@ -133,7 +153,9 @@ int gf_block_check(const gf_arena *arena, uint64_t off);
 void gf_arena_fill(unsigned char *dst, const void *src, uint64_t len);
 /* Maps the data of block off read-only at a fresh address with `before` bytes of private
  * writable memory just in front of it (before <= GF_PAGE). *data points at the block's data.
- * Lets a process wrap a header of its own around shared bytes. Undo with gf_arena_unmap. */
+ * Lets a process wrap a header of its own around shared bytes. Undo with gf_arena_unmap.
+ * -EBADFD when arena->fd no longer names the arena's memfd (the data stay readable at
+ * gf_block_data: copy them instead). */
 int gf_arena_map(const gf_arena *arena, uint64_t off, size_t before, unsigned char **data);
 void gf_arena_unmap(unsigned char *data, uint64_t len);
 

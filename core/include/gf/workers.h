@@ -21,6 +21,9 @@
 #define GF_HOLDINGS 512
 /* Workers per pool: a bound for the template's tables, far above one machine's cores. */
 #define GF_MAX_WORKERS 1024
+/* Exit status of a worker that found a descriptor it needs closed or replaced by a task: its
+ * results are in its ring, and the parent learns of the exit from the template. */
+#define GF_EXIT_DESCRIPTORS 86
 
 /* Slot states, written by the parent (STARTING, DEAD) and the worker (READY, EXITING). */
 enum { GF_SLOT_EMPTY = 0, GF_SLOT_STARTING, GF_SLOT_READY, GF_SLOT_EXITING, GF_SLOT_DEAD };
@@ -65,6 +68,16 @@ typedef struct gf_segment {
   gf_region parent_region; /* allocated by the parent only */
   gf_slot slots[];
 } gf_segment;
+
+/* What the memfd and the doorbell are, for workers to check that a task left them in place
+ * (gf_fd_id_check). Set once by the parent before any process attaches. It lives after the
+ * slots (gf_segment_ids), not in the header: the header's and the slots' cache-line layout is
+ * the round trip's (moving the slots by 32 bytes made results wait for the doorbell 20 times
+ * as often). */
+typedef struct gf_segment_ids {
+  gf_fd_id memfd;
+  gf_fd_id doorbell;
+} gf_segment_ids;
 
 /* Header of every ring message. Buffers (gf_bufref) follow it, then the payload: head_len
  * bytes of head (a task's pickled function, which workers cache by these bytes) and the
@@ -116,6 +129,7 @@ size_t gf_segment_footprint(uint32_t nslots, size_t ring_cap);
  * share of the rest. */
 int gf_segment_init(gf_segment *seg, uint32_t nslots, size_t ring_cap, uint64_t arena_size);
 gf_ring *gf_slot_requests(gf_segment *seg, uint32_t slot);
+gf_segment_ids *gf_segment_ids_of(gf_segment *seg);
 gf_ring *gf_slot_responses(gf_segment *seg, uint32_t slot);
 
 /* Creates the memfd holding segment + arena and maps it. */
@@ -218,8 +232,9 @@ int gf_manager_running(gf_manager *m, uint64_t task_id);
 void gf_manager_close(gf_manager *m, int64_t timeout_ns);
 /* Unmaps the shared memory: only once no buffer of the arena is referenced in this process. */
 void gf_manager_free(gf_manager *m);
-/* In a child forked from the pool's process: closes this copy's descriptors and unmaps its
- * memory, touching nothing the parent still uses (no signal, no write, no shared field). */
+/* In a child forked from the pool's process: closes this copy's descriptors, touching nothing
+ * the parent still uses (no signal, no write, no shared field). The mapping stays, since views
+ * of the arena may live on in the child: gf_manager_free unmaps it once none does. */
 void gf_manager_forget(gf_manager *m);
 /* Releases the block references a message owns. */
 void gf_msg_release(const gf_arena *arena, const gf_msg *msg);
@@ -233,8 +248,12 @@ typedef struct gf_worker {
   gf_ring *requests;
   gf_ring *responses;
   pid_t parent; /* the template: the worker exits when it is gone */
+  int doorbell_fd; /* read once at attach: the segment's copy is the parent's to change */
+  gf_fd_id doorbell_id; /* what doorbell_fd named at the parent (gf_segment_ids) */
 } gf_worker;
 
+/* Attaches to slot of the segment mapped at map from memfd fd. -EBADFD when fd or the doorbell
+ * is not the pool's any more (an initializer closed or replaced it). */
 int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t slot, int fd);
 /* Waits for the next task (spin up to spin_ns, then futex; checks every second that the
  * template lives) and claims it; tasks the parent withdrew are skipped.
@@ -248,7 +267,10 @@ void gf_worker_item(gf_worker *w);
 /* Records and releases the references the worker holds (for crash cleanup by the parent). */
 int gf_worker_hold(gf_worker *w, uint64_t block);
 void gf_worker_release(gf_worker *w, uint64_t block);
-/* Sends a result message and marks the worker idle; waits while the ring is full. */
+/* Sends a result message and marks the worker idle; waits while the ring is full. Rings the
+ * doorbell if the parent sleeps, after checking that it is still the pool's eventfd: -EBADFD
+ * (the result is sent, nobody was woken) when a task closed or replaced it; the worker must
+ * then exit (GF_EXIT_DESCRIPTORS), which the parent hears of through the template. */
 int gf_worker_reply(gf_worker *w, const struct iovec *iov, int iovcnt, uint64_t bytes_out);
 /* Allocates an arena block in the worker's region. */
 int gf_worker_alloc(gf_worker *w, uint64_t len, uint64_t *off);

@@ -79,6 +79,9 @@ typedef struct {
   Py_ssize_t nranges, cap_ranges;
   mapped_bytes *maps;
   Py_ssize_t nmaps, cap_maps;
+  /* Set in a child forked from the pool's process: its views are copies of the parent's, and
+   * the block references they stand for are the parent's, never dropped (nor added) here. */
+  int detached;
 } shm_t;
 
 /* The common head of Engine and Worker objects. */
@@ -94,6 +97,8 @@ static int shm_alloc(shm_t *shm, uint64_t len, uint64_t *off) {
 }
 
 static void shm_release(shm_t *shm, uint64_t block) {
+  if (shm->detached)
+    return;
   if (shm->worker != NULL)
     gf_worker_release(shm->worker, block);
   else
@@ -188,7 +193,15 @@ static PyObject *shm_view_bytes(ShmOwner *owner, uint64_t block, uint64_t len) {
     PyErr_SetString(PyExc_ValueError, "bytes buffer does not span its block");
     goto error;
   }
-  if ((rc = gf_arena_map(shm->arena, block, offsetof(PyBytesObject, ob_sval), &data)) < 0) {
+  rc = gf_arena_map(shm->arena, block, offsetof(PyBytesObject, ob_sval), &data);
+  if (rc == -EBADFD) {
+    /* A task closed the memfd's descriptor: the bytes are still readable, so copy them. */
+    PyObject *copy =
+        PyBytes_FromStringAndSize((const char *)gf_block_data(shm->arena, block), (Py_ssize_t)len);
+    shm_release(shm, block);
+    return copy;
+  }
+  if (rc < 0) {
     set_errno(rc);
     goto error;
   }
@@ -661,9 +674,11 @@ static void engine_close(EngineObject *self, int64_t timeout_ns) {
   if (!self->initialized || self->closed || self->close_requested)
     return;
   if (getpid() != self->owner_pid) {
-    /* The waiter thread was not forked; its reference to us is never returned. */
+    /* The waiter thread was not forked; its reference to us is never returned. The mapping
+     * stays until the last view's reference to us goes (Engine_dealloc), as in the parent. */
     self->waiter_running = 0;
     self->closed = 1;
+    self->shm.detached = 1;
     gf_manager_forget(&self->m);
     return;
   }
@@ -887,7 +902,8 @@ static PyObject *owner_addref(ShmOwner *owner, PyObject *arg) {
     PyErr_SetString(PyExc_ValueError, "not a block of this arena");
     return NULL;
   }
-  gf_block_incref(owner->shm.arena, block);
+  if (!owner->shm.detached) /* a forked child's references are the parent's: see shm_t */
+    gf_block_incref(owner->shm.arena, block);
   Py_RETURN_NONE;
 }
 
@@ -1135,7 +1151,11 @@ static int Worker_init(WorkerObject *self, PyObject *args, PyObject *kwds) {
     return -1;
   if ((rc = gf_shm_attach(fd, &self->map, &self->map_size)) < 0 ||
       (rc = gf_worker_attach(&self->w, self->map, self->map_size, slot, fd)) < 0) {
-    set_errno(rc);
+    if (rc == -EBADFD)
+      PyErr_SetString(PyExc_OSError, "the pool's shared-memory or doorbell descriptor was closed "
+                                     "or replaced before the worker started (by the initializer?)");
+    else
+      set_errno(rc);
     return -1;
   }
   self->shm.arena = &self->w.arena;
@@ -1198,6 +1218,25 @@ static PyObject *Worker_next(WorkerObject *self, PyObject *arg) {
   return Py_BuildValue("(KN)", task_id, decoded);
 }
 
+/* A task closed or replaced the doorbell: the result is in the ring, but the parent, asleep, was
+ * not woken. Exiting wakes it (the template reports the exit) and gets a worker with its
+ * descriptors in their place. Exits at once: a clean interpreter exit would wait for any
+ * non-daemon thread a task left behind. */
+static void worker_exit_descriptors(WorkerObject *self) {
+  PySys_FormatStderr("gilfree: worker %d: a task closed or replaced the worker's descriptors "
+                     "(the pool's doorbell, descriptor %d); the worker exits with status %d "
+                     "and is replaced, its results were delivered\n",
+                     (int)getpid(), self->w.doorbell_fd, GF_EXIT_DESCRIPTORS);
+  const char *streams[] = {"stdout", "stderr"};
+  for (size_t i = 0; i < 2; i++) {
+    PyObject *stream = PySys_GetObject(streams[i]); /* borrowed */
+    PyObject *res = stream != NULL ? PyObject_CallMethod(stream, "flush", NULL) : NULL;
+    Py_XDECREF(res);
+    PyErr_Clear();
+  }
+  _exit(GF_EXIT_DESCRIPTORS);
+}
+
 /* reply(task_id, ok, payload, bufs): send a result (ok) or an exception (not ok). */
 static PyObject *Worker_reply(WorkerObject *self, PyObject *const *args, Py_ssize_t nargs) {
   outgoing *out;
@@ -1222,6 +1261,8 @@ static PyObject *Worker_reply(WorkerObject *self, PyObject *const *args, Py_ssiz
   Py_END_ALLOW_THREADS
   outgoing_release(out);
   PyMem_Free(out);
+  if (rc == -EBADFD)
+    worker_exit_descriptors(self);
   if (rc < 0)
     return set_errno(rc);
   Py_RETURN_NONE;
@@ -1501,7 +1542,8 @@ static int module_exec(PyObject *module) {
       PyModule_AddIntConstant(module, "MSG_ERROR", GF_MSG_ERROR) < 0 ||
       PyModule_AddIntConstant(module, "BUF_BYTES", GF_BUF_BYTES) < 0 ||
       PyModule_AddIntConstant(module, "OUT_OF_BAND_MIN", GF_BLOCK_MIN) < 0 ||
-      PyModule_AddIntConstant(module, "MAX_WORKERS", GF_MAX_WORKERS) < 0)
+      PyModule_AddIntConstant(module, "MAX_WORKERS", GF_MAX_WORKERS) < 0 ||
+      PyModule_AddIntConstant(module, "EXIT_DESCRIPTORS", GF_EXIT_DESCRIPTORS) < 0)
     return -1;
   return 0;
 }

@@ -1,0 +1,175 @@
+"""gilfree.Pool under faults from outside the pool: the user's program forks while a pool is
+open, a task closes or replaces the worker's inherited descriptors."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+import gilfree
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "src")
+
+
+def run_script(code, timeout=120):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, HERE]))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=HERE,
+    )
+
+
+# Tasks. The worker imports this module by name (tests/py is on the workers' sys.path).
+
+
+def ones(n):
+    return np.ones(n, dtype=np.uint8)
+
+
+def filled(n, value):
+    return bytes([value]) * n
+
+
+def a_memoryview(n):
+    return memoryview(bytearray(b"z" * n))
+
+
+def close_inherited(_=None):
+    os.closerange(3, 1024)
+    return "closed"
+
+
+def slow_pid(_=None):
+    time.sleep(0.05)  # long enough for the parent to stop spinning and sleep: the doorbell rings
+    return os.getpid()
+
+
+def replace_with_file(numbers, path):
+    """Closes the inherited descriptors and opens the user's file at each of `numbers` (the
+    pool's memfd and doorbell), as a long-lived log file would take a freed number."""
+    os.closerange(3, 1024)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(fd, b"log line\n")
+    for number in numbers:
+        if number != fd:
+            os.dup2(fd, number)
+    return "replaced"
+
+
+def length_and_sum(data):
+    time.sleep(0.05)
+    return len(data), sum(data[:: 1 << 16])
+
+
+# Forks.
+
+FORK_CHILD = """
+    import gc, multiprocessing, os, sys
+    from concurrent.futures.process import BrokenProcessPool
+    import numpy as np
+    import gilfree
+    import test_pool_faults as t
+
+    def total(r):
+        return int(r.sum() if isinstance(r, np.ndarray) else np.frombuffer(r, np.uint8).sum())
+
+    def child_reads(results, expect):
+        ok = [total(r) for r in results] == expect
+        try:
+            pool.submit(abs, 1)
+            ok = False
+        except BrokenProcessPool:
+            pass
+        del results[:]
+        gc.collect()
+        return ok
+
+    if __name__ == "__main__":
+        pool = gilfree.Pool(1)
+        results = [
+            pool.submit(t.ones, 1 << 20).result(timeout=60),             # numpy, a view
+            pool.submit(t.a_memoryview, 1 << 20).result(timeout=60),     # memoryview, a view
+            pool.submit(t.filled, 8 << 20, 1).result(timeout=60),        # bytes, mapped
+            pool.submit(t.filled, 1 << 20, 1).result(timeout=60),        # bytes, copied
+            pool.share(np.arange(1 << 16)).get(),                        # share() handle
+        ]
+        expect = [1 << 20, ord("z") << 20, 8 << 20, 1 << 20, sum(range(1 << 16))]
+        {how}
+        # The child's drops gave back none of the parent's references: the blocks are not
+        # reused for the next results.
+        more = [pool.submit(t.filled, 8 << 20, 2).result(timeout=60),
+                pool.submit(t.ones, 1 << 20).result(timeout=60) * 3]
+        assert [total(r) for r in results] == expect, "the parent's data changed"
+        assert pool.submit(abs, -3).result(timeout=60) == 3
+        pool.shutdown()
+        print("parent ok")
+"""
+
+WITH_OS_FORK = """
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if child_reads(results, expect) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", status, flush=True)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+"""
+
+WITH_MP_FORK = """
+        proc = multiprocessing.get_context("fork").Process(
+            target=lambda: sys.exit(0 if child_reads(results, expect) else 3))
+        proc.start()
+        proc.join()
+        print("child", proc.exitcode, flush=True)
+        assert proc.exitcode == 0, proc.exitcode
+"""
+
+
+def check_fork(how):
+    proc = run_script(FORK_CHILD.format(how=textwrap.indent(textwrap.dedent(how), " " * 8)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "parent ok" in proc.stdout
+
+
+def test_os_fork_child_reads_the_results_of_an_open_pool():
+    check_fork(WITH_OS_FORK)
+
+
+def test_multiprocessing_fork_child_reads_the_results_of_an_open_pool():
+    check_fork(WITH_MP_FORK)
+
+
+# Descriptors a task closes.
+
+
+def test_task_closing_inherited_descriptors_never_hangs_later_results():
+    with gilfree.Pool(1) as pool:
+        assert pool.submit(close_inherited).result(timeout=30) == "closed"
+        for _ in range(5):
+            # The parent sleeps while each runs: its worker must wake it, or be replaced.
+            assert pool.submit(slow_pid).result(timeout=30) > 0
+        assert pool.stats()["restarts"] >= 1  # the worker without its doorbell was replaced
+        assert list(pool.map(abs, range(-50, 0))) == list(range(50, 0, -1))
+
+
+def test_task_putting_a_file_at_the_pools_descriptors_gets_no_write_into_it(tmp_path):
+    path = str(tmp_path / "worker.log")
+    with gilfree.Pool(1) as pool:
+        memfd, doorbell, _ = pool._engine.child_fds()
+        assert pool.submit(replace_with_file, (memfd, doorbell), path).result(timeout=30)
+        # Arguments of 4 MiB and more are mapped from the memfd: never from the file.
+        big = bytes(range(256)) * (5 << 12)
+        for _ in range(3):
+            assert pool.submit(length_and_sum, big).result(timeout=30) == (
+                len(big),
+                sum(big[:: 1 << 16]),
+            )
+        assert pool.submit(abs, -7).result(timeout=30) == 7
+    with open(path, "rb") as file:
+        assert file.read() == b"log line\n"
