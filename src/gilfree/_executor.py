@@ -11,6 +11,7 @@ import itertools
 import math
 import operator
 import sys
+import threading
 import time
 import weakref
 
@@ -71,44 +72,61 @@ class _Pipeline:
         self.inflight = collections.deque()  # (future, item count)
         self.exhausted = False
         self.stopped = False  # by shutdown(cancel_futures=True): the rest is cancelled
+        self.error = None  # the input's own, raised after the results of the items before it
+        # The reading thread and a shutdown draining the map must not both pull from the input.
+        self.lock = threading.Lock()
 
     def fill(self, window=None):
         window = self.window if window is None else window
-        while not self.exhausted and not self.stopped and len(self.inflight) < window:
-            chunk = list(itertools.islice(self.items, self.sizer.size))
-            if not chunk:
-                self.exhausted = True
-                break
-            self.inflight.append((self.pool._submit_chunk(self.fn, chunk, self.star), len(chunk)))
+        with self.lock:
+            while not self.exhausted and not self.stopped and len(self.inflight) < window:
+                chunk = []
+                try:
+                    chunk.extend(itertools.islice(self.items, self.sizer.size))
+                except Exception as exc:  # extend keeps the items read before it
+                    self.error = exc
+                if chunk:
+                    future = self.pool._submit_chunk(self.fn, chunk, self.star)
+                    self.inflight.append((future, len(chunk)))
+                if not chunk or self.error is not None:
+                    self.exhausted = True
 
     def drain(self):
         """Submits all the remaining input now (the pool is shutting down)."""
         self.fill(math.inf)
 
     def finished(self):
-        if self.inflight:
-            return False
-        if self.stopped and not self.exhausted:
-            if next(self.items, _END) is not _END:
-                raise concurrent.futures.CancelledError("the pool was shut down")
-            self.exhausted = True
-        return self.exhausted
+        with self.lock:
+            if self.inflight:
+                return False
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            if self.stopped and not self.exhausted:
+                if next(self.items, _END) is not _END:
+                    raise concurrent.futures.CancelledError("the pool was shut down")
+                self.exhausted = True
+            return self.exhausted
 
     def take(self, future):
         """Removes a completed chunk; returns its results or raises its first error."""
-        for i, (fut, count) in enumerate(self.inflight):
-            if fut is future:
-                del self.inflight[i]
-                break
+        with self.lock:
+            for i, (fut, count) in enumerate(self.inflight):
+                if fut is future:
+                    del self.inflight[i]
+                    break
         results, error, elapsed = future.result()
         self.sizer.observe(count, elapsed)
         return results, error
 
     def cancel(self):
-        for fut, _ in self.inflight:
-            fut.cancel()
-        self.inflight.clear()
-        self.exhausted = True
+        """The map's reader is done with it (read to the end, closed, or failed)."""
+        with self.lock:
+            for fut, _ in self.inflight:
+                fut.cancel()
+            self.inflight.clear()
+            self.exhausted = True
+        self.pool._close_map(self)
 
 
 _END = object()
@@ -147,14 +165,29 @@ class PoolBase(concurrent.futures.Executor):
     def _submit_chunk(self, fn, items, star):
         raise NotImplementedError
 
+    def _open_map(self, pipeline):
+        """Registers a map or amap about to be read."""
+        self._pipelines.add(pipeline)
+
+    def _close_map(self, pipeline):
+        """Called when a map's reader is done with it."""
+        self._pipelines.discard(pipeline)
+
+    def _stop_maps(self):
+        """The maps being read submit no more of their input: past the results of what they
+        already submitted, they raise CancelledError (never a silently shortened sequence)."""
+        for pipeline in list(self._pipelines):
+            pipeline.stopped = True
+            self._pipelines.discard(pipeline)
+
     def _finish_maps(self, cancel):
-        """At shutdown, maps not read to the end get the rest of their input submitted now,
+        """DaskPool's shutdown: maps not read to the end get the rest of their input submitted now,
         as Executor.map would have done at the call, so that they can be read afterwards; with
         cancel, the rest is cancelled instead."""
-        for pipeline in list(self._pipelines):
-            if cancel:
-                pipeline.stopped = True
-            else:
+        if cancel:
+            self._stop_maps()
+        else:
+            for pipeline in list(self._pipelines):
                 pipeline.drain()
 
     def _interrupted(self):
@@ -180,7 +213,7 @@ class PoolBase(concurrent.futures.Executor):
 
     def _map(self, fn, items, star, chunksize, ordered, timeout, progress):
         pipeline = _Pipeline(self, fn, items, star, chunksize, ordered)
-        self._pipelines.add(pipeline)
+        self._open_map(pipeline)
         bar = _Progress(progress, items)
         deadline = None if timeout is None else time.monotonic() + timeout
         # Like Executor.map, work starts now, not at the first next().
@@ -222,7 +255,7 @@ class PoolBase(concurrent.futures.Executor):
         import asyncio
 
         pipeline = _Pipeline(self, fn, iterable, star, chunksize, ordered)
-        self._pipelines.add(pipeline)
+        self._open_map(pipeline)
         bar = _Progress(progress, iterable)
         wrapped = {}
         try:

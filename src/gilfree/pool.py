@@ -37,6 +37,9 @@ SPIN_PROBE_EVERY = 64
 # Workers dying before they ever start (a failing initializer, say) break the pool after this
 # many attempts in a row: retrying forever would hide the error.
 MAX_START_FAILURES = 3
+# Attempts at delivering an event whose handling raised (see Pool._redeliver); each attempt
+# finishes what the one before did not, the bound only keeps a bug from spinning forever.
+REDELIVERY_ATTEMPTS = 100
 # The template must find gilfree (and the user's modules) on the parent's sys.path.
 _TEMPLATE_CODE = (
     "import sys; sys.path[:] = sys.argv[6:]; from gilfree._worker import template_main; "
@@ -341,7 +344,8 @@ class Pool(PoolBase):
         if self._broken is not None:
             raise BrokenPool(self._broken)
         engine = self._engine  # read once: shutdown() may clear it meanwhile
-        if self._shutdown or engine is None:
+        # A map opened before shutdown goes on reading its input (see _open_map).
+        if engine is None or (self._shutdown and not chunk):
             raise RuntimeError("cannot schedule new futures after shutdown")
         last = self._last_function  # one tuple: read and replaced atomically under the GIL
         if last[0] is fn:
@@ -362,6 +366,22 @@ class Pool(PoolBase):
             self._settled()
             raise
         return future
+
+    def _open_map(self, pipeline):
+        with self._lock:  # against shutdown: it closes the pool once no map is open
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            super()._open_map(pipeline)
+        # A map dropped without being read never runs its generator's finally: this tells.
+        weakref.finalize(pipeline, self._map_closed).atexit = False
+
+    def _close_map(self, pipeline):
+        super()._close_map(pipeline)
+        self._map_closed()
+
+    def _map_closed(self):
+        if self._close_when_idle:
+            self._settled()
 
     def share(self, obj):
         """Places a read-only buffer (bytes, bytearray, memoryview, numpy array) in shared memory
@@ -398,10 +418,30 @@ class Pool(PoolBase):
         if engine is None:
             return False
         busy = len(self._futures) > self._spin_below
-        events = engine.collect(False, 1e-9 if busy else self._spin_s)  # busy: look once
-        if events:
-            self._on_events(events)
+        spin = 1e-9 if busy else self._spin_s  # busy: look once
+        batch = []
+        try:
+            # Called and stored from C: a signal handler raising as collect returns (it ran
+            # during the spin) cannot drop the batch, as with `events = engine.collect(...)`.
+            batch.extend(map(engine.collect, (False,), (spin,)))
+            if batch[0]:
+                self._on_events(batch[0])
+        except BaseException as exc:
+            self._deliver_batch(batch, exc)
         return future._state == FINISHED
+
+    def _deliver_batch(self, batch, exc):
+        """_help's slow path: exc (a signal handler's, say) was raised before the batch it
+        collected was delivered. Delivers it (_on_events empties a batch it finished), then
+        raises exc."""
+        for _ in range(REDELIVERY_ATTEMPTS):
+            try:
+                if batch and batch[0]:
+                    self._on_events(batch[0])
+                break
+            except BaseException:  # another one, or the batch's own: exc is raised
+                pass
+        raise exc
 
     def _waited(self, seconds, found):
         """Sizes the next spin: about 2.5x a wait the spin caught; halved after one it missed
@@ -435,60 +475,86 @@ class Pool(PoolBase):
         _busy_pools.discard(self)
         if self._futures:
             _busy_pools.add(self)
-        elif self._close_when_idle:
+        elif self._close_when_idle and not self._pipelines:
             self._close(grace=1.0)
 
     def _on_events(self, events):
+        # Runs on the waiter thread, and on any thread collecting in result(): there a signal
+        # handler may raise at any point. A future leaves the table only once it is complete,
+        # so that delivering an event again is harmless: _redeliver finishes one whose handling
+        # raised, _deliver_batch a batch left unfinished.
         futures = self._futures
         loads = pickle.loads
+        raised = None
         for event in events:
-            kind = event[0]
-            if kind == _engine.EV_RESULT:
-                _, task_id, (msg_kind, _, payload, views) = event
-                future = futures.pop(task_id, None)
-                if future is None:
-                    continue
-                try:
+            try:
+                kind = event[0]
+                if kind == _engine.EV_RESULT:
+                    _, task_id, (msg_kind, _, payload, views) = event
+                    future = futures.get(task_id)
+                    if future is None:
+                        continue
                     value = loads(payload) if not views else Codec.loads(payload, views)
-                except BaseException as exc:
-                    error = RuntimeError(
-                        f"the task's result cannot be unpickled in this process: "
-                        f"{type(exc).__name__}: {exc}"
-                    )
-                    error.__cause__ = exc
-                    _complete(future, None, error)
-                    continue
-                if msg_kind == _engine.MSG_RESULT:
-                    if future._lazy_condition is None:
+                    if msg_kind == _engine.MSG_RESULT and future._lazy_condition is None:
                         # Nobody waits on it or has a callback on it (the common case).
                         future._result = value
                         future._finish()
                     else:
-                        _complete(future, value, None)
-                else:
-                    _complete(future, None, with_remote_traceback(*value))
-            elif kind == _engine.EV_DIED:
-                self._worker_died(*event[1:])
-            elif kind == _engine.EV_TEMPLATE_DIED:
-                if not self._shutdown:
-                    self._break("the pool's template process died")
+                        _complete_message(future, msg_kind, value)
+                    futures.pop(task_id, None)
+                elif kind == _engine.EV_DIED:
+                    self._worker_died(*event[1:])
+                elif kind == _engine.EV_TEMPLATE_DIED:
+                    self._template_died()
+            except BaseException as exc:
+                exc = self._redeliver(event, exc)
+                if raised is None:
+                    raised = exc
         engine = self._engine
         if engine is not None:
             engine.scan()
         self._settled()
+        del events[:]  # delivered
+        if raised is not None:
+            raise raised
+
+    def _redeliver(self, event, exc):
+        """Delivers an event whose handling in _on_events raised exc. exc is the task's own
+        when its result cannot be unpickled (loading it again fails too); otherwise it is a
+        signal handler's exception or a done-callback's BaseException, returned to be raised
+        once the whole batch is delivered. Each step is idempotent, so an exception during an
+        attempt only means another one."""
+        raised = exc
+        for _ in range(REDELIVERY_ATTEMPTS):
+            try:
+                kind = event[0]
+                if kind == _engine.EV_RESULT:
+                    _, task_id, (msg_kind, _, payload, views) = event
+                    future = self._futures.get(task_id)
+                    if future is not None and future._state == PENDING:
+                        try:
+                            value = Codec.loads(payload, views)
+                        except Exception as error:
+                            if raised is exc:
+                                raised = None
+                            _complete(future, None, _unpickling_error(error))
+                        else:
+                            _complete_message(future, msg_kind, value)
+                    self._futures.pop(task_id, None)
+                elif kind == _engine.EV_DIED:
+                    self._fail_task(*event[1:6])
+                    if self._broken is not None:
+                        self._fail_all(BrokenPool(self._broken))
+                elif kind == _engine.EV_TEMPLATE_DIED:
+                    self._template_died()
+                return raised
+            except BaseException as again:
+                if raised is None:
+                    raised = again
+        return raised
 
     def _worker_died(self, task_id, slot, pid, status, timed_out, was_ready):
-        if task_id:
-            future = self._futures.pop(task_id, None)
-            if future is not None:
-                if timed_out:
-                    error = TaskTimeout(
-                        f"task ran longer than task_timeout={self._task_timeout}s; "
-                        f"worker {pid} was killed and replaced"
-                    )
-                else:
-                    error = _crash_error(pid, status)
-                _complete(future, None, error)
+        self._fail_task(task_id, slot, pid, status, timed_out)
         if was_ready:
             self._start_failures = 0
         else:
@@ -499,15 +565,45 @@ class Pool(PoolBase):
                     f"last: {_crash_error(pid, status)}"
                 )
 
+    def _fail_task(self, task_id, slot, pid, status, timed_out):
+        """Fails the task a dead worker was running, if any."""
+        future = self._futures.get(task_id) if task_id else None
+        if future is None:
+            return
+        if timed_out:
+            error = TaskTimeout(
+                f"task ran longer than task_timeout={self._task_timeout}s; "
+                f"worker {pid} was killed and replaced"
+            )
+        else:
+            error = _crash_error(pid, status)
+        _complete(future, None, error)
+        self._futures.pop(task_id, None)
+
+    def _template_died(self):
+        if not self._shutdown:
+            self._break("the pool's template process died")
+
     def _break(self, reason):
         # Runs on the waiter thread: the engine is closed later, by shutdown.
         self._broken = reason
         self._fail_all(BrokenPool(reason))
 
     def _fail_all(self, error):
-        while self._futures:
-            _, future = self._futures.popitem()
-            _complete(future, None, error)
+        """Fails every future left. One whose done-callback raises a BaseException (or a
+        signal handler's exception) does not stop the others: it is raised at the end."""
+        futures = self._futures
+        raised = None
+        while futures:
+            for task_id, future in list(futures.items()):
+                try:
+                    _complete(future, None, error)
+                    futures.pop(task_id, None)
+                except BaseException as exc:
+                    if raised is None:
+                        raised = exc
+        if raised is not None:
+            raise raised
 
     # ------------------------------------------------------------ lifecycle
 
@@ -524,13 +620,14 @@ class Pool(PoolBase):
         workers = engine.stats()
         for w in workers:
             w["idle_s"] = max(0.0, w.pop("alive_s") - w["busy_s"])
-        queued = engine.queued()
+        running = sum(1 for w in workers if w["busy"])
         return {
             "workers": workers,
             "tasks": sum(w["tasks"] for w in workers),
-            "queued": queued,
-            "running": max(0, len(self._futures) - queued),
-            "busy_workers": sum(1 for w in workers if w["busy"]),
+            # Waiting in the parent's queue or in a worker's ring behind the task it runs.
+            "queued": max(0, len(self._futures) - running),
+            "running": running,
+            "busy_workers": running,
             "restarts": sum(w["restarts"] for w in workers),
             "bytes_in": sum(w["bytes_in"] for w in workers),
             "bytes_out": sum(w["bytes_out"] for w in workers),
@@ -540,10 +637,9 @@ class Pool(PoolBase):
         with self._lock:
             if self._engine is None:
                 return
-        self._finish_maps(cancel_futures)
-        with self._lock:
             self._shutdown = True
         if cancel_futures:
+            self._stop_maps()
             for future in list(self._futures.values()):
                 future.cancel()
         if wait and threading.get_ident() != self._waiter_ident:
@@ -552,11 +648,13 @@ class Pool(PoolBase):
                     future.exception()
                 except concurrent.futures.CancelledError:
                     pass
-            self._close(grace=1.0)
-        else:
-            # The waiter thread (a done-callback) cannot wait for itself to complete futures.
-            self._close_when_idle = True
-            self._settled()
+            if not self._pipelines:
+                self._close(grace=1.0)
+                return
+        # The waiter thread (a done-callback) cannot wait for itself to complete futures, and
+        # a map still being read goes on lazily: the pool closes once both are done.
+        self._close_when_idle = True
+        self._settled()
 
     def _interrupted(self):
         """Ctrl-C while waiting: kill the workers now and fail what is left."""
@@ -568,11 +666,12 @@ class Pool(PoolBase):
             engine, self._engine = self._engine, None
         if engine is None:
             return
+        self._stop_maps()
         self._final_stats = self._stats_of(engine)
         engine.close(grace)
-        self._fail_all(concurrent.futures.CancelledError("the pool was shut down"))
         _busy_pools.discard(self)
         _live_pools.discard(self)
+        self._fail_all(concurrent.futures.CancelledError("the pool was shut down"))
 
     def _forget_after_fork(self):
         """In a child forked from this pool's process: the pool is the parent's. Drops this
@@ -631,6 +730,22 @@ def _pickle_config(config):
     return cloudpickle.dumps(config, 5)
 
 
+def _complete_message(future, msg_kind, value):
+    """Completes a future with a worker's reply: a result, or (exception, traceback text)."""
+    if msg_kind == _engine.MSG_RESULT:
+        _complete(future, value, None)
+    else:
+        _complete(future, None, with_remote_traceback(*value))
+
+
+def _unpickling_error(exc):
+    error = RuntimeError(
+        f"the task's result cannot be unpickled in this process: {type(exc).__name__}: {exc}"
+    )
+    error.__cause__ = exc
+    return error
+
+
 def _complete(future, value, error):
     """Sets a future's outcome unless it was cancelled meanwhile."""
     try:
@@ -666,6 +781,7 @@ _busy_pools = set()  # pools with futures out: see Pool._settled
 
 def _shutdown_at_exit():
     for pool in list(_live_pools):
+        pool._stop_maps()  # nobody reads a map at exit: the input it has not read is not run
         pool.shutdown(wait=True)
 
 

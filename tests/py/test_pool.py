@@ -905,3 +905,211 @@ def test_short_tasks_do_not_wait_behind_a_long_one():
             done, _ = concurrent.futures.wait(short, timeout=60)
             assert len(done) == 300 and not long.done()
             long.result()
+
+
+# ------------------------------------------------------------------ maps, shutdown and signals
+
+
+def test_shutdown_leaves_an_unfinished_map_over_an_endless_input_readable():
+    # The map goes on reading its input lazily after shutdown: shutdown neither submits an
+    # endless input nor waits for it, and the pool ends once the map is dropped (or at exit).
+    rc, out, err = run_to_end("""
+        import itertools, os, time
+        import gilfree, poolfuncs as f
+
+        def numbers():
+            for i in itertools.count():
+                if i > 10**6:
+                    os._exit(3)  # read far beyond what the reader asked for
+                yield i
+
+        with gilfree.Pool(2) as pool:
+            template = pool._engine.template_pid
+            results = pool.map(f.square, numbers())
+            for value in results:
+                if value > 100:
+                    break
+        print("shut down")
+        print(next(results), sum(itertools.islice(results, 1000)) == sum(i * i for i in range(13, 1013)))
+        del results
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{template}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("ended", not os.path.exists(f"/proc/{template}"))
+
+        pool = gilfree.Pool(1)
+        kept = pool.map(f.square, numbers())  # still referenced at exit, never read again
+        print(next(kept))
+        pool.shutdown()
+        print("exiting")
+    """)
+    assert rc == 0, err
+    assert out.split("\n")[:-1] == ["shut down", "144 True", "ended True", "0", "exiting"]
+
+
+def test_map_read_after_shutdown_reads_its_generator_to_the_end():
+    with gilfree.Pool(2) as pool:
+        results = pool.map(f.square, (i for i in range(20000)))
+        assert next(results) == 0
+    assert list(results) == [i * i for i in range(1, 20000)]
+    with pytest.raises(RuntimeError):
+        pool.map(f.square, range(3))
+
+
+def test_shutdown_from_another_thread_while_a_map_reads_a_generator():
+    pool = gilfree.Pool(2)
+    template = pool._engine.template_pid
+
+    inside = threading.Event()
+
+    def numbers():
+        for i in range(1500):
+            if i == 300:
+                inside.set()
+                time.sleep(0.5)  # the reader is in the generator while shutdown runs
+            yield i
+
+    got, errors = [], []
+
+    def read():
+        try:
+            for value in pool.map(f.square, numbers()):
+                got.append(value)
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert inside.wait(30)
+    pool.shutdown(wait=True)
+    reader.join(60)
+    assert not reader.is_alive() and not errors
+    assert got == [i * i for i in range(1500)]
+    deadline = time.monotonic() + 20
+    while alive(template) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not alive(template)
+
+
+def test_map_yields_every_result_before_its_input_fails(pool):
+    def numbers():
+        yield from range(5000)
+        raise f.Boom("the input broke")
+
+    for ordered in (True, False):
+        got = []
+        with pytest.raises(f.Boom, match="the input broke"):
+            for value in pool.map(f.square, numbers(), ordered=ordered):
+                got.append(value)
+        assert sorted(got) == [i * i for i in range(5000)]
+
+    async def read_amap():
+        got = []
+        with pytest.raises(f.Boom, match="the input broke"):
+            async for value in pool.amap(f.square, numbers()):
+                got.append(value)
+        return got
+
+    assert asyncio.run(read_amap()) == [i * i for i in range(5000)]
+
+
+def test_a_signal_handler_raising_while_results_are_collected_loses_no_result():
+    # The "signal.alarm timeout" idiom: the handler's exception reaches the caller, and every
+    # future still completes with its own result.
+    rc, out, err = run_to_end("""
+        import os, signal
+        import gilfree, poolfuncs as f
+
+        class Tick(Exception):
+            pass
+
+        armed = False
+
+        def handler(signum, frame):
+            global armed
+            if armed:
+                armed = False
+                raise Tick()
+
+        signal.signal(signal.SIGALRM, handler)
+        pool = gilfree.Pool(2)
+        futures = [pool.submit(f.echo, i) for i in range(20000)]
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        ticks = 0
+        for i, future in enumerate(futures):
+            while True:
+                armed = True
+                try:
+                    value = future.result(timeout=10)
+                except Tick:
+                    ticks += 1
+                    continue
+                except RuntimeError as exc:
+                    if "un-acquired lock" in str(exc):
+                        continue  # CPython's Condition.wait interrupted: not the pool's doing
+                    print("failed", i, exc, flush=True)
+                    os._exit(1)
+                except TimeoutError:
+                    print("never completed", i, flush=True)
+                    os._exit(1)
+                finally:
+                    armed = False
+                if value != i:
+                    print("wrong result", i, value, flush=True)
+                    os._exit(1)
+                break
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        pool.shutdown()
+        print("ok", ticks > 0)
+    """, timeout=180)
+    assert rc == 0 and out.split() == ["ok", "True"], out + err
+
+
+def test_a_callback_raising_base_exception_loses_no_other_future():
+    rc, out, err = run_to_end("""
+        import concurrent.futures
+        import gilfree, poolfuncs as f
+
+        def exits(future):
+            raise SystemExit("from a done-callback")
+
+        pool = gilfree.Pool(2)
+        list(pool.map(f.square, range(3000), chunksize=1))  # rings run deep: results in batches
+        futures = [pool.submit(f.square, i) for i in range(3000)]
+        for future in futures[::7]:
+            try:
+                future.add_done_callback(exits)
+            except SystemExit:
+                pass  # it was done already: the callback ran here
+        done, not_done = concurrent.futures.wait(futures, timeout=30)
+        print(len(not_done))
+        print(not not_done and [fut.result() for fut in futures] == [i * i for i in range(3000)])
+        pool.shutdown()
+    """)
+    assert rc == 0, err
+    assert out.split() == ["0", "True"], out + err
+
+
+def test_stats_count_as_running_the_tasks_workers_run(tmp_path):
+    gate = tmp_path / "go"
+
+    def blocked(i):
+        while not os.path.exists(gate):
+            time.sleep(0.005)
+        return i
+
+    with gilfree.Pool(2) as pool:
+        list(pool.map(f.square, range(2000), chunksize=1))  # microsecond tasks: rings run deep
+        futures = [pool.submit(blocked, i) for i in range(6)]
+        try:
+            deadline = time.monotonic() + 30
+            while pool.stats()["busy_workers"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            stats = pool.stats()
+        finally:
+            gate.touch()
+        assert stats["running"] == stats["busy_workers"] == 2
+        assert stats["queued"] == 4  # in the parent's queue or behind a running task in a ring
+        assert [future.result(timeout=30) for future in futures] == list(range(6))
+        stats = pool.stats()
+        assert stats["running"] == stats["queued"] == 0
