@@ -42,13 +42,47 @@ def template_main():
     # The template runs in its own session; Ctrl-C belongs to the user's program.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stdin_from_devnull((memfd, doorbell, ctl))
-    for module in config.preload:
-        importlib.import_module(module)
+    _preload(config.preload, ctl)
     slot = _engine.serve_template(ctl, nslots)
     if slot is None:
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os._exit(worker_main(memfd, slot, config))
+
+
+def _preload(modules, ctl):
+    """Imports modules, exiting if the parent closes the control socket meanwhile (it died, or
+    closed the pool): serve_template, which watches it afterwards, may be a long import away.
+    A thread watches (the template is single-threaded again before it forks); not
+    PR_SET_PDEATHSIG, which follows the parent's thread that started the template."""
+    if not modules:
+        return
+    import _thread
+    import select
+
+    stop_r, stop_w = os.pipe()
+    stopped = _thread.allocate_lock()
+    stopped.acquire()
+
+    def watch():
+        try:
+            poller = select.poll()
+            poller.register(ctl, select.POLLRDHUP)  # a hang-up only: spawn requests wait
+            poller.register(stop_r, select.POLLIN)
+            if any(fd == ctl for fd, _ in poller.poll()):
+                os._exit(1)
+        finally:
+            stopped.release()
+
+    _thread.start_new_thread(watch, ())
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    finally:
+        os.write(stop_w, b"x")
+        stopped.acquire()
+        os.close(stop_r)
+        os.close(stop_w)
 
 
 def _stdin_from_devnull(pool_fds):
@@ -150,7 +184,8 @@ def _cut_chunk(codec, chunk, exc):
 def run_chunk(fn, items, star, on_item=None):
     """Runs fn over items in order (fn(*item) when star), calling on_item() before each one.
     Returns (results, error, elapsed): error is None or (exception, traceback text) for the
-    first item that raised."""
+    first item that raised: any exception, as in a single task (SystemExit, KeyboardInterrupt
+    raised by fn; a Ctrl-C never reaches workers, which ignore SIGINT)."""
     results = []
     append = results.append
     start = time.perf_counter()
@@ -165,6 +200,6 @@ def run_chunk(fn, items, star, on_item=None):
         else:
             for item in items:
                 append(fn(item))
-    except Exception as exc:
+    except BaseException as exc:
         return results, _error(exc), time.perf_counter() - start
     return results, None, time.perf_counter() - start

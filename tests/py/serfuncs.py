@@ -62,3 +62,20 @@ def stdin_reads():
     """What a task reads from its standard input (sys.stdin, then descriptor 0), and whether
     descriptor 0 is /dev/null."""
     return sys.stdin.read(5), os.read(0, 5), os.path.samestat(os.fstat(0), os.stat(os.devnull))
+
+
+def raise_on(x, bad, exc_type):
+    """x, or exc_type raised for the item bad."""
+    if x == bad:
+        raise exc_type(x)
+    return x
+
+
+def distinct(items):
+    """How many items, and how many distinct objects among them."""
+    return len(items), len({id(item) for item in items})
+
+
+def repeated(size, count):
+    """One bytes object of size bytes, count times in a list."""
+    return [b"r" * size] * count
