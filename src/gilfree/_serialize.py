@@ -5,14 +5,16 @@
 block it already lives in) and returns a reference tuple; received references arrive as views:
 ``bytes`` objects for exact bytes, ``SharedBuffer`` objects for everything else.
 """
+import functools
 import io
+import itertools
 # _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
 import _pickle as pickle
 import sys
 import types
 import weakref
 
-from ._engine import BUF_BYTES, OUT_OF_BAND_MIN, has_large_buffer
+from ._engine import OUT_OF_BAND_MIN, has_large_buffer
 
 def _memoryview_reduce(view):
     return memoryview, (pickle.PickleBuffer(view),)
@@ -26,12 +28,18 @@ class _BufferPickler(pickle.Pickler):
         super().__init__(file, 5, buffer_callback=buffer_callback)
         self._owner = owner
         self._refs = refs
+        # id -> (index, obj): persistent ids bypass the memo, so a bytes referenced again is
+        # sent once and arrives as one object. obj is kept so that its id stays its own.
+        self._sent = {}
 
     def persistent_id(self, obj):
         if type(obj) is bytes and len(obj) >= OUT_OF_BAND_MIN:
-            index = sum(1 for ref in self._refs if ref[3] & BUF_BYTES)
-            self._refs.append(self._owner.export(obj))
-            return index
+            sent = self._sent.get(id(obj))
+            if sent is None:
+                # The index counts exported bytes only: buffers go by PickleBuffer.
+                sent = self._sent[id(obj)] = (len(self._sent), obj)
+                self._refs.append(self._owner.export(obj))
+            return sent[0]
         return None
 
     def reducer_override(self, obj):
@@ -160,25 +168,121 @@ def round_trip(obj):
 
 # ---------------------------------------------------------------- functions
 
-_blobs = weakref.WeakKeyDictionary()  # cacheable fn -> its pickled bytes
+_blobs = {}  # id(cacheable fn) -> (weakref to fn, its pickled bytes, _Captured.current or None)
+_generations = {}  # (module, global name) -> (value last pickled, generation): see _Captured.generations
+_next_generation = itertools.count()
 _functions = {}  # worker side: pickled bytes -> fn
 _FUNCTIONS_KEPT = 1024
-_module_globals = {}  # worker side: module name -> the globals its by-value functions share
+# Worker side: module name -> (the globals its by-value functions share, {global name: the
+# generation of the parent's value it holds}).
+_module_globals = {}
 
 
-def _pickles_by_reference(fn, blob):
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", "")
-    if module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
-        return False
-    return b"__main__" not in blob
+def _by_value(obj):
+    """True when cloudpickle copies the function or class obj instead of naming it."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    return module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname
+
+
+def _code_names(code, names):
+    """Adds the names code and its nested code objects use (a superset of the globals)."""
+    names.update(dict.fromkeys(code.co_names))
+    for const in code.co_consts:
+        if type(const) is types.CodeType:
+            _code_names(const, names)
+
+
+class _Captured:
+    """What a function's by-value pickle copied that can be rebound while the function lives:
+    the globals its code (and that of the by-value functions and classes it reaches) reads,
+    its code, defaults, attributes, closure cells, class attributes. current(fn) compares them
+    by identity with the values pickled, which it keeps (their ids stay theirs); it is compiled
+    into one expression, since a loop would cost more than the rest of a submit. A change inside
+    a mutable value is not seen: that would cost a pickle per submit."""
+
+    def __init__(self, fn):
+        self.scope_names = []  # the names of fn's module that the pickle may copy
+        self._terms = []
+        self._namespace = {"fn": fn}  # dropped below: the cache must not keep fn alive
+        self._visit(fn, set(), fn.__globals__)
+        del self._namespace["fn"]
+        source = "lambda fn: " + (" and ".join(self._terms) or "True")
+        self.current = eval(source, self._namespace)
+
+    def _watch(self, owner, read):
+        """Compares owner's read (".attr" or ".get(key)") with its value now; returns it."""
+        name = self._name(owner)
+        value = eval(name + read, self._namespace)
+        self._terms.append(f"{name}{read} is {self._name(value)}")
+        return value
+
+    def _name(self, obj):
+        if obj is self._namespace.get("fn"):
+            return "fn"
+        name = f"o{id(obj)}"
+        self._namespace[name] = obj
+        return name
+
+    def _visit(self, obj, seen, scope):
+        if id(obj) in seen:
+            return
+        if type(obj) is types.FunctionType and _by_value(obj):
+            seen.add(id(obj))
+            names = {}
+            _code_names(obj.__code__, names)
+            # Builtins the code calls: shadowing one later is too rare to pay a check for.
+            builtins = obj.__builtins__ if type(obj.__builtins__) is dict else vars(obj.__builtins__)
+            names = [name for name in names if name in obj.__globals__ or name not in builtins]
+            if obj.__globals__ is scope:
+                self.scope_names += names
+            reached = [self._watch(obj.__globals__, f".get({name!r})") for name in names]
+            reached += (self._watch(obj, attr) for attr in (".__code__", ".__defaults__", ".__kwdefaults__"))
+            reached += obj.__defaults__ or ()
+            reached += (obj.__kwdefaults__ or {}).values()
+            reached += (self._watch(obj.__dict__, f".get({name!r})") for name in list(obj.__dict__))
+            for i in range(len(obj.__closure__ or ())):
+                try:  # through the function: a cell may hold it (recursion), and fn is weak
+                    reached.append(self._watch(obj, f".__closure__[{i}].cell_contents"))
+                except ValueError:  # empty (filled later, say): pickled at each submit
+                    self._terms.append("False")
+        elif isinstance(obj, type) and _by_value(obj):
+            seen.add(id(obj))
+            attributes = vars(obj)
+            reached = []
+            for name, value in attributes.items():
+                self._watch(attributes, f".get({name!r})")
+                # Methods, and those in staticmethod, classmethod and property wrappers.
+                reached += (value, getattr(value, "__func__", None))
+                reached += (getattr(value, attr, None) for attr in ("fget", "fset", "fdel"))
+        else:
+            return
+        for value in reached:
+            self._visit(value, seen, scope)
+
+    def generations(self, fn):
+        """{name: generation} for the globals of fn's module that its pickle copies. A
+        generation changes when the parent rebinds the name, so that a worker replaces the
+        value it holds (which may be its own, set by a task or the initializer) only then."""
+        scope = fn.__globals__
+        module = scope.get("__name__")
+        found = {}
+        for name in self.scope_names:
+            if name in scope:
+                value = scope[name]
+                known = _generations.get((module, name))
+                if known is None or known[0] is not value:
+                    known = _generations[(module, name)] = (value, next(_next_generation))
+                found[name] = known[1]
+        return found
 
 
 def cacheable(fn):
-    """True when fn's pickle cannot change while fn lives, so it is pickled and loaded once: a
-    function (by reference its name; by value its code and the module state it starts from in
-    each worker), a class, a module's builtin. Callable instances, bound methods and partials
-    carry state that may change between submits (or within a task), so each task gets its own."""
+    """True when fn is pickled and loaded once while it (and, by value, what it captured) stays
+    as it was: a function (by reference its name; by value its code and the module state it
+    starts from in each worker), a class, a module's builtin. Callable instances, bound methods
+    and partials carry state that may change between submits (or within a task), so each task
+    gets its own."""
     kind = type(fn)
     return (
         kind is types.FunctionType
@@ -189,30 +293,51 @@ def cacheable(fn):
 
 def function_blob(fn):
     """fn pickled, once per object when cacheable(fn): by reference when workers can import it,
-    else by value (cloudpickle: lambdas, closures, functions of __main__). Workers cache the
-    function under these bytes, so a task carries them but nobody unpickles them twice."""
-    try:
-        return _blobs[fn]  # only cacheable objects are kept
-    except (KeyError, TypeError):  # TypeError: not weak-referenceable or not hashable
-        pass
+    else by value (cloudpickle: lambdas, closures, functions of __main__), again when something
+    it captured was rebound. Workers cache the function under these bytes, so a task carries
+    them but nobody unpickles them twice."""
+    cached = _blobs.get(id(fn))
+    if cached is not None and cached[0]() is fn:
+        try:
+            if cached[2] is None or cached[2](fn):
+                return cached[1]
+        except ValueError:  # a cell emptied
+            pass
     try:
         blob = pickle.dumps(fn, 5)
     except Exception:
         blob = None
-    if blob is None or not _pickles_by_reference(fn, blob):
+    captured = None
+    if blob is None or _by_value(fn) or b"__main__" in blob:
         import cloudpickle
 
-        blob = cloudpickle.dumps(fn, 5)
+        if type(fn) is types.FunctionType:
+            captured = _Captured(fn)
+            blob = cloudpickle.dumps((fn, captured.generations(fn)), 5)
+            captured = captured.current
+        else:
+            blob = cloudpickle.dumps(fn, 5)
     if cacheable(fn):
-        _blobs[fn] = blob
+        try:
+            ref = weakref.ref(fn, functools.partial(_forget, id(fn)))
+        except TypeError:
+            return blob  # not weak-referenceable: pickled at each submit
+        _blobs[id(fn)] = (ref, blob, captured)
     return blob
+
+
+def _forget(key, ref):
+    """A cached function died: its entry goes, unless a new object with its id took it."""
+    if _blobs.get(key, (None,))[0] is ref:
+        del _blobs[key]
 
 
 def load_function(blob):
     """Worker side: the function a blob names, unpickled once if cacheable."""
     fn = _functions.get(blob)
     if fn is None:
-        fn = share_module_globals(pickle.loads(blob))
+        fn = pickle.loads(blob)
+        fn = share_module_globals(*fn) if type(fn) is tuple else share_module_globals(fn)
         if cacheable(fn):
             if len(_functions) >= _FUNCTIONS_KEPT:
                 _functions.clear()
@@ -220,13 +345,14 @@ def load_function(blob):
     return fn
 
 
-def share_module_globals(fn):
+def share_module_globals(fn, generations=None):
     """Worker side: fn, if it came by value, rebuilt onto the one globals dict of its module.
 
     cloudpickle gives each pickle its own copy of the module's globals; in a worker of
     ProcessPoolExecutor a module is one namespace, so what the initializer or a task sets is
     what the next task reads. Names fn brought that the shared dict lacks are added; values
-    already there win (they are this worker's module state)."""
+    already there win (they are this worker's module state) unless generations, the parent's
+    {name: generation} for fn's pickle, says the parent rebound the name since."""
     if type(fn) is not types.FunctionType:
         return fn
     own = fn.__globals__
@@ -234,8 +360,10 @@ def share_module_globals(fn):
     module = sys.modules.get(name)
     if module is not None and vars(module) is own:
         return fn  # by reference: the module itself
-    shared = _module_globals.setdefault(name, own)
+    generations = generations or {}
+    shared, held = _module_globals.setdefault(name, (own, {}))
     if shared is own:
+        held.update(generations)
         return fn  # the module's first by-value function: its globals become the shared ones
     rebuilt = {}  # id(function) -> its copy on shared; also breaks cycles
 
@@ -260,6 +388,7 @@ def share_module_globals(fn):
         return copy
 
     for key, value in own.items():
-        if key not in shared:
+        if key not in shared or held.get(key, generations.get(key)) != generations.get(key):
             shared[key] = rebind(value)
+    held.update(generations)
     return rebind(fn)

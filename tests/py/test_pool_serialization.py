@@ -58,6 +58,61 @@ def test_functions_by_value_share_their_module_globals_in_a_worker():
     assert out == str(["configured"] * 4 + [["a"]])
 
 
+def test_a_function_by_value_is_pickled_again_when_what_it_captured_was_rebound():
+    # Pickled once per function and cached, but a later pool sees the parent's new values.
+    out = run_ok(
+        """
+        import gilfree
+        SCALE = 1
+        def helper():
+            return SCALE
+        def scaled(x, offset=0):
+            return x * SCALE + offset
+        def via_helper(x):
+            return x * helper()
+        def make(k):
+            return lambda x: x * k * SCALE
+        times = make(2)
+        def run():
+            with gilfree.Pool(1) as pool:
+                return [pool.submit(fn, 10).result() for fn in (scaled, via_helper, times)] + list(
+                    pool.map(scaled, [1])
+                )
+        print(run())
+        SCALE = 1000
+        print(run())
+        def helper():
+            return -1
+        scaled.__defaults__ = (5,)
+        times.__closure__[0].cell_contents = 3
+        print(run())
+        """
+    )
+    assert out.splitlines() == ["[10, 10, 20, 1]", "[10000, 10000, 20000, 1000]", "[10005, -10, 30000, 1005]"]
+
+
+def test_a_worker_takes_the_parents_rebound_globals_but_keeps_its_own_otherwise():
+    # The worker side in one process: functions by value share their module's globals; a new
+    # pickle of a function replaces the values the parent rebound since, and only those.
+    out = run_ok(
+        """
+        from gilfree import _serialize as s
+        SCALE, OFFSET = 1, 0
+        def scaled(x):
+            return x * SCALE + OFFSET
+        def set_offset(value):
+            global OFFSET
+            OFFSET = value
+        first = s.load_function(s.function_blob(scaled))
+        s.load_function(s.function_blob(set_offset))(5)  # a task in the worker sets OFFSET
+        SCALE = 1000
+        again = s.load_function(s.function_blob(scaled))
+        print(first(10), again(10))
+        """
+    )
+    assert out == "10005 10005"
+
+
 def test_callables_with_state_travel_with_their_state_at_each_submit(pool):
     scaler = sf.Scaler(1)
     assert pool.submit(scaler, 2).result() == 2
@@ -103,6 +158,18 @@ def test_map_yields_the_results_before_an_unpicklable_one_in_its_chunk(pool):
         for value in pool.map(sf.lock_on, range(30), [13] * 30, chunksize=10):
             got.append(value)
     assert got == list(range(13))
+
+
+@pytest.mark.parametrize("size", [256 << 10, 4 << 20])  # copied on arrival / mapped
+def test_a_large_bytes_referenced_many_times_travels_once_and_arrives_as_one_object(pool, size):
+    big = b"a" * size
+    before = pool.stats()
+    assert pool.submit(sf.distinct, [big] * 40).result() == (40, 1)
+    got = pool.submit(sf.repeated, size, 40).result()
+    after = pool.stats()
+    assert len(got) == 40 and len({id(item) for item in got}) == 1 and got[0] == b"r" * size
+    assert after["bytes_in"] - before["bytes_in"] < 2 * size
+    assert after["bytes_out"] - before["bytes_out"] < 2 * size
 
 
 def test_workers_do_not_read_the_parents_stdin():
