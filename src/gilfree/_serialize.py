@@ -326,6 +326,13 @@ def function_blob(fn):
     return blob
 
 
+def blob_never_stale(fn):
+    """True when function_blob(fn) holds a blob for fn that nothing can make stale (by reference,
+    or by value with nothing captured to rebind): callers may keep it without asking again."""
+    cached = _blobs.get(id(fn))
+    return cached is not None and cached[0]() is fn and cached[2] is None
+
+
 def _forget(key, ref):
     """A cached function died: its entry goes, unless a new object with its id took it."""
     if _blobs.get(key, (None,))[0] is ref:

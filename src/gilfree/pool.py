@@ -20,7 +20,7 @@ from concurrent.futures._base import FINISHED, PENDING, RUNNING
 
 from . import _engine
 from ._executor import PoolBase, is_ctrl_c, with_remote_traceback
-from ._serialize import Codec, cacheable, function_blob
+from ._serialize import Codec, blob_never_stale, function_blob
 from ._worker import WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
 
@@ -352,7 +352,8 @@ class Pool(PoolBase):
             head = last[1]
         else:
             head = function_blob(fn)
-            if cacheable(fn):
+            # A function by value is asked each time: what it captured may have been rebound.
+            if blob_never_stale(fn):
                 self._last_function = (fn, head)
         payload, refs = self._codec.dumps(body)
         task_id = next(self._ids)

@@ -91,6 +91,22 @@ def test_a_function_by_value_is_pickled_again_when_what_it_captured_was_rebound(
     assert out.splitlines() == ["[10, 10, 20, 1]", "[10000, 10000, 20000, 1000]", "[10005, -10, 30000, 1005]"]
 
 
+def test_the_same_pool_sees_a_global_rebound_between_submits():
+    out = run_ok(
+        """
+        import gilfree
+        SCALE = 10
+        def scaled(x):
+            return x * SCALE
+        with gilfree.Pool(1) as pool:
+            before = pool.submit(scaled, 1).result()
+            SCALE = 1000
+            print(before, pool.submit(scaled, 1).result(), list(pool.map(scaled, [1, 2])))
+        """
+    )
+    assert out.strip() == "10 1000 [1000, 2000]"
+
+
 def test_a_worker_takes_the_parents_rebound_globals_but_keeps_its_own_otherwise():
     # The worker side in one process: functions by value share their module's globals; a new
     # pickle of a function replaces the values the parent rebound since, and only those.
