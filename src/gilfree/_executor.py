@@ -8,7 +8,6 @@ flight: a generator of any length is consumed in bounded memory.
 import collections
 import concurrent.futures
 import itertools
-import math
 import operator
 import sys
 import threading
@@ -73,7 +72,7 @@ class _Pipeline:
         self.exhausted = False
         self.stopped = False  # by shutdown(cancel_futures=True): the rest is cancelled
         self.error = None  # the input's own, raised after the results of the items before it
-        # The reading thread and a shutdown draining the map must not both pull from the input.
+        # The reading thread and a shutdown stopping the map must not both pull from the input.
         self.lock = threading.Lock()
 
     def fill(self, window=None):
@@ -90,10 +89,6 @@ class _Pipeline:
                     self.inflight.append((future, len(chunk)))
                 if not chunk or self.error is not None:
                     self.exhausted = True
-
-    def drain(self):
-        """Submits all the remaining input now (the pool is shutting down)."""
-        self.fill(math.inf)
 
     def finished(self):
         with self.lock:
@@ -179,16 +174,6 @@ class PoolBase(concurrent.futures.Executor):
         for pipeline in list(self._pipelines):
             pipeline.stopped = True
             self._pipelines.discard(pipeline)
-
-    def _finish_maps(self, cancel):
-        """DaskPool's shutdown: maps not read to the end get the rest of their input submitted now,
-        as Executor.map would have done at the call, so that they can be read afterwards; with
-        cancel, the rest is cancelled instead."""
-        if cancel:
-            self._stop_maps()
-        else:
-            for pipeline in list(self._pipelines):
-                pipeline.drain()
 
     def _interrupted(self):
         """Called when Ctrl-C arrives while the caller waits on the pool."""

@@ -1,6 +1,7 @@
 """DaskPool against a real distributed.LocalCluster with two worker processes (one thread each)."""
 import concurrent.futures
 import hashlib
+import itertools
 import logging
 import os
 import signal
@@ -356,6 +357,53 @@ def test_pool_owns_and_closes_only_its_own_client(cluster, client, target):
         pool.submit(square, 2)
     DaskPool(client).shutdown()
     assert client.status == "running"
+
+
+def test_shutdown_leaves_an_unfinished_map_over_an_endless_input_readable(cluster):
+    # As with the local pool: shutdown neither submits an endless input nor waits for it; the
+    # map reads on lazily, and the pool lets go of the cluster once the map is closed.
+    read = []
+
+    def numbers():
+        for i in itertools.count():
+            read.append(i)
+            yield i
+
+    pool = DaskPool(cluster.scheduler_address)
+    results = pool.map(square, numbers())
+    assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
+    started = time.monotonic()
+    pool.shutdown()
+    assert time.monotonic() - started < 30
+    assert len(read) < 10**5
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(square, 2)
+    assert pool.client.status == "running"  # the map still needs it
+    assert [next(results) for _ in range(2000)] == [i * i for i in range(5, 2005)]
+    results.close()
+    deadline = time.monotonic() + 30
+    while pool.client.status != "closed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.client.status == "closed"
+
+
+def test_map_read_after_shutdown_reads_its_generator_to_the_end(client):
+    with DaskPool(client) as pool:
+        results = pool.map(square, (i for i in range(3000)))
+        assert next(results) == 0
+    assert list(results) == [i * i for i in range(1, 3000)]
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.map(square, range(3))
+
+
+def test_shutdown_cancelling_futures_stops_an_unfinished_map(client):
+    pool = DaskPool(client)
+    results = pool.map(square, itertools.count())
+    assert next(results) == 0
+    pool.shutdown(cancel_futures=True)
+    with pytest.raises(concurrent.futures.CancelledError):
+        for _ in results:
+            pass
 
 
 def test_cancelled_future_never_runs(pool, tmp_path):

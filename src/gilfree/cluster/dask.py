@@ -480,6 +480,8 @@ class DaskPool(PoolBase):
         self._tasks_done = 0
         self._stuck_handlers = []
         self._shutdown = False
+        self._release_when_idle = False  # shut down while maps are still read (see shutdown)
+        self._released = False
         setup_bytes = cloudpickle.dumps((initializer, tuple(initargs), tuple(preload)))
         try:
             # Runs setup on every current worker now, raising the initializer's error here.
@@ -509,7 +511,8 @@ class DaskPool(PoolBase):
         name = getattr(fn, "__name__", type(fn).__name__).replace("<", "").replace(">", "")
         key = f"{name}-{uuid.uuid4().hex}"
         with self._lock:
-            if self._shutdown:
+            # A map opened before shutdown goes on reading its input (see shutdown).
+            if self._released or (self._shutdown and kind != "chunk"):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._check_client()
             try:
@@ -768,24 +771,42 @@ class DaskPool(PoolBase):
         }
 
     def shutdown(self, wait=True, *, cancel_futures=False):
-        with self._lock:
-            if self._shutdown:
-                return
-        self._finish_maps(cancel_futures)
+        """As in concurrent.futures. A map opened before it goes on reading its input lazily (as
+        with gilfree.Pool: an endless generator is never submitted whole); the pool lets go of
+        the cluster once the last such map is read to the end, closed or dropped."""
         with self._lock:
             if self._shutdown:
                 return
             self._shutdown = True
             pending = list(self._outstanding.values())
         if cancel_futures:
+            self._stop_maps()
             self._cancel(pending)
         if wait:
-            self._release(pending)
-        else:
-            threading.Thread(target=self._release, args=(pending,), name="gilfree-dask-shutdown", daemon=True).start()
+            futures_wait(pending)
+        self._release_when_idle = True
+        self._release_if_idle(wait)
 
-    def _release(self, pending):
+    def _close_map(self, pipeline):
+        super()._close_map(pipeline)
+        if self._release_when_idle:
+            # Maybe in a finalizer, on whichever thread dropped the map: never block there.
+            self._release_if_idle(wait=False)
+
+    def _release_if_idle(self, wait):
+        with self._lock:
+            if self._released or self._pipelines:
+                return
+            self._released = True
+        if wait:
+            self._release()
+        else:
+            threading.Thread(target=self._release, name="gilfree-dask-shutdown", daemon=True).start()
+
+    def _release(self):
         """Waits for the pool's last tasks, then lets go of what the pool holds on the cluster."""
+        with self._lock:  # complete: nothing is submitted once released
+            pending = list(self._outstanding.values())
         futures_wait(pending)
         for thread in self._stuck_handlers:
             thread.join()
