@@ -127,6 +127,7 @@ def worker_main(memfd, slot, config):
     worker = _engine.Worker(memfd, slot)
     codec = Codec(worker)
     on_item = worker.item_started if config.task_timeout else None  # per-item deadlines
+    pid = os.getpid()
     done = 0
     while True:
         task = worker.next(NEXT_TASK_SPIN_S)
@@ -144,6 +145,8 @@ def worker_main(memfd, slot, config):
             else:
                 result = fn(*args[0], **args[1])
             del fn, args
+            if os.getpid() != pid:
+                _end_forked_child(None)
             try:
                 data, refs = codec.dumps(result)
                 ok = True
@@ -155,6 +158,8 @@ def worker_main(memfd, slot, config):
                     data, refs = codec.dumps(_error(exc))
             del result
         except BaseException as exc:
+            if os.getpid() != pid:
+                _end_forked_child(exc)
             data, refs = codec.dumps(_error(exc))
             ok = False
             del exc
@@ -167,6 +172,28 @@ def worker_main(memfd, slot, config):
         ):
             worker.retire()
             return 0
+
+
+def _end_forked_child(exc):
+    """In a process a task forked (os.fork) that came back out of the task: the rings and the
+    task are the worker's, so it ends here, as a script would with exc (None: returned)."""
+    code = 0
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    elif exc is not None:
+        import traceback
+
+        traceback.print_exception(exc)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # closed or broken: nothing more to say
+            pass
+    os._exit(code or 0)
 
 
 def _cut_chunk(codec, chunk, exc):

@@ -483,7 +483,16 @@ def test_parent_sigkilled_takes_workers_and_shm_along():
     deadline = time.monotonic() + 2.0
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not any(alive(p) for p in pids)
+    assert not any(alive(p) for p in pids), [proc_status(p) for p in pids]
+
+
+def proc_status(pid):
+    """pid's state and parent, for a failure message."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return pid, [line.strip() for line in status if line.startswith(("State", "PPid", "SigPnd", "ShdPnd"))]
+    except FileNotFoundError:
+        return pid, "gone"
 
 
 def test_ctrl_c_during_map_raises_and_leaves_no_children():

@@ -1,5 +1,5 @@
 """gilfree.Pool under faults from outside the pool: the user's program forks while a pool is
-open, a task closes or replaces the worker's inherited descriptors."""
+open, a task forks, a task closes or replaces the worker's inherited descriptors."""
 import os
 import subprocess
 import sys
@@ -61,6 +61,19 @@ def replace_with_file(numbers, path):
         if number != fd:
             os.dup2(fd, number)
     return "replaced"
+
+
+def fork_and_return(data, child_ends_with):
+    """Forks; the child drops its copy of data's view, then leaves the task (it returns or
+    raises). The worker returns data, its pid and the child's exit code."""
+    child = os.fork()
+    if child == 0:
+        del data
+        if child_ends_with == "return":
+            return "from the child"
+        raise SystemExit(child_ends_with)
+    _, status = os.waitpid(child, 0)
+    return data, os.getpid(), os.waitstatus_to_exitcode(status)
 
 
 def length_and_sum(data):
@@ -173,3 +186,23 @@ def test_task_putting_a_file_at_the_pools_descriptors_gets_no_write_into_it(tmp_
         assert pool.submit(abs, -7).result(timeout=30) == 7
     with open(path, "rb") as file:
         assert file.read() == b"log line\n"
+
+
+def test_a_process_forked_by_a_task_ends_there_and_leaves_the_pool_alone():
+    # 4 MiB: travels in shared memory and arrives as a view of it
+    big = np.frombuffer(bytes(range(256)) * (1 << 14), np.uint8).copy()
+    with gilfree.Pool(1) as pool:
+        for ends_with, code in (("return", 0), (7, 7), ("a message", 1)):
+            data, worker, exit_code = pool.submit(fork_and_return, big, ends_with).result(timeout=30)
+            assert exit_code == code
+            assert np.array_equal(data, big)
+            # The child neither answered for the worker nor dropped the worker's references to
+            # its blocks: new traffic through the arena leaves the result intact.
+            for value in range(4):
+                other = np.full(len(big), value, np.uint8)
+                assert pool.submit(length_and_sum, other).result(timeout=30) == (len(big), value * 64)
+                assert np.array_equal(pool.submit(np.copy, other).result(timeout=30), other)
+            assert np.array_equal(data, big)
+            assert pool.submit(os.getpid).result(timeout=30) == worker
+        assert list(pool.map(abs, range(-300, 0))) == list(range(300, 0, -1))
+        assert pool.stats()["restarts"] == 0

@@ -79,9 +79,10 @@ typedef struct {
   Py_ssize_t nranges, cap_ranges;
   mapped_bytes *maps;
   Py_ssize_t nmaps, cap_maps;
-  /* Set in a child forked from the pool's process: its views are copies of the parent's, and
-   * the block references they stand for are the parent's, never dropped (nor added) here. */
-  int detached;
+  /* The process whose block references these are. In a child it forked (os.fork in the
+   * parent or in a task) the views are copies, and the references they stand for are that
+   * process's: never dropped nor added there (shm_foreign). */
+  pid_t pid;
 } shm_t;
 
 /* The common head of Engine and Worker objects. */
@@ -96,8 +97,12 @@ static int shm_alloc(shm_t *shm, uint64_t len, uint64_t *off) {
   return gf_manager_alloc(shm->manager, len, off);
 }
 
+static int shm_foreign(const shm_t *shm) {
+  return getpid() != shm->pid;
+}
+
 static void shm_release(shm_t *shm, uint64_t block) {
-  if (shm->detached)
+  if (shm_foreign(shm))
     return;
   if (shm->worker != NULL)
     gf_worker_release(shm->worker, block);
@@ -520,7 +525,6 @@ typedef struct {
   gf_manager m;
   int initialized;
   int closed;
-  pid_t owner_pid; /* the process that made the pool: a forked child only forgets it */
   pthread_t waiter;
   int waiter_running;
   /* close() was called on the waiter thread (from a callback): the waiter closes the engine
@@ -650,7 +654,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
   self->shm.arena = &self->m.arena;
   self->shm.manager = &self->m;
   self->max_inline = gf_ring_max_message(gf_slot_requests(self->m.seg, 0));
-  self->owner_pid = getpid();
+  self->shm.pid = getpid(); /* made the pool: a forked child only forgets it */
   self->initialized = 1;
   return 0;
 }
@@ -673,12 +677,11 @@ static void engine_stop_waiter(EngineObject *self) {
 static void engine_close(EngineObject *self, int64_t timeout_ns) {
   if (!self->initialized || self->closed || self->close_requested)
     return;
-  if (getpid() != self->owner_pid) {
+  if (shm_foreign(&self->shm)) {
     /* The waiter thread was not forked; its reference to us is never returned. The mapping
      * stays until the last view's reference to us goes (Engine_dealloc), as in the parent. */
     self->waiter_running = 0;
     self->closed = 1;
-    self->shm.detached = 1;
     gf_manager_forget(&self->m);
     return;
   }
@@ -902,7 +905,7 @@ static PyObject *owner_addref(ShmOwner *owner, PyObject *arg) {
     PyErr_SetString(PyExc_ValueError, "not a block of this arena");
     return NULL;
   }
-  if (!owner->shm.detached) /* a forked child's references are the parent's: see shm_t */
+  if (!shm_foreign(&owner->shm)) /* a forked child's references are not its own: see shm_t */
     gf_block_incref(owner->shm.arena, block);
   Py_RETURN_NONE;
 }
@@ -1160,6 +1163,7 @@ static int Worker_init(WorkerObject *self, PyObject *args, PyObject *kwds) {
   }
   self->shm.arena = &self->w.arena;
   self->shm.worker = &self->w;
+  self->shm.pid = getpid();
   self->max_inline = gf_ring_max_message(self->w.responses);
   return 0;
 }
