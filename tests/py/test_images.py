@@ -172,12 +172,26 @@ def palette_half_transparent(size=(40, 30)):
     return image
 
 
+def colour_keyed(mode):
+    """halves() in mode, saved as PNG with its left half's value as the transparent colour (tRNS): opened as
+    that mode with info['transparency']."""
+    if mode == "I;16":
+        image = Image.new("I;16", (40, 30), 40000)  # 16-bit grey: the key is a 16-bit value
+        image.paste(1000, (0, 0, 20, 30))
+    else:
+        image = halves((40, 30)).convert(mode)
+    return encode(image, "PNG", transparency=image.getpixel((0, 0)))
+
+
 MODE_SOURCES = {  # one source per decoded mode, 40x30
     "1": encode(halves((40, 30)).convert("1"), "PNG"),
     "L": encode(halves((40, 30)).convert("L"), "PNG"),
     "LA": encode(halves((40, 30)).convert("LA"), "PNG"),
     "P": encode(halves((40, 30)), "GIF"),
     "P with transparency": encode(palette_half_transparent(), "PNG", transparency=0),
+    "L with transparency": colour_keyed("L"),
+    "RGB with transparency": colour_keyed("RGB"),
+    "I;16 with transparency": colour_keyed("I;16"),
     "RGB": encode(halves((40, 30)), "BMP"),
     "RGBA": encode(half_transparent(), "WEBP", lossless=True),
     "I;16": encode(Image.new("I;16", (40, 30), 40000), "PNG"),
@@ -208,6 +222,9 @@ TRANSPARENT_SOURCES = {
     "LA": encode(half_transparent().convert("LA"), "PNG"),
     "P": encode(palette_half_transparent(), "PNG", transparency=0),
     "GIF": encode(palette_half_transparent(), "GIF", transparency=0),
+    "RGB colour key": colour_keyed("RGB"),
+    "L colour key": colour_keyed("L"),
+    "I;16 colour key": colour_keyed("I;16"),
 }
 
 
@@ -218,6 +235,18 @@ def test_transparent_pixels_become_white_in_jpeg(source, query):
     left, right = image.convert("RGB").getpixel((2, 5)), image.convert("RGB").getpixel((image.width - 3, 5))
     assert near(left, (255, 255, 255), 10)  # not the hidden red
     assert not near(right, (255, 255, 255), 10)  # the opaque half stays
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+@pytest.mark.parametrize("query", ["format=png", "format=webp", "w=20&format=png", "grayscale&format=png",
+                                   "blur=1&format=webp", "w=40&h=40&fit=contain&format=png"])
+def test_colour_key_transparency_is_kept(mode, query):
+    image, _, _ = run(colour_keyed(mode), query)
+    image = image.convert("RGBA")
+    top = 15 if "contain" in query else 5  # the picture, 40x30, is letterboxed at rows 5..34
+    assert image.getpixel((2, top))[3] == 0 and image.getpixel((image.width - 3, top))[3] == 255
+    if "contain" in query:
+        assert image.getpixel((20, 1))[3] == 0  # the letterbox too
 
 
 def test_contain_letterbox_is_white_in_jpeg_and_transparent_in_png():

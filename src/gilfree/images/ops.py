@@ -9,7 +9,7 @@ import io
 import os
 import zlib
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from .spec import ImageError
 
@@ -27,6 +27,7 @@ _ROTATE_CLOCKWISE = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE
 _FLIP = {"h": Image.Transpose.FLIP_LEFT_RIGHT, "v": Image.Transpose.FLIP_TOP_BOTTOM}
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 _PIXEL_INFO = ("transparency",)  # the palette entry or colour that is transparent
+_COLOUR_KEYED = ("1", "L", "I", "I;16", "RGB")  # modes whose transparency (PNG tRNS) is one colour value
 # An ICC profile describes one colour space (bytes 16-19 of its header); the output mode's must match.
 _ICC_SPACE = {"1": b"GRAY", "L": b"GRAY", "LA": b"GRAY", "P": b"RGB ", "RGB": b"RGB ", "RGBA": b"RGB ", "CMYK": b"CMYK"}
 # Decoders report truncated or corrupt data with any of these.
@@ -51,7 +52,7 @@ def transform(source, spec):
     icc = image.info.get("icc_profile")
     # The encoders fall back on info (a JPEG's comment, PNG's profile): only what the pixels need stays.
     image.info = {key: image.info[key] for key in _PIXEL_INFO if key in image.info}
-    image = _eight_bit(image)
+    image = _eight_bit(_alpha_from_key(image))
     if spec.crop:
         image = _crop(image, spec.crop)
         full = image.size
@@ -173,6 +174,23 @@ def _resize(image, spec, full):
     canvas = Image.new(mode, (box_w, box_h))
     canvas.paste(image.convert(mode), ((box_w - inner[0]) // 2, (box_h - inner[1]) // 2))
     return canvas
+
+
+def _alpha_from_key(image):
+    """A transparent colour (PNG tRNS on a grey or RGB image) as an alpha channel: resizing, filters and the
+    encoders keep an alpha channel, and drop or misapply a colour key."""
+    if image.mode not in _COLOUR_KEYED or "transparency" not in image.info:
+        return image
+    if image.mode.startswith("I"):  # Pillow's own conversion misses a 16-bit key and clips the grey to white
+        key = image.info.pop("transparency")
+        grey = image.convert("I")
+        # 255 wherever the value is above or below the key: I to L clips to 0..255.
+        alpha = ImageChops.lighter(grey.point(lambda v: (v - key) * 255).convert("L"),
+                                   grey.point(lambda v: (key - v) * 255).convert("L"))
+        image = _eight_bit(image)
+        image.putalpha(alpha)
+        return image
+    return image.convert("RGBA" if image.mode == "RGB" else "LA")
 
 
 def _eight_bit(image):
