@@ -363,13 +363,29 @@ def test_jpeg_comment_stripped(query):
     ("crop=1,2,3", "crop"), ("crop=a,b,c,d", "crop"), ("crop=0,0,0,5", "crop"), ("rotate=45", "rotate"),
     ("flip=x", "flip"), ("grayscale=maybe", "grayscale"), ("blur=0", "blur"), ("blur=nan", "blur"),
     ("blur=500", "blur"), ("sharpen=2", "sharpen"), ("format=gif", "format"), ("quality=0", "quality"),
-    ("quality=101", "quality"), ("w=10&w=20", "w"), ("w=16000&h=16000", "w"), ("w=1_0", "w"), ("w=+10", "w"),
+    ("quality=101", "quality"), ("w=10&w=20", "w"), ("w=1_0", "w"), ("w=+10", "w"),
     ("h=\uff11\uff10", "h"), ("w= 10", "w"), ("quality=" + "9" * 5000, "quality"), ("crop=0,0,1_0,5", "crop"),
 ])
 def test_bad_ops_name_the_op(query, name):
     with pytest.raises(ImageError) as caught:
         spec(query)
     assert caught.value.status == 400 and f"'{name}'" in caught.value.detail
+
+
+@pytest.mark.parametrize("size, query, output", [
+    ((10000, 2), "w=8000&h=8000&fit=inside", (8000, 2)),  # the w x h box is over the limit, the output is not
+    ((2, 10000), "w=16383&h=16383&fit=inside", (3, 16383)),
+])
+def test_pixel_limit_applies_to_the_output_not_the_box(size, query, output):
+    assert run(encode(Image.new("L", size), "PNG"), query + "&format=png")[0].size == output
+
+
+@pytest.mark.parametrize("query", ["w=8000&h=8000&fit=cover", "w=8000&h=8000&fit=fill", "w=8000&h=8000&fit=contain",
+                                   "w=8000&h=8000&fit=inside", "w=16000"])
+def test_output_over_the_pixel_limit_is_422(query):
+    with pytest.raises(ImageError) as caught:
+        run(encode(Image.new("L", (100, 100)), "PNG"), query)
+    assert (caught.value.status, caught.value.error) == (422, "output_too_large") and "50000000" in caught.value.detail
 
 
 def test_crop_outside_the_image_is_400():

@@ -153,9 +153,12 @@ def _resize(image, spec, full):
         return image
     width, height = full
     box_w, box_h = target
-    if box_w * box_h > spec.max_pixels:
-        raise ImageError(422, "output_too_large", f"the output would be {box_w}x{box_h} pixels")
-    if not (spec.w and spec.h) or spec.fit == "fill":
+    both = spec.w and spec.h
+    output = _fitted(full, target) if both and spec.fit == "inside" else target  # the others fill the box
+    if output[0] * output[1] > spec.max_pixels:
+        raise ImageError(422, "output_too_large",
+                         f"the output would be {output[0]}x{output[1]} pixels, over the {spec.max_pixels} pixel limit")
+    if not both or spec.fit == "fill":
         return _lanczos(image, (box_w, box_h))
     if spec.fit == "cover":
         scale = max(box_w / width, box_h / height)
@@ -164,8 +167,7 @@ def _resize(image, spec, full):
         shrink_x, shrink_y = image.width / width, image.height / height  # the draft's, else 1
         box = (left * shrink_x, top * shrink_y, (left + crop_w) * shrink_x, (top + crop_h) * shrink_y)
         return _lanczos(image, (box_w, box_h), box)
-    scale = min(box_w / width, box_h / height)
-    inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+    inner = _fitted(full, target)
     image = _lanczos(image, inner)
     if spec.fit == "inside":
         return image
@@ -174,6 +176,12 @@ def _resize(image, spec, full):
     canvas = Image.new(mode, (box_w, box_h))
     canvas.paste(image.convert(mode), ((box_w - inner[0]) // 2, (box_h - inner[1]) // 2))
     return canvas
+
+
+def _fitted(size, box):
+    """size scaled to fit inside box, aspect ratio kept."""
+    scale = min(box[0] / size[0], box[1] / size[1])
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def _alpha_from_key(image):

@@ -111,7 +111,5 @@ def parse(query, max_pixels, max_bytes=Spec.max_bytes):
         if name in values:
             raise ImageError(400, "bad_value", f"op {name!r} given more than once")
         values[name] = parser(value)
-    w, h = values.get("w"), values.get("h")
-    if w and h and w * h > max_pixels:
-        raise ImageError(400, "bad_value", f"ops 'w' and 'h': {w}x{h} is over the {max_pixels} pixel limit")
+    # The pixel limit applies to the output, which only the source's size tells (fit=inside): the worker checks it.
     return Spec(max_pixels=max_pixels, max_bytes=max_bytes, **values)
