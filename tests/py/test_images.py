@@ -365,6 +365,8 @@ def test_jpeg_comment_stripped(query):
     ("blur=500", "blur"), ("sharpen=2", "sharpen"), ("format=gif", "format"), ("quality=0", "quality"),
     ("quality=101", "quality"), ("w=10&w=20", "w"), ("w=1_0", "w"), ("w=+10", "w"),
     ("h=\uff11\uff10", "h"), ("w= 10", "w"), ("quality=" + "9" * 5000, "quality"), ("crop=0,0,1_0,5", "crop"),
+    ("blur=\u0665", "blur"), ("blur=5_0", "blur"), ("blur= 5", "blur"), ("blur=+5", "blur"), ("blur=1e1", "blur"),
+    ("blur=inf", "blur"), ("blur=.", "blur"),
 ])
 def test_bad_ops_name_the_op(query, name):
     with pytest.raises(ImageError) as caught:
@@ -386,6 +388,10 @@ def test_output_over_the_pixel_limit_is_422(query):
     with pytest.raises(ImageError) as caught:
         run(encode(Image.new("L", (100, 100)), "PNG"), query)
     assert (caught.value.status, caught.value.error) == (422, "output_too_large") and "50000000" in caught.value.detail
+
+
+def test_blur_takes_ascii_decimals():
+    assert [spec(f"blur={v}").blur for v in ("2", "2.5", ".5", "7.", "100")] == [2, 2.5, 0.5, 7, 100]
 
 
 def test_crop_outside_the_image_is_400():

@@ -3,10 +3,12 @@
 ``Spec`` and ``ImageError`` live in an importable module so they pickle by name: the front builds a
 Spec, the worker receives it; the worker raises an ImageError, the front receives it.
 """
+import re
 from dataclasses import dataclass
 
 FITS = ("contain", "cover", "fill", "inside")
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 MAX_SIDE = 16383  # the largest w or h: WebP's limit (each format's own is checked on encoding)
 DEFAULT_QUALITY = 85
 
@@ -77,13 +79,10 @@ def _crop(value):
 
 
 def _sigma(value):
-    try:
-        sigma = float(value)
-    except ValueError:
-        raise _bad("blur", value, "a sigma in (0, 100]") from None
-    if not 0 < sigma <= 100:  # also rejects nan and inf
-        raise _bad("blur", value, "a sigma in (0, 100]")
-    return sigma
+    # ASCII decimals only, as integers (float() also takes '5_0', ' 5', '1e1', 'nan' and other scripts' digits).
+    if _DECIMAL.fullmatch(value) and 0 < float(value) <= 100:
+        return float(value)
+    raise _bad("blur", value, "a sigma in (0, 100]")
 
 
 _PARSERS = {
