@@ -895,7 +895,8 @@ def test_port_in_use_is_one_line_and_exit_1():
 
 @pytest.mark.parametrize("args", [["--root", "/nonexistent"], ["--root", __file__], ["--max-body-mb", "-1"],
                                   ["--max-megapixels", "0"], ["--budget", "nan"], ["--budget", "inf"],
-                                  ["--budget", "-2"], ["--budget", "soon"], ["--host", ""], ["--port", "70000"]])
+                                  ["--budget", "-2"], ["--budget", "soon"], ["--host", ""], ["--port", "70000"],
+                                  ["--workers", "0"], ["--workers", "1025"]])
 def test_cli_refuses_bad_options(args, capsys):
     from gilfree.images.__main__ import parse_args
 

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+from .._engine import MAX_WORKERS
 from .app import MB, Config
 from .executors import KINDS
 from .server import listen, serve
@@ -47,8 +48,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.host:
         p.error("--host is empty: give an address, or 0.0.0.0 or :: for every interface")
-    if not 0 <= args.port <= 65535 or args.workers < 1 or args.max_queue < 0 or not 0 <= args.worker_nice <= 19:
-        p.error("--port must be in 0..65535, --workers >= 1, --max-queue >= 0, --worker-nice in 0..19")
+    if (not 0 <= args.port <= 65535 or not 1 <= args.workers <= MAX_WORKERS or args.max_queue < 0
+            or not 0 <= args.worker_nice <= 19):
+        p.error(f"--port must be in 0..65535, --workers in 1..{MAX_WORKERS} (gilfree.Pool's limit), --max-queue >= 0, "
+                "--worker-nice in 0..19")
     return Config(host=args.host, port=args.port, workers=args.workers, root=args.root, executor=args.executor,
                   max_body=int(args.max_body_mb * MB), max_pixels=int(args.max_megapixels * 1e6),
                   budget=args.budget, max_queue=args.max_queue, worker_nice=args.worker_nice)
