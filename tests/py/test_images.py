@@ -946,6 +946,36 @@ async def test_worker_crash_is_500_for_that_request_only():
         server.stop()
 
 
+def mp_workers(pid):
+    """pids of the multiprocessing workers the service pid spawned (not its resource tracker)."""
+    found = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                found.append(int(child))
+    return found
+
+
+async def test_mp_metrics_forget_a_task_lost_with_its_worker():
+    server = Service("--executor", "mp", "--workers", "1", "--budget", "2")
+    try:
+        text = await metrics(server.url)
+        assert (metric(text, "busy_workers"), metric(text, "queue_depth")) == (0, 0)
+        victim = asyncio.ensure_future(post(server.url, slow_png(5000), SLOW_OPS, "image/png"))
+        await wait_for_metric(server.url, "busy_workers", 1)
+        [worker] = mp_workers(server.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        status, _, body = await victim
+        error_of(status, body, 504, "timeout")  # mp never hears of the task again: the budget ends the request
+        await wait_for_metric(server.url, "busy_workers", 0)  # was 1 for good
+        status, _, _ = await post(server.url, PHOTO, "w=10")  # the pool's replacement serves
+        assert status == 200
+        text = await metrics(server.url)
+        assert (metric(text, "busy_workers"), metric(text, "queue_depth"), metric(text, "in_flight")) == (0, 0, 0)
+    finally:
+        server.stop()
+
+
 async def test_the_app_ends_the_gil_accounting_it_started(root):
     from gilfree import _gilhook
     from gilfree.images import Config

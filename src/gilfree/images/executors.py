@@ -10,11 +10,14 @@
   then ends at its time budget with 504).
 """
 import concurrent.futures
+import functools
+import itertools
 import multiprocessing
 import os
 import threading
 
 KINDS = ("pool", "threads", "mp")
+_RECORDS = 4096  # mp's task start records, by task id modulo this: far more than tasks in flight at once
 
 
 def make_executor(kind, workers, task_timeout, worker_nice=0):
@@ -36,10 +39,9 @@ def make_executor(kind, workers, task_timeout, worker_nice=0):
 
 
 class _Counts:
-    """Task accounting for the comparison executors, reported in Pool.stats()'s shape."""
+    """Task accounting for the threads executor, reported in Pool.stats()'s shape."""
 
-    def __init__(self, workers):
-        self.workers = workers
+    def __init__(self):
         self._lock = threading.Lock()  # task threads, callbacks and the event loop all update these
         self._submitted = 0
         self._done = 0
@@ -62,14 +64,12 @@ class _Counts:
         with self._lock:
             self._running -= 1
 
-    def stats(self, running=None):
-        """running: the caller's count when it knows better than started()/stopped()."""
+    def stats(self):
         with self._lock:
             in_flight = self._submitted - self._done
-            running = self._running if running is None else running(in_flight)
-            # Per-worker figures need the workers' cooperation, which these executors lack.
-            return {"workers": [], "tasks": self._done, "queued": max(0, in_flight - running),
-                    "running": running, "busy_workers": running, "restarts": 0, "bytes_in": 0,
+            # Per-worker figures need the workers' cooperation, which this executor lacks.
+            return {"workers": [], "tasks": self._done, "queued": max(0, in_flight - self._running),
+                    "running": self._running, "busy_workers": self._running, "restarts": 0, "bytes_in": 0,
                     "bytes_out": 0}
 
 
@@ -79,7 +79,7 @@ class ThreadExecutor(concurrent.futures.ThreadPoolExecutor):
     def __init__(self, workers, initializer=None, initargs=()):
         super().__init__(max_workers=workers, thread_name_prefix="gilfree-images", initializer=initializer,
                          initargs=initargs)
-        self._counts = _Counts(workers)
+        self._counts = _Counts()
 
     def submit(self, fn, /, *args, **kwargs):
         future = super().submit(self._counted, fn, args, kwargs)
@@ -98,23 +98,56 @@ class ThreadExecutor(concurrent.futures.ThreadPoolExecutor):
 
 
 class MultiprocessingExecutor(concurrent.futures.Executor):
-    """multiprocessing.Pool's apply_async behind concurrent.futures Futures."""
+    """multiprocessing.Pool's apply_async behind concurrent.futures Futures. The pool says neither when a task
+    starts nor that a worker died with one: the workers record which task each starts, so stats() counts what
+    runs, and drops a task whose worker is gone (its future never completes)."""
 
     def __init__(self, workers, initializer=None, initargs=()):
-        # spawn: the server has threads by the time anything could fork.
-        self._pool = multiprocessing.get_context("spawn").Pool(workers, _own_process_group, (initializer, initargs))
-        self._counts = _Counts(workers)
+        context = multiprocessing.get_context("spawn")  # the server has threads by the time anything could fork
+        # (pid, task id) pairs; no lock: a worker killed holding it would hang stats() for good.
+        self._started = context.Array("q", 2 * _RECORDS, lock=False)
+        self._pool = context.Pool(workers, _worker_init, (self._started, initializer, initargs))
+        self._lock = threading.Lock()  # the pool's result thread and the event loop
+        self._pending = set()  # task ids the pool has not reported back
+        self._ids = itertools.count(1)
+        self._done = 0
 
     def submit(self, fn, /, *args, **kwargs):
         future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-        self._counts.track(future)
-        self._pool.apply_async(fn, args, kwargs, callback=future.set_result, error_callback=future.set_exception)
+        task = next(self._ids)
+        with self._lock:
+            self._pending.add(task)
+        self._pool.apply_async(_recorded, (task, fn, args, kwargs),
+                               callback=functools.partial(self._report, task, future.set_result),
+                               error_callback=functools.partial(self._report, task, future.set_exception))
         return future
 
+    def _report(self, task, settle, outcome):
+        self._forget(task)
+        settle(outcome)
+
+    def _forget(self, task):
+        with self._lock:
+            if task in self._pending:
+                self._pending.remove(task)
+                self._done += 1
+
     def stats(self):
-        # The pool does not say when a task starts: tasks in flight fill the workers first.
-        return self._counts.stats(running=lambda in_flight: min(in_flight, self._counts.workers))
+        live = {process.pid for process in multiprocessing.active_children()}
+        with self._lock:
+            pending = list(self._pending)
+        busy, queued = set(), 0
+        for task in pending:
+            slot = 2 * (task % _RECORDS)
+            if self._started[slot + 1] != task:  # task id first: the worker writes its pid before it
+                queued += 1
+            elif self._started[slot] in live:
+                busy.add(self._started[slot])
+            else:  # its worker died running it: the pool will never report it
+                self._forget(task)
+        return {"workers": [], "tasks": self._done, "queued": queued, "running": len(busy),
+                "busy_workers": len(busy), "restarts": 0, "bytes_in": 0, "bytes_out": 0}
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         if cancel_futures or not wait:
@@ -125,10 +158,23 @@ class MultiprocessingExecutor(concurrent.futures.Executor):
             self._pool.join()
 
 
-def _own_process_group(initializer, initargs):
-    """multiprocessing workers' initializer: a process group of their own, so a signal to the server's group
+_started = None  # in an mp worker: the executor's start records
+
+
+def _worker_init(started, initializer, initargs):
+    """multiprocessing workers' initializer. A process group of their own, so a signal to the server's group
     (a service manager's stop, Ctrl-C) reaches only the server, which then stops them. Killed by that signal,
     an idle worker dies holding the pool's task-queue lock, and Pool.terminate() waits for that lock forever."""
+    global _started
+    _started = started
     os.setpgrp()
     if initializer is not None:
         initializer(*initargs)
+
+
+def _recorded(task, fn, args, kwargs):
+    """Runs fn(*args, **kwargs) in an mp worker once this process is recorded as running task."""
+    slot = 2 * (task % _RECORDS)
+    _started[slot] = os.getpid()
+    _started[slot + 1] = task
+    return fn(*args, **kwargs)
