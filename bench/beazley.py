@@ -478,8 +478,8 @@ def format_table(results, fib_n=20):
         vs_s1 = f"{r.total / base.total:.2f}x" if base else "-"
         rate = f"{r.cpu_rate:.0f}" if r.cpu_rate is not None else "-"
         vs_s2 = f"{r.cpu_rate / loaded.cpu_rate - 1:+.0%}" if r.scenario == 3 and loaded else ""
-        lines.append(f"{r.server:<16}{label:<28}{r.total:>8.2f}s{vs_s1:>8}{r.p50 * 1e3:>8.2f}ms"
-                     f"{r.p99 * 1e3:>8.2f}ms{rate:>11}{vs_s2:>8}")
+        lines.append(f"{r.server:<16}{label:<28}{r.total:>8.2f}s{vs_s1:>8}{r.p50 * 1e3:>8.3f}ms"
+                     f"{r.p99 * 1e3:>8.3f}ms{rate:>11}{vs_s2:>8}")
     return "\n".join(lines)
 
 
