@@ -885,6 +885,56 @@ async def test_ipv6_host():
         server.stop()
 
 
+async def closed_by_server(reader, timeout=10):
+    """Seconds until the server closes a connection it answered nothing on."""
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), timeout) == b""
+    return time.monotonic() - started
+
+
+async def test_head_timeout_closes_incomplete_heads_and_idle_keepalive():
+    server = Service("--executor", "threads", "--workers", "1", "--head-timeout", "1")
+    try:
+        connections = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
+        for i, (_, writer) in enumerate(connections[1:]):  # the first sends nothing, the others half a head
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n"[: 10 + 10 * i])
+        status, _, _ = await get(server.url, "/health")
+        assert status == 200
+        waits = await asyncio.gather(*(closed_by_server(reader) for reader, _ in connections))
+        assert all(wait < 3 for wait in waits), waits
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await answer(reader))[0] == 200
+        assert await closed_by_server(reader) < 3  # idle after its answer: the same timer
+        for _, writer in [*connections, (reader, writer)]:
+            writer.close()
+    finally:
+        server.stop()
+
+
+async def test_running_out_of_descriptors_is_one_log_line():
+    import resource
+
+    server = Service("--executor", "threads", "--workers", "1", "--head-timeout", "1")
+    try:
+        in_use = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+        hard = resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (in_use + 3, hard))
+        connections = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(10)]
+        for _, writer in connections:
+            writer.write(b"GET /health HTTP/1.1\r\n")
+        await asyncio.sleep(1.5)  # accept() fails with EMFILE until the head timeout frees descriptors
+        await asyncio.gather(*(closed_by_server(reader, 20) for reader, _ in connections))
+        status, _, _ = await get(server.url, "/health")
+        assert status == 200
+        for _, writer in connections:
+            writer.close()
+    finally:
+        server.stop()
+    log = server.proc.stderr.read()
+    assert log.count("Too many open files") == 1 and "Traceback" not in log, log[:2000]
+
+
 def test_port_in_use_is_one_line_and_exit_1():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         done = subprocess.run([sys.executable, "-m", "gilfree.images", "--host", "127.0.0.1", "--port",
@@ -896,7 +946,8 @@ def test_port_in_use_is_one_line_and_exit_1():
 @pytest.mark.parametrize("args", [["--root", "/nonexistent"], ["--root", __file__], ["--max-body-mb", "-1"],
                                   ["--max-megapixels", "0"], ["--budget", "nan"], ["--budget", "inf"],
                                   ["--budget", "-2"], ["--budget", "soon"], ["--host", ""], ["--port", "70000"],
-                                  ["--workers", "0"], ["--workers", "1025"]])
+                                  ["--workers", "0"], ["--workers", "1025"],
+                                  ["--head-timeout", "0"]])
 def test_cli_refuses_bad_options(args, capsys):
     from gilfree.images.__main__ import parse_args
 
@@ -910,6 +961,7 @@ def test_cli_takes_good_options(tmp_path):
 
     config = parse_args(["--root", str(tmp_path), "--budget", "2.5", "--max-body-mb", "0.5", "--host", "::"])
     assert (config.root, config.budget, config.max_body, config.host) == (str(tmp_path), 2.5, 1 << 19, "::")
+    assert parse_args(["--head-timeout", "0.5"]).head_timeout == 0.5 and parse_args([]).head_timeout == 10
 
 
 async def wait_for_metric(url, name, value, timeout=20):

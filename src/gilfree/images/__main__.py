@@ -40,6 +40,9 @@ def parse_args(argv):
     p.add_argument("--max-body-mb", type=_positive, default=defaults.max_body / MB, help="413 above (default 25)")
     p.add_argument("--max-megapixels", type=_positive, default=defaults.max_pixels / 1e6, help="422 above (default 50)")
     p.add_argument("--budget", type=_positive, default=defaults.budget, help="seconds per request, then 504 (default 10)")
+    p.add_argument("--head-timeout", type=_positive, default=defaults.head_timeout,
+                   help="seconds a connection has to send a complete request head, from its start or its previous "
+                        "answer (so also how long an idle keep-alive connection stays), then it is closed (default 10)")
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="requests waiting beyond one per worker, then 503 (default 128)")
     p.add_argument("--worker-nice", type=int, default=defaults.worker_nice,
@@ -54,7 +57,8 @@ def parse_args(argv):
                 "--worker-nice in 0..19")
     return Config(host=args.host, port=args.port, workers=args.workers, root=args.root, executor=args.executor,
                   max_body=int(args.max_body_mb * MB), max_pixels=int(args.max_megapixels * 1e6),
-                  budget=args.budget, max_queue=args.max_queue, worker_nice=args.worker_nice)
+                  budget=args.budget, head_timeout=args.head_timeout, max_queue=args.max_queue,
+                  worker_nice=args.worker_nice)
 
 
 def main(argv=None):

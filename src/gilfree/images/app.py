@@ -34,6 +34,7 @@ class Config:
     max_body: int = 25 * MB
     max_pixels: int = 50_000_000
     budget: float = 10.0
+    head_timeout: float = 10.0  # seconds for a request head, from the connection's start or previous answer
     max_queue: int = 128  # waiting requests beyond one per worker, then 503
     worker_nice: int = 10  # workers' niceness above the server's: the front wins a busy machine's cores
 

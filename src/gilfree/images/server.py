@@ -1,11 +1,18 @@
 """Runs the app on a listening socket until SIGINT/SIGTERM."""
 import asyncio
+import logging
+import math
 import signal
 import socket
+import time
 
 from aiohttp import web
 
 from .app import create_app
+
+_ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's report of an accept() failing with EMFILE
+_ACCEPT_REPORT_EVERY = 10.0  # seconds
+_log = logging.getLogger("gilfree.images")
 
 
 def listen(host, port):
@@ -16,21 +23,50 @@ def listen(host, port):
 
 def make_runner(config):
     """The app's runner, not started. Every request ends within its budget (its body's arrival included),
-    so a stop waits no longer for requests in progress."""
-    return web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.budget)
+    so a stop waits no longer for requests in progress. aiohttp's keep-alive timer runs from a connection's
+    start and from each answer until the next request head is complete: it is the head timeout."""
+    return web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.budget,
+                         keepalive_timeout=config.head_timeout)
+
+
+class _AcceptFailures:
+    """Loop exception handler. Out of descriptors, asyncio logs each failed accept() with a traceback, and its
+    retries multiply (tens of thousands of lines a second): this logs one line per 10 s, with the count, and
+    passes anything else on."""
+
+    def __init__(self, previous):
+        self.previous = previous
+        self.failed = 0
+        self.reported = -math.inf
+
+    def __call__(self, loop, context):
+        if context.get("message") != _ACCEPT_FAILED:
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.failed += 1
+        now = time.monotonic()
+        if now - self.reported >= _ACCEPT_REPORT_EVERY:
+            _log.error("cannot accept connections: %s (%d failed attempts since the last such line; one line per %g s "
+                       "at most)", context.get("exception"), self.failed, _ACCEPT_REPORT_EVERY)
+            self.failed, self.reported = 0, now
 
 
 async def serve(config, ready=None, sock=None):
     """Serves config until a stop signal. ready(port) is called once the socket listens (port 0: the OS's pick).
     sock: a socket from listen(), else one is opened on config.host:config.port, before any worker starts."""
     sock = sock or listen(config.host, config.port)
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(_AcceptFailures(previous))
     runner = make_runner(config)
     await runner.setup()  # starts the executor
     try:
         site = web.SockSite(runner, sock)
         await site.start()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         if ready is not None:
@@ -38,3 +74,4 @@ async def serve(config, ready=None, sock=None):
         await stop.wait()
     finally:
         await runner.cleanup()  # stops accepting (closes sock), finishes handlers, shuts the executor down
+        loop.set_exception_handler(previous)
