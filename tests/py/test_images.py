@@ -1,5 +1,6 @@
 """gilfree.images: the ops (in process) and the real service (a subprocess on 127.0.0.1, OS-chosen port)."""
 import asyncio
+import gzip
 import io
 import os
 import random
@@ -630,6 +631,68 @@ async def test_unreadable_body_is_400_and_a_client_leaving_is_no_500(local, capl
     await wait_for_metric(url, 'requests_total{status="499"}', 1)
     text = await metrics(url)
     assert metric(text, 'requests_total{status="500"}') is None and "unexpected error" not in caplog.text
+
+
+def content_encoded(data, encoding):
+    if encoding == "deflate":
+        return zlib.compress(data)
+    if encoding == "raw deflate":  # no zlib header, as some clients send it
+        compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        return compressor.compress(data) + compressor.flush()
+    return gzip.compress(data)
+
+
+async def post_encoded(port, body, encoding, query="w=10"):
+    """(status, head, body) of a POST whose body is sent as it is, with Content-Encoding: encoding."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /v1/transform?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                 f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    try:
+        return await answer(reader)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate", "raw deflate"])
+async def test_gzip_and_deflate_bodies_are_decoded(local, encoding):
+    _, port = local
+    status, _, body = await post_encoded(port, content_encoded(PHOTO, encoding), encoding.split()[-1])
+    assert status == 200 and Image.open(io.BytesIO(body)).width == 10
+
+
+async def test_other_content_encodings_are_415_json_and_counted(local, caplog):
+    url, port = local
+    for encoding in ("br", "zstd", "gzip, br", "compress"):
+        status, _, body = await post_encoded(port, PHOTO, encoding)
+        assert encoding in error_of(status, body, 415, "unsupported_media_type")
+    assert metric(await metrics(url), 'requests_total{status="415"}') == 4
+    assert "Traceback" not in caplog.text and "install" not in caplog.text
+
+
+def test_encoded_body_decodes_within_the_limit():
+    import dataclasses
+
+    def decode(body, limit=1 << 20):
+        return ops.transform(body, dataclasses.replace(spec("w=10", max_bytes=limit), encoding="gzip"))
+
+    assert decode(gzip.compress(PHOTO))[2] == 10
+    bomb = gzip.compress(bytes(2 << 20))  # 2 KB that decode to 2 MB
+    for body, status, error in ((bomb, 413, "payload_too_large"), (gzip.compress(PHOTO)[:-20], 400, "bad_request"),
+                                (b"not gzip" * 10, 400, "bad_request")):
+        with pytest.raises(ImageError) as caught:
+            decode(body)
+        assert (caught.value.status, caught.value.error) == (status, error)
+
+
+async def test_malformed_http_is_aiohttps_own_400_in_one_log_line(local, caplog):
+    _, port = local
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/transform HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n")
+    status, head, _ = await answer(reader)
+    assert status == 400 and "text/plain" in head  # as documented: aiohttp answers before any handler runs
+    writer.close()
+    assert "chunk size" in caplog.text and "Traceback" not in caplog.text
 
 
 async def test_service_applies_exif_orientation(service):

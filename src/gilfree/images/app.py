@@ -5,6 +5,7 @@ work runs in the executor (gilfree.Pool workers by default). The loop only waits
 /health stays fast however busy the workers are.
 """
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from ..errors import TaskTimeout, WorkerCrashed
 from . import ops
 from .executors import make_executor
 from .metrics import Metrics
-from .spec import ImageError, parse
+from .spec import CONTENT_ENCODINGS, ImageError, parse
 
 MB = 1 << 20
 CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned
@@ -55,6 +56,13 @@ class Service:
         if request.content_type not in _ACCEPTED_TYPES and not request.content_type.startswith("image/"):
             raise ImageError(415, "unsupported_media_type",
                              f"Content-Type {request.content_type!r}: send the image as image/* or application/octet-stream")
+        # aiohttp's decoding is off (it refused other encodings with a text/plain 400 before any handler ran):
+        # the worker decodes the body.
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+        if encoding not in CONTENT_ENCODINGS:
+            raise ImageError(415, "unsupported_media_type",
+                             f"Content-Encoding {encoding!r}: send the body as {', '.join(CONTENT_ENCODINGS)}")
+        spec = dataclasses.replace(spec, encoding=encoding)
         self._check_length(request.content_length)
         # Admitted before the body comes in, so the slots also bound the memory bodies take; the budget
         # covers the upload, so a stalled one gives its slot back.
@@ -95,9 +103,8 @@ class Service:
         except TimeoutError:
             raise ImageError(408, "request_timeout",
                              f"the body did not arrive within the {self.config.budget:g} s budget") from None
-        except web.RequestPayloadError:
-            raise ImageError(400, "bad_request",
-                             "the body cannot be read: its bytes do not follow its Content-Encoding or chunked framing") from None
+        except web.RequestPayloadError:  # aiohttp's Python parser; its C one answers broken framing itself
+            raise ImageError(400, "bad_request", "the body cannot be read: its chunked framing is broken") from None
         return b"".join(chunks)
 
     def _confine(self, relative):

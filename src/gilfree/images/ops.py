@@ -75,6 +75,8 @@ def transform(source, spec):
 def _open(source, spec):
     if isinstance(source, str):
         source = _read(source, spec.max_bytes)
+    if spec.encoding != "identity":
+        source = _decode(source, spec.encoding, spec.max_bytes)
     try:
         image = Image.open(io.BytesIO(source), formats=SOURCE_FORMATS)
     except Image.UnidentifiedImageError:
@@ -100,6 +102,23 @@ def _read(path, limit):
             return f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
         raise ImageError(404, "not_found", "no such image") from None  # unreadable is missing, to a client
+
+
+def _decode(body, encoding, limit):
+    """body without its Content-Encoding (gzip or deflate), refused over limit bytes: a small body can hold gigabytes."""
+    wbits = zlib.MAX_WBITS if encoding == "deflate" else 16 + zlib.MAX_WBITS
+    if encoding == "deflate" and body[:1] and body[0] & 0x0F != 8:  # no zlib header: raw deflate, which clients send too
+        wbits = -zlib.MAX_WBITS
+    decoder = zlib.decompressobj(wbits)
+    try:
+        data = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ImageError(400, "bad_request", f"the body does not follow its Content-Encoding {encoding}: {exc}") from None
+    if len(data) > limit:
+        raise ImageError(413, "payload_too_large", f"the body decodes to more than the {limit} byte limit")
+    if not decoder.eof:
+        raise ImageError(400, "bad_request", f"the body ends before its {encoding} stream does")
+    return data
 
 
 def _signed(data):

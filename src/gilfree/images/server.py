@@ -6,13 +6,29 @@ import signal
 import socket
 import time
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from .app import create_app
 
 _ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's report of an accept() failing with EMFILE
 _ACCEPT_REPORT_EVERY = 10.0  # seconds
 _log = logging.getLogger("gilfree.images")
+
+
+class _OneLineParserErrors(logging.Filter):
+    """aiohttp logs each request its HTTP parser refuses (answered 400 by aiohttp itself) with a traceback: the
+    client's mistake, which any client can repeat at will, takes one line."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            record.msg, record.args = "%s: %s", (record.getMessage(), " ".join(str(exc.message).split()))
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_http_log = logging.getLogger("gilfree.images.http")  # aiohttp's protocol logs here
+_http_log.addFilter(_OneLineParserErrors())
 
 
 def listen(host, port):
@@ -24,9 +40,10 @@ def listen(host, port):
 def make_runner(config):
     """The app's runner, not started. Every request ends within its budget (its body's arrival included),
     so a stop waits no longer for requests in progress. aiohttp's keep-alive timer runs from a connection's
-    start and from each answer until the next request head is complete: it is the head timeout."""
+    start and from each answer until the next request head is complete: it is the head timeout. aiohttp does not
+    decode bodies: the worker does (aiohttp answered an encoding it lacks with its own text/plain 400)."""
     return web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.budget,
-                         keepalive_timeout=config.head_timeout)
+                         keepalive_timeout=config.head_timeout, auto_decompress=False, logger=_http_log)
 
 
 class _AcceptFailures:

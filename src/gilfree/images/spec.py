@@ -11,6 +11,7 @@ OUTPUT_FORMATS = ("jpeg", "png", "webp")
 _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 MAX_SIDE = 16383  # the largest w or h: WebP's limit (each format's own is checked on encoding)
 DEFAULT_QUALITY = 85
+CONTENT_ENCODINGS = ("identity", "gzip", "x-gzip", "deflate")  # a body's, decoded in the worker
 
 
 class ImageError(Exception):
@@ -40,6 +41,7 @@ class Spec:
     quality: int = DEFAULT_QUALITY
     max_pixels: int = 50_000_000
     max_bytes: int = 25 << 20  # a source file's limit, as the body's
+    encoding: str = "identity"  # the body's Content-Encoding
 
 
 def _bad(op, value, expected):
