@@ -695,6 +695,35 @@ async def test_malformed_http_is_aiohttps_own_400_in_one_log_line(local, caplog)
     assert "chunk size" in caplog.text and "Traceback" not in caplog.text
 
 
+async def test_a_client_leaving_during_processing_is_499_and_its_queued_task_never_runs(local, monkeypatch):
+    import threading
+
+    url, port = local
+    release, ran = threading.Event(), []
+
+    def blocking(source, spec):
+        ran.append(spec.w)
+        release.wait(30)
+        return b"x", "image/png", 1, 1
+
+    monkeypatch.setattr(ops, "transform", blocking)
+    try:
+        writers = []
+        for width in (1, 2):  # the first runs on the one worker, the second waits for it
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET /v1/transform/sub/photo.jpg?w={width} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            writers.append(writer)
+            await wait_for_metric(url, "in_flight", width)
+        for writer in writers:
+            writer.transport.abort()
+        await wait_for_metric(url, 'requests_total{status="499"}', 2)
+    finally:
+        release.set()
+    await wait_for_metric(url, "busy_workers", 0)
+    text = await metrics(url)
+    assert ran == [1] and metric(text, 'requests_total{status="200"}') is None and metric(text, "in_flight") == 0
+
+
 async def test_service_applies_exif_orientation(service):
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -189,7 +189,6 @@ async def _close_unread(request, response):
 @web.middleware
 async def _errors_as_json(request, handler):
     request[STARTED] = time.monotonic()
-    service = request.app[SERVICE]
     try:
         response = await handler(request)
     except ImageError as exc:
@@ -200,14 +199,22 @@ async def _errors_as_json(request, handler):
             response.headers["Allow"] = exc.headers["Allow"]
     except ConnectionResetError:  # the client left mid-body: nobody to answer, and no fault of the service
         response = web.Response(status=CLIENT_CLOSED)  # never sent; counted under nginx's code for this
+    except asyncio.CancelledError:
+        if request.transport is None:  # the client left, so aiohttp cancelled the handler (and its queued task)
+            _count(request, CLIENT_CLOSED)
+        raise
     except Exception:  # a bug: log it, answer without its text (it may name server paths), stay up
         request.app.logger.exception("unexpected error on %s %s", request.method, request.path)
         response = _error(500, "internal_error", "an unexpected error; the service's log has the details")
-    if request.path.startswith("/v1/transform"):
-        service.metrics.observe(response.status, time.monotonic() - request[STARTED])
+    _count(request, response.status)
     if request.transport is not None and not request.content.is_eof():  # a body refused, or cut short
         await _close_unread(request, response)
     return response
+
+
+def _count(request, status):
+    if request.path.startswith("/v1/transform"):
+        request.app[SERVICE].metrics.observe(status, time.monotonic() - request[STARTED])
 
 
 def create_app(config):

@@ -38,7 +38,7 @@ class Metrics:
             for labels, value in samples:
                 lines.append(f"{PREFIX}_{name}{labels} {value}")
 
-        series("requests_total", "counter", "Transform requests by HTTP status (499: the client left mid-body, unanswered).",
+        series("requests_total", "counter", "Transform requests by HTTP status (499: the client left before its answer).",
                [(f'{{status="{status}"}}', count) for status, count in sorted(self.by_status.items())])
         cumulative, buckets = 0, []
         for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.bucket_counts):

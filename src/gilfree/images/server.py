@@ -41,9 +41,11 @@ def make_runner(config):
     """The app's runner, not started. Every request ends within its budget (its body's arrival included),
     so a stop waits no longer for requests in progress. aiohttp's keep-alive timer runs from a connection's
     start and from each answer until the next request head is complete: it is the head timeout. aiohttp does not
-    decode bodies: the worker does (aiohttp answered an encoding it lacks with its own text/plain 400)."""
+    decode bodies: the worker does (aiohttp answered an encoding it lacks with its own text/plain 400). A client
+    that leaves has its handler cancelled, and with it a task still queued."""
     return web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.budget,
-                         keepalive_timeout=config.head_timeout, auto_decompress=False, logger=_http_log)
+                         keepalive_timeout=config.head_timeout, auto_decompress=False, logger=_http_log,
+                         handler_cancellation=True)
 
 
 class _AcceptFailures:
