@@ -956,6 +956,34 @@ async def test_sigterm_does_not_wait_for_a_stalled_upload():
     writer.close()
 
 
+async def test_an_answer_not_taken_in_within_the_budget_is_cut_off_and_a_stop_waits_no_longer():
+    noise = Image.frombytes("RGB", (1500, 1500), random.Random(9).randbytes(1500 * 1500 * 3))
+    big = encode(noise, "PNG")  # its PNG answer, 6.7 MB, is more than both sockets' buffers take
+    budget = 3
+    server = Service("--executor", "threads", "--workers", "1", "--budget", str(budget))
+
+    async def unread():
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        _, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"POST /v1/transform?format=png HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(big), big))
+        return writer
+
+    writers = [await unread()]
+    try:
+        await wait_for_metric(server.url, 'requests_total{status="504"}', 1)  # counted 200 before its write
+        assert metric(await metrics(server.url), 'requests_total{status="200"}') is None
+        writers.append(await unread())
+        await asyncio.sleep(1)  # processed, or nearly: either way its answer is due by its arrival + budget
+        started = time.monotonic()
+    finally:
+        server.stop()
+    assert time.monotonic() - started < 1.5 * budget  # twice the budget: aiohttp waited for the write, then again
+    for writer in writers:
+        writer.transport.abort()
+
+
 async def test_mp_executor_stops_on_sigterm_to_its_process_group():
     server = Service("--executor", "mp", "--workers", "2", own_group=True)
     status, _, _ = await post(server.url, PHOTO, "w=10")

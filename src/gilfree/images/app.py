@@ -206,10 +206,28 @@ async def _errors_as_json(request, handler):
     except Exception:  # a bug: log it, answer without its text (it may name server paths), stay up
         request.app.logger.exception("unexpected error on %s %s", request.method, request.path)
         response = _error(500, "internal_error", "an unexpected error; the service's log has the details")
-    _count(request, response.status)
     if request.transport is not None and not request.content.is_eof():  # a body refused, or cut short
+        _count(request, response.status)
         await _close_unread(request, response)
+    else:
+        _count(request, await _deliver(request, response))
     return response
+
+
+async def _deliver(request, response):
+    """Writes the answer within what is left of the request's budget; returns the status to count. A client that
+    does not take its answer in by then is cut off (504): it holds neither the answer's memory nor a stop longer."""
+    try:
+        async with asyncio.timeout(request.app[SERVICE]._remaining(request)):
+            await response.prepare(request)
+            await response.write_eof()
+    except ConnectionError:
+        return CLIENT_CLOSED
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # close() would wait for the unread answer to drain
+        return 504
+    return response.status
 
 
 def _count(request, status):
