@@ -984,6 +984,25 @@ async def test_an_answer_not_taken_in_within_the_budget_is_cut_off_and_a_stop_wa
         writer.transport.abort()
 
 
+async def test_a_client_leaving_during_its_answer_is_499():
+    noise = Image.frombytes("RGB", (1500, 1500), random.Random(9).randbytes(1500 * 1500 * 3))
+    big = encode(noise, "PNG")
+    server = Service("--executor", "threads", "--workers", "1")
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        _, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"POST /v1/transform?format=png HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(big), big))
+        await wait_for_metric(server.url, "in_flight", 1)
+        await wait_for_metric(server.url, "in_flight", 0)  # processed: its answer is being written
+        writer.transport.abort()
+        await wait_for_metric(server.url, 'requests_total{status="499"}', 1)
+        assert metric(await metrics(server.url), 'requests_total{status="200"}') is None
+    finally:
+        server.stop()
+
+
 async def test_mp_executor_stops_on_sigterm_to_its_process_group():
     server = Service("--executor", "mp", "--workers", "2", own_group=True)
     status, _, _ = await post(server.url, PHOTO, "w=10")

@@ -189,29 +189,38 @@ async def _close_unread(request, response):
 @web.middleware
 async def _errors_as_json(request, handler):
     request[STARTED] = time.monotonic()
+    status = None  # counted once known
     try:
-        response = await handler(request)
+        response = await _response(request, handler)
+        if request.transport is not None and not request.content.is_eof():  # a body refused, or cut short
+            status = response.status
+            await _close_unread(request, response)
+        else:
+            status = await _deliver(request, response)
+        return response
+    finally:
+        if status is None and request.transport is None:  # the client left, so aiohttp cancelled the handler
+            status = CLIENT_CLOSED  # (and with it a task still queued)
+        if status is not None:
+            _count(request, status)
+
+
+async def _response(request, handler):
+    """The handler's answer, or the error it raised as JSON."""
+    try:
+        return await handler(request)
     except ImageError as exc:
-        response = _error(exc.status, exc.error, exc.detail)
+        return _error(exc.status, exc.error, exc.detail)
     except web.HTTPException as exc:  # routing: unknown path, wrong method
         response = _error(exc.status, exc.reason.lower().replace(" ", "_"), f"{request.method} {request.path}: {exc.reason}")
         if "Allow" in exc.headers:  # 405 names the methods the path takes
             response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except ConnectionResetError:  # the client left mid-body: nobody to answer, and no fault of the service
-        response = web.Response(status=CLIENT_CLOSED)  # never sent; counted under nginx's code for this
-    except asyncio.CancelledError:
-        if request.transport is None:  # the client left, so aiohttp cancelled the handler (and its queued task)
-            _count(request, CLIENT_CLOSED)
-        raise
+        return web.Response(status=CLIENT_CLOSED)  # never sent; counted under nginx's code for this
     except Exception:  # a bug: log it, answer without its text (it may name server paths), stay up
         request.app.logger.exception("unexpected error on %s %s", request.method, request.path)
-        response = _error(500, "internal_error", "an unexpected error; the service's log has the details")
-    if request.transport is not None and not request.content.is_eof():  # a body refused, or cut short
-        _count(request, response.status)
-        await _close_unread(request, response)
-    else:
-        _count(request, await _deliver(request, response))
-    return response
+        return _error(500, "internal_error", "an unexpected error; the service's log has the details")
 
 
 async def _deliver(request, response):
