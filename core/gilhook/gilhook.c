@@ -663,8 +663,7 @@ static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread
     int rc = gf.cond_timedwait(cond, mutex, &slice_end);
     if (rc != ETIMEDOUT)
       return rc;
-    if (slice_ns < GF_SLICE_MAX_NS)
-      slice_ns *= 2;
+    slice_ns = slice_ns * 2 < GF_SLICE_MAX_NS ? slice_ns * 2 : GF_SLICE_MAX_NS;
   }
 }
 

@@ -1,7 +1,10 @@
 """gilfree.priority: Beazley's priority GIL on stock CPython."""
+import ctypes
 import os
+import platform
 import random
 import select
+import struct
 import sys
 import threading
 import time
@@ -152,6 +155,50 @@ def test_a_background_waiter_takes_the_gil_while_an_urgent_thread_blocks():
     report = sleeps_under_monitor(200, 0.001, thread, stop)
     (cpu,) = [t for t in report.threads if t.name == "cpu"]
     assert cpu.held_s > 0.5 * report.wall_s, report
+
+
+def futex_deadlines(thread, reads):
+    """The deadlines of `thread`'s timed futex waits, seen in `reads` reads of its /proc
+    syscall file and of the timespec it points at, each less the clock's time right after:
+    how long the sleep it was in could still last. The calling thread keeps the GIL throughout
+    (ctypes.PyDLL calls do not release it)."""
+    futex = {"x86_64": 202, "aarch64": 98}[platform.machine()]
+    libc = ctypes.PyDLL(None)
+    libc.pread.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_long]
+    libc.pread.restype = ctypes.c_ssize_t
+    buf = ctypes.create_string_buffer(256)
+    fd = os.open(f"/proc/self/task/{thread.native_id}/syscall", os.O_RDONLY)
+    left = []
+    try:
+        for _ in range(reads):
+            n = libc.pread(fd, buf, len(buf), 0)
+            fields = buf.raw[:n].split()
+            if not fields or not fields[0].isdigit() or int(fields[0]) != futex:
+                continue  # running, or in another system call
+            op, timeout = int(fields[2], 16), int(fields[4], 16)
+            if op & 0x7F != 9 or timeout == 0:  # FUTEX_WAIT_BITSET: an absolute deadline
+                continue
+            sec, nsec = struct.unpack("qq", ctypes.string_at(timeout, 16))
+            clock = time.CLOCK_REALTIME if op & 0x100 else time.CLOCK_MONOTONIC
+            left.append(sec * 10**9 + nsec - time.clock_gettime_ns(clock))
+    finally:
+        os.close(fd)
+    return left
+
+
+def test_a_background_waiter_sleeps_in_slices_of_at_most_400_us():
+    """docs/priority.md: the slices double from 20 us up to 400 us, so a background thread takes
+    a GIL released silently at most 400 us late. While this thread holds the GIL, every sleep
+    of the waiting background thread must end within 400 us of its start."""
+    sys.setswitchinterval(1.0)  # the waiter's own deadline stays far: slices end its sleeps
+    thread, stop = background_spinner()
+    try:
+        left = futex_deadlines(thread, 20_000)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(left) > 1000
+    assert max(left) <= 400_000, max(left)  # 640 us before: the doubling overshot the maximum
 
 
 def test_many_quick_reacquisitions_never_wait_out_the_interval():
