@@ -426,6 +426,18 @@ def test_records_of_ended_threads_go_with_priorities_alone():
     assert_few_ended_records()
 
 
+def test_setting_0_without_the_hooks_leaves_no_record_behind():
+    # A "reset" in every short thread while priorities are off: nothing reaps records then,
+    # so none may be made (each was 250 bytes until something installed the hooks).
+    assert not _gilhook.installed()
+    before = len(_gilhook.threads()[1])
+    for _ in range(200):
+        t = threading.Thread(target=priority.set, args=(0,))
+        t.start()
+        t.join()
+    assert len(_gilhook.threads()[1]) == before
+
+
 def test_records_of_ended_threads_go_once_a_monitor_before_priorities_ends():
     with gil.monitor(trace=False) as m:
         priority.set(-1)
