@@ -92,7 +92,8 @@ struct gf_thread {
   unsigned session;
   int state;
   unsigned generation; /* the install this state belongs to */
-  int priority;        /* written by its owner or by reset_priorities; atomic */
+  int priority;        /* written by its owner or by set_priority_of (gf_store_priority) */
+  int exiting;         /* set by the owner at exit; see gf_gilhook_set_priority_of */
   /* Owner-only fields. */
   int contended; /* the current wait had to sleep */
   uint64_t want_at;   /* when it entered take_gil */
@@ -306,6 +307,18 @@ static uint64_t gf_cpu_of(uint32_t tid) {
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* Stores t's priority, keeping gf.priority_threads the count of nonzero ones. The exchange
+ * tells each writer what it replaced, so writers racing on one record (its owner, a thread
+ * setting it for the owner, the owner's exit) never count a change twice; it is sequentially
+ * consistent for gf_gilhook_set_priority_of's handshake with the owner's exit. */
+static void gf_store_priority(struct gf_thread *t, int level) {
+  int old = __atomic_exchange_n(&t->priority, level, __ATOMIC_SEQ_CST);
+  if (old == 0 && level != 0)
+    __atomic_add_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+  else if (old != 0 && level == 0)
+    __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+}
+
 static void gf_thread_exit(void *arg) {
   struct gf_thread *t = arg;
   uint64_t now = gf_gilhook_now_ns();
@@ -318,8 +331,9 @@ static void gf_thread_exit(void *arg) {
   GF_STORE(t->state, GF_GIL_FREE);
   gf_write_end(t);
   gf_emit_at(t, GF_GIL_EXIT, now);
-  if (__atomic_exchange_n(&t->priority, 0, __ATOMIC_RELAXED) != 0)
-    __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+  /* Marked before its priority is cleared: see gf_gilhook_set_priority_of. */
+  __atomic_store_n(&t->exiting, 1, __ATOMIC_SEQ_CST);
+  gf_store_priority(t, 0);
   gf_self = &gf_exited;
   __atomic_add_fetch(&gf.ended, 1, __ATOMIC_RELAXED);
   __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
@@ -1157,6 +1171,12 @@ uint32_t gf_gilhook_self_id(void) {
   return t == NULL || t == &gf_exited ? 0 : t->id;
 }
 
+static int gf_clamp_priority(int level) {
+  return level > GF_GILHOOK_MAX_PRIORITY    ? GF_GILHOOK_MAX_PRIORITY
+         : level < -GF_GILHOOK_MAX_PRIORITY ? -GF_GILHOOK_MAX_PRIORITY
+                                            : level;
+}
+
 int gf_gilhook_set_priority(int level) {
   /* A thread without a record is at 0 already; a record made for nothing would outlive the
    * thread until hooks reap it, and none do while they are not installed. */
@@ -1165,25 +1185,26 @@ int gf_gilhook_set_priority(int level) {
   struct gf_thread *t = gf_thread_self();
   if (t == NULL)
     return -ENOMEM;
-  if (level > GF_GILHOOK_MAX_PRIORITY)
-    level = GF_GILHOOK_MAX_PRIORITY;
-  if (level < -GF_GILHOOK_MAX_PRIORITY)
-    level = -GF_GILHOOK_MAX_PRIORITY;
-  int old = __atomic_exchange_n(&t->priority, level, __ATOMIC_RELAXED);
-  if (old == 0 && level != 0)
-    __atomic_add_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
-  else if (old != 0 && level == 0)
-    __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
+  gf_store_priority(t, gf_clamp_priority(level));
   return 0;
+}
+
+int gf_gilhook_set_priority_of(uint32_t id, int level) {
+  for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = t->next) {
+    if (t->id != id)
+      continue;
+    gf_store_priority(t, gf_clamp_priority(level));
+    /* Its owner's exit marks it exiting, then clears its priority. Had the clearing come before
+     * our store, we see the mark (all four sequentially consistent) and clear what we stored:
+     * an ended thread keeps no level, nor gf.priority_threads a count for it. */
+    if (__atomic_load_n(&t->exiting, __ATOMIC_SEQ_CST))
+      gf_store_priority(t, 0);
+    return 0;
+  }
+  return -ESRCH;
 }
 
 int gf_gilhook_get_priority(void) {
   struct gf_thread *t = gf_self;
   return t == NULL || t == &gf_exited ? 0 : GF_LOAD(t->priority);
-}
-
-void gf_gilhook_reset_priorities(void) {
-  for (struct gf_thread *t = __atomic_load_n(&gf.threads, __ATOMIC_ACQUIRE); t; t = t->next)
-    if (__atomic_exchange_n(&t->priority, 0, __ATOMIC_RELAXED) != 0)
-      __atomic_sub_fetch(&gf.priority_threads, 1, __ATOMIC_RELAXED);
 }

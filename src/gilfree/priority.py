@@ -10,34 +10,104 @@ default, negative is background, positive is urgent - Beazley's ``sys.setpriorit
   (for at most 5 ms per wait, so a background thread is slowed, never starved forever);
 - between equal priorities CPython's behaviour is unchanged.
 
+A level belongs to an OS thread, as the GIL sees threads: every asyncio task of an event loop
+runs at its thread's level, so a task's ``background()`` block lowers the whole loop until the
+last block open on that thread ends (see docs/priority.md).
+
 Built on the GIL hooks of gilfree.gil (see docs/priority.md). ``uninstall()`` puts every
-thread back to 0 and removes the hooks priorities installed.
+thread it gave a level back to 0 and removes the hooks priorities installed.
 """
 import contextlib
 import operator
 import threading
 import warnings
+import weakref
 
 from .errors import UnsupportedInterpreter
 from .gil import _hook
 
 __all__ = ["set", "get", "background", "uninstall", "UnsupportedInterpreter"]
 
+# Serializes every change of a level, uninstall() and the blocks' ends (which may run in
+# another thread: a generator finished elsewhere).
 _lock = threading.Lock()
 _installed = False  # whether priorities hold one user of the GIL hooks
+_epoch = 0  # uninstall() and a fork's child start a new one: blocks begun before are void
+_local = threading.local()
+_leveled = weakref.WeakSet()  # the _Threads given a nonzero level: uninstall() resets them
+
+
+class _Thread:
+    """One OS thread's levels: `base` outside background() blocks, and its open blocks in the
+    order they began. The last one still open sets the level, whatever order they end in."""
+
+    __slots__ = ("epoch", "base", "blocks", "record", "__weakref__")
+
+    def __init__(self):
+        self.epoch, self.base, self.blocks = _epoch, 0, []
+        self.record = 0  # its hook record's id, once it has one
+
+    def level(self):
+        return self.blocks[-1].level if self.blocks else self.base
+
+
+class _Block:
+    __slots__ = ("owner", "level")
+
+    def __init__(self, owner, level):
+        self.owner, self.level = owner, level
+
+
+def _checked(level):
+    """The level as an int. A bool or a non-integer is a mistake, not a level."""
+    if not isinstance(level, bool):
+        try:
+            return operator.index(level)
+        except TypeError:
+            pass
+    raise TypeError(f"a gilfree.priority level is an int, not {type(level).__name__}")
+
+
+def _mine():
+    """The calling thread's _Thread of this epoch (under _lock)."""
+    me = getattr(_local, "thread", None)
+    if me is None or me.epoch != _epoch:
+        me = _local.thread = _Thread()
+    return me
+
+
+def _apply(hook, owner, level):
+    """Gives owner's thread `level` in the hooks, installing them first for a nonzero one
+    (under _lock). Any level set since the last uninstall() implies the hooks are in, so a
+    block that ends never installs them."""
+    global _installed
+    if level != 0 and not _installed:
+        hook.acquire(False, 0, False)
+        _installed = True
+    if owner is getattr(_local, "thread", None):
+        hook.set_priority(level)
+        owner.record = hook.record_id()
+    elif owner.record:  # a block begun in that thread ended in this one
+        hook.set_priority(level, owner.record)
+    if level:
+        _leveled.add(owner)
+    else:
+        _leveled.discard(owner)
 
 
 def set(level):  # noqa: A001 - the name the issue fixes (Beazley's sys.setpriority)
-    """Sets the calling thread's GIL priority (clamped to +-8). Raises UnsupportedInterpreter
-    where priorities cannot be had (CPython's default behaviour then stays)."""
-    global _installed
-    level = operator.index(level)  # an integer: 1.5 or "1" is a mistake, not a level
+    """Sets the calling thread's GIL priority (clamped to +-8); inside a background() block,
+    until that block ends. Raises UnsupportedInterpreter where priorities cannot be had
+    (CPython's default behaviour then stays)."""
+    level = _checked(level)
     hook = _hook()
     with _lock:
-        if level != 0 and not _installed:
-            hook.acquire(False, 0, False)
-            _installed = True
-    hook.set_priority(level)
+        me = _mine()
+        _apply(hook, me, level)
+        if me.blocks:
+            me.blocks[-1].level = level
+        else:
+            me.base = level
 
 
 def get():
@@ -48,15 +118,21 @@ def get():
         return 0
 
 
-@contextlib.contextmanager
 def background(level=-1):
-    """Runs the block at a lower GIL priority, then restores the thread's previous one.
+    """Runs the block at a lower GIL priority. The level is the calling OS thread's: other
+    code running on that thread meanwhile (the other asyncio tasks of its event loop) runs at
+    it too. When the last block open on the thread ends, in whatever order they end, the thread
+    is back at its own level (set()'s, 0 by default).
 
     Where priorities are unavailable it warns once and runs the block unchanged.
     """
-    previous = get()
+    return _background(_checked(level))
+
+
+@contextlib.contextmanager
+def _background(level):
     try:
-        set(level)
+        block = _begin(level)
     except UnsupportedInterpreter as exc:
         warnings.warn(f"gilfree.priority unavailable, running with CPython's default GIL: {exc}", RuntimeWarning, stacklevel=3)
         yield
@@ -64,17 +140,41 @@ def background(level=-1):
     try:
         yield
     finally:
-        set(previous)
+        _end(block)
+
+
+def _begin(level):
+    hook = _hook()
+    with _lock:
+        me = _mine()
+        _apply(hook, me, level)
+        block = _Block(me, level)
+        me.blocks.append(block)
+    return block
+
+
+def _end(block):
+    hook = _hook()
+    with _lock:
+        owner = block.owner
+        if owner.epoch != _epoch:
+            return  # uninstall() (or a fork) put its thread back at 0 since it began
+        owner.blocks.remove(block)
+        _apply(hook, owner, owner.level())
 
 
 def uninstall():
-    """Sets every thread's priority back to 0 and removes the GIL hooks priorities installed
-    (they stay while a gilfree.gil monitor uses them)."""
-    global _installed
+    """Sets every thread given a level here back to 0 and removes the GIL hooks priorities
+    installed (they stay while a gilfree.gil monitor uses them). Blocks open meanwhile end
+    without changing their threads' levels."""
+    global _installed, _epoch
     with _lock:
+        _epoch += 1
         if not _installed:
             return
         hook = _hook()
-        hook.reset_priorities()
+        for owner in list(_leveled):
+            hook.set_priority(0, owner.record)
+        _leveled.clear()
         hook.release(False, False)
         _installed = False

@@ -211,7 +211,7 @@ GF_TEST(gilhook_higher_priority_waiter_gets_the_holder_to_drop_at_once) {
   fx.take(&self);
   GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
   fx.drop(&self);
-  gf_gilhook_reset_priorities();
+  GF_CHECK_EQ(gf_gilhook_set_priority(0), 0);
   fx.set_interval(5000);
   GF_CHECK_EQ(gf_gilhook_get_priority(), 0);
   struct gf_gilhook_thread_stats ws = stats_of(w.tid);
@@ -219,6 +219,43 @@ GF_TEST(gilhook_higher_priority_waiter_gets_the_holder_to_drop_at_once) {
   GF_CHECK_EQ(ws.drop_requests, 1);
   GF_CHECK_EQ(ws.timeouts, 0);
   GF_CHECK(ws.wait_ns < 250000000ull);
+}
+
+struct held_thread {
+  pthread_t thread;
+  uint32_t tid, id; /* its record's id, once it has one */
+  int level;        /* its priority as it saw it once woken */
+  int go[2];        /* a pipe: it waits for a byte, looks at its priority and ends */
+};
+
+static void *held_main(void *arg) {
+  struct held_thread *h = arg;
+  gf_gilhook_set_priority(1);
+  h->tid = (uint32_t)syscall(SYS_gettid);
+  __atomic_store_n(&h->id, gf_gilhook_self_id(), __ATOMIC_RELEASE);
+  char byte;
+  if (read(h->go[0], &byte, 1) == 1)
+    h->level = gf_gilhook_get_priority();
+  return NULL;
+}
+
+GF_TEST(gilhook_sets_another_threads_priority_until_it_ends) {
+  struct held_thread h = {0};
+  GF_CHECK_EQ(pipe(h.go), 0);
+  pthread_create(&h.thread, NULL, held_main, &h);
+  while (__atomic_load_n(&h.id, __ATOMIC_ACQUIRE) == 0)
+    usleep(200);
+  GF_CHECK_EQ(gf_gilhook_set_priority_of(h.id, -100), 0);
+  GF_CHECK_EQ(stats_of(h.tid).priority, -GF_GILHOOK_MAX_PRIORITY);
+  GF_CHECK_EQ(write(h.go[1], "x", 1), 1);
+  pthread_join(h.thread, NULL);
+  GF_CHECK_EQ(h.level, -GF_GILHOOK_MAX_PRIORITY);
+  /* Ended (its record not reaped yet): a level set now does not stay. */
+  GF_CHECK_EQ(gf_gilhook_set_priority_of(h.id, 3), 0);
+  GF_CHECK_EQ(stats_of(h.tid).priority, 0);
+  GF_CHECK_EQ(gf_gilhook_set_priority_of(0, 3), -ESRCH);
+  close(h.go[0]);
+  close(h.go[1]);
 }
 
 GF_TEST(gilhook_lower_priority_waiter_lets_the_higher_one_take_first) {

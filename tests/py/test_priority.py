@@ -445,3 +445,119 @@ def test_records_of_ended_threads_go_once_a_monitor_before_priorities_ends():
     assert len([t for t in m.report().threads if t.name.startswith("short-")]) == 300
     short_threads(1000)
     assert_few_ended_records()
+
+
+def test_background_blocks_that_end_out_of_order_leave_the_thread_at_its_own_level():
+    """Two asyncio tasks await inside background() and end in the order they began. The level
+    is the OS thread's (the loop runs at the last block still open), and once no block is open
+    the thread is back at the level it set itself."""
+    import asyncio
+
+    seen = []
+
+    async def task(entered, go, level):
+        with priority.background(level):
+            entered.set()
+            await go.wait()
+        seen.append(priority.get())
+
+    async def main():
+        a_in, a_go, b_in, b_go = (asyncio.Event() for _ in range(4))
+        a = asyncio.create_task(task(a_in, a_go, -1))
+        await a_in.wait()
+        b = asyncio.create_task(task(b_in, b_go, -2))
+        await b_in.wait()
+        seen.append(priority.get())
+        a_go.set()
+        await a
+        b_go.set()
+        await b
+
+    priority.set(1)
+    asyncio.run(main())
+    assert seen == [-2, -2, 1]  # the old save/restore gave [-2, 1, -1]
+    assert priority.get() == 1
+
+
+def test_a_block_ended_in_another_thread_restores_the_thread_that_began_it():
+    def rows():
+        with priority.background():
+            yield 1
+            yield 2
+
+    g = rows()
+    next(g)
+    assert priority.get() == -1  # the block is open in this thread
+    seen = []
+
+    def drain():
+        priority.set(2)
+        for _ in g:
+            pass
+        seen.append(priority.get())
+
+    t = threading.Thread(target=drain)
+    t.start()
+    t.join()
+    assert seen == [2]  # its own level: the block was this thread's
+    assert priority.get() == 0
+
+
+def test_blocks_open_at_uninstall_end_without_installing_anything():
+    inside, go = threading.Event(), threading.Event()
+    seen = []
+
+    def worker():
+        with priority.background(-2):
+            with priority.background(-1):
+                inside.set()
+                go.wait()
+                seen.append((priority.get(), _gilhook.installed()))
+            seen.append((priority.get(), _gilhook.installed()))
+        seen.append((priority.get(), _gilhook.installed()))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait()
+    priority.uninstall()
+    go.set()
+    t.join()
+    assert seen == [(0, False)] * 3  # the inner exit set -2 and installed the hooks again
+
+
+def test_an_uninstall_racing_set_never_leaves_a_level_without_the_hooks(monkeypatch):
+    """An uninstall() begun just as set() writes the level ends after the write and resets it:
+    never a level left with the hooks removed."""
+    racers = []
+
+    class Binding:  # the binding, with uninstall() started in another thread before the write
+        def __getattr__(self, name):
+            return getattr(_gilhook, name)
+
+        def set_priority(self, level, *record):
+            if level == -3 and not racers:
+                racers.append(threading.Thread(target=priority.uninstall))
+                racers[0].start()
+                racers[0].join(0.2)  # done at once unless set() holds what uninstall() needs
+            _gilhook.set_priority(level, *record)
+
+    priority.set(-1)
+    monkeypatch.setattr(priority, "_hook", Binding)
+    priority.set(-3)
+    racers[0].join()
+    assert (priority.get(), _gilhook.installed()) == (0, False)  # was (-3, False)
+
+
+def test_uninstall_leaves_the_samplers_level_alone():
+    # gil's sampler waits at the top level while its monitor is open (docs/gil.md).
+    def sampler_level(m):
+        rows = _gilhook.threads()[1]
+        return [row[gil._PRIO] for row in rows if row[gil._ID] == m._sampler.record]
+
+    with gil.monitor(sample_hz=50) as m:
+        while sampler_level(m) != [gil.SAMPLER_PRIORITY]:
+            time.sleep(0.001)
+        priority.set(1)
+        priority.uninstall()
+        assert priority.get() == 0
+        assert sampler_level(m) == [gil.SAMPLER_PRIORITY]  # was 0

@@ -5,7 +5,7 @@
  *
  * Threading model: each hooked thread updates only its own record (stats under a seqlock,
  * events in its own chunk list). Everything else - install, uninstall, the tracing switch and
- * the readers (foreach_thread, totals, drain, reap, reset_priorities) - may run on any thread
+ * the readers (foreach_thread, totals, drain, reap, set_priority_of) - may run on any thread
  * but must be serialized by the caller (the binding holds the GIL): the reaper frees records.
  * With self-reaping on, the hooks reap too, in a thread that has just taken the hooked GIL:
  * the caller must then hold that GIL in all of these (their callbacks may give it up).
@@ -126,12 +126,15 @@ uint32_t gf_gilhook_self_id(void);
 
 /* Priority of the calling thread for the GIL (clamped to +-GF_GILHOOK_MAX_PRIORITY). A waiter
  * asks a lower-priority holder to drop at once; a waiter does not take the GIL while a
- * higher-priority waiter exists (bounded by one defer window, so no thread starves forever). */
+ * higher-priority waiter exists (bounded by one defer window, so no thread starves forever).
+ * Setting 0 in a thread without a record makes none. */
 #define GF_GILHOOK_MAX_PRIORITY 8
 int gf_gilhook_set_priority(int level);
 int gf_gilhook_get_priority(void);
-/* Sets every thread's priority back to 0. */
-void gf_gilhook_reset_priorities(void);
+/* Sets the priority of the thread whose record has this id (gf_gilhook_self_id() in that
+ * thread), as gf_gilhook_set_priority would there. It walks the records: serialized as the
+ * readers are. -ESRCH if no record has the id; a thread that ends meanwhile ends at 0. */
+int gf_gilhook_set_priority_of(uint32_t id, int level);
 
 /* Timelines, from one thread's drained events in the order it recorded them. */
 

@@ -706,19 +706,34 @@ static PyObject *gilhook_took_from(PyObject *module, PyObject *Py_UNUSED(ignored
   return PyLong_FromUnsignedLong(gf_gilhook_took_from());
 }
 
-PyDoc_STRVAR(set_priority_doc, "set_priority(level)\n--\n\nSets the calling thread's GIL "
-                               "priority (clamped to +-8).");
+PyDoc_STRVAR(set_priority_doc,
+             "set_priority(level, record=0)\n--\n\nSets the GIL priority (clamped to +-8) of "
+             "the calling thread, or of the thread whose record_id() is record (nothing if it "
+             "has ended).");
 
-/* Borrows arg. Returns a new reference (None), or NULL with an exception set. */
-static PyObject *gilhook_set_priority(PyObject *module, PyObject *arg) {
+/* Borrows args. Returns a new reference (None), or NULL with an exception set. */
+static PyObject *gilhook_set_priority(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_SetString(PyExc_TypeError, "set_priority(level, record=0)");
+    return NULL;
+  }
   int overflow;
-  long level = PyLong_AsLongAndOverflow(arg, &overflow);
+  long level = PyLong_AsLongAndOverflow(args[0], &overflow);
   if (level == -1 && PyErr_Occurred())
     return NULL;
   if (overflow != 0)
     level = overflow > 0 ? LONG_MAX : LONG_MIN; /* beyond a C long: clamped like the rest */
-  int rc = gf_gilhook_set_priority((int)(level > 1000 ? 1000 : level < -1000 ? -1000 : level));
-  if (rc < 0) {
+  level = level > 1000 ? 1000 : level < -1000 ? -1000 : level;
+  unsigned long record = nargs == 2 ? PyLong_AsUnsignedLong(args[1]) : 0;
+  if (record == (unsigned long)-1 && PyErr_Occurred())
+    return NULL;
+  if (record > UINT32_MAX) {
+    PyErr_SetString(PyExc_ValueError, "no such record id");
+    return NULL;
+  }
+  int rc = record != 0 ? gf_gilhook_set_priority_of((uint32_t)record, (int)level)
+                       : gf_gilhook_set_priority((int)level);
+  if (rc < 0 && rc != -ESRCH) { /* -ESRCH: that thread has ended, with no level to keep */
     errno = -rc;
     return PyErr_SetFromErrno(PyExc_OSError);
   }
@@ -728,12 +743,6 @@ static PyObject *gilhook_set_priority(PyObject *module, PyObject *arg) {
 /* Returns a new reference. */
 static PyObject *gilhook_get_priority(PyObject *module, PyObject *Py_UNUSED(ignored)) {
   return PyLong_FromLong(gf_gilhook_get_priority());
-}
-
-/* Returns a new reference (None). */
-static PyObject *gilhook_reset_priorities(PyObject *module, PyObject *Py_UNUSED(ignored)) {
-  gf_gilhook_reset_priorities();
-  Py_RETURN_NONE;
 }
 
 static PyMethodDef gilhook_methods[] = {
@@ -760,11 +769,10 @@ static PyMethodDef gilhook_methods[] = {
     {"took_from", gilhook_took_from, METH_NOARGS,
      "took_from()\n--\n\nNative id of the thread this one last took the GIL from after "
      "waiting for it, 0 if the GIL was free."},
-    {"set_priority", gilhook_set_priority, METH_O, set_priority_doc},
+    {"set_priority", (PyCFunction)(void (*)(void))gilhook_set_priority, METH_FASTCALL,
+     set_priority_doc},
     {"get_priority", gilhook_get_priority, METH_NOARGS,
      "get_priority()\n--\n\nThe calling thread's GIL priority."},
-    {"reset_priorities", gilhook_reset_priorities, METH_NOARGS,
-     "reset_priorities()\n--\n\nSets every thread's priority back to 0."},
     {NULL, NULL, 0, NULL},
 };
 
