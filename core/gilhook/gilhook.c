@@ -341,8 +341,10 @@ static void gf_thread_exit(void *arg) {
 
 /* In a forked child only the thread that forked lives on: the other records, every event (the
  * parent's monitors read them) and the counts are the parent's. Its own record starts afresh,
- * with a new id and the child's tid; the hooks, tracing and priorities stay as they were (their
- * users release them). Runs inside fork(), before any other code of the child. */
+ * with a new id, the child's tid and priority 0, as any new process's thread (the level was
+ * the parent thread's, relative to the parent's other threads); the hooks and tracing stay as
+ * they were (their users release them). Runs inside fork(), before any other code of the
+ * child. */
 static void gf_after_fork_in_child(void) {
   struct gf_thread *self = gf_self == &gf_exited ? NULL : gf_self, *next;
   for (struct gf_thread *t = gf.threads; t != NULL; t = next) {
@@ -368,7 +370,7 @@ static void gf_after_fork_in_child(void) {
   if (self == NULL)
     return;
   /* What it was doing at the fork (holding the GIL, if it forked from Python), it still does. */
-  int state = self->state, priority = self->priority;
+  int state = self->state;
   unsigned generation = self->generation;
   uint64_t now = gf_gilhook_now_ns();
   *self = (struct gf_thread){.id = __atomic_add_fetch(&gf.next_id, 1, __ATOMIC_RELAXED),
@@ -377,11 +379,9 @@ static void gf_after_fork_in_child(void) {
                              .since_ns = now,
                              .state = state,
                              .generation = generation,
-                             .priority = priority,
                              .wait_slot = -1};
   if (state == GF_GIL_HELD)
     gf.holder = self;
-  gf.priority_threads = priority != 0;
 }
 
 static void gf_make_key(void) {

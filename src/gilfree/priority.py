@@ -19,6 +19,7 @@ thread it gave a level back to 0 and removes the hooks priorities installed.
 """
 import contextlib
 import operator
+import os
 import threading
 import warnings
 import weakref
@@ -178,3 +179,15 @@ def uninstall():
         _leveled.clear()
         hook.release(False, False)
         _installed = False
+
+
+def _after_fork_in_child():
+    """A forked child is a new process: its one thread starts at 0 (the hooks reset its
+    record's level), and the blocks it copied end without effect."""
+    global _lock, _epoch
+    _lock = threading.Lock()  # another thread of the parent may have held it
+    _epoch += 1
+    _leveled.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -659,15 +659,16 @@ GF_TEST(gilhook_reports_each_threads_cpu_time) {
   GF_CHECK(ended.cpu_ns >= alive && ended.cpu_ns < sp.spun_ns + 10000000ull);
 }
 
-/* In the forked child: only its own record, afresh; no events of the parent's; exit status 0
- * when so. */
+/* In the forked child: only its own record, afresh (priority 0 too); no events of the
+ * parent's; exit status 0 when so. */
 static int check_forked_child(uint32_t parent_id, void *self_state) {
   int records = 0;
   gf_gilhook_foreach_thread(gf_gilhook_now_ns(), count_visit, &records);
   struct gf_gilhook_thread_stats s = stats_of((uint32_t)getpid());
   struct gf_gilhook_event events[64];
   if (records != 1 || s.id == parent_id || s.id != gf_gilhook_self_id() || s.acquisitions != 0 ||
-      s.state != GF_GIL_HELD || gf_gilhook_event_bytes() != 0 || gf_gilhook_drain(events, 64) != 0)
+      s.state != GF_GIL_HELD || s.priority != 0 || gf_gilhook_get_priority() != 0 ||
+      gf_gilhook_event_bytes() != 0 || gf_gilhook_drain(events, 64) != 0)
     return 1;
   fx.drop(self_state); /* the child's own events and counts */
   fx.take(self_state);
@@ -692,11 +693,14 @@ GF_TEST(gilhook_a_forked_child_keeps_only_its_own_thread) {
   pthread_join(w.thread, NULL);
   fx.take(&self);
   uint32_t parent_id = gf_gilhook_self_id();
+  GF_CHECK_EQ(gf_gilhook_set_priority(-1), 0);
   pid_t pid = fork();
   if (pid == 0)
     _exit(check_forked_child(parent_id, &self));
   int status = -1;
   waitpid(pid, &status, 0);
+  GF_CHECK_EQ(gf_gilhook_get_priority(), -1); /* the parent's thread keeps its level */
+  GF_CHECK_EQ(gf_gilhook_set_priority(0), 0);
   struct gf_gilhook_thread_stats ws = stats_of(w.tid);
   GF_CHECK_EQ(gf_gilhook_uninstall(), 0);
   fx.drop(&self);

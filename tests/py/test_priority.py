@@ -561,3 +561,27 @@ def test_uninstall_leaves_the_samplers_level_alone():
         priority.uninstall()
         assert priority.get() == 0
         assert sampler_level(m) == [gil.SAMPLER_PRIORITY]  # was 0
+
+
+def test_a_child_forked_inside_background_starts_at_0():
+    """A forked child is a new process: its thread starts at 0, in the hooks and in get(), and
+    the block it copied ends without changing that."""
+    r, w = os.pipe()
+    pid = -1
+    try:
+        with priority.background():
+            pid = os.fork()
+            if pid == 0:
+                inside = priority.get()
+        if pid == 0:  # the child, its copy of the block ended
+            (row,) = [row for row in _gilhook.threads()[1] if row[gil._ID] == _gilhook.record_id()]
+            os.write(w, repr((inside, priority.get(), row[gil._PRIO])).encode())
+    finally:
+        if pid == 0:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as out:
+        seen = out.read()
+    os.waitpid(pid, 0)
+    assert seen == "(0, 0, 0)"  # was (-1, 0, 0): the child ran its block at the parent's -1
+    assert priority.get() == 0
