@@ -585,3 +585,12 @@ def test_a_child_forked_inside_background_starts_at_0():
     os.waitpid(pid, 0)
     assert seen == "(0, 0, 0)"  # was (-1, 0, 0): the child ran its block at the parent's -1
     assert priority.get() == 0
+
+
+@pytest.mark.parametrize("not_a_level", [True, False, 0.5, -1.0, "low", None])
+def test_a_level_is_an_int_not_a_bool_nor_a_float(not_a_level):
+    with pytest.raises(TypeError, match="gilfree.priority level is an int"):
+        priority.set(not_a_level)
+    with pytest.raises(TypeError, match="gilfree.priority level is an int"):
+        priority.background(not_a_level)  # at the call, before any block runs
+    assert priority.get() == 0 and not _gilhook.installed()
