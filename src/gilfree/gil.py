@@ -35,11 +35,28 @@ TOP_THREADS = 20  # rows of the report's table and picture, by held + wait time
 _ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO, _LOST, _CPU = range(16)
 
 
+# Also the binding's reason, where it loads in a subinterpreter and refuses it.
+_SUBINTERPRETER = "GIL priorities and accounting are unavailable in subinterpreters (gilfree hooks the main interpreter's GIL only)"
+
+
+def _in_subinterpreter():
+    try:
+        import _interpreters as interpreters  # 3.13
+    except ImportError:
+        try:
+            import _xxsubinterpreters as interpreters
+        except ImportError:
+            return False
+    return interpreters.get_current() != interpreters.get_main()
+
+
 def _hook():
     """The binding module; raises UnsupportedInterpreter if it cannot load here."""
     try:
         from . import _gilhook
     except ImportError as exc:
+        if _in_subinterpreter():  # an isolated one refuses the module: not a build problem
+            raise UnsupportedInterpreter(_SUBINTERPRETER) from exc
         raise UnsupportedInterpreter(f"gilfree._gilhook is not built for this interpreter: {exc}") from exc
     return _gilhook
 

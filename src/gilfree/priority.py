@@ -36,6 +36,7 @@ _installed = False  # whether priorities hold one user of the GIL hooks
 _epoch = 0  # uninstall() and a fork's child start a new one: blocks begun before are void
 _local = threading.local()
 _leveled = weakref.WeakSet()  # the _Threads given a nonzero level: uninstall() resets them
+_warned = False  # background() warns once per process where priorities are unavailable
 
 
 class _Thread:
@@ -125,17 +126,22 @@ def background(level=-1):
     it too. When the last block open on the thread ends, in whatever order they end, the thread
     is back at its own level (set()'s, 0 by default).
 
-    Where priorities are unavailable it warns once and runs the block unchanged.
+    Where priorities are unavailable it warns once per process (RuntimeWarning) and runs the
+    block unchanged.
     """
     return _background(_checked(level))
 
 
 @contextlib.contextmanager
 def _background(level):
+    global _warned
     try:
         block = _begin(level)
     except UnsupportedInterpreter as exc:
-        warnings.warn(f"gilfree.priority unavailable, running with CPython's default GIL: {exc}", RuntimeWarning, stacklevel=3)
+        with _lock:
+            first, _warned = not _warned, True
+        if first:
+            warnings.warn(f"gilfree.priority unavailable, running with CPython's default GIL: {exc}", RuntimeWarning, stacklevel=3)
         yield
         return
     try:

@@ -115,7 +115,9 @@ static int self_check(gilhook_state *st) {
   }
   PyThreadState *tstate = PyThreadState_Get();
   if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
-    unsupported(st, "running in a subinterpreter: only the main interpreter's GIL is covered");
+    /* The text of gilfree.gil._SUBINTERPRETER, for where this module does not load. */
+    unsupported(st, "GIL priorities and accounting are unavailable in subinterpreters (gilfree "
+                    "hooks the main interpreter's GIL only)");
     return -1;
   }
   struct _gil_runtime_state *gil = main_gil();
