@@ -249,6 +249,27 @@ def test_nested_and_repeated_monitors_each_report_their_own_window():
     assert gilfree._gilhook.slots_restored()
 
 
+def test_entering_and_leaving_a_monitor_takes_the_gil_back_at_once_beside_a_cpu_thread():
+    # A monitor reads /proc at its start and end (every process's stat), and each read gives
+    # the GIL up: beside a CPU-bound thread, each took a switch interval to get back.
+    processes = sum(name.isdigit() for name in os.listdir("/proc"))
+    assert processes >= 5
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], name="spinner")
+    spinner.start()
+    try:
+        with gil.monitor(trace=False) as outer:
+            for _ in range(3):
+                with gil.monitor(trace=False):
+                    pass
+    finally:
+        stop.set()
+        spinner.join()
+    main = thread_of(outer.report(), "MainThread")
+    # Before: one timeout per file read, 2 * 3 * processes of them.
+    assert main.timeouts <= 3, (main.timeouts, processes)
+
+
 def test_counters_accumulate_and_stop_uninstalls():
     try:
         first = gil.counters()
