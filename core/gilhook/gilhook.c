@@ -734,7 +734,16 @@ static int gf_hook_mutex_lock(pthread_mutex_t *mutex) {
       t->handing_over = t->forced_at != 0 && t->state == GF_GIL_FREE;
     t = NULL;
   }
-  int rc = gf.mutex_lock(mutex);
+  int rc = 0;
+  /* The holder dropping on a priority request sees it while the asking thread still holds the
+   * mutex for a moment: it spins rather than sleep in the futex, whose wake-up would cost the
+   * urgent thread a system call and the holder a scheduling delay. (A racy read: the flag is
+   * written under the mutex, and a stale value only picks the other way to lock.) */
+  if (mutex == gf.targets.mutex && t != NULL && t->state == GF_GIL_HELD &&
+      __atomic_load_n(&gf.asked_by_priority, __ATOMIC_RELAXED))
+    gf_relock(mutex);
+  else
+    rc = gf.mutex_lock(mutex);
   if (t != NULL && rc == 0 && t->state != GF_GIL_HELD) { /* in take_gil, holding its mutex */
     if (__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED)) {
       gf_must_wait(t);
