@@ -144,7 +144,9 @@ static struct {
    * holder is kept by id and tid, since its record may be freed once it ends. */
   struct gf_thread *holder, *asked_holder;
   uint32_t last_holder_id, last_holder_tid;
-  int asked_by_priority; /* asked_holder was asked by a higher-priority waiter */
+  /* asked_holder was asked by a higher-priority waiter. Written under the GIL's mutex; atomic
+   * because the holder reads it without the mutex, as a hint (gf_hook_mutex_lock). */
+  int asked_by_priority;
   /* Signals of switch_cond so far. take_gil sends them under switch_mutex, so a reader holding
    * switch_mutex knows no signal is missed between its read and its wait; atomic, because
    * drop_gil's polling hand-over reads it without the mutex. */
@@ -356,7 +358,7 @@ static void gf_after_fork_in_child(void) {
   gf.threads = self;
   gf.holder = gf.asked_holder = NULL;
   gf.last_holder_id = gf.last_holder_tid = 0;
-  gf.asked_by_priority = 0;
+  __atomic_store_n(&gf.asked_by_priority, 0, __ATOMIC_RELAXED);
   gf.retired = (struct gf_gilhook_totals){0};
   /* walking stays: a walk of the forking thread goes on in the child (one of a thread gone
    * keeps the reapers off: a leak, never a use after free). */
@@ -494,7 +496,7 @@ static void gf_on_acquire(struct gf_thread *t) {
   gf.last_holder_id = t->id;
   gf.last_holder_tid = t->tid;
   gf.asked_holder = NULL;
-  gf.asked_by_priority = 0;
+  __atomic_store_n(&gf.asked_by_priority, 0, __ATOMIC_RELAXED);
   gf_emit_at(t, GF_GIL_ACQUIRE | (state == GF_GIL_WANT && t->contended ? GF_GIL_CONTENDED : 0), now);
 }
 
@@ -511,8 +513,8 @@ static int gf_on_release(struct gf_thread *t) {
   gf_write_end(t);
   gf.holder = NULL;
   gf.asked_holder = NULL;
-  t->priority_forced = forced && gf.asked_by_priority;
-  gf.asked_by_priority = 0;
+  t->priority_forced = forced && __atomic_load_n(&gf.asked_by_priority, __ATOMIC_RELAXED);
+  __atomic_store_n(&gf.asked_by_priority, 0, __ATOMIC_RELAXED);
   t->forced_at = forced ? now : 0;
   if (forced)
     t->blocked_at = gf_blocked_count();
@@ -551,7 +553,7 @@ static int gf_priority_request(struct gf_thread *t) {
       holder != t && GF_LOAD(holder->priority) < GF_LOAD(t->priority)) {
     gf.targets.request_drop(gf.targets.request_drop_arg);
     gf_count_request(t, holder);
-    gf.asked_by_priority = 1;
+    __atomic_store_n(&gf.asked_by_priority, 1, __ATOMIC_RELAXED);
     return 1;
   }
   return 0;
