@@ -597,6 +597,8 @@ def test_uninstall_leaves_the_samplers_level_alone():
         assert sampler_level(m) == [gil.SAMPLER_PRIORITY]  # was 0
 
 
+# The fork is the point: 3.12+ warns that the process has threads (pytest's, the sampler's).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_child_forked_inside_background_starts_at_0():
     """A forked child is a new process: its thread starts at 0, in the hooks and in get(), and
     the block it copied ends without changing that."""
