@@ -31,10 +31,13 @@ _http_log = logging.getLogger("gilfree.images.http")  # aiohttp's protocol logs 
 _http_log.addFilter(_OneLineParserErrors())
 
 
+BACKLOG = 1024  # pending connections: a burst of clients waits in the kernel, not refused
+
+
 def listen(host, port):
     """A socket listening on host:port, in the address family host resolves to (IPv4 or IPv6)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    return socket.create_server((host, port), family=family, backlog=1024)
+    return socket.create_server((host, port), family=family, backlog=BACKLOG)
 
 
 def make_runner(config):
@@ -83,7 +86,7 @@ async def serve(config, ready=None, sock=None):
     runner = make_runner(config)
     await runner.setup()  # starts the executor
     try:
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock, backlog=BACKLOG)  # it listens again (aiohttp's default: 128)
         await site.start()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
