@@ -847,7 +847,9 @@ def test_cpu_time_without_the_gil_is_parallel_work_and_blocked_time_is_not():
     data = bytes(4 << 20)
 
     def hashing():
-        for _ in range(20):
+        # About 150 ms: one stray wait of up to a switch interval (5 ms) stays within the main
+        # thread's 5% below (at 50 ms, a 3 ms wait at the hasher's start or end failed it once).
+        for _ in range(60):
             hashlib.sha256(data).digest()  # releases the GIL for buffers this big
 
     hasher = threading.Thread(target=hashing, name="hasher")
