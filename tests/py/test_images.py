@@ -1,5 +1,6 @@
 """gilfree.images: the ops (in process) and the real service (a subprocess on 127.0.0.1, OS-chosen port)."""
 import asyncio
+import email.utils
 import gzip
 import io
 import os
@@ -611,6 +612,72 @@ async def test_unreadable_file_is_404_and_errors_name_no_server_path(local, root
     assert str(root) in caplog.text  # the log has it
 
 
+async def conditional_get(url, path, **headers):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + path, headers=headers) as r:
+            return r.status, r.headers, await r.read()
+
+
+async def test_get_answers_can_be_cached_and_revalidated_without_a_transform(local, root, monkeypatch):
+    url, _ = local
+    (root / "cached.jpg").write_bytes(PHOTO)
+    transforms = []
+    real_transform = ops.transform
+
+    def counted(source, spec):
+        transforms.append(spec)
+        return real_transform(source, spec)
+
+    monkeypatch.setattr(ops, "transform", counted)
+    path = "/v1/transform/cached.jpg?w=50"
+    status, headers, body = await conditional_get(url, path)
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (50, 38)
+    assert headers["Cache-Control"] == "public, max-age=3600"
+    etag, last_modified = headers["ETag"], headers["Last-Modified"]
+    assert re.fullmatch(r'W/"[0-9a-f]+"', etag), etag
+    assert last_modified == email.utils.formatdate(os.stat(root / "cached.jpg").st_mtime, usegmt=True)
+
+    for condition in ({"If-None-Match": etag}, {"If-None-Match": f'"other", {etag}'}, {"If-None-Match": "*"},
+                      {"If-Modified-Since": last_modified}):
+        status, headers, body = await conditional_get(url, path, **condition)
+        assert (status, body, headers["ETag"], headers["Last-Modified"]) == (304, b"", etag, last_modified), condition
+    assert len(transforms) == 1  # a 304 costs a stat, not a worker
+
+    older = email.utils.formatdate(os.stat(root / "cached.jpg").st_mtime - 60, usegmt=True)
+    status, headers, _ = await conditional_get(url, path, **{"If-Modified-Since": older})
+    assert status == 200
+    status, headers, _ = await conditional_get(url, path, **{"If-None-Match": '"other"', "If-Modified-Since": last_modified})
+    assert status == 200  # If-None-Match decides when present
+    status, headers, _ = await conditional_get(url, "/v1/transform/cached.jpg?w=60", **{"If-None-Match": etag})
+    assert status == 200 and headers["ETag"] != etag  # other ops, another output
+
+    stat_before = os.stat(root / "cached.jpg")
+    os.utime(root / "cached.jpg", ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns + 1))  # the file changed
+    status, headers, _ = await conditional_get(url, path, **{"If-None-Match": etag})
+    assert status == 200 and headers["ETag"] != etag
+    assert len(transforms) == 5
+
+    status, headers, body = await conditional_get(url, "/v1/transform/notes.txt")
+    error_of(status, body, 415, "unsupported_media_type")
+    assert "ETag" not in headers and "Cache-Control" not in headers  # errors are not to be cached
+    assert 'gilfree_images_requests_total{status="304"} 4' in await metrics(url)
+
+
+async def test_cache_max_age_0_has_caches_revalidate_every_time(root):
+    from gilfree.images import Config
+    from gilfree.images.server import make_runner
+
+    runner = make_runner(Config(workers=1, executor="threads", worker_nice=0, root=str(root), cache_max_age=0))
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        status, headers, _ = await get(f"http://127.0.0.1:{runner.addresses[0][1]}", "/v1/transform/sub/photo.jpg?w=10")
+        assert (status, headers["Cache-Control"]) == (200, "no-cache") and headers["ETag"]
+    finally:
+        await runner.cleanup()
+
+
 async def test_get_of_a_file_over_the_body_limit_is_413(local):
     url, _ = local
     status, _, body = await get(url, "/v1/transform/huge.jpg?w=10")
@@ -1086,7 +1153,7 @@ def test_port_in_use_is_one_line_and_exit_1():
                                   ["--max-megapixels", "0"], ["--budget", "nan"], ["--budget", "inf"],
                                   ["--budget", "-2"], ["--budget", "soon"], ["--host", ""], ["--port", "70000"],
                                   ["--workers", "0"], ["--workers", "1025"],
-                                  ["--head-timeout", "0"]])
+                                  ["--head-timeout", "0"], ["--cache-max-age", "-1"]])
 def test_cli_refuses_bad_options(args, capsys):
     from gilfree.images.__main__ import parse_args
 
@@ -1101,6 +1168,7 @@ def test_cli_takes_good_options(tmp_path):
     config = parse_args(["--root", str(tmp_path), "--budget", "2.5", "--max-body-mb", "0.5", "--host", "::"])
     assert (config.root, config.budget, config.max_body, config.host) == (str(tmp_path), 2.5, 1 << 19, "::")
     assert parse_args(["--head-timeout", "0.5"]).head_timeout == 0.5 and parse_args([]).head_timeout == 10
+    assert parse_args(["--cache-max-age", "0"]).cache_max_age == 0 and parse_args([]).cache_max_age == 3600
 
 
 async def wait_for_metric(url, name, value, timeout=20):

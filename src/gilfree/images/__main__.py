@@ -48,17 +48,21 @@ def parse_args(argv):
     p.add_argument("--worker-nice", type=int, default=defaults.worker_nice,
                    help="workers run this much nicer than the server, so /health stays fast when every core is "
                         "busy (default 10; 0 to disable)")
+    p.add_argument("--cache-max-age", type=int, default=defaults.cache_max_age,
+                   help="seconds caches may keep a GET answer (Cache-Control max-age); after that they revalidate "
+                        "with its ETag and get a 304 while the file and the ops are the same (default 3600; 0: "
+                        "revalidate every time)")
     args = p.parse_args(argv)
     if not args.host:
         p.error("--host is empty: give an address, or 0.0.0.0 or :: for every interface")
     if (not 0 <= args.port <= 65535 or not 1 <= args.workers <= MAX_WORKERS or args.max_queue < 0
-            or not 0 <= args.worker_nice <= 19):
+            or not 0 <= args.worker_nice <= 19 or args.cache_max_age < 0):
         p.error(f"--port must be in 0..65535, --workers in 1..{MAX_WORKERS} (gilfree.Pool's limit), --max-queue >= 0, "
-                "--worker-nice in 0..19")
+                "--worker-nice in 0..19, --cache-max-age >= 0")
     return Config(host=args.host, port=args.port, workers=args.workers, root=args.root, executor=args.executor,
                   max_body=int(args.max_body_mb * MB), max_pixels=int(args.max_megapixels * 1e6),
                   budget=args.budget, head_timeout=args.head_timeout, max_queue=args.max_queue,
-                  worker_nice=args.worker_nice)
+                  worker_nice=args.worker_nice, cache_max_age=args.cache_max_age)
 
 
 def main(argv=None):

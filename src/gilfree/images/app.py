@@ -6,13 +6,18 @@ work runs in the executor (gilfree.Pool workers by default). The loop only waits
 """
 import asyncio
 import dataclasses
+import email.utils
+import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 
+import PIL
 from aiohttp import hdrs, web
 
+from .. import __version__
 from ..errors import TaskTimeout, WorkerCrashed
 from . import ops
 from .executors import make_executor
@@ -38,6 +43,7 @@ class Config:
     head_timeout: float = 10.0  # seconds for a request head, from the connection's start or previous answer
     max_queue: int = 128  # waiting requests beyond one per worker, then 503
     worker_nice: int = 10  # workers' niceness above the server's: the front wins a busy machine's cores
+    cache_max_age: int = 3600  # seconds a cache may keep a GET answer before revalidating it
 
 
 class Service:
@@ -74,9 +80,15 @@ class Service:
 
     async def transform_path(self, request):
         spec = parse(request.query.items(), self.config.max_pixels, self.config.max_body)
-        path = self._confine(request.match_info["path"])
+        path, source_stat = self._confine(request.match_info["path"])
+        tag = _output_tag(source_stat, spec)
+        cache_headers = self._cache_headers(tag, source_stat)
+        if _not_modified(request, tag, source_stat):
+            return web.Response(status=304, headers=cache_headers)
         async with self._admitted():
-            return await self._run(request, path, spec)
+            response = await self._run(request, path, spec)
+        response.headers.update(cache_headers)
+        return response
 
     async def health(self, request):
         return web.json_response({"status": "ok"})
@@ -108,7 +120,7 @@ class Service:
         return b"".join(chunks)
 
     def _confine(self, relative):
-        """The real path of relative under --root, or 404: no '..', no absolute path, no symlink out."""
+        """(real path, stat) of relative under --root, or 404: no '..', no absolute path, no symlink out."""
         not_found = ImageError(404, "not_found", "no such image")
         if self.root is None:
             raise ImageError(404, "not_found", "the service was started without --root")
@@ -116,9 +128,22 @@ class Service:
         if "\0" in relative or any(part in ("", "..") for part in relative.split("/")):
             raise not_found
         real = os.path.realpath(os.path.join(self.root, relative))
-        if os.path.commonpath((self.root, real)) != self.root or not os.path.isfile(real):
+        if os.path.commonpath((self.root, real)) != self.root:
             raise not_found
-        return real
+        try:
+            source_stat = os.stat(real)
+        except OSError:
+            raise not_found from None
+        if not stat.S_ISREG(source_stat.st_mode):
+            raise not_found
+        return real, source_stat
+
+    def _cache_headers(self, tag, source_stat):
+        """A GET answer's cache headers (a weak ETag: another Pillow build may encode other bytes)."""
+        max_age = self.config.cache_max_age
+        return {hdrs.ETAG: f'W/"{tag}"',
+                hdrs.LAST_MODIFIED: email.utils.formatdate(source_stat.st_mtime, usegmt=True),
+                hdrs.CACHE_CONTROL: f"public, max-age={max_age}" if max_age else "no-cache"}
 
     def _admitted(self):
         if self.in_flight >= self.capacity:
@@ -160,6 +185,23 @@ class _InFlight:
 
     async def __aexit__(self, *exc):
         self.service.in_flight -= 1
+
+
+def _output_tag(source_stat, spec):
+    """The ETag's value: what names a GET's output, the source file's identity and version, the ops, and the
+    versions of the code making it."""
+    identity = (source_stat.st_dev, source_stat.st_ino, source_stat.st_size, source_stat.st_mtime_ns, spec,
+                __version__, PIL.__version__)
+    return hashlib.blake2b(repr(identity).encode(), digest_size=12).hexdigest()
+
+
+def _not_modified(request, tag, source_stat):
+    """Whether a conditional GET is answered 304 (RFC 9110 13.2.2): If-None-Match decides when present
+    (weak comparison), else If-Modified-Since against the source file's modification time."""
+    if (if_none_match := request.if_none_match) is not None:
+        return any(candidate.value in ("*", tag) for candidate in if_none_match)
+    if_modified_since = request.if_modified_since
+    return if_modified_since is not None and int(source_stat.st_mtime) <= if_modified_since.timestamp()
 
 
 def _error(status, error, detail):
