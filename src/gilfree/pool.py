@@ -609,7 +609,12 @@ class Pool(PoolBase):
     # ------------------------------------------------------------ lifecycle
 
     def stats(self):
-        """Per-worker counters and pool totals (after shutdown: as they were at shutdown)."""
+        """Per-worker counters and pool totals (after shutdown: as they were at shutdown).
+
+        ``bytes_in``/``bytes_out`` count what tasks and results moved: their pickles and the
+        out-of-band buffers copied into shared memory for them. A buffer passed on by
+        reference (a ``share()`` handle, a view a worker returns) moves nothing and is not
+        counted, as the Dask pool counts no shared buffers."""
         engine = self._engine
         if engine is not None:
             return self._stats_of(engine)

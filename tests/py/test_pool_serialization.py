@@ -199,3 +199,19 @@ def test_workers_do_not_read_the_parents_stdin():
         stdin_text="hello world",
     )
     assert out.splitlines() == [str(("", b"", True)), repr("hello world")]
+
+
+def test_stats_count_the_bytes_copied_not_a_shared_buffer_passed_by_reference(pool):
+    size = 4 << 20
+    handle = pool.share(bytearray(size))
+    before = pool.stats()
+    for _ in range(5):
+        back = pool.submit(f.echo, handle).result()  # the worker's view goes back by reference
+    after = pool.stats()
+    assert len(back) == size
+    assert after["bytes_in"] - before["bytes_in"] < size
+    assert after["bytes_out"] - before["bytes_out"] < size
+    pool.submit(f.echo, bytearray(size)).result()  # copied both ways: counted
+    final = pool.stats()
+    assert final["bytes_in"] - after["bytes_in"] >= size
+    assert final["bytes_out"] - after["bytes_out"] >= size

@@ -232,6 +232,10 @@ error:
   return NULL;
 }
 
+/* The binding's bufref flag (core's are GF_BUF_*): the buffer was passed on by reference (a
+ * share() handle, a view sent back), not copied, so bytes_in/bytes_out do not count it. */
+#define BUF_BY_REFERENCE 0x100u
+
 /* bytes at least this long arrive mapped (zero-copy); shorter ones as a copy. */
 #define MAP_BYTES_MIN (4u << 20)
 
@@ -291,6 +295,7 @@ static PyObject *shm_export(shm_t *shm, PyObject *obj) {
   if (shm_locate(shm, view.buf, len, &block, &at) &&
       (!(flags & GF_BUF_BYTES) || (at == 0 && gf_block_at(shm->arena, block)->len == len))) {
     gf_block_incref(shm->arena, block);
+    flags |= BUF_BY_REFERENCE;
   } else {
     /* One spare byte: bytes objects end with a NUL that receivers map along. */
     if ((rc = shm_alloc(shm, len + 1, &block)) < 0) {
@@ -365,7 +370,8 @@ static int outgoing_build(outgoing *out, shm_t *shm, uint64_t task_id, uint32_t 
       goto error;
     }
     out->bufs[out->nbufs++] = (gf_bufref){.block = block, .at = at, .len = len, .flags = flags};
-    out->bytes += len;
+    if (!(flags & BUF_BY_REFERENCE))
+      out->bytes += len;
   }
   Py_DECREF(seq);
   if ((head != Py_None && PyObject_GetBuffer(head, &out->head, PyBUF_SIMPLE) < 0) ||
@@ -1212,7 +1218,8 @@ static PyObject *Worker_next(WorkerObject *self, PyObject *arg) {
   uint64_t bytes_in = copy->payload_len;
   const gf_bufref *bufs = (const gf_bufref *)(copy + 1);
   for (uint32_t i = 0; i < copy->nbufs; i++)
-    bytes_in += bufs[i].len;
+    if (!(bufs[i].flags & BUF_BY_REFERENCE))
+      bytes_in += bufs[i].len;
   gf_worker_begin(&self->w, copy->task_id, bytes_in);
   PyObject *decoded = incoming_decode((ShmOwner *)self, copy);
   unsigned long long task_id = copy->task_id;
