@@ -3,7 +3,8 @@
 `owner` is the process's end of the engine (``_engine.Engine`` in the parent,
 ``_engine.Worker`` in a worker): ``export(buffer)`` places a buffer in the arena (or finds the
 block it already lives in) and returns a reference tuple; received references arrive as views:
-``bytes`` objects for exact bytes, ``SharedBuffer`` objects for everything else.
+``bytes`` objects for exact bytes, ``SharedBuffer`` objects for everything else, which the
+unpickler gets as read-only memoryviews.
 """
 import functools
 import io
@@ -148,7 +149,9 @@ class Codec:
         if not views:
             return pickle.loads(payload)
         by_id = [v for v in views if type(v) is bytes]
-        out_of_band = [v for v in views if type(v) is not bytes]
+        # A memoryview, not the private SharedBuffer: what a bare PickleBuffer arrives as
+        # must be usable (len, indexing) and picklable again.
+        out_of_band = [memoryview(v) for v in views if type(v) is not bytes]
         if not by_id:
             return pickle.loads(payload, buffers=out_of_band)
         return _IdUnpickler(io.BytesIO(payload), by_id, buffers=out_of_band).load()

@@ -79,3 +79,8 @@ def distinct(items):
 def repeated(size, count):
     """One bytes object of size bytes, count times in a list."""
     return [b"r" * size] * count
+
+
+def buffer_summary(buf):
+    """What a task can do with a buffer it was given: its length, first item, last bytes."""
+    return len(buf), buf[0], bytes(buf[-3:])

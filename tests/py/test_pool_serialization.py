@@ -1,5 +1,6 @@
 """How tasks, functions, results and errors travel between the parent and the workers."""
 import functools
+import pickle
 import subprocess
 
 import pytest
@@ -215,3 +216,12 @@ def test_stats_count_the_bytes_copied_not_a_shared_buffer_passed_by_reference(po
     final = pool.stats()
     assert final["bytes_in"] - after["bytes_in"] >= size
     assert final["bytes_out"] - after["bytes_out"] >= size
+
+
+@pytest.mark.parametrize("size", [1000, 256 << 10])  # in-band / out-of-band
+@pytest.mark.parametrize("source", [bytearray, bytes])
+def test_a_pickle_buffer_arrives_usable_and_can_be_returned(pool, size, source):
+    sent = pickle.PickleBuffer(source(b"x" * (size - 3) + b"end"))
+    assert pool.submit(sf.buffer_summary, sent).result() == (size, ord("x"), b"end")
+    back = pool.submit(f.echo, sent).result()
+    assert bytes(back) == bytes(sent)
