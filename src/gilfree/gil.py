@@ -247,13 +247,15 @@ def _name_threads(names, rows):
             names[live[native_id]] = t.name
 
 
-def _record_name(*_):
-    """threading's profile function while monitors are open: runs first thing in each new
-    thread (which took the GIL through the hooks, so it has a record) and names it for them."""
-    key, name = _hook().record_id(), threading.current_thread().name
+def _name_at_end(thread):
+    """threading.Thread._delete while monitors are open, which every thread threading started
+    (also before the window) calls last, holding the GIL through the hooks, so it has a record:
+    names it for them by the name it ends under. Threads alive at the window's end are named
+    from threading's registry then. (Not the profile hook: that is the program's.)"""
+    key = _hook().record_id()
     for m in list(_open):
-        m._names[key] = name
-    sys.setprofile(_profile_before)
+        m._names[key] = thread.name
+    _delete_before(thread)
 
 
 SAMPLER_PRIORITY = 8  # above any the program sets: the sampler takes the GIL from its holder at once
@@ -414,7 +416,7 @@ def _usage_between(before, after, cpu, wall_s):
 _lock = threading.Lock()
 _open = []  # monitors inside their window: they get the final rows of threads reaped meanwhile
 _active = []  # of which collect events: drained events go to each of them
-_profile_before = None  # threading's profile function before the first monitor opened
+_delete_before = threading.Thread._delete  # what _name_at_end wraps
 
 
 def _sync(hook):
@@ -430,6 +432,12 @@ def _sync(hook):
     for row in hook.reap():
         for m in _open:
             m._reaped[row[_ID]] = row
+
+
+def _unwrap_delete():
+    # Only while ours is on top: under another wrapper it stays (naming for no monitor), or theirs would go too.
+    if threading.Thread._delete is _name_at_end:
+        threading.Thread._delete = _delete_before
 
 
 class Monitor:
@@ -462,7 +470,7 @@ class Monitor:
         self._refused = 0
         self._reaped = {}
         self._names = {}  # record id -> thread name
-        global _profile_before
+        global _delete_before
         with _lock:
             hook.acquire(self._trace, self._budget, True)  # keep: ended threads' rows until reaped
             self._usage0 = _usage(hook)  # before the window: its CPU time is not the main thread's work
@@ -471,9 +479,8 @@ class Monitor:
             self._cpu0 = time.process_time()
             self._t0, rows = hook.threads()
             self._complete_until = self._t0
-            if not _open:
-                _profile_before = threading.getprofile()
-                threading.setprofile(_record_name)
+            if not _open and threading.Thread._delete is not _name_at_end:
+                _delete_before, threading.Thread._delete = threading.Thread._delete, _name_at_end
             _open.append(self)
             if self._trace:
                 _active.append(self)
@@ -502,7 +509,7 @@ class Monitor:
             _sync(hook)
             _open.remove(self)
             if not _open:
-                threading.setprofile(_profile_before)
+                _unwrap_delete()
             if self._trace:
                 _active.remove(self)
             self._dropped = hook.dropped() - self._dropped0 + self._refused
@@ -754,8 +761,7 @@ def _after_fork_in_child():
     global _lock, _forked_thread
     _lock = threading.Lock()  # another thread of the parent may have held it
     _forked_thread = (threading.current_thread(), threading.get_native_id())
-    if _open:
-        threading.setprofile(_profile_before)
+    _unwrap_delete()
     for m in _open:
         m._forked, m._inside = True, False
         m._hook.release(m._trace, True)

@@ -897,6 +897,38 @@ def test_monitors_closed_out_of_order_name_threads_and_leave_no_profile_function
     assert threading.getprofile() is None
 
 
+def test_the_programs_profile_function_stays_its_own_and_threads_are_named_as_they_end():
+    """Profilers and APM agents set threading's profile function: a monitor leaves it alone
+    (in the threads it starts too), and still names threads, by the name they end under."""
+    profiled = set()
+
+    def mine(frame, event, arg):
+        profiled.add(frame.f_code.co_name)
+
+    def theirs(frame, event, arg):
+        pass
+
+    def renaming():
+        threading.current_thread().name = "renamed"
+        cpu_loop(0.02)
+
+    threading.setprofile(mine)
+    try:
+        with gil.monitor() as m:
+            assert threading.getprofile() is mine
+            for target, name in ((renaming, "started"), (cpu_loop, "plain")):
+                t = threading.Thread(target=target, args=(0.02,) if target is cpu_loop else (), name=name)
+                t.start()
+                t.join()
+            threading.setprofile(theirs)  # the program changes it inside the window: it stays
+        assert threading.getprofile() is theirs
+    finally:
+        threading.setprofile(None)
+    assert {"renaming", "cpu_loop"} <= profiled  # it ran in the threads
+    names = {t.name for t in m.report().threads}
+    assert {"renamed", "plain"} <= names and "started" not in names
+
+
 def test_a_thread_blocked_since_before_the_monitor_is_alive_from_its_start():
     go, ready = threading.Event(), threading.Event()
     blocked = threading.Thread(target=lambda: (cpu_loop(0.1), ready.set(), go.wait(), cpu_loop(0.05)), name="blocked")
