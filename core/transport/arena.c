@@ -1,8 +1,16 @@
 /* Block allocator for out-of-band buffers in the shared arena (see gf/transport.h).
  *
- * First fit over the region's blocks, coalescing free neighbours as it walks; past the last
- * block it bumps `top`. Free space at the top beyond GF_KEEP_RESIDENT is punched out of the
- * memfd so that memory returns to the system, while the rest stays warm for the next buffer. */
+ * Next fit over the region's blocks, coalescing free neighbours as it walks: an allocation
+ * starts at the rover, where the last one stopped, and takes the first free block that fits
+ * among GF_BLOCK_PROBE blocks, else bumps `top`; it walks every block only when the top has
+ * no room. Tasks complete roughly in submission order, so the rover finds the oldest (first
+ * freed) blocks, and a burst of live blocks costs GF_BLOCK_PROBE looks per allocation, not
+ * one per live block. A bump leaves the rover where the probe stopped, so successive
+ * allocations sweep the whole region and every free block is found again within a sweep:
+ * top grows by at most one block per GF_BLOCK_PROBE blocks looked at while nothing fits.
+ * A free run at the top goes back to the space above top, and space beyond GF_KEEP_RESIDENT
+ * over the top is punched out of the memfd so that memory returns to the system, while the
+ * rest stays warm for the next buffer. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -20,6 +28,7 @@
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
+#define GF_NONE UINT64_MAX
 #define GF_PAGE_ALIGN(n) (((n) + GF_PAGE - 1) & ~(uint64_t)(GF_PAGE - 1))
 
 void gf_region_init(gf_region *region, uint64_t start, uint64_t size) {
@@ -27,6 +36,8 @@ void gf_region_init(gf_region *region, uint64_t start, uint64_t size) {
   region->size = size;
   region->top = 0;
   region->resident = 0;
+  region->rover = start;
+  region->last = GF_NONE;
 }
 
 gf_block *gf_block_at(const gf_arena *arena, uint64_t off) {
@@ -81,8 +92,6 @@ static int gf_arena_punch(const gf_arena *arena, uint64_t start, uint64_t end) {
   return 0;
 }
 
-#define GF_NONE UINT64_MAX
-
 /* Gives back the pages above top + GF_KEEP_RESIDENT. */
 static void gf_region_release(const gf_arena *arena, gf_region *region) {
   uint64_t keep = region->top + GF_KEEP_RESIDENT;
@@ -94,54 +103,108 @@ static void gf_region_release(const gf_arena *arena, gf_region *region) {
     region->resident = region->top;
 }
 
+/* region->last if it still names the block that ends at top, else GF_NONE. A worker killed
+ * inside gf_block_alloc leaves its replacement a stale value at worst, never a wrong one that
+ * passes this check: last is redirected before a merge absorbs its block, cleared before top
+ * drops, and set before top grows over a new block. */
+static uint64_t gf_region_last(const gf_arena *arena, const gf_region *region) {
+  uint64_t end = region->start + region->top, last = region->last;
+  if (last < region->start || last >= end || gf_block_at(arena, last)->size != end - last)
+    return GF_NONE;
+  return last;
+}
+
+/* Merges the free blocks that follow the free block at pos, up to end. The rover and last
+ * move to pos before their block is absorbed, so they always name a block. */
+static void gf_block_coalesce(const gf_arena *arena, gf_region *region, uint64_t pos,
+                              uint64_t end) {
+  gf_block *b = gf_block_at(arena, pos);
+  while (pos + b->size < end && gf_block_free(arena, pos + b->size)) {
+    uint64_t next = pos + b->size;
+    if (region->rover == next)
+      region->rover = pos;
+    if (region->last == next)
+      region->last = pos;
+    b->size += gf_block_at(arena, next)->size;
+  }
+}
+
 int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *off) {
   uint64_t size = GF_PAGE_ALIGN(GF_BLOCK_HEADER + len);
-  uint64_t end = region->start + region->top;
-  uint64_t fit = GF_NONE, last_free = GF_NONE;
+  uint64_t start = region->start;
 
-  /* Coalescing merges every free successor, so a free block is followed by a used one or by
-   * the top: only the last block can be a free run at the top. */
-  for (uint64_t pos = region->start; pos < end;) {
+  /* A freed top block goes back above top at once. */
+  region->last = gf_region_last(arena, region);
+  if (region->last != GF_NONE && gf_block_free(arena, region->last)) {
+    uint64_t last = region->last;
+    region->last = GF_NONE;
+    region->top = last - start;
+  }
+  uint64_t end = start + region->top;
+  int room = region->top + size <= region->size;
+
+  /* From the rover, GF_BLOCK_PROBE blocks while the top has room, else once round them all
+   * (wrapping at the top, up to where the walk began). */
+  uint64_t pos = region->rover >= start && region->rover < end ? region->rover : start;
+  uint64_t from = pos, fit = GF_NONE;
+  int wrapped = 0;
+  for (unsigned seen = 0; !room || seen < GF_BLOCK_PROBE; seen++) {
+    if (pos >= end) {
+      if (wrapped)
+        break;
+      wrapped = 1;
+      pos = start;
+    }
+    if (wrapped && pos >= from)
+      break;
     gf_block *b = gf_block_at(arena, pos);
-    last_free = GF_NONE;
     if (gf_block_free(arena, pos)) {
-      while (pos + b->size < end && gf_block_free(arena, pos + b->size))
-        b->size += gf_block_at(arena, pos + b->size)->size;
-      if (fit == GF_NONE && b->size >= size)
+      gf_block_coalesce(arena, region, pos, end);
+      if (pos + b->size == end) {
+        /* A free run at the top: back above top, and the new block starts there. */
+        region->last = GF_NONE;
+        region->top = pos - start;
+        end = pos;
+        room = region->top + size <= region->size;
+        if (room)
+          break;
+        continue;
+      }
+      if (b->size >= size) {
         fit = pos;
-      last_free = pos;
+        break;
+      }
+    } else if (pos + b->size == end) {
+      region->last = pos;
     }
     pos += b->size;
   }
 
-  uint64_t pos;
+  gf_block *b;
   if (fit != GF_NONE) {
-    pos = fit;
-    gf_block *b = gf_block_at(arena, pos);
+    b = gf_block_at(arena, fit);
     if (b->size - size >= GF_BLOCK_MIN + GF_BLOCK_HEADER) {
-      gf_block_format(arena, pos + size, b->size - size);
+      gf_block_format(arena, fit + size, b->size - size);
       b->size = size;
-      if (last_free == pos)
-        last_free = pos + size;
-    } else if (last_free == pos) {
-      last_free = GF_NONE;
     }
-    if (last_free != GF_NONE)
-      region->top = last_free - region->start;
+    region->rover = fit + b->size;
   } else {
-    /* Nothing fits below the top: start at the free block there, if any, or at the top. */
-    pos = last_free != GF_NONE ? last_free : end;
-    if (pos - region->start + size > region->size)
+    if (!room)
       return -ENOMEM;
-    gf_block_format(arena, pos, size);
-    region->top = pos + size - region->start;
+    /* Nothing fits near the rover: a new block at the top; the next allocation goes on from
+     * where this probe stopped. */
+    region->rover = pos;
+    fit = end;
+    gf_block_format(arena, fit, size);
+    region->last = fit;
+    region->top = fit + size - start;
+    b = gf_block_at(arena, fit);
   }
   gf_region_release(arena, region);
 
-  gf_block *b = gf_block_at(arena, pos);
   b->len = len;
   atomic_store_explicit(&b->refs, 1, memory_order_release);
-  *off = pos;
+  *off = fit;
   return 0;
 }
 

@@ -188,6 +188,199 @@ GF_TEST(arena_steady_churn_stays_bounded) {
   arena_free(&arena);
 }
 
+#define SMALL 65536u                          /* one block: a header page and 64 KiB */
+#define SMALL_BLOCK (GF_BLOCK_HEADER + SMALL)
+
+/* Blocks from the one at `from` up to the one at `to`, following the block sizes and wrapping
+ * at the top; stops counting at limit. */
+static unsigned blocks_between(const gf_arena *arena, const gf_region *region, uint64_t from,
+                               uint64_t to, unsigned limit) {
+  uint64_t end = region->start + region->top;
+  unsigned n = 0;
+  while (from != to && n < limit) {
+    if (from >= end) {
+      from = region->start;
+    } else {
+      from += gf_block_at(arena, from)->size;
+      n++;
+    }
+  }
+  return n;
+}
+
+GF_TEST(arena_fifo_reuse_keeps_top_bounded) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 256u << 20), 0);
+  /* Sixteen tasks in flight, completing in submission order: each allocation happens while
+   * the oldest is still live, then the oldest is freed. */
+  enum { INFLIGHT = 16 };
+  static uint64_t ring[INFLIGHT];
+  for (int i = 0; i < 20000; i++) {
+    uint64_t off, rover = region.rover;
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+    if (i >= 4 * INFLIGHT) /* steady state: the first or second block looked at fits */
+      GF_CHECK(blocks_between(&arena, &region, rover, region.rover, 8) <= 2);
+    if (i >= INFLIGHT)
+      GF_CHECK_EQ(gf_block_decref(&arena, ring[i % INFLIGHT]), 1);
+    ring[i % INFLIGHT] = off;
+  }
+  /* Freed space is reused: 17 blocks are live at most, plus the ones a probe skipped. */
+  GF_CHECK(region.top <= (INFLIGHT + 1 + 2) * SMALL_BLOCK);
+  GF_CHECK(region.resident <= region.top + (256u << 20));
+  arena_free(&arena);
+}
+
+GF_TEST(arena_burst_probes_a_bounded_number_of_blocks) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 512u << 20), 0);
+  /* A submit burst: everything stays live. An allocation looks at no more than
+   * GF_BLOCK_PROBE blocks from the rover (where it resumes) before bumping the top (the rover
+   * may wrap past the new block there: one more). */
+  enum { BURST = 4000 };
+  static uint64_t offs[BURST];
+  for (int i = 0; i < BURST; i++) {
+    uint64_t rover = region.rover;
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &offs[i]), 0);
+    GF_CHECK(blocks_between(&arena, &region, rover, region.rover, BURST) <= GF_BLOCK_PROBE + 1);
+    GF_CHECK_EQ(offs[i], region.start + (uint64_t)i * SMALL_BLOCK); /* bumped, no gaps */
+  }
+  GF_CHECK_EQ(region.top, BURST * SMALL_BLOCK);
+  /* Then the tasks complete: the next burst reuses the space instead of growing the top. */
+  for (int i = 0; i < BURST; i++)
+    GF_CHECK_EQ(gf_block_decref(&arena, offs[i]), 1);
+  for (int i = 0; i < BURST; i++) {
+    uint64_t rover = region.rover;
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &offs[i]), 0);
+    GF_CHECK(blocks_between(&arena, &region, rover, region.rover, BURST) <= GF_BLOCK_PROBE + 1);
+  }
+  GF_CHECK(region.top <= BURST * SMALL_BLOCK);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_sweeps_past_long_lived_blocks) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 1u << 30), 0);
+  /* Blocks held for good (pool.share() data, results kept) in front of steady churn of mixed
+   * sizes: the probes that find nothing near them must not make the top grow for ever. */
+  uint64_t off;
+  for (int i = 0; i < 200; i++)
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+  uint64_t held = region.top;
+  static uint64_t live[8];
+  unsigned seed = 7;
+  for (int i = 0; i < 20000; i++) {
+    int k = i % 8;
+    if (live[k])
+      gf_block_decref(&arena, live[k]);
+    uint64_t len = SMALL + (uint64_t)(rand_r(&seed) % (1u << 20));
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, len, &live[k]), 0);
+  }
+  GF_CHECK(region.top < held + (24u << 20)); /* eight live blocks of at most ~1 MiB */
+  arena_free(&arena);
+}
+
+GF_TEST(arena_coalesces_across_the_rover) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  uint64_t b[5], off;
+  for (int i = 0; i < 5; i++)
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &b[i]), 0);
+  /* Free the middle three; the rover stands on one of them. */
+  region.rover = b[2];
+  for (int i = 1; i < 4; i++)
+    GF_CHECK_EQ(gf_block_decref(&arena, b[i]), 1);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL_BLOCK - GF_BLOCK_HEADER, &off), 0);
+  GF_CHECK_EQ(off, b[2]); /* from the rover: b[2] and b[3] merged */
+  GF_CHECK_EQ(gf_block_decref(&arena, off), 1);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 3 * SMALL_BLOCK - GF_BLOCK_HEADER, &off), 0);
+  GF_CHECK_EQ(off, b[1]); /* b[1] merged with the rest into one block of three */
+  GF_CHECK_EQ(region.top, 5 * SMALL_BLOCK);
+  GF_CHECK_EQ(gf_block_check(&arena, b[4]), 0);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_free_top_block_lowers_top) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  uint64_t a, b, c, d;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &a), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &b), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 4u << 20, &c), 0);
+  GF_CHECK_EQ(gf_block_decref(&arena, c), 1);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &d), 0);
+  GF_CHECK_EQ(d, c);
+  GF_CHECK_EQ(region.top, 3 * SMALL_BLOCK); /* not the 4 MiB block's end */
+  /* Free runs at the top go too. */
+  GF_CHECK_EQ(gf_block_decref(&arena, d), 1);
+  GF_CHECK_EQ(gf_block_decref(&arena, b), 1);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL, &d), 0);
+  GF_CHECK_EQ(d, b);
+  GF_CHECK_EQ(region.top, SMALL_BLOCK + GF_BLOCK_HEADER + 2 * SMALL);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_ignores_a_stale_last_block) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  uint64_t a, b, off;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &a), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &b), 0);
+  GF_CHECK_EQ(gf_block_decref(&arena, a), 1);
+  /* A worker killed mid-allocation can leave its replacement a `last` that no longer ends at
+   * top: dropping the top to it would hand out the live block above. */
+  region.last = a;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL_BLOCK, &off), 0);
+  GF_CHECK(off != a && off != b);
+  GF_CHECK_EQ(off, 2 * SMALL_BLOCK);
+  GF_CHECK_EQ(gf_block_check(&arena, b), 0);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_full_walk_when_the_top_has_no_room) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 100 * SMALL_BLOCK), 0);
+  static uint64_t offs[100];
+  uint64_t off;
+  for (int i = 0; i < 100; i++)
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &offs[i]), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), -ENOMEM);
+  /* Two lone free blocks far from the rover: one fits, a double one does not. */
+  region.rover = offs[90];
+  GF_CHECK_EQ(gf_block_decref(&arena, offs[10]), 1);
+  GF_CHECK_EQ(gf_block_decref(&arena, offs[50]), 1);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL, &off), -ENOMEM);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+  GF_CHECK_EQ(off, offs[10]);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+  GF_CHECK_EQ(off, offs[50]);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), -ENOMEM);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_punches_pages_beyond_the_kept_slack) {
+  gf_arena arena;
+  gf_region region;
+  GF_CHECK_EQ(arena_new(&arena, &region, 1u << 30), 0);
+  static uint64_t offs[24];
+  uint64_t off;
+  for (int i = 0; i < 24; i++) /* 384 MiB live, data pages never touched */
+    GF_CHECK_EQ(gf_block_alloc(&arena, &region, 16u << 20, &offs[i]), 0);
+  GF_CHECK(region.resident >= 384u << 20);
+  for (int i = 0; i < 24; i++)
+    GF_CHECK_EQ(gf_block_decref(&arena, offs[i]), 1);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+  GF_CHECK_EQ(region.top, SMALL_BLOCK);
+  GF_CHECK_EQ(region.resident, SMALL_BLOCK + (256u << 20));
+  arena_free(&arena);
+}
+
 GF_TEST(arena_map_private_header) {
   gf_arena arena;
   gf_region region;

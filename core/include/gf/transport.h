@@ -111,14 +111,27 @@ typedef struct gf_block {
 #define GF_BLOCK_HEADER GF_PAGE
 #define GF_BLOCK_MIN (64u * 1024u)
 
-/* One allocator's share of the arena. Only the owning process allocates in it (under its own
- * process-local lock), so `top` and the block sizes have one writer; other processes only
- * touch the refs of blocks they hold. */
+/* Blocks examined from the rover before an allocation bumps `top` instead. */
+#define GF_BLOCK_PROBE 32u
+
+/* One allocator's share of the arena. It lives in shared memory (the segment) but only the
+ * owning process allocates in it (under its own process-local lock), so every field and the
+ * block sizes have one writer and need no atomics; other processes only touch the refs of
+ * blocks they hold. A worker's replacement inherits its slot's region as it was: each store
+ * of the allocator leaves the fields valid or detectably stale (see gf_block_alloc). */
 typedef struct gf_region {
   uint64_t start; /* arena offset of the first block */
   uint64_t size;
   uint64_t top;          /* bytes of the region carved into blocks */
   uint64_t resident;     /* bytes below top known to be backed by pages */
+  /* Next-fit cursor, owner-written: the arena offset of the block the next allocation looks
+   * at first (or start + top: wrap to start). Allocations resume where the last one stopped
+   * so that, with tasks completing in submission order, the oldest blocks (the first freed)
+   * are the first looked at. */
+  uint64_t rover;
+  /* Owner-written: arena offset of the block that ends at top, UINT64_MAX when unknown. Lets
+   * an allocation see in one step that the top block was freed, and lower top. */
+  uint64_t last;
 } gf_region;
 
 /* A process's mapping of the arena (process-local). */
@@ -135,9 +148,11 @@ typedef struct gf_arena {
 
 void gf_region_init(gf_region *region, uint64_t start, uint64_t size);
 /* Allocates a block for len bytes with refs = 1 and stores its arena offset in *off.
- * -ENOMEM when the region is full. The caller serialises calls per region. Free pages are
- * given back only while arena->fd still names the arena's memfd (else they stay until the
- * process ends). */
+ * Next fit: the first free block (free neighbours coalesced) that fits among the
+ * GF_BLOCK_PROBE blocks from the rover, else a new block at the top; only when the top has no
+ * room does it look at every block. -ENOMEM when no free block fits and the top has no room.
+ * The caller serialises calls per region. Free pages are given back only while arena->fd
+ * still names the arena's memfd (else they stay until the process ends). */
 int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *off);
 gf_block *gf_block_at(const gf_arena *arena, uint64_t off);
 unsigned char *gf_block_data(const gf_arena *arena, uint64_t off);
