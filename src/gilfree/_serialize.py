@@ -18,12 +18,29 @@ import weakref
 from ._engine import OUT_OF_BAND_MIN, has_large_buffer
 
 def _memoryview_reduce(view):
-    return memoryview, (pickle.PickleBuffer(view),)
+    """A memoryview travels as a PickleBuffer of its contents (a non-contiguous one copied
+    first, as pickling it in-band would) and arrives with its format and shape. cast() rebuilds
+    only native single-character formats ('d', 'i', 'B', '?'...) and non-empty views: any other
+    (a byte order like '>d', a numpy record or half float, an empty view) arrives as the bytes
+    of its contents."""
+    fmt, shape = view.format, view.shape
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    try:
+        view.cast("B").cast(fmt, shape)
+    except (TypeError, ValueError):
+        return bytes, (view.tobytes(),)
+    return _memoryview_of, (pickle.PickleBuffer(view), fmt, shape)
+
+
+def _memoryview_of(buffer, fmt, shape):
+    return memoryview(buffer).cast(fmt, shape)  # the contents arrive flat (format 'B')
 
 
 class _BufferPickler(pickle.Pickler):
-    """Sends large exact bytes by persistent id (they arrive as bytes) and memoryviews as
-    PickleBuffers (they arrive as read-only memoryviews)."""
+    """Sends large exact bytes by persistent id (they arrive as bytes) and memoryviews with
+    their format and shape (see _memoryview_reduce): read-only views of shared memory from
+    OUT_OF_BAND_MIN bytes, writable copies below."""
 
     def __init__(self, file, owner, refs, buffer_callback):
         super().__init__(file, 5, buffer_callback=buffer_callback)
@@ -47,6 +64,20 @@ class _BufferPickler(pickle.Pickler):
         if type(obj) is memoryview:
             return _memoryview_reduce(obj)
         return NotImplemented
+
+
+@functools.cache  # made on first use: cloudpickle is imported only when needed
+def _by_value_pickler():
+    """_BufferPickler that also pickles by value what workers cannot import (cloudpickle)."""
+    import cloudpickle
+
+    class _ByValuePickler(_BufferPickler, cloudpickle.Pickler):
+        def reducer_override(self, obj):
+            if type(obj) is memoryview:
+                return _memoryview_reduce(obj)
+            return cloudpickle.Pickler.reducer_override(self, obj)
+
+    return _ByValuePickler
 
 
 class _IdUnpickler(pickle.Unpickler):
@@ -120,24 +151,22 @@ class Codec:
         out_of_band = self._out_of_band(refs)
         try:
             try:
-                payload = self._dumps_with_ids(obj, refs, out_of_band)
+                payload = self._dumps_with_ids(obj, refs, out_of_band, _BufferPickler)
             except (TypeError, pickle.PicklingError, AttributeError):
                 # Classes or functions made at run time (e.g. in a task sent by value).
                 payload = b"__main__"
             if b"__main__" in payload:
                 self.release(refs)
                 refs.clear()
-                import cloudpickle
-
-                payload = cloudpickle.dumps(obj, 5, buffer_callback=out_of_band)
+                payload = self._dumps_with_ids(obj, refs, out_of_band, _by_value_pickler())
             return payload, refs
         except BaseException:
             self.release(refs)
             raise
 
-    def _dumps_with_ids(self, obj, refs, out_of_band):
+    def _dumps_with_ids(self, obj, refs, out_of_band, pickler):
         file = io.BytesIO()
-        _BufferPickler(file, self._owner, refs, out_of_band).dump(obj)
+        pickler(file, self._owner, refs, out_of_band).dump(obj)
         return file.getvalue()
 
     def release(self, refs):

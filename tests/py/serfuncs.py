@@ -84,3 +84,8 @@ def repeated(size, count):
 def buffer_summary(buf):
     """What a task can do with a buffer it was given: its length, first item, last bytes."""
     return len(buf), buf[0], bytes(buf[-3:])
+
+
+def view_summary(view):
+    """A memoryview as a task sees it: format, shape, item size, values."""
+    return view.format, view.shape, view.itemsize, view.tolist()

@@ -1,4 +1,5 @@
 """How tasks, functions, results and errors travel between the parent and the workers."""
+import array
 import functools
 import pickle
 import subprocess
@@ -225,3 +226,30 @@ def test_a_pickle_buffer_arrives_usable_and_can_be_returned(pool, size, source):
     assert pool.submit(sf.buffer_summary, sent).result() == (size, ord("x"), b"end")
     back = pool.submit(f.echo, sent).result()
     assert bytes(back) == bytes(sent)
+
+
+def doubles(count, shape):
+    """A memoryview of count doubles (i + 0.5) with the given shape."""
+    return memoryview(array.array("d", [i + 0.5 for i in range(count)])).cast("B").cast("d", shape)
+
+
+@pytest.mark.parametrize("count", [12, 12_000])  # in-band / out-of-band (96 KB)
+def test_a_memoryview_arrives_and_comes_back_with_its_format_and_shape(pool, count):
+    view = doubles(count, (count // 4, 4))
+    expected = ("d", (count // 4, 4), 8, view.tolist())
+    assert pool.submit(sf.view_summary, view).result() == expected
+    assert sf.view_summary(pool.submit(f.echo, view).result()) == expected
+    # A lambda beside it: the message goes by value (cloudpickle), both ways.
+    assert sf.view_summary(pool.submit(f.echo, [lambda: 0, view]).result()[1]) == expected
+    strided = doubles(count, (count,))[::3]
+    back = pool.submit(f.echo, strided).result()
+    assert back.c_contiguous and sf.view_summary(back) == sf.view_summary(strided)
+
+
+@pytest.mark.parametrize("count", [12, 12_000])
+def test_a_memoryview_cast_cannot_rebuild_arrives_as_the_bytes_of_its_contents(pool, count):
+    np = pytest.importorskip("numpy")
+    for data in (np.arange(count, dtype=">f8"), np.zeros(count, dtype="i4,f8"), np.zeros((0, 3))):
+        view = memoryview(data)
+        got = pool.submit(f.echo, view).result()
+        assert type(got) is bytes and got == view.tobytes()
