@@ -806,6 +806,18 @@ PARTLY_SHARE = 0.1  # less: the GIL cost the run under a tenth of its wall time
 MOSTLY_PARALLEL = 2 / 3  # of the threads' CPU time ran without the GIL: it mostly releases it
 
 
+def _convoys(report):
+    """The threads in a convoy behind CPU threads: short holds between blocking calls, then half
+    a switch interval or more per take to get the GIL back; blocked meanwhile (little CPU time
+    without the GIL: not a CPU thread in C code that releases it). Blocked in I/O, sleep or a
+    lock (a thread waiting on futures): the counters cannot tell which."""
+    interval = report.interval_s or 0.005
+    return [t for t in report.threads
+            if t.acquisitions >= 20 and t.parallel_s < 0.25 * t.free_s
+            and t.held_s < 0.2 * interval * t.acquisitions and t.wait_s >= 0.5 * interval * t.acquisitions]
+
+
+
 def verdict(report):
     """A sentence a person can act on, from the numbers of a Report.
 
@@ -824,15 +836,19 @@ def verdict(report):
     gain = f"processes (gilfree.Pool) could make it at most ~{speedup:.1f}x faster on this machine's {cores} core{'s' if cores != 1 else ''}"
     top_held = max((t.held_s for t in threads), default=0.0)
     longest = share * wall
-    # Threads that hold a fair share of the GIL and wait a fair share of the longest wait.
-    waiters = sum(1 for t in threads if t.wait_s - report.sampler_held_s >= 0.1 * longest > 0 and t.held_s >= 0.05 * top_held)
+    # Threads that waited a fair share of the longest wait, however little they held: a
+    # starved I/O thread holds next to nothing.
+    waiters = [t for t in threads if t.wait_s - report.sampler_held_s >= 0.1 * longest > 0]
+    convoys = _convoys(report)
     work = sum(t.busy_s for t in threads) or 1e-9
     parallel = sum(t.parallel_s for t in threads) / (sum(t.cpu_s for t in threads) or 1e-9)
     busiest = max((t.busy_s for t in threads), default=0.0)
     working = [t for t in threads if 0 < t.busy_s >= 0.1 * busiest]
     blocked = 1 - sum(t.busy_s for t in working) / (sum(max(t.alive_s, t.busy_s) for t in working) or 1e-9)
-    waited = f"the longest-waiting thread {share:.0%} of the run's wall time"
-    threads_waited = f"{waiters} thread{'s' if waiters != 1 else ''} waited for the GIL ({waited})"
+    first = max(waiters, key=lambda t: t.wait_s, default=None)
+    which = f", '{first.name}'{', starved in the convoy below' if first in convoys else ''}," if first else ""
+    waited = f"the longest-waiting thread{which} {share:.0%} of the run's wall time"
+    threads_waited = f"{len(waiters)} thread{'s' if len(waiters) != 1 else ''} waited for the GIL ({waited})"
     parts = []
     quiet = False  # where the GIL sat is beside the point
     if share >= PARTLY_SHARE and speedup < 1.1:
@@ -891,18 +907,13 @@ def verdict(report):
             f"may be longer, and the cores left for processes fewer, than on an idle machine."
         )
     interval = report.interval_s or 0.005
-    for t in report.threads:
-        if t.acquisitions < 20 or t.parallel_s >= 0.25 * t.free_s:
-            continue  # few takes, or C code running without the GIL: a CPU thread, not an I/O one
-        per_take, per_hold = t.wait_s / t.acquisitions, t.held_s / t.acquisitions
-        # Short holds between blocking calls, then about an interval to get the GIL back.
-        if per_hold < 0.2 * interval and per_take >= 0.5 * interval:
-            parts.append(
-                f"Convoy: I/O thread '{t.name}' waited {per_take * 1e3:.1f} ms per GIL reacquisition, about one "
-                f"switch interval ({interval * 1e3:.0f} ms): every blocking call costs it that while CPU threads "
-                f"run - give it priority (gilfree.priority.background() around the CPU work) or move the CPU "
-                f"work to processes."
-            )
+    for t in convoys:
+        parts.append(
+            f"Convoy: blocking thread '{t.name}' (I/O, sleep or a lock between short holds) waited {t.wait_s / t.acquisitions * 1e3:.1f} ms per GIL reacquisition "
+            f"(the switch interval is {interval * 1e3:.0f} ms): every blocking call costs it about that while "
+            f"CPU threads run - give it priority (gilfree.priority.background() around the CPU work) or move "
+            f"the CPU work to processes."
+        )
     # A hot spot is worth naming when the GIL is what the program waits on or holds, and when
     # there are enough samples for a share to mean something.
     if report.top_functions and report.samples >= MIN_HOT_SPOT_SAMPLES and not quiet:

@@ -745,7 +745,19 @@ def test_convoy_is_named_for_io_threads_not_for_cpu_threads_running_c_code(paral
     report = synthetic_report(0.95, [(9.4, 0.0, 0)])
     report.threads.append(ThreadReport("worker", 7, 0.2, 1.0, 400, 0.004, 0.005, 0.006, 2.8, acquisitions=400,
                                        alive_s=4.0, cpu_s=0.2 + parallel_s))
-    assert ("Convoy: I/O thread 'worker'" in verdict_of(report)) is convoy, report.verdict
+    assert ("Convoy: blocking thread 'worker'" in verdict_of(report)) is convoy, report.verdict
+
+
+def test_a_starved_io_thread_counts_as_waiting_and_is_named_as_the_convoy():
+    """One CPU thread, one I/O thread that holds next to nothing and waits most of the run (Beazley)."""
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.95, [(9.4, 0.0, 0)])
+    report.threads.append(ThreadReport("io", 7, 0.05, 8.0, 1600, 0.005, 0.006, 0.01, 1.95, acquisitions=1600,
+                                       alive_s=10, cpu_s=0.06))
+    assert verdict_of(report).startswith(
+        "GIL-bound: 1 thread waited for the GIL (the longest-waiting thread, 'io', starved in the convoy below, 80%")
+    assert "Convoy: blocking thread 'io'" in report.verdict
 
 
 def test_the_table_elides_long_thread_names_in_the_middle_and_shows_cpu_time():
