@@ -130,11 +130,11 @@ class Report:
 
     @property
     def max_speedup(self):
-        """At most how much faster processes (no GIL) could run the window on this machine: its
-        CPU time spread over all the cores the process may use (at most as many times faster as it
-        may use cores)."""
+        """At most how much faster processes (no GIL) could run the window on this machine: the
+        CPU time of the process and of its children (cores they already keep busy) spread over
+        all the cores the process may use (at most as many times faster as it may use cores)."""
         cores = max(1, self.cores)
-        return max(1.0, min(cores, cores * (self.wall_s or 1e-9) / max(self.cpu_s, 1e-9)))
+        return max(1.0, min(cores, cores * (self.wall_s or 1e-9) / max(self.cpu_s + self.children_cpu_s, 1e-9)))
 
     @property
     def gil_wait_share(self):
@@ -833,6 +833,8 @@ def verdict(report):
     cores = max(1, report.cores)
     share, speedup = report.gil_wait_share, report.max_speedup
     used = f"the process used {report.cpu_s / wall:.2f} of its {cores} core{'s' if cores != 1 else ''}"
+    if report.children_cpu_s >= 0.05 * wall:  # they take cores processes could have had
+        used += f" and its child processes {report.children_cpu_s / wall:.2f} more"
     gain = f"processes (gilfree.Pool) could make it at most ~{speedup:.1f}x faster on this machine's {cores} core{'s' if cores != 1 else ''}"
     top_held = max((t.held_s for t in threads), default=0.0)
     longest = share * wall

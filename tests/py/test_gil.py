@@ -731,6 +731,31 @@ def test_verdict_gives_what_processes_could_win_on_the_cores_left():
     assert verdict_of(report).startswith("Not GIL-bound on this machine")
 
 
+def test_cores_the_programs_child_processes_keep_busy_are_not_there_to_win():
+    """The process used 0.7 of 2 cores and its children 1.2: processes could win next to nothing."""
+    report = synthetic_report(0.6, [(3.0, 4.0, 0), (3.0, 4.0, 0)])
+    report.process_cpu_s, report.children_cpu_s = 7.0, 12.0
+    assert report.max_speedup == pytest.approx(2 / 1.9)
+    assert verdict_of(report).startswith("Not GIL-bound on this machine")
+    assert "the process used 0.70 of its 2 cores and its child processes 1.20 more" in report.verdict
+    report.children_cpu_s = 5.0
+    assert report.max_speedup == pytest.approx(2 / 1.2)
+
+
+def test_a_busy_child_process_counts_against_what_processes_could_win():
+    busy = "import time\nwhile time.process_time() < 0.3: pass"  # a fixed amount of CPU, however loaded
+    with gil.monitor() as m:
+        children = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(2)]
+        for child in children:
+            child.wait()
+    report = m.report()
+    used = report.cpu_s + report.children_cpu_s
+    assert report.children_cpu_s >= 0.6
+    assert report.max_speedup == pytest.approx(max(1.0, min(report.cores, report.cores * report.wall_s / used)))
+    if used > report.wall_s:  # the children kept more than a core busy (not on a machine too loaded for that)
+        assert report.max_speedup < min(report.cores, report.cores * report.wall_s / report.cpu_s)
+
+
 def verdict_of(report):
     report.verdict = gil.verdict(report)
     return report.verdict
