@@ -432,7 +432,7 @@ class DaskPool(PoolBase):
     threads); Dask decides placement. ``task_timeout`` fails a call with TaskTimeout;
     ``initializer``/``initargs`` and ``preload`` run in every worker process. Worker recycling
     (``max_tasks_per_worker``) and memory caps (``max_memory_per_worker``) belong to the Dask
-    workers' own configuration (``dask worker --memory-limit``, ``--lifetime``); the pool warns
+    workers' own configuration (``dask worker --memory-limit``, ``--lifetime 1h --lifetime-restart``); the pool warns
     and ignores them.
     """
 
@@ -453,8 +453,8 @@ class DaskPool(PoolBase):
     ):
         if max_tasks_per_worker is not None:
             warnings.warn(
-                "max_tasks_per_worker does not apply to a Dask cluster; use `dask worker --lifetime` "
-                "to recycle workers", stacklevel=2,
+                "max_tasks_per_worker does not apply to a Dask cluster; use `dask worker --lifetime 1h "
+                "--lifetime-restart` to recycle workers (without --lifetime-restart they are removed)", stacklevel=2,
             )
         if max_memory_per_worker is not None:
             warnings.warn(
