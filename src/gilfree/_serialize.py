@@ -200,7 +200,9 @@ def round_trip(obj):
 
 # ---------------------------------------------------------------- functions
 
-_blobs = {}  # id(cacheable fn) -> (weakref to fn, its pickled bytes, _Captured.current or None)
+# id(cacheable fn) -> (weakref to fn, its pickled bytes or None (see function_blob),
+# _Captured.current or None, the generations its pickle holds or None)
+_blobs = {}
 _generations = {}  # (module, global name) -> (value last pickled, generation): see _Captured.generations
 _next_generation = itertools.count()
 _functions = {}  # worker side: pickled bytes -> fn
@@ -327,7 +329,12 @@ def function_blob(fn):
     """fn pickled, once per object when cacheable(fn): by reference when workers can import it,
     else by value (cloudpickle: lambdas, closures, functions of __main__), again when something
     it captured was rebound. Workers cache the function under these bytes, so a task carries
-    them but nobody unpickles them twice."""
+    them but nobody unpickles them twice.
+
+    None when fn holds a buffer of OUT_OF_BAND_MIN bytes or more (a share() handle, a numpy
+    array, large bytes; in a partial, an instance, a closure cell, a global): a blob would copy
+    it in-band into every task. The task then carries with_task(fn) in its arguments, whose
+    buffers travel out-of-band (a share() handle by reference to its block)."""
     cached = _blobs.get(id(fn))
     if cached is not None and cached[0]() is fn:
         try:
@@ -335,27 +342,56 @@ def function_blob(fn):
                 return cached[1]
         except ValueError:  # a cell emptied
             pass
+    captured = generations = None
     try:
-        blob = pickle.dumps(fn, 5)
-    except Exception:
+        try:
+            blob = pickle.dumps(fn, 5, buffer_callback=_in_band_only)
+        except _OutOfBandNeeded:
+            raise
+        except Exception:
+            blob = None
+        if blob is None or _by_value(fn) or b"__main__" in blob:
+            if type(fn) is types.FunctionType:
+                captured = _Captured(fn)
+                generations = captured.generations(fn)
+                captured = captured.current
+                blob = _dumps_by_value((fn, generations))
+            else:
+                blob = _dumps_by_value(fn)
+    except _OutOfBandNeeded:
         blob = None
-    captured = None
-    if blob is None or _by_value(fn) or b"__main__" in blob:
-        import cloudpickle
-
-        if type(fn) is types.FunctionType:
-            captured = _Captured(fn)
-            blob = cloudpickle.dumps((fn, captured.generations(fn)), 5)
-            captured = captured.current
-        else:
-            blob = cloudpickle.dumps(fn, 5)
     if cacheable(fn):
         try:
             ref = weakref.ref(fn, functools.partial(_forget, id(fn)))
         except TypeError:
             return blob  # not weak-referenceable: pickled at each submit
-        _blobs[id(fn)] = (ref, blob, captured)
+        _blobs[id(fn)] = (ref, blob, captured, generations)
     return blob
+
+
+def with_task(fn):
+    """What a task carries in its arguments for fn when function_blob(fn) is None: fn, with
+    the generations of its globals if it goes by value (see _Captured.generations)."""
+    cached = _blobs.get(id(fn))
+    if cached is not None and cached[0]() is fn and cached[3] is not None:
+        return fn, cached[3]
+    return fn
+
+
+class _NoArena:
+    """The owner of in-band pickles: a large bytes stops them, as _in_band_only does a buffer."""
+
+    @staticmethod
+    def export(buffer):
+        raise _OutOfBandNeeded
+
+
+def _dumps_by_value(obj):
+    """obj pickled in-band, by value where cloudpickle would; raises _OutOfBandNeeded at a
+    buffer or bytes of OUT_OF_BAND_MIN bytes or more."""
+    file = io.BytesIO()
+    _by_value_pickler()(file, _NoArena, None, _in_band_only).dump(obj)
+    return file.getvalue()
 
 
 def blob_never_stale(fn):
@@ -375,13 +411,18 @@ def load_function(blob):
     """Worker side: the function a blob names, unpickled once if cacheable."""
     fn = _functions.get(blob)
     if fn is None:
-        fn = pickle.loads(blob)
-        fn = share_module_globals(*fn) if type(fn) is tuple else share_module_globals(fn)
+        fn = unpickled_function(pickle.loads(blob))
         if cacheable(fn):
             if len(_functions) >= _FUNCTIONS_KEPT:
                 _functions.clear()
             _functions[blob] = fn
     return fn
+
+
+def unpickled_function(fn):
+    """Worker side: a function as unpickled from a blob or a task (with_task), on its module's
+    shared globals."""
+    return share_module_globals(*fn) if type(fn) is tuple else share_module_globals(fn)
 
 
 def share_module_globals(fn, generations=None):

@@ -15,7 +15,7 @@ import sys
 import time
 
 from . import _engine
-from ._serialize import Codec, load_function, round_trip, share_module_globals
+from ._serialize import Codec, load_function, round_trip, share_module_globals, unpickled_function
 
 # A worker that just finished a task polls briefly for the next one before sleeping.
 NEXT_TASK_SPIN_S = 50e-6
@@ -136,12 +136,16 @@ def worker_main(memfd, slot, config):
         task_id, (kind, head, body, views) = task
         count = 1
         try:
-            fn = load_function(head)
-            args = Codec.loads(body, views)
+            if head is None:  # the function came with the arguments: see function_blob
+                args = Codec.loads(body, views)
+                fn = unpickled_function(args[2])
+            else:
+                fn = load_function(head)
+                args = Codec.loads(body, views)
             del body, views
             if kind == _engine.MSG_CHUNK:
                 count = len(args[0])
-                result = run_chunk(fn, *args, on_item)
+                result = run_chunk(fn, args[0], args[1], on_item)
             else:
                 result = fn(*args[0], **args[1])
             del fn, args

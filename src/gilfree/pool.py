@@ -20,7 +20,7 @@ from concurrent.futures._base import FINISHED, PENDING, RUNNING
 
 from . import _engine
 from ._executor import PoolBase, is_ctrl_c, with_remote_traceback
-from ._serialize import Codec, blob_never_stale, function_blob
+from ._serialize import Codec, blob_never_stale, function_blob, with_task
 from ._worker import WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
 
@@ -355,6 +355,8 @@ class Pool(PoolBase):
             # A function by value is asked each time: what it captured may have been rebound.
             if blob_never_stale(fn):
                 self._last_function = (fn, head)
+        if head is None:  # fn holds a large buffer: it goes with the arguments, out-of-band
+            body = (*body, with_task(fn))
         payload, refs = self._codec.dumps(body)
         task_id = next(self._ids)
         future = _Future(self._weakself, task_id)

@@ -89,3 +89,18 @@ def buffer_summary(buf):
 def view_summary(view):
     """A memoryview as a task sees it: format, shape, item size, values."""
     return view.format, view.shape, view.itemsize, view.tolist()
+
+
+def byte_at(buf, i):
+    """buf[i], for a share() handle's data (a memoryview in the task)."""
+    return buf[i]
+
+
+class ByteAt:
+    """A callable instance holding a buffer: calls return buf[i]."""
+
+    def __init__(self, buf):
+        self.buf = buf
+
+    def __call__(self, i):
+        return self.buf[i]

@@ -253,3 +253,39 @@ def test_a_memoryview_cast_cannot_rebuild_arrives_as_the_bytes_of_its_contents(p
         view = memoryview(data)
         got = pool.submit(f.echo, view).result()
         assert type(got) is bytes and got == view.tobytes()
+
+
+def test_a_share_handle_held_by_the_callable_goes_by_reference(pool):
+    data = bytes(range(256)) * 4096  # 1 MiB
+    handle = pool.share(data)
+    callables = [
+        functools.partial(sf.byte_at, handle),
+        sf.ByteAt(handle),
+        lambda i: sf.byte_at(handle, i),  # in a closure cell, by value
+    ]
+    for fn in callables:
+        before = pool.stats()["bytes_in"]
+        assert [pool.submit(fn, i).result() for i in range(3)] == [0, 1, 2]
+        assert list(pool.map(fn, range(3, 6), chunksize=1)) == [3, 4, 5]
+        assert pool.stats()["bytes_in"] - before < len(data)  # never copied into a task
+
+
+def test_a_share_handle_in_a_main_global_goes_by_reference_and_can_be_rebound():
+    out = run_ok(
+        """
+        import gilfree
+
+        def byte_at(i):
+            return HANDLE[i]
+
+        if __name__ == "__main__":
+            with gilfree.Pool(1) as pool:
+                HANDLE = pool.share(bytes(range(256)) * 4096)
+                before = pool.stats()["bytes_in"]
+                print([pool.submit(byte_at, i).result() for i in range(3)])
+                print(pool.stats()["bytes_in"] - before < HANDLE.nbytes)
+                HANDLE = pool.share(bytes([7]) * (1 << 20))
+                print(pool.submit(byte_at, 0).result())
+        """
+    )
+    assert out.splitlines() == ["[0, 1, 2]", "True", "7"]
