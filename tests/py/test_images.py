@@ -1245,3 +1245,11 @@ async def test_the_app_ends_the_gil_accounting_it_started(root):
     assert _gilhook.installed()  # /metrics reports the GIL held fraction
     await runner.cleanup()
     assert not _gilhook.installed()
+
+
+def test_without_the_images_extra_the_error_names_it():
+    code = "import sys; sys.modules['PIL'] = None\nimport gilfree.images"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ImportError: gilfree.images needs aiohttp and Pillow (PIL is missing): pip install 'gilfree[images]'")
