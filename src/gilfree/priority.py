@@ -127,9 +127,13 @@ def background(level=-1):
     is back at its own level (set()'s, 0 by default).
 
     Where priorities are unavailable it warns once per process (RuntimeWarning) and runs the
-    block unchanged.
+    block unchanged. A level of 0 or above is a ValueError: the block would not be background
+    (set() raises a thread).
     """
-    return _background(_checked(level))
+    level = _checked(level)
+    if level >= 0:
+        raise ValueError(f"a background() level is negative, not {level}; set() gives a thread a level of 0 or above")
+    return _background(level)
 
 
 @contextlib.contextmanager

@@ -623,6 +623,13 @@ def test_a_child_forked_inside_background_starts_at_0():
     assert priority.get() == 0
 
 
+@pytest.mark.parametrize("level", [0, 1, 8])
+def test_background_takes_negative_levels_only(level):
+    with pytest.raises(ValueError, match="background\\(\\) level is negative"):
+        priority.background(level)  # at the call: background(1) raised the thread, background(0) did nothing
+    assert priority.get() == 0 and not _gilhook.installed()
+
+
 @pytest.mark.parametrize("not_a_level", [True, False, 0.5, -1.0, "low", None])
 def test_a_level_is_an_int_not_a_bool_nor_a_float(not_a_level):
     with pytest.raises(TypeError, match="gilfree.priority level is an int"):
