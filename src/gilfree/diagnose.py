@@ -8,36 +8,41 @@ program still runs, unmeasured.
 The program runs as under ``python``: its own ``__main__`` module (also ``__mp_main__``, for
 multiprocessing), ``sys.argv``, ``sys.path[0]``, ``__file__``, ``sys.excepthook`` and exit status.
 """
+import argparse
 import builtins
+import importlib
 import io
-import optparse
 import os
 import runpy
 import sys
 import threading
-import traceback
 import types
 from importlib.machinery import SourceFileLoader
 from pkgutil import get_importer
 
 from . import gil
-from .errors import UnsupportedInterpreter
 
-USAGE = "%prog [--trace OUT.json] [--svg OUT.svg] [--sample-hz N] (script.py | -m module) [args...]"
+# Imported before the program only when asked for: after it, `import json` could find its own
+# json.py. Anything else imported here is one module name fewer for the program (docs/gil.md).
+WRITERS_IMPORT = {"--trace": ("json",), "--svg": ("html", "textwrap")}
+
+USAGE = "%(prog)s [--trace OUT.json] [--svg OUT.svg] [--sample-hz N] (script.py | -m module) [args...]"
 MAX_SAMPLE_HZ = 1000.0
 MIN_SAMPLE_HZ = 0.01  # the sampler waits 1/rate s between samples: slower never samples a run
 
 
 def _parse(argv):
     # As in cProfile's main: options end at the script or module name, the rest is the program's.
-    parser = optparse.OptionParser(usage=USAGE, prog="python -m gilfree diagnose")
-    parser.allow_interspersed_args = False
-    parser.add_option("--trace", metavar="OUT.json", help="write the timeline as Chrome trace JSON (Perfetto)")
-    parser.add_option("--svg", metavar="OUT.svg", help="draw the timeline (held green, waiting red, free grey)")
-    parser.add_option("--sample-hz", type="float", default=20.0, metavar="N",
-                      help=f"stack samples of the GIL holder per second, 0 (off) or {MIN_SAMPLE_HZ:g} to {MAX_SAMPLE_HZ:g} (default 20)")
-    parser.add_option("-m", dest="module", action="store_true", default=False, help="run a library module as a script")
-    options, target = parser.parse_args(argv)
+    # argparse, not optparse: optparse imports textwrap, a name the program may use for its own.
+    parser = argparse.ArgumentParser(usage=USAGE, prog="python -m gilfree diagnose")
+    parser.add_argument("--trace", metavar="OUT.json", help="write the timeline as Chrome trace JSON (Perfetto)")
+    parser.add_argument("--svg", metavar="OUT.svg", help="draw the timeline (held green, waiting red, free grey)")
+    parser.add_argument("--sample-hz", type=float, default=20.0, metavar="N",
+                        help=f"stack samples of the GIL holder per second, 0 (off) or {MIN_SAMPLE_HZ:g} to {MAX_SAMPLE_HZ:g} (default 20)")
+    parser.add_argument("-m", dest="module", action="store_true", default=False, help="run a library module as a script")
+    parser.add_argument("target", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    target = options.target[1:] if options.target[:1] == ["--"] else options.target  # kept by some versions
     if not target:
         parser.error("give a script or -m module")
     if options.sample_hz != 0 and not MIN_SAMPLE_HZ <= options.sample_hz <= MAX_SAMPLE_HZ:  # also refuses nan
@@ -134,6 +139,8 @@ def _end_threads():
     try:
         threading._shutdown()
     except KeyboardInterrupt as exc:  # a second Ctrl-C stops the wait; python reports it so
+        import traceback
+
         print(f"Exception ignored in: {threading!r}", file=sys.stderr)
         traceback.print_exception(exc.with_traceback(exc.__traceback__.tb_next))
 
@@ -155,6 +162,9 @@ def main(argv):
             except OSError as exc:
                 print(f"gilfree diagnose: cannot write {flag} {path}: {exc.strerror}", file=sys.stderr)
                 return 2
+    for flag in outputs:
+        for name in WRITERS_IMPORT[flag]:
+            importlib.import_module(name)
     # The program gets a fresh __main__ that stays until the process ends, as under python, so
     # its classes pickle also from threads still running after its body; multiprocessing's
     # __mp_main__ alias (set when gilfree imported it) must point there too.
@@ -167,7 +177,7 @@ def main(argv):
         sys.argv[0] = spec.origin
     try:
         m = gil.monitor(trace=True, sample_hz=options.sample_hz).__enter__()
-    except UnsupportedInterpreter as exc:
+    except gil.UnsupportedInterpreter as exc:  # looked up (gilfree.errors imported) only if one is raised
         skipped = f"; {' and '.join(outputs)} not written" if outputs else ""
         print(f"gilfree diagnose: exact GIL accounting is unavailable here: {exc}\n"
               f"gilfree diagnose: running the program unmeasured{skipped}.", file=sys.stderr)

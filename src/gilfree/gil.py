@@ -8,8 +8,6 @@ asked to drop it; a verdict; ``m.write_trace(path)`` (Chrome trace JSON, opens i
 The measurements come from ``gilfree._gilhook``: hooks on the pthread calls of CPython's own
 take_gil/drop_gil, recorded without the GIL (see docs/gil.md).
 """
-import html
-import json
 import os
 import re
 import resource
@@ -17,12 +15,12 @@ import site
 import struct
 import sys
 import sysconfig
-import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from .errors import UnsupportedInterpreter
+# Few imports here: `diagnose` imports this module before the program, whose own modules named
+# like standard ones (json.py, queue.py) must be the ones it gets. Reports import what they need.
 
 __all__ = ["monitor", "counters", "stop", "Monitor", "Report", "ThreadReport", "UnsupportedInterpreter"]
 
@@ -37,6 +35,15 @@ _ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUE
 
 # Also the binding's reason, where it loads in a subinterpreter and refuses it.
 _SUBINTERPRETER = "GIL priorities and accounting are unavailable in subinterpreters (gilfree hooks the main interpreter's GIL only)"
+
+
+def __getattr__(name):
+    # gilfree.errors imports concurrent.futures (multiprocessing, socket, queue, ...): on first use.
+    if name == "UnsupportedInterpreter":
+        from .errors import UnsupportedInterpreter
+
+        return UnsupportedInterpreter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _in_subinterpreter():
@@ -55,6 +62,8 @@ def _hook():
     try:
         from . import _gilhook
     except ImportError as exc:
+        from .errors import UnsupportedInterpreter
+
         if _in_subinterpreter():  # an isolated one refuses the module: not a build problem
             raise UnsupportedInterpreter(_SUBINTERPRETER) from exc
         raise UnsupportedInterpreter(f"gilfree._gilhook is not built for this interpreter: {exc}") from exc
@@ -668,6 +677,8 @@ class Monitor:
         than a resolution that keeps the file within about that many slices are merged (a
         merged slice is named by the state covering half of it or more, else "mixed", and says
         how much of it was held and waited)."""
+        import json
+
         if not self._trace:
             raise ValueError("this monitor was created with trace=False")
         report = self.report()
@@ -705,6 +716,8 @@ class Monitor:
         as the thread was busy there). A row's free time is tinted blue by the share of it the
         thread ran C code without the GIL (its CPU time says how much, not when); the verdict
         is wrapped below."""
+        import textwrap
+
         if not self._trace:
             raise ValueError("this monitor was created with trace=False")
         report = self.report()
@@ -783,6 +796,8 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 def _xml_text(text):
     """text escaped for XML, the characters XML 1.0 cannot hold (thread names may have any)
     replaced."""
+    import html
+
     return html.escape(_NOT_XML.sub("\ufffd", text))
 
 

@@ -362,3 +362,17 @@ def test_the_report_counts_the_cpu_time_of_the_programs_pool_workers(tmp_path):
     assert out.stdout == "0\n"
     usage = re.search(r"child processes: CPU ([\d.]+) s", out.stderr)
     assert usage and float(usage.group(1)) >= 0.2, out.stderr
+
+
+def test_the_programs_modules_named_like_standard_ones_are_its_own(tmp_path):
+    """diagnose imports little before the program (docs/gil.md lists it): a script's queue.py,
+    textwrap.py, json.py, ... are what it imports, as under python."""
+    names = ["queue", "textwrap", "json", "socket", "signal", "logging", "random", "subprocess", "html"]
+    for name in names:
+        write(tmp_path / f"{name}.py", "WHO = 'own'\n")
+    script = write(tmp_path / "app.py", f"import {', '.join(names)}\n"
+                                        f"print([getattr(m, 'WHO', 'stdlib') for m in ({', '.join(names)})])\n")
+    out = diagnose(str(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{['own'] * len(names)}\n"
+    assert "verdict:" in out.stderr

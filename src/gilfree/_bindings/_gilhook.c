@@ -26,7 +26,6 @@
 
 /* Touched only with the GIL held (every entry point is a Python call): no other locking. */
 typedef struct {
-  PyObject *unsupported; /* gilfree.UnsupportedInterpreter (strong reference) */
   int users;             /* acquire() calls not yet released; under users_lock */
   int tracers;           /* of which asked for events; under users_lock */
   int keepers;           /* of which need ended threads' final rows from reap(); under users_lock */
@@ -89,9 +88,17 @@ static int set_switch_interval(PyObject *sys, double seconds) {
   return result == NULL ? -1 : 0;
 }
 
-/* Raises UnsupportedInterpreter(reason) and returns NULL (no reference). */
-static PyObject *unsupported(gilhook_state *st, const char *reason) {
-  PyErr_SetString(st->unsupported, reason);
+/* Raises UnsupportedInterpreter(reason) and returns NULL (no reference). gilfree.errors is
+ * imported only then: it imports concurrent.futures (multiprocessing, socket, queue, ...), which
+ * `diagnose` must not import before the program it runs. */
+static PyObject *unsupported(const char *reason) {
+  PyObject *errors = PyImport_ImportModule("gilfree.errors");
+  PyObject *cls = errors == NULL ? NULL : PyObject_GetAttrString(errors, "UnsupportedInterpreter");
+  Py_XDECREF(errors);
+  if (cls != NULL) {
+    PyErr_SetString(cls, reason);
+    Py_DECREF(cls);
+  }
   return NULL;
 }
 
@@ -100,7 +107,7 @@ static PyObject *unsupported(gilhook_state *st, const char *reason) {
 static int self_check(gilhook_state *st) {
   char reason[256];
 #ifdef Py_GIL_DISABLED
-  unsupported(st, "free-threaded build: there is no GIL to account for");
+  unsupported("free-threaded build: there is no GIL to account for");
   return -1;
 #endif
   unsigned long runtime = Py_Version;
@@ -110,13 +117,13 @@ static int self_check(gilhook_state *st) {
              "gilfree._gilhook was built for CPython %s and knows the GIL of 3.11-3.13 only; "
              "this is %lu.%lu.%lu (rebuild gilfree for it)",
              PY_VERSION, runtime >> 24, (runtime >> 16) & 0xff, (runtime >> 8) & 0xff);
-    unsupported(st, reason);
+    unsupported(reason);
     return -1;
   }
   PyThreadState *tstate = PyThreadState_Get();
   if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
     /* The text of gilfree.gil._SUBINTERPRETER, for where this module does not load. */
-    unsupported(st, "GIL priorities and accounting are unavailable in subinterpreters (gilfree "
+    unsupported("GIL priorities and accounting are unavailable in subinterpreters (gilfree "
                     "hooks the main interpreter's GIL only)");
     return -1;
   }
@@ -128,7 +135,7 @@ static int self_check(gilhook_state *st) {
     Py_END_ALLOW_THREADS;
   }
   if (gil == NULL || gil_locked(gil) != 1 || gil_last_holder(gil) != tstate) {
-    unsupported(st, "GIL layout check failed: the GIL does not read as held by this thread");
+    unsupported("GIL layout check failed: the GIL does not read as held by this thread");
     return -1;
   }
   /* The interval must follow sys.setswitchinterval, in microseconds: probe it with another
@@ -151,7 +158,7 @@ static int self_check(gilhook_state *st) {
     goto done;
   if (layout_before != before || layout_probe != probe || probe == before ||
       gil_interval(gil) != restored) {
-    unsupported(st, "GIL layout check failed: the switch interval is not where expected");
+    unsupported("GIL layout check failed: the switch interval is not where expected");
     goto done;
   }
   rc = 0;
@@ -201,7 +208,7 @@ static int install(gilhook_state *st) {
     snprintf(reason, sizeof(reason),
              "cannot hook the GIL's pthread calls in the object holding _PyRuntime: %s",
              strerror(-rc));
-    unsupported(st, reason);
+    unsupported(reason);
     return -1;
   }
   struct gf_gilhook_thread_stats before = own_stats();
@@ -210,7 +217,7 @@ static int install(gilhook_state *st) {
   struct gf_gilhook_thread_stats after = own_stats();
   if (after.acquisitions != before.acquisitions + 1 || after.state != GF_GIL_HELD) {
     gf_gilhook_uninstall();
-    unsupported(st, "the GIL hooks did not see this thread release and retake the GIL");
+    unsupported("the GIL hooks did not see this thread release and retake the GIL");
     return -1;
   }
   return 0;
@@ -780,13 +787,6 @@ static PyMethodDef gilhook_methods[] = {
 
 static int gilhook_exec(PyObject *module) {
   gilhook_state *st = get_state(module);
-  PyObject *errors = PyImport_ImportModule("gilfree.errors");
-  if (errors == NULL)
-    return -1;
-  st->unsupported = PyObject_GetAttrString(errors, "UnsupportedInterpreter");
-  Py_DECREF(errors);
-  if (st->unsupported == NULL)
-    return -1;
   if ((st->users_lock = PyThread_allocate_lock()) == NULL) {
     PyErr_NoMemory();
     return -1;
@@ -808,19 +808,8 @@ static int gilhook_exec(PyObject *module) {
   return 0;
 }
 
-static int gilhook_traverse(PyObject *module, visitproc visit, void *arg) {
-  Py_VISIT(get_state(module)->unsupported);
-  return 0;
-}
-
-static int gilhook_clear(PyObject *module) {
-  Py_CLEAR(get_state(module)->unsupported);
-  return 0;
-}
-
 static void gilhook_free(void *module) {
   gilhook_state *st = get_state(module);
-  gilhook_clear(module);
   if (st->users_lock != NULL) {
     PyThread_free_lock(st->users_lock);
     st->users_lock = NULL;
@@ -845,8 +834,6 @@ static struct PyModuleDef gilhook_module = {
     .m_size = sizeof(gilhook_state),
     .m_methods = gilhook_methods,
     .m_slots = gilhook_slots,
-    .m_traverse = gilhook_traverse,
-    .m_clear = gilhook_clear,
     .m_free = gilhook_free,
 };
 
