@@ -146,10 +146,22 @@ def _end_threads():
 
 
 def _real_stderr():
-    """The process's stderr, even if the program closed or replaced sys.stderr."""
+    """The process's stderr, even if the program closed or replaced sys.stderr (None if fd 2 is closed)."""
     if sys.__stderr__ is not None and not sys.__stderr__.closed:
         return sys.__stderr__
-    return open(2, "w", errors="backslashreplace", closefd=False)
+    try:
+        return open(2, "w", errors="backslashreplace", closefd=False)
+    except OSError:
+        return None
+
+
+def _tell(err, text):
+    # With stderr closed (2>&-, os.close(2)) the report is lost; the exit status stays the program's.
+    if err is not None:
+        try:
+            print(text, file=err, flush=True)
+        except (OSError, ValueError):
+            pass
 
 
 def main(argv):
@@ -189,14 +201,13 @@ def main(argv):
         return status
     m.__exit__(None, None, None)
     err = _real_stderr()
-    print("\n" + str(m.report()), file=err)
+    _tell(err, "\n" + str(m.report()))
     for flag, write, what in (("--trace", m.write_trace, "timeline written to {} (open in https://ui.perfetto.dev)"),
                               ("--svg", m.write_svg, "picture written to {}")):
         if flag in outputs:
             try:
                 write(outputs[flag])
-                print("gilfree diagnose: " + what.format(outputs[flag]), file=err)
+                _tell(err, "gilfree diagnose: " + what.format(outputs[flag]))
             except OSError as exc:
-                print(f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}", file=err)
-    err.flush()
+                _tell(err, f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}")
     return status

@@ -376,3 +376,10 @@ def test_the_programs_modules_named_like_standard_ones_are_its_own(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"{['own'] * len(names)}\n"
     assert "verdict:" in out.stderr
+
+
+def test_a_closed_stderr_loses_the_report_but_not_the_exit_status(tmp_path):
+    script = write(tmp_path / "closes.py", "import os\nos.close(2)\nprint('ok')\n")
+    out = diagnose("--trace", str(tmp_path / "t.json"), str(script))
+    assert (out.returncode, out.stdout) == (0, "ok\n")
+    assert (tmp_path / "t.json").stat().st_size > 0  # the outputs are still written
