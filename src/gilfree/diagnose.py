@@ -182,6 +182,7 @@ def main(argv):
     # __mp_main__ alias (set when gilfree imported it) must point there too.
     main_module = types.ModuleType("__main__")
     main_module.__builtins__ = builtins
+    main_module.__annotations__ = {}  # python's __main__ has it, annotations or not
     sys.modules["__main__"] = sys.modules["__mp_main__"] = main_module
     sys.argv = ["-m" if options.module else target[0], *target[1:]]  # python's argv while it looks for a module
     code, spec = _locate(options.module, target[0])

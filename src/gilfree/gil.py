@@ -162,7 +162,7 @@ class Report:
     def __str__(self):
         ranked = _ranked(self.threads)
         shown = ranked[:TOP_THREADS]
-        width = max([len("thread")] + [len(t.name) + (t.lost_after_s is not None) for t in shown])
+        width = max([len("thread")] + [len(_printable(t.name)) + (t.lost_after_s is not None) for t in shown])
         width = min(width, NAME_WIDTH)
         lines = [
             f"GIL report: wall {self.wall_s:.3f} s, GIL held {self.held_fraction:.1%}, "
@@ -172,7 +172,8 @@ class Report:
             f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
         ]
         for t in shown:
-            name = _elide(t.name, width - 1) + "*" if t.lost_after_s is not None else _elide(t.name, width)
+            name = _printable(t.name)
+            name = _elide(name, width - 1) + "*" if t.lost_after_s is not None else _elide(name, width)
             lines.append(
                 f"{name:<{width}} {t.tid:>8} {t.held_s:>8.3f} {t.wait_s:>8.3f} {t.free_s:>8.3f} {t.cpu_s:>8.3f} "
                 f"{t.waits:>7} {t.wait_p50_s * 1e3:>8.2f} {t.wait_p99_s * 1e3:>8.2f} {t.wait_max_s * 1e3:>8.2f}"
@@ -194,7 +195,7 @@ class Report:
                 + "; held, wait, waits and the other totals are exact)"
             )
         lines.extend(f"note: {note}" for note in self.notes)
-        lines.append("verdict: " + self.verdict)
+        lines.append("verdict: " + _printable(self.verdict))
         return "\n".join(lines)
 
     def usage(self):
@@ -212,6 +213,15 @@ class Report:
 
 
 NAME_WIDTH = 40  # the table's thread column at most; longer names lose their middle
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text):
+    """text with control characters escaped: a thread may be named anything, and a newline
+    would break the table, an ESC reach the terminal."""
+    return _CONTROL.sub(lambda c: repr(c.group())[1:-1], text)
 
 
 def _elide(name, width):

@@ -383,3 +383,8 @@ def test_a_closed_stderr_loses_the_report_but_not_the_exit_status(tmp_path):
     out = diagnose("--trace", str(tmp_path / "t.json"), str(script))
     assert (out.returncode, out.stdout) == (0, "ok\n")
     assert (tmp_path / "t.json").stat().st_size > 0  # the outputs are still written
+
+
+def test_main_has_annotations_as_under_python(tmp_path):
+    out = diagnose(str(write(tmp_path / "ann.py", "print(__annotations__)\n")))
+    assert (out.returncode, out.stdout) == (0, "{}\n"), out.stderr

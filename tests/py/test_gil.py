@@ -797,6 +797,16 @@ def test_the_table_elides_long_thread_names_in_the_middle_and_shows_cpu_time():
     assert "cpu s" in text
 
 
+def test_the_text_report_escapes_control_characters_in_thread_names():
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.5, [(5.0, 0.0, 0)])
+    report.threads.append(ThreadReport("two\nlines\x1b[31m", 7, 1.0, 0.0, 0, 0, 0, 0, 9.0, alive_s=10, cpu_s=1.0))
+    text = str(report)
+    assert "\x1b" not in text and "two\\nlines\\x1b[31m" in text
+    assert len(text.splitlines()) == 3 + len(report.threads) + 1  # header, usage, columns, rows, verdict
+
+
 def test_where_names_the_programs_own_frame_and_the_library_frame_it_is_in():
     from gilfree.gil import _where
 
