@@ -1,5 +1,6 @@
 """gilfree.Pool under faults from outside the pool: the user's program forks while a pool is
-open, a task forks, a task closes or replaces the worker's inherited descriptors."""
+open, a task forks, a task closes or replaces the worker's inherited descriptors, the shared
+memory for arguments or results fills up."""
 import os
 import subprocess
 import sys
@@ -14,10 +15,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "src")
 
 
-def run_script(code, timeout=120):
+def run_script(code, timeout=120, args=()):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, HERE]))
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -79,6 +80,13 @@ def fork_and_return(data, child_ends_with):
 def length_and_sum(data):
     time.sleep(0.05)
     return len(data), sum(data[:: 1 << 16])
+
+
+def nbytes_once(path, data):
+    """Holds data (an argument in the arena) until path exists."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return data.nbytes
 
 
 # Forks.
@@ -206,3 +214,60 @@ def test_a_process_forked_by_a_task_ends_there_and_leaves_the_pool_alone():
             assert pool.submit(os.getpid).result(timeout=30) == worker
         assert list(pool.map(abs, range(-300, 0))) == list(range(300, 0, -1))
         assert pool.stats()["restarts"] == 0
+
+
+# Full shared memory. Under an address-space limit of 4 GiB the arena is 1 GiB: 512 MiB for
+# the parent's arguments, 512 MiB for the one worker's results.
+
+ARENA_FULL = """
+    import gc, os, resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    import numpy as np
+    import gilfree
+    import test_pool_faults as t
+
+    MiB = 1 << 20
+    if __name__ == "__main__":
+        release = sys.argv[1]
+        with gilfree.Pool(1) as pool:
+            a = np.ones(100 * MiB, np.uint8)
+            futures = []
+            try:
+                for _ in range(8):  # each copied into the arena up front, held until `release`
+                    futures.append(pool.submit(t.nbytes_once, release, a))
+            except MemoryError as exc:
+                print("submit", len(futures), exc, flush=True)
+            finally:
+                open(release, "w").close()
+            assert [f.result(timeout=60) for f in futures] == [100 * MiB] * len(futures)
+            del futures
+            assert pool.submit(t.nbytes_once, release, a).result(timeout=60) == 100 * MiB
+
+            held = []  # results stay in the worker's arena while the parent references them
+            for _ in range(8):
+                try:
+                    held.append(pool.submit(t.ones, 100 * MiB).result(timeout=60))
+                except MemoryError as exc:
+                    print("result", len(held), exc, flush=True)
+                    break
+            del held
+            gc.collect()
+            assert int(pool.submit(t.ones, 100 * MiB).result(timeout=60).sum()) == 100 * MiB
+            print("pool ok", flush=True)
+"""
+
+
+def test_full_arena_raises_memoryerror_and_the_pool_recovers(tmp_path):
+    proc = run_script(ARENA_FULL, args=[str(tmp_path / "release")])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    # Five 100 MiB arguments fit in 512 MiB; the sixth submit is refused, nothing is queued.
+    assert "submit 5 gilfree.Pool: the shared memory for task arguments is full (511 MiB, " \
+        "held by the arguments of tasks not finished yet and by pool.share() data; 100 MiB more " \
+        "do not fit)" in out
+    assert "wait for results before submitting more, or pass data that many tasks use once " \
+        "with pool.share()" in out
+    # The sixth result held by the parent fails its own task only.
+    assert "result 5 gilfree.Pool: a worker's shared memory for results is full (" in out
+    assert "drop the results (and arrays or views of them) you no longer need" in out
+    assert "pool ok" in out

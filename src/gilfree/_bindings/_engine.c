@@ -97,6 +97,31 @@ static int shm_alloc(shm_t *shm, uint64_t len, uint64_t *off) {
   return gf_manager_alloc(shm->manager, len, off);
 }
 
+/* Sets the error for a failed shm_alloc of len bytes and returns NULL: MemoryError, saying what
+ * fills the region and what frees it, when the region is full; else OSError. Copies are made up
+ * front (submit) and never wait for room: a parent holding results would wait for ever. */
+static PyObject *shm_alloc_error(const shm_t *shm, int rc, uint64_t len) {
+  if (rc != -ENOMEM)
+    return set_errno(rc);
+  int mib = len >= (1u << 20);
+  unsigned long long need = mib ? (len + (1u << 20) - 1) >> 20 : (len + 1023) >> 10;
+  if (shm->worker != NULL)
+    return PyErr_Format(PyExc_MemoryError,
+                        "gilfree.Pool: a worker's shared memory for results is full (%llu MiB, "
+                        "held by its results that the parent still references; %llu %s more "
+                        "do not fit); drop the results (and arrays or views of them) you no "
+                        "longer need",
+                        (unsigned long long)(shm->worker->slot->region.size >> 20), need,
+                        mib ? "MiB" : "KiB");
+  return PyErr_Format(PyExc_MemoryError,
+                      "gilfree.Pool: the shared memory for task arguments is full (%llu MiB, "
+                      "held by the arguments of tasks not finished yet and by pool.share() data; "
+                      "%llu %s more do not fit); wait for results before submitting more, or "
+                      "pass data that many tasks use once with pool.share()",
+                      (unsigned long long)(shm->manager->seg->parent_region.size >> 20), need,
+                      mib ? "MiB" : "KiB");
+}
+
 static int shm_foreign(const shm_t *shm) {
   return getpid() != shm->pid;
 }
@@ -300,7 +325,7 @@ static PyObject *shm_export(shm_t *shm, PyObject *obj) {
     /* One spare byte: bytes objects end with a NUL that receivers map along. */
     if ((rc = shm_alloc(shm, len + 1, &block)) < 0) {
       PyBuffer_Release(&view);
-      return set_errno(rc);
+      return shm_alloc_error(shm, rc, len);
     }
     unsigned char *dst = gf_block_data(shm->arena, block);
     Py_BEGIN_ALLOW_THREADS
@@ -390,7 +415,7 @@ static int outgoing_build(outgoing *out, shm_t *shm, uint64_t task_id, uint32_t 
     uint64_t block;
     int rc = shm_alloc(shm, payload_len, &block);
     if (rc < 0) {
-      set_errno(rc);
+      shm_alloc_error(shm, rc, payload_len);
       goto error;
     }
     unsigned char *dst = gf_block_data(shm->arena, block);
