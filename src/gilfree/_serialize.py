@@ -37,10 +37,18 @@ def _memoryview_of(buffer, fmt, shape):
     return memoryview(buffer).cast(fmt, shape)  # the contents arrive flat (format 'B')
 
 
-class _BufferPickler(pickle.Pickler):
-    """Sends large exact bytes by persistent id (they arrive as bytes) and memoryviews with
-    their format and shape (see _memoryview_reduce): read-only views of shared memory from
-    OUT_OF_BAND_MIN bytes, writable copies below."""
+class _ViewPickler(pickle.Pickler):
+    """Sends memoryviews with their format and shape (see _memoryview_reduce): out-of-band ones
+    arrive as read-only views of shared memory, in-band ones as writable copies."""
+
+    def reducer_override(self, obj):
+        if type(obj) is memoryview:
+            return _memoryview_reduce(obj)
+        return NotImplemented
+
+
+class _BufferPickler(_ViewPickler):
+    """Also sends large exact bytes by persistent id (they arrive as bytes)."""
 
     def __init__(self, file, owner, refs, buffer_callback):
         super().__init__(file, 5, buffer_callback=buffer_callback)
@@ -60,24 +68,28 @@ class _BufferPickler(pickle.Pickler):
             return sent[0]
         return None
 
-    def reducer_override(self, obj):
-        if type(obj) is memoryview:
-            return _memoryview_reduce(obj)
-        return NotImplemented
-
 
 @functools.cache  # made on first use: cloudpickle is imported only when needed
 def _by_value_pickler():
-    """_BufferPickler that also pickles by value what workers cannot import (cloudpickle)."""
+    """_ViewPickler that also pickles by value, as cloudpickle does, what workers cannot import
+    (lambdas, closures, what __main__ defines)."""
     import cloudpickle
 
-    class _ByValuePickler(_BufferPickler, cloudpickle.Pickler):
+    class _ByValuePickler(_ViewPickler, cloudpickle.Pickler):
         def reducer_override(self, obj):
             if type(obj) is memoryview:
                 return _memoryview_reduce(obj)
             return cloudpickle.Pickler.reducer_override(self, obj)
 
     return _ByValuePickler
+
+
+def _dumps_by_value(obj, buffer_callback):
+    """obj pickled by value where workers cannot import it. Large bytes stay in-band: a
+    persistent_id finding them would slow these pickles, made at each submit, by a quarter."""
+    file = io.BytesIO()
+    _by_value_pickler()(file, 5, buffer_callback=buffer_callback).dump(obj)
+    return file.getvalue()
 
 
 class _IdUnpickler(pickle.Unpickler):
@@ -151,22 +163,22 @@ class Codec:
         out_of_band = self._out_of_band(refs)
         try:
             try:
-                payload = self._dumps_with_ids(obj, refs, out_of_band, _BufferPickler)
+                payload = self._dumps_with_ids(obj, refs, out_of_band)
             except (TypeError, pickle.PicklingError, AttributeError):
                 # Classes or functions made at run time (e.g. in a task sent by value).
                 payload = b"__main__"
             if b"__main__" in payload:
                 self.release(refs)
                 refs.clear()
-                payload = self._dumps_with_ids(obj, refs, out_of_band, _by_value_pickler())
+                payload = _dumps_by_value(obj, out_of_band)
             return payload, refs
         except BaseException:
             self.release(refs)
             raise
 
-    def _dumps_with_ids(self, obj, refs, out_of_band, pickler):
+    def _dumps_with_ids(self, obj, refs, out_of_band):
         file = io.BytesIO()
-        pickler(file, self._owner, refs, out_of_band).dump(obj)
+        _BufferPickler(file, self._owner, refs, out_of_band).dump(obj)
         return file.getvalue()
 
     def release(self, refs):
@@ -332,8 +344,8 @@ def function_blob(fn):
     them but nobody unpickles them twice.
 
     None when fn holds a buffer of OUT_OF_BAND_MIN bytes or more (a share() handle, a numpy
-    array, large bytes; in a partial, an instance, a closure cell, a global): a blob would copy
-    it in-band into every task. The task then carries with_task(fn) in its arguments, whose
+    array, a memoryview; in a partial, an instance, a closure cell, a global): a blob would
+    copy it in-band into every task. The task then carries with_task(fn) in its arguments, whose
     buffers travel out-of-band (a share() handle by reference to its block)."""
     cached = _blobs.get(id(fn))
     if cached is not None and cached[0]() is fn:
@@ -355,9 +367,9 @@ def function_blob(fn):
                 captured = _Captured(fn)
                 generations = captured.generations(fn)
                 captured = captured.current
-                blob = _dumps_by_value((fn, generations))
+                blob = _dumps_by_value((fn, generations), _in_band_only)
             else:
-                blob = _dumps_by_value(fn)
+                blob = _dumps_by_value(fn, _in_band_only)
     except _OutOfBandNeeded:
         blob = None
     if cacheable(fn):
@@ -376,22 +388,6 @@ def with_task(fn):
     if cached is not None and cached[0]() is fn and cached[3] is not None:
         return fn, cached[3]
     return fn
-
-
-class _NoArena:
-    """The owner of in-band pickles: a large bytes stops them, as _in_band_only does a buffer."""
-
-    @staticmethod
-    def export(buffer):
-        raise _OutOfBandNeeded
-
-
-def _dumps_by_value(obj):
-    """obj pickled in-band, by value where cloudpickle would; raises _OutOfBandNeeded at a
-    buffer or bytes of OUT_OF_BAND_MIN bytes or more."""
-    file = io.BytesIO()
-    _by_value_pickler()(file, _NoArena, None, _in_band_only).dump(obj)
-    return file.getvalue()
 
 
 def blob_never_stale(fn):
