@@ -863,10 +863,12 @@ def verdict(report):
     gain = f"processes (gilfree.Pool) could make it at most ~{speedup:.1f}x faster on this machine's {cores} core{'s' if cores != 1 else ''}"
     top_held = max((t.held_s for t in threads), default=0.0)
     longest = share * wall
-    # Threads that waited a fair share of the longest wait, however little they held: a
-    # starved I/O thread holds next to nothing.
-    waiters = [t for t in threads if t.wait_s - report.sampler_held_s >= 0.1 * longest > 0]
+    # Threads that waited a fair share of the longest wait and either held a fair share of the
+    # GIL (not a main thread's few hand-overs around start() and join()) or are starved in a
+    # convoy: an I/O thread holds next to nothing.
     convoys = _convoys(report)
+    waiters = [t for t in threads if t.wait_s - report.sampler_held_s >= 0.1 * longest > 0
+               and (t.held_s >= 0.05 * top_held or t in convoys)]
     work = sum(t.busy_s for t in threads) or 1e-9
     parallel = sum(t.parallel_s for t in threads) / (sum(t.cpu_s for t in threads) or 1e-9)
     busiest = max((t.busy_s for t in threads), default=0.0)

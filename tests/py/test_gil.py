@@ -780,6 +780,9 @@ def test_a_starved_io_thread_counts_as_waiting_and_is_named_as_the_convoy():
     report = synthetic_report(0.95, [(9.4, 0.0, 0)])
     report.threads.append(ThreadReport("io", 7, 0.05, 8.0, 1600, 0.005, 0.006, 0.01, 1.95, acquisitions=1600,
                                        alive_s=10, cpu_s=0.06))
+    # A main thread's few hand-overs around start() and join(): a fair share of the wait, no work.
+    report.threads.append(ThreadReport("joiner", 8, 0.001, 1.0, 5, 0.2, 0.3, 0.3, 9.0, acquisitions=5, alive_s=10,
+                                       cpu_s=0.001))
     assert verdict_of(report).startswith(
         "GIL-bound: 1 thread waited for the GIL (the longest-waiting thread, 'io', starved in the convoy below, 80%")
     assert "Convoy: blocking thread 'io'" in report.verdict
