@@ -193,8 +193,13 @@ def _wait_interruptibly(future, wait, timeout):
 
 
 class SharedHandle:
-    """A read-only buffer placed in shared memory once by ``Pool.share``. Pass it in any number
-    of tasks: workers receive a zero-copy read-only memoryview (numpy arrays as numpy arrays)."""
+    """A buffer copied into shared memory once by ``Pool.share``, read-only from then on. Pass
+    it in any number of tasks, in the arguments or held by the callable (a partial, a callable
+    instance, a closure, a global of a function sent by value): it pickles as a reference to
+    its block, so no task copies the data, and ``stats()`` does not count it. A task sees the
+    data: a numpy array as a read-only numpy array of its dtype and shape, anything else as a
+    flat read-only memoryview of its bytes (format 'B'); ``get()`` gives the same here. The
+    block is freed once the handle and every view of it, here and in workers, are gone."""
 
     __slots__ = ("_view", "_meta", "__weakref__")
 
@@ -233,7 +238,17 @@ def _available_cpus():
 
 
 class Pool(PoolBase):
-    """A drop-in ProcessPoolExecutor with a C core. See the README for the whole API."""
+    """A drop-in ProcessPoolExecutor with a C core. See the README for the whole API.
+
+    One difference: large buffers arrive read-only. Numpy arrays, memoryviews and
+    pickle.PickleBuffers of 64 KiB and more travel as zero-copy views of shared memory, both
+    ways: in a worker, a task's arguments (and what its callable holds); in the parent, the
+    results. Writing into one raises (numpy: ``ValueError: output array is read-only``; a
+    memoryview: TypeError); copy first to work in place: ``a = a.copy()`` or ``np.array(a)``.
+    Smaller ones, bytearrays, and arrays numpy pickles in-band (non-contiguous views,
+    datetime64 and timedelta64, subclasses) arrive as writable copies, as with
+    ProcessPoolExecutor.
+    """
 
     def __new__(cls, max_workers=None, *, cluster=None, **kwargs):
         if cluster is not None:

@@ -104,3 +104,8 @@ class ByteAt:
 
     def __call__(self, i):
         return self.buf[i]
+
+
+def writable(arr):
+    """Whether a task may write into the array it was given."""
+    return arr.flags.writeable

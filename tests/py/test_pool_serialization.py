@@ -289,3 +289,14 @@ def test_a_share_handle_in_a_main_global_goes_by_reference_and_can_be_rebound():
         """
     )
     assert out.splitlines() == ["[0, 1, 2]", "True", "7"]
+
+
+def test_arrays_from_64_kib_arrive_read_only_both_ways_smaller_ones_writable(pool):
+    # The rule the Pool docstring and README state (zero-copy views of shared memory).
+    np = pytest.importorskip("numpy")
+    small, large = np.zeros(8191), np.zeros(8192)  # 65528 and 65536 bytes
+    assert pool.submit(sf.writable, small).result()
+    assert pool.submit(f.echo, small).result().flags.writeable
+    assert not pool.submit(sf.writable, large).result()
+    assert not pool.submit(f.echo, large).result().flags.writeable
+    assert pool.submit(sf.writable, np.zeros(20000)[::2]).result()  # numpy pickles it in-band
