@@ -12,9 +12,12 @@ commands:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(USAGE, end="")
         return 0
+    if not argv:  # a usage error, as argparse has it: usage to stderr, status 2
+        print(f"gilfree: give a command\n\n{USAGE}", end="", file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
     if command == "diagnose":
         from .diagnose import main as diagnose_main

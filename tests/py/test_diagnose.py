@@ -45,6 +45,14 @@ def test_everything_after_the_program_is_the_programs(tmp_path, args, program_ar
     assert not (tmp_path / "x.svg").exists()
 
 
+@pytest.mark.parametrize("args, status", [([], 2), (["nosuch"], 2), (["--help"], 0)])
+def test_a_missing_or_unknown_command_is_a_usage_error(args, status):
+    out = run("-m", "gilfree", *args)
+    assert out.returncode == status
+    assert "usage: python -m gilfree <command>" in (out.stderr if status else out.stdout)
+    assert (out.stdout if status else out.stderr) == ""
+
+
 @pytest.mark.parametrize("rate", ["-1", "nan", "inf", "1e9"])
 def test_sample_rate_must_be_zero_or_a_sane_positive_number(tmp_path, rate):
     script = write(tmp_path / "prog.py", "print('ran')\n")
