@@ -968,11 +968,15 @@ _counting = False
 
 
 def counters():
-    """Cumulative GIL numbers since accounting started (the first call starts it; stop() ends it).
+    """Cumulative GIL numbers of the process, for a metrics endpoint (Prometheus counters).
 
-    Returns a dict: held_s, wait_s, waits, acquisitions, switches, forced_switches, and threads:
-    the threads alive now that the hooks have seen. Its cost grows with those, not with the
-    threads that have ended.
+    The first call starts the accounting; stop() pauses it and a later call resumes it. The
+    totals never go back to zero in a process (as Prometheus counters must not): after a stop()
+    they carry on from where they were, without what happened while stopped.
+
+    Returns a dict: held_s, wait_s, waits, acquisitions, switches, forced_switches (totals), and
+    threads: the threads alive now that the hooks have seen. Its cost grows with those, not with
+    the threads that have ended.
     """
     global _counting
     hook = _hook()
@@ -994,7 +998,8 @@ def counters():
 
 
 def stop():
-    """Ends the accounting counters() started (monitors and priorities keep theirs)."""
+    """Pauses the accounting counters() started, keeping its totals (monitors and priorities keep
+    theirs): the next counters() resumes it."""
     global _counting
     with _lock:
         if _counting:

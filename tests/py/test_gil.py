@@ -286,6 +286,23 @@ def test_counters_accumulate_and_stop_uninstalls():
     assert not gilfree._gilhook.installed()
 
 
+def test_counters_carry_on_after_stop_without_the_stopped_time():
+    """Prometheus counters never go back: a counters() after stop() resumes from the totals."""
+    try:
+        gil.counters()
+        worker = threading.Thread(target=cpu_loop, args=(0.1,))
+        worker.start()
+        worker.join()
+        before = gil.counters()
+        gil.stop()
+        cpu_loop(0.3)  # not counted
+        after = gil.counters()
+    finally:
+        gil.stop()
+    assert before["held_s"] >= 0.08
+    assert before["held_s"] <= after["held_s"] < before["held_s"] + 0.2
+
+
 def test_trace_and_svg_show_held_and_waiting_slices(tmp_path):
     a, b = Gated("cpu-a", cpu_loop, 0.1), Gated("cpu-b", cpu_loop, 0.1)
     for t in (a, b):
