@@ -832,15 +832,22 @@ MOSTLY_PARALLEL = 2 / 3  # of the threads' CPU time ran without the GIL: it most
 
 
 def _convoys(report):
-    """The threads in a convoy behind CPU threads: short holds between blocking calls, then half
-    a switch interval or more per take to get the GIL back; blocked meanwhile (little CPU time
-    without the GIL: not a CPU thread in C code that releases it). Blocked in I/O, sleep or a
-    lock (a thread waiting on futures): the counters cannot tell which."""
+    """The threads in a convoy behind CPU threads: short holds between blocking calls, and half a
+    switch interval or more to get the GIL back on a tenth of their takes or more (an echo
+    thread takes it two to four times a message and waits once: its waits, not its takes, say
+    what a wait costs); blocked meanwhile (little CPU time without the GIL: not a CPU thread in
+    C code that releases it). Blocked in I/O, sleep or a lock (a thread waiting on futures): the
+    counters cannot tell which."""
     interval = report.interval_s or 0.005
     return [t for t in report.threads
-            if t.acquisitions >= 20 and t.parallel_s < 0.25 * t.free_s
-            and t.held_s < 0.2 * interval * t.acquisitions and t.wait_s >= 0.5 * interval * t.acquisitions]
+            if t.waits >= 20 and t.waits * 10 >= t.acquisitions and t.parallel_s < 0.25 * t.free_s
+            and t.held_s < 0.2 * interval * t.acquisitions and _typical_wait(t) >= 0.5 * interval]
 
+
+def _typical_wait(thread):
+    """A thread's median wait for the GIL (over the takes that waited), or its mean where there
+    is no timeline for the median."""
+    return thread.wait_p50_s or thread.wait_s / (thread.waits or 1)
 
 
 def verdict(report):
@@ -938,8 +945,9 @@ def verdict(report):
     interval = report.interval_s or 0.005
     for t in convoys:
         parts.append(
-            f"Convoy: blocking thread '{t.name}' (I/O, sleep or a lock between short holds) waited {t.wait_s / t.acquisitions * 1e3:.1f} ms per GIL reacquisition "
-            f"(the switch interval is {interval * 1e3:.0f} ms): every blocking call costs it about that while "
+            f"Convoy: blocking thread '{t.name}' (I/O, sleep or a lock between short holds) typically waited {_typical_wait(t) * 1e3:.1f} ms "
+            f"on {t.waits} of its {t.acquisitions} GIL reacquisitions (the switch interval is "
+            f"{interval * 1e3:.0f} ms): a blocking call costs it about that while "
             f"CPU threads run - give it priority (gilfree.priority.background() around the CPU work) or move "
             f"the CPU work to processes."
         )

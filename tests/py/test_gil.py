@@ -805,6 +805,28 @@ def test_a_starved_io_thread_counts_as_waiting_and_is_named_as_the_convoy():
     assert "Convoy: blocking thread 'io'" in report.verdict
 
 
+@pytest.mark.parametrize("p50_s", [0.0048, 0.0])  # 0: no timeline, the mean over the waits instead
+def test_convoy_counts_the_takes_that_waited_not_all_takes(p50_s):
+    """Beazley's echo thread takes the GIL twice a message and waits on one: 2.4 ms per take
+    (under half the 5 ms interval), 4.8 ms per wait."""
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.95, [(9.4, 0.0, 0)])
+    report.threads.append(ThreadReport("echo", 7, 0.001, 1.44, 300, p50_s, 0.008, 0.01, 0.4, acquisitions=600,
+                                       alive_s=1.9, cpu_s=0.008))
+    assert "Convoy: blocking thread 'echo' (I/O, sleep or a lock between short holds) typically waited 4.8 ms on " \
+           "300 of its 600 GIL reacquisitions" in verdict_of(report), report.verdict
+
+
+def test_a_few_long_waits_among_many_takes_are_no_convoy():
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.95, [(9.4, 0.0, 0)])
+    report.threads.append(ThreadReport("io", 7, 0.01, 0.15, 30, 0.005, 0.006, 0.01, 9.8, acquisitions=10000,
+                                       alive_s=10, cpu_s=0.02))
+    assert "Convoy" not in verdict_of(report), report.verdict
+
+
 def test_the_table_elides_long_thread_names_in_the_middle_and_shows_cpu_time():
     from gilfree.gil import ThreadReport
 
