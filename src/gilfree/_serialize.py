@@ -136,8 +136,12 @@ class Codec:
                 except _OutOfBandNeeded:
                     refs = []
                     payload = pickle.dumps(obj, 5, buffer_callback=self._out_of_band(refs))
-            except (TypeError, pickle.PicklingError, AttributeError):
-                self.release(refs)  # a memoryview, or something only cloudpickle can do
+            except BaseException as exc:
+                # Frees the blocks exported before the failure (a later buffer not fitting).
+                self.release(refs)
+                if not isinstance(exc, (TypeError, pickle.PicklingError, AttributeError)):
+                    raise
+                # Else a memoryview, or something only cloudpickle can do.
             else:
                 if b"__main__" not in payload:
                     return payload, refs

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 
@@ -36,6 +37,11 @@ def ones(n):
 
 def filled(n, value):
     return bytes([value]) * n
+
+
+def zeros_pair(n):
+    # In an object: no container scan finds the arrays, plain pickle meets them one by one.
+    return types.SimpleNamespace(a=np.zeros(n, np.uint8), b=np.zeros(n, np.uint8))
 
 
 def a_memoryview(n):
@@ -271,3 +277,40 @@ def test_full_arena_raises_memoryerror_and_the_pool_recovers(tmp_path):
     assert "result 5 gilfree.Pool: a worker's shared memory for results is full (" in out
     assert "drop the results (and arrays or views of them) you no longer need" in out
     assert "pool ok" in out
+
+
+# Under a limit of 2 GiB: 255 MiB for the parent's arguments, 256 MiB for the worker's results.
+
+PART_PLACED = """
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    import numpy as np
+    import gilfree
+    import test_pool_faults as t
+
+    n = 150 << 20  # one fits, two do not
+    if __name__ == "__main__":
+        with gilfree.Pool(1) as pool:
+            try:
+                pool.submit(vars, t.zeros_pair(n))
+            except MemoryError as exc:
+                print("submit", exc, flush=True)
+            # The first array's block was freed: another one fits.
+            assert pool.submit(len, np.zeros(n, np.uint8)).result(timeout=60) == n
+            try:
+                pool.submit(t.zeros_pair, n).result(timeout=60)
+            except MemoryError as exc:
+                print("result", exc, flush=True)
+            assert pool.submit(np.zeros, n, np.uint8).result(timeout=60).nbytes == n
+            print("pool ok", flush=True)
+"""
+
+
+def test_a_message_whose_buffers_do_not_all_fit_frees_those_placed_before():
+    proc = run_script(PART_PLACED)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "submit gilfree.Pool: the shared memory for task arguments is full" in out
+    assert "result gilfree.Pool: a worker's shared memory for results is full" in out
+    assert "pool ok" in out
+
