@@ -167,7 +167,13 @@ def worker_main(memfd, slot, config):
             data, refs = codec.dumps(_error(exc))
             ok = False
             del exc
-        worker.reply(task_id, ok, data, refs)
+        try:
+            worker.reply(task_id, ok, data, refs)
+        except MemoryError as exc:
+            # The pickle itself did not fit in the arena (reply released the buffers it had):
+            # the task fails with that error, and the worker goes on.
+            data, refs = codec.dumps(_error(exc))
+            worker.reply(task_id, False, data, refs)
         del data, refs
         worker.scan()
         done += count  # a map chunk counts its items

@@ -44,6 +44,10 @@ def zeros_pair(n):
     return types.SimpleNamespace(a=np.zeros(n, np.uint8), b=np.zeros(n, np.uint8))
 
 
+def a_bytearray(n):
+    return bytearray(n)  # pickled in-band: a message of n bytes
+
+
 def a_memoryview(n):
     return memoryview(bytearray(b"z" * n))
 
@@ -314,3 +318,29 @@ def test_a_message_whose_buffers_do_not_all_fit_frees_those_placed_before():
     assert "result gilfree.Pool: a worker's shared memory for results is full" in out
     assert "pool ok" in out
 
+
+BIG_PICKLE = """
+    import os, resource
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    import gilfree
+    import test_pool_faults as t
+
+    if __name__ == "__main__":
+        with gilfree.Pool(1) as pool:
+            worker = pool.submit(os.getpid).result(timeout=60)
+            try:
+                pool.submit(t.a_bytearray, 300 << 20).result(timeout=60)
+            except MemoryError as exc:
+                print("result", exc, flush=True)
+            assert pool.submit(os.getpid).result(timeout=60) == worker
+            assert pool.stats()["restarts"] == 0
+            print("pool ok", flush=True)
+"""
+
+
+def test_a_result_whose_pickle_does_not_fit_fails_its_task_only():
+    proc = run_script(BIG_PICKLE)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "result gilfree.Pool: a worker's shared memory for results is full (256 MiB, " in out
+    assert "pool ok" in out
