@@ -105,12 +105,18 @@ class ThreadReport:
         return self.held_s + self.wait_s + self.parallel_s
 
 
+def _allowed_cpus():
+    """The CPUs this process may run on (its affinity), None where unknown."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+
+
 def _available_cores():
     """The cores this process may run on (its affinity), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    allowed = _allowed_cpus()
+    return len(allowed) if allowed else os.cpu_count() or 1
 
 
 @dataclass
@@ -129,7 +135,7 @@ class Report:
     lost_after_s: float = None  # the earliest time a thread's timeline events were lost from
     process_cpu_s: float = None  # the process's CPU time in the window (None: the threads' sum)
     cores: int = field(default_factory=_available_cores)
-    other_load_cores: float = None  # the machine's busy cores beyond this process and its children
+    other_load_cores: float = None  # busy cores beyond this process and its children, of those it may use
     children_cpu_s: float = 0.0  # CPU time of child processes (and theirs) in the window
     sampler_held_s: float = 0.0  # gilfree's own sampler thread held the GIL this long
 
@@ -364,14 +370,22 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _machine_ticks():
-    """(busy, all) clock ticks of the machine's CPUs since boot (/proc/stat; idle and iowait are
-    not busy), None where unreadable."""
+    """(busy, all, CPUs) clock ticks since boot of the CPUs the process may run on (/proc/stat;
+    idle and iowait are not busy; the machine's where the affinity is unknown): other work on
+    CPUs it cannot use takes nothing from it. None where unreadable."""
+    allowed = _allowed_cpus()
+    names = {f"cpu{n}" for n in allowed} if allowed else {"cpu"}
+    busy = total = 0
     try:
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] in names:
+                    ticks = [int(v) for v in fields[1:]]
+                    busy, total = busy + sum(ticks) - ticks[3] - ticks[4], total + sum(ticks)
     except (OSError, ValueError, IndexError):
         return None
+    return (busy, total, len(allowed) if allowed else os.cpu_count() or 1) if total else None
 
 
 def _descendants_cpu():
@@ -425,8 +439,8 @@ def _usage_between(before, after, cpu, wall_s):
                 - sum(c for pid, c in before[1].items() if pid not in after[1]))
     children = max(0.0, children)
     other = None
-    if before[2] and after[2] and after[2][1] - before[2][1] >= 50:  # enough ticks to mean something
-        busy = (after[2][0] - before[2][0]) / (after[2][1] - before[2][1]) * (os.cpu_count() or 1)
+    if before[2] and after[2] and after[2][1] - before[2][1] >= 25:  # enough ticks to mean something
+        busy = (after[2][0] - before[2][0]) / (after[2][1] - before[2][1]) * after[2][2]
         other = max(0.0, busy - (cpu + children) / (wall_s or 1e-9))
     return children, other
 
@@ -829,6 +843,7 @@ MIN_HOT_SPOT_SAMPLES = 10
 GIL_BOUND_SHARE = 1 / 3  # a thread waited for the GIL this share of the wall time or more: GIL-bound
 PARTLY_SHARE = 0.1  # less: the GIL cost the run under a tenth of its wall time
 MOSTLY_PARALLEL = 2 / 3  # of the threads' CPU time ran without the GIL: it mostly releases it
+SATURATED = 0.9  # of the cores the process may use busy (its own work, its children's, other work)
 
 
 def _convoys(report):
@@ -858,7 +873,8 @@ def verdict(report):
     busy time, which is small in an I/O-bound program, and within the cores the process did not
     use yet (Report.max_speedup). Busy time (holding the GIL, waiting for it, or running without
     it: CPU time outside it) and the threads' lives then say where the rest of the time went:
-    blocked in I/O, sleep, locks or join() is not work.
+    blocked in I/O, sleep, locks or join() is not work, and neither is waiting for a CPU, which
+    it may have been when the cores the process may use were busy.
     """
     threads = report.threads
     wall = report.wall_s or 1e-9
@@ -879,7 +895,10 @@ def verdict(report):
     work = sum(t.busy_s for t in threads) or 1e-9
     parallel = sum(t.parallel_s for t in threads) / (sum(t.cpu_s for t in threads) or 1e-9)
     busiest = max((t.busy_s for t in threads), default=0.0)
-    working = [t for t in threads if 0 < t.busy_s >= 0.1 * busiest]
+    # Work is CPU time and waits for the GIL, not held time, which a thread preempted on a busy
+    # CPU keeps counting: a main thread that only starts and joins the others does none.
+    most = max((t.cpu_s + t.wait_s for t in threads), default=0.0)
+    working = [t for t in threads if 0 < t.cpu_s + t.wait_s >= 0.1 * most]
     blocked = 1 - sum(t.busy_s for t in working) / (sum(max(t.alive_s, t.busy_s) for t in working) or 1e-9)
     first = max(waiters, key=lambda t: t.wait_s, default=None)
     which = f", '{first.name}'{', starved in the convoy below' if first in convoys else ''}," if first else ""
@@ -887,6 +906,10 @@ def verdict(report):
     threads_waited = f"{len(waiters)} thread{'s' if len(waiters) != 1 else ''} waited for the GIL ({waited})"
     parts = []
     quiet = False  # where the GIL sat is beside the point
+    other = report.other_load_cores or 0.0
+    # With the cores it may use busy, a thread that neither ran nor waited for the GIL may have
+    # been runnable, waiting for a CPU: not blocked.
+    saturated = (report.cpu_s + report.children_cpu_s) / wall + other >= SATURATED * cores
     if share >= PARTLY_SHARE and speedup < 1.1:
         parts.append(f"Not GIL-bound on this machine: {threads_waited}, but {used}: processes would not run it faster here.")
     elif share >= PARTLY_SHARE and parallel >= MOSTLY_PARALLEL:
@@ -923,6 +946,13 @@ def verdict(report):
             parts.append(
                 f"Not GIL-bound: single-threaded: one thread did the work (busy {busiest / wall:.0%} of the run's "
                 f"wall time) and nobody waited for the GIL long."
+            )
+        elif blocked >= 0.5 and saturated:
+            others = f" and other work ~{other:.1f} more" if other >= 0.05 else ""
+            parts.append(
+                f"Not GIL-bound: short of CPU: its {len(working)} working threads neither ran nor waited for the GIL "
+                f"{blocked:.0%} of their lives while the cores it may use were busy ({used}{others}): waiting for "
+                f"a CPU, or blocked (I/O, sleep, locks), which the counters cannot tell apart; {cost}"
             )
         elif blocked >= 0.5:
             parts.append(

@@ -827,6 +827,32 @@ def test_a_few_long_waits_among_many_takes_are_no_convoy():
     assert "Convoy" not in verdict_of(report), report.verdict
 
 
+def starved_report(other_load_cores, cores):
+    """diagnose's numbers for two threads hashing (the GIL released) pinned to one CPU beside a
+    busy loop; a main thread that started and joined them, holding the GIL while preempted."""
+    from gilfree.gil import Report, ThreadReport
+
+    threads = [ThreadReport("MainThread", 1, 0.016, 0.0, 3, 0, 0, 0, 0.54, 5, alive_s=0.556, cpu_s=0.007),
+               ThreadReport("Thread-1 (h)", 2, 0.001, 0.0, 1, 0, 0, 0, 0.54, 3, alive_s=0.54, cpu_s=0.178),
+               ThreadReport("Thread-2 (h)", 3, 0.001, 0.0, 0, 0, 0, 0, 0.536, 3, alive_s=0.536, cpu_s=0.176)]
+    return Report(0.556, 0.03, 57, 0, threads, cores=cores, process_cpu_s=0.362, other_load_cores=other_load_cores)
+
+
+def test_threads_waiting_for_a_cpu_are_not_called_blocked_in_io():
+    """The cores the process may use were busy: its threads' time off the CPU may be waiting for
+    one, which the verdict says, with the other work; a main thread that only joins is no worker."""
+    v = verdict_of(starved_report(other_load_cores=0.3, cores=1))
+    assert v.startswith("Not GIL-bound: short of CPU: its 2 working threads neither ran nor waited for the GIL 67% "
+                        "of their lives while the cores it may use were busy (the process used 0.65 of its 1 core "
+                        "and other work ~0.3 more): waiting for a CPU, or blocked"), v
+    assert "I/O-bound" not in v
+    # The process's own threads fill its cores too: 0.65 of 2 cores and 1.2 of other work.
+    assert verdict_of(starved_report(other_load_cores=1.2, cores=2)).startswith("Not GIL-bound: short of CPU")
+    # With cores to spare, a thread that neither ran nor waited was blocked.
+    assert verdict_of(starved_report(other_load_cores=0.0, cores=2)).startswith(
+        "Not GIL-bound: I/O-bound: its 2 working threads were blocked (I/O, sleep, locks) 67%")
+
+
 def test_the_table_elides_long_thread_names_in_the_middle_and_shows_cpu_time():
     from gilfree.gil import ThreadReport
 
