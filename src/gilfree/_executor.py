@@ -37,6 +37,27 @@ def is_ctrl_c(exc):
     return not isinstance(exc.__cause__, _RemoteTraceback)
 
 
+def process_pool_options(mp_context, max_tasks_per_worker, max_tasks_per_child):
+    """Checks ProcessPoolExecutor's mp_context and max_tasks_per_child, which every pool takes
+    so that it is a drop-in; returns max_tasks_per_worker (max_tasks_per_child is its alias)."""
+    if mp_context is not None:
+        if not callable(getattr(mp_context, "get_start_method", None)):
+            raise TypeError("mp_context must be a multiprocessing context or None")
+        # allow_none: asking a default context fixes its method for the whole program.
+        if mp_context.get_start_method(allow_none=True) == "fork":
+            raise ValueError(
+                "gilfree.Pool never forks this process: workers start from a clean template "
+                "process, as with 'spawn' or 'forkserver', and do not inherit its memory. Pass "
+                "mp_context=None (or a 'spawn' or 'forkserver' context), and give tasks what they "
+                "need as arguments, through initializer/initargs, or with pool.share()"
+            )
+    if max_tasks_per_child is not None:
+        if max_tasks_per_worker is not None:
+            raise TypeError("max_tasks_per_child is an alias of max_tasks_per_worker: pass one")
+        return max_tasks_per_child
+    return max_tasks_per_worker
+
+
 class _ChunkSizer:
     """Grows chunks until one takes about target_s of worker time, up to max_size items."""
 

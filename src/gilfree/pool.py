@@ -19,7 +19,7 @@ import weakref
 from concurrent.futures._base import FINISHED, PENDING, RUNNING
 
 from . import _engine
-from ._executor import PoolBase, is_ctrl_c, with_remote_traceback
+from ._executor import PoolBase, is_ctrl_c, process_pool_options, with_remote_traceback
 from ._serialize import Codec, blob_never_stale, function_blob, with_task
 from ._worker import WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
@@ -250,25 +250,28 @@ class Pool(PoolBase):
     ProcessPoolExecutor.
     """
 
-    def __new__(cls, max_workers=None, *, cluster=None, **kwargs):
+    def __new__(cls, *args, cluster=None, **kwargs):
         if cluster is not None:
             from .cluster.dask import DaskPool
 
-            return DaskPool(cluster, max_workers=max_workers, **kwargs)
+            return DaskPool(cluster, *args, **kwargs)
         return super().__new__(cls)
 
     def __init__(
         self,
         max_workers=None,
-        *,
+        mp_context=None,
         initializer=None,
         initargs=(),
+        *,
+        max_tasks_per_child=None,
         task_timeout=None,
         max_tasks_per_worker=None,
         max_memory_per_worker=None,
         preload=(),
         cluster=None,
     ):
+        max_tasks_per_worker = process_pool_options(mp_context, max_tasks_per_worker, max_tasks_per_child)
         if max_workers is None:
             max_workers = min(_available_cpus(), _engine.MAX_WORKERS)
         if not 1 <= max_workers <= _engine.MAX_WORKERS:
@@ -346,6 +349,9 @@ class Pool(PoolBase):
         # The waiter thread holds the engine: a pool dropped while idle must still end it.
         weakref.finalize(self, self._engine.close, 0.0)
         _live_pools.add(self)
+
+    # help() and inspect.signature() show __init__'s parameters, not __new__'s (*args, **kwargs).
+    __new__.__wrapped__ = __init__
 
     # ------------------------------------------------------------ submitting
 

@@ -3,6 +3,7 @@ import concurrent.futures
 import hashlib
 import itertools
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -343,6 +344,27 @@ def test_pool_with_cluster_argument_is_a_dask_pool(client):
     with Pool(cluster=client, task_timeout=30) as pool:
         assert isinstance(pool, DaskPool)
         assert list(pool.map(square, range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_pool_with_cluster_takes_process_pool_executor_arguments(client):
+    def remember(value):
+        import builtins
+
+        builtins._gilfree_test_value = value
+
+    def probe(_):
+        import builtins
+
+        return builtins._gilfree_test_value
+
+    spawn = multiprocessing.get_context("spawn")
+    with Pool(2, spawn, remember, (8,), cluster=client) as pool:
+        assert isinstance(pool, DaskPool)
+        assert set(pool.map(probe, range(4))) == {8}
+    with pytest.warns(UserWarning, match="max_tasks_per_worker"):
+        Pool(cluster=client, max_tasks_per_child=5).shutdown()
+    with pytest.raises(ValueError, match="never forks"):
+        Pool(cluster=client, mp_context=multiprocessing.get_context("fork"))
 
 
 @pytest.mark.parametrize("target", ["address", "cluster object"])

@@ -3,6 +3,7 @@ import asyncio
 import collections
 import concurrent.futures
 import ctypes
+import multiprocessing
 import os
 import pickle
 import random
@@ -861,6 +862,27 @@ def test_arguments_are_checked_when_the_pool_is_made(pool):
             gilfree.Pool(1, **bad)
     with pytest.raises(TypeError):
         pool.map(f.square, range(3), chunksize=2.5)
+
+
+def test_process_pool_executor_arguments_are_accepted():
+    # ProcessPoolExecutor(max_workers, mp_context, initializer, initargs, *, max_tasks_per_child)
+    with gilfree.Pool(1, None, f.init_marker, ("ready",)) as pool:
+        assert pool.submit(f.initialized).result(timeout=30) == "ready"
+    for method in ("spawn", "forkserver"):
+        with gilfree.Pool(1, mp_context=multiprocessing.get_context(method)) as pool:
+            assert pool.submit(f.square, 3).result(timeout=30) == 9
+    with gilfree.Pool(1, max_tasks_per_child=2) as pool:
+        pids = [pool.submit(f.pid).result(timeout=30) for _ in range(4)]
+        assert pids[0] == pids[1] != pids[2] == pids[3]
+
+
+def test_process_pool_executor_arguments_gilfree_cannot_honour_are_refused():
+    with pytest.raises(ValueError, match="never forks .* mp_context=None"):
+        gilfree.Pool(1, mp_context=multiprocessing.get_context("fork"))
+    with pytest.raises(TypeError, match="alias"):
+        gilfree.Pool(1, max_tasks_per_child=2, max_tasks_per_worker=2)
+    with pytest.raises(TypeError, match="mp_context"):
+        gilfree.Pool(1, "spawn")
 
 
 def test_initargs_of_any_size():

@@ -38,7 +38,7 @@ except ImportError as exc:
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
-from .._executor import PoolBase, run_chunk, with_remote_traceback
+from .._executor import PoolBase, process_pool_options, run_chunk, with_remote_traceback
 from .._worker import _error
 from ..errors import TaskTimeout, WorkerCrashed
 from ..pool import BrokenPool
@@ -431,7 +431,7 @@ class DaskPool(PoolBase):
     ``max_workers`` is the parallelism the pool plans chunking for (default: the cluster's
     threads); Dask decides placement. ``task_timeout`` fails a call with TaskTimeout;
     ``initializer``/``initargs`` and ``preload`` run in every worker process. Worker recycling
-    (``max_tasks_per_worker``) and memory caps (``max_memory_per_worker``) belong to the Dask
+    (``max_tasks_per_worker``, alias ``max_tasks_per_child``) and memory caps (``max_memory_per_worker``) belong to the Dask
     workers' own configuration (``dask worker --memory-limit``, ``--lifetime 1h --lifetime-restart``); the pool warns
     and ignores them.
     """
@@ -443,14 +443,17 @@ class DaskPool(PoolBase):
         self,
         cluster,
         max_workers=None,
-        *,
+        mp_context=None,
         initializer=None,
         initargs=(),
+        *,
+        max_tasks_per_child=None,
         task_timeout=None,
         max_tasks_per_worker=None,
         max_memory_per_worker=None,
         preload=(),
     ):
+        max_tasks_per_worker = process_pool_options(mp_context, max_tasks_per_worker, max_tasks_per_child)
         if max_tasks_per_worker is not None:
             warnings.warn(
                 "max_tasks_per_worker does not apply to a Dask cluster; use `dask worker --lifetime 1h "
