@@ -967,11 +967,10 @@ def verdict(report):
         else:
             parts.append(f"Not GIL-bound: threads ran {parallel:.0%} of their CPU time without the GIL and {used}; "
                          f"threads scale here: {cost}")
-    if not quiet and (report.other_load_cores or 0) >= 0.5:
-        parts.append(
-            f"Other work kept ~{report.other_load_cores:.1f} of the machine's cores busy meanwhile: the waits "
-            f"may be longer, and the cores left for processes fewer, than on an idle machine."
-        )
+    if not quiet and other >= 0.5:
+        waits = "the waits may be longer, and the cores left for processes fewer," if share >= PARTLY_SHARE \
+            else "fewer cores are left for processes"
+        parts.append(f"Other work kept ~{other:.1f} of the machine's cores busy meanwhile: {waits} than on an idle machine.")
     interval = report.interval_s or 0.005
     for t in convoys:
         parts.append(

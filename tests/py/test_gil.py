@@ -853,6 +853,19 @@ def test_threads_waiting_for_a_cpu_are_not_called_blocked_in_io():
         "Not GIL-bound: I/O-bound: its 2 working threads were blocked (I/O, sleep, locks) 67%")
 
 
+@pytest.mark.parametrize("held_fraction, per_thread, waits", [
+    (0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)], True),  # GIL-bound
+    (0.95, [(9.5, 0.0, 0), (0.0, 0.0, 0)], False),  # single-threaded CPU work: nobody waited
+])
+def test_other_load_note_says_what_it_changes(held_fraction, per_thread, waits):
+    report = synthetic_report(held_fraction, per_thread)
+    report.other_load_cores = 0.7
+    v = verdict_of(report)
+    assert "Other work kept ~0.7 of the machine's cores busy meanwhile: " in v
+    assert ("the waits may be longer" in v) is waits
+    assert waits or v.endswith("fewer cores are left for processes than on an idle machine."), v
+
+
 def test_the_table_elides_long_thread_names_in_the_middle_and_shows_cpu_time():
     from gilfree.gil import ThreadReport
 
