@@ -200,12 +200,36 @@ class PoolBase(concurrent.futures.Executor):
         """Called when Ctrl-C arrives while the caller waits on the pool."""
 
     def run(self, fn, /, *args, **kwargs):
-        """Awaitable: the result of fn(*args, **kwargs) run in the pool."""
+        """An asyncio future of fn(*args, **kwargs) run in the pool: ``await pool.run(...)``.
+
+        Call it in a coroutine: the future belongs to the running event loop. Submits at once
+        (as submit(), whose errors it raises here); cancelling the asyncio future cancels the
+        task if no worker has started it."""
         import asyncio
 
         return asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def map(self, fn, *iterables, chunksize="auto", ordered=True, timeout=None, progress=False):
+        """An iterator over fn(*args) for args taken from the iterables together (zipped: it
+        stops with the shortest), as Executor.map, with these differences and options:
+
+        - the input is read lazily, as results are taken, with a bounded number of chunks in
+          flight: a generator of any length runs in bounded memory. Work starts at the call.
+        - chunksize: items per task. "auto" (the default) grows chunks until one takes about
+          20 ms of a worker's time (100 ms on Dask); an int fixes it.
+        - ordered: True yields results in input order; False yields each chunk's results as it
+          completes, whatever its position.
+        - timeout: seconds from this call; the iterator raises TimeoutError once it passes
+          with a result still missing.
+        - progress: True draws a tqdm bar on stderr when stderr is a terminal (nothing
+          otherwise); needs tqdm (pip install 'gilfree[progress]').
+
+        An item that raises ends the map with its exception (its worker's traceback as
+        __cause__), after the results before it (ordered=True: all of them). An input that
+        raises ends it the same way, after the results of every item before the failing one.
+        Closing the iterator once read from (close(), or dropping it) cancels the chunks it
+        submitted that no worker has started. A map opened before shutdown() stays readable
+        after it."""
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if len(iterables) == 1:
@@ -215,6 +239,8 @@ class PoolBase(concurrent.futures.Executor):
         return self._map(fn, items, star, chunksize, ordered, timeout, progress)
 
     def starmap(self, fn, iterable, *, chunksize="auto", ordered=True, timeout=None, progress=False):
+        """map() of fn(*item) for each item of iterable (each an argument tuple); the same
+        options and behaviour as map()."""
         return self._map(fn, iterable, True, chunksize, ordered, timeout, progress)
 
     def _map(self, fn, items, star, chunksize, ordered, timeout, progress):
@@ -257,7 +283,14 @@ class PoolBase(concurrent.futures.Executor):
             bar.close()
 
     async def amap(self, fn, iterable, *, chunksize="auto", ordered=True, star=False, progress=False):
-        """Async iterator over fn(item) for each item, computed in the pool."""
+        """Async iterator over fn(item) for each item of iterable (fn(*item) with star=True),
+        run in the pool: ``async for result in pool.amap(fn, items)``.
+
+        chunksize, ordered and progress as in map(); no timeout (wrap the loop in
+        asyncio.timeout). The input is read lazily in the event loop's thread, so a blocking
+        generator blocks the loop. An item that raises ends it with that exception, after the
+        results before it. Closing it early (aclose(), or dropping it) cancels the chunks it
+        submitted that no worker has started."""
         import asyncio
 
         pipeline = _Pipeline(self, fn, iterable, star, chunksize, ordered)

@@ -238,7 +238,26 @@ def _available_cpus():
 
 
 class Pool(PoolBase):
-    """A drop-in ProcessPoolExecutor with a C core. See the README for the whole API.
+    """A drop-in concurrent.futures.ProcessPoolExecutor with a C core (see the README).
+
+    - max_workers: worker processes (default: one per CPU this process may run on).
+    - mp_context: None, or a 'spawn' or 'forkserver' multiprocessing context, accepted as
+      ProcessPoolExecutor does; nothing to do, since workers start from a clean template
+      process. A 'fork' context raises ValueError: workers never inherit this process's memory.
+    - initializer, initargs: initializer(*initargs) runs in each worker before its first task;
+      workers that keep failing in it break the pool (BrokenProcessPool).
+    - max_tasks_per_worker (alias max_tasks_per_child): a worker is replaced after this many
+      tasks (each item of a map counts one; a map chunk is not split).
+    - task_timeout: seconds a task, or one item of a map, may run; past it the task fails with
+      gilfree.TaskTimeout and its worker is replaced.
+    - max_memory_per_worker: bytes of a worker's own resident memory (shared buffers not
+      counted), checked between tasks; a worker past it is replaced.
+    - preload: modules the template process imports once, so that workers start warm.
+    - cluster: a Dask scheduler address, distributed.Client or cluster object: returns a
+      gilfree.cluster.dask.DaskPool with the same API (pip install 'gilfree[dask]').
+
+    Workers see the environment, working directory and sys.path as they were at Pool(). A task
+    whose worker dies fails with gilfree.WorkerCrashed; the worker is replaced.
 
     One difference: large buffers arrive read-only. Numpy arrays, memoryviews and
     pickle.PickleBuffers of 64 KiB and more travel as zero-copy views of shared memory, both
@@ -356,6 +375,14 @@ class Pool(PoolBase):
     # ------------------------------------------------------------ submitting
 
     def submit(self, fn, /, *args, **kwargs):
+        """Schedules fn(*args, **kwargs) in a worker; returns a concurrent.futures.Future.
+
+        Functions from __main__, lambdas and closures travel by value. Raises here, not in the
+        future: pickling errors of the arguments; MemoryError when they do not fit in the
+        shared memory for arguments; RuntimeError after shutdown(); BrokenProcessPool when the
+        pool is broken. The future fails with the task's exception (its worker's traceback as
+        __cause__; MemoryError when the result does not fit in shared memory),
+        gilfree.WorkerCrashed or gilfree.TaskTimeout."""
         return self._submit(False, fn, (args, kwargs))
 
     def _submit_chunk(self, fn, items, star):
@@ -663,6 +690,16 @@ class Pool(PoolBase):
         }
 
     def shutdown(self, wait=True, *, cancel_futures=False):
+        """Refuses new submits; the tasks already submitted still run.
+
+        wait=True waits for the futures submitted so far, then stops the workers, unless a map
+        or amap opened before shutdown is still being read: it goes on reading its input lazily,
+        and the workers stay until every such map is read to its end, closed or dropped
+        (shutdown never waits for an input, which may be endless). wait=False returns at once;
+        the pool closes when that work is done; so does a call from a done-callback, which
+        cannot wait. cancel_futures=True cancels the futures no worker has started, and open
+        maps submit no more of their input: they yield the results of the chunks that ran,
+        then raise CancelledError."""
         with self._lock:
             if self._engine is None:
                 return

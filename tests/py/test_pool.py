@@ -3,6 +3,7 @@ import asyncio
 import collections
 import concurrent.futures
 import ctypes
+import inspect
 import multiprocessing
 import os
 import pickle
@@ -883,6 +884,20 @@ def test_process_pool_executor_arguments_gilfree_cannot_honour_are_refused():
         gilfree.Pool(1, max_tasks_per_child=2, max_tasks_per_worker=2)
     with pytest.raises(TypeError, match="mp_context"):
         gilfree.Pool(1, "spawn")
+
+
+def test_help_shows_the_pools_own_signature_and_documentation():
+    parameters = inspect.signature(gilfree.Pool).parameters
+    assert list(parameters)[:4] == ["max_workers", "mp_context", "initializer", "initargs"]
+    assert {"max_tasks_per_child", "task_timeout", "max_tasks_per_worker", "max_memory_per_worker",
+            "preload", "cluster"} <= parameters.keys()
+    for name in ("max_workers", "task_timeout", "preload", "cluster"):
+        assert name in gilfree.Pool.__doc__
+    for option in ("chunksize", "ordered", "timeout", "progress"):
+        assert option in gilfree.Pool.map.__doc__
+    for method in ("submit", "map", "starmap", "shutdown", "run", "amap"):
+        # Its own, not concurrent.futures.Executor's.
+        assert getattr(gilfree.Pool, method).__doc__ != getattr(concurrent.futures.Executor, method, None).__doc__
 
 
 def test_initargs_of_any_size():
