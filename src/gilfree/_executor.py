@@ -152,7 +152,10 @@ class _Progress:
     def __init__(self, enabled, items):
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
+            try:
+                from tqdm import tqdm
+            except ImportError as exc:
+                raise ImportError("progress=True needs tqdm: pip install 'gilfree[progress]'") from exc
 
             total = len(items) if hasattr(items, "__len__") else None
             self.bar = tqdm(total=total, file=sys.stderr)

@@ -4,10 +4,12 @@ import collections
 import concurrent.futures
 import ctypes
 import inspect
+import io
 import multiprocessing
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -562,6 +564,20 @@ def test_template_death_breaks_pool_instead_of_hanging():
     with pytest.raises(concurrent.futures.process.BrokenProcessPool):
         pool.submit(f.square, 2)
     pool.shutdown()
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_without_tqdm_says_what_to_install(pool, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    monkeypatch.setattr(sys, "stderr", _FakeTerminal())
+    with pytest.raises(ImportError, match=re.escape("pip install 'gilfree[progress]'")):
+        pool.map(f.square, range(3), progress=True)
+    with pytest.raises(ImportError, match=re.escape("pip install 'gilfree[progress]'")):
+        pool.starmap(f.add, [(1, 2)], progress=True)
 
 
 def test_progress_bar_drawn_with_tqdm():
