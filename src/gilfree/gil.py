@@ -888,10 +888,11 @@ def verdict(report):
     longest = share * wall
     # Threads that waited a fair share of the longest wait and either held a fair share of the
     # GIL (not a main thread's few hand-overs around start() and join()) or are starved in a
-    # convoy: an I/O thread holds next to nothing.
+    # convoy: an I/O thread holds next to nothing. The longest waiter always counts.
     convoys = _convoys(report)
+    longest_waiter = max(threads, key=lambda t: t.wait_s, default=None)
     waiters = [t for t in threads if t.wait_s - report.sampler_held_s >= 0.1 * longest > 0
-               and (t.held_s >= 0.05 * top_held or t in convoys)]
+               and (t.held_s >= 0.05 * top_held or t in convoys or t is longest_waiter)]
     work = sum(t.busy_s for t in threads) or 1e-9
     parallel = sum(t.parallel_s for t in threads) / (sum(t.cpu_s for t in threads) or 1e-9)
     busiest = max((t.busy_s for t in threads), default=0.0)

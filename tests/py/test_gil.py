@@ -805,6 +805,17 @@ def test_a_starved_io_thread_counts_as_waiting_and_is_named_as_the_convoy():
     assert "Convoy: blocking thread 'io'" in report.verdict
 
 
+def test_the_longest_waiter_counts_even_holding_little_outside_a_convoy():
+    """A thread that waited half the run in a few long waits, holding next to nothing: too few
+    waits for a convoy, but the verdict's count must not say 0 beside its own wait share."""
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.95, [(9.4, 0.0, 0)])
+    report.threads.append(ThreadReport("slow", 7, 0.05, 5.0, 10, 0.5, 0.5, 0.5, 4.95, acquisitions=10,
+                                       alive_s=10, cpu_s=0.06))
+    assert verdict_of(report).startswith("GIL-bound: 1 thread waited for the GIL (the longest-waiting thread, 'slow',")
+
+
 @pytest.mark.parametrize("p50_s", [0.0048, 0.0])  # 0: no timeline, the mean over the waits instead
 def test_convoy_counts_the_takes_that_waited_not_all_takes(p50_s):
     """Beazley's echo thread takes the GIL twice a message and waits on one: 2.4 ms per take
