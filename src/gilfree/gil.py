@@ -1003,6 +1003,7 @@ def monitor(trace=True, sample_hz=0.0, trace_budget_bytes=_TRACE_BUDGET):
 
 
 _counting = False
+_unrecorded_ns = [0, 0]  # held and wait time of spans open at a stop(), which the records drop
 
 
 def counters():
@@ -1025,8 +1026,8 @@ def counters():
         _sync(hook)  # ended threads' records are folded into the totals
         live, held, wait, acquisitions, waits, switches, _, requests = hook.totals()
     return {
-        "held_s": held / 1e9,
-        "wait_s": wait / 1e9,
+        "held_s": (held + _unrecorded_ns[0]) / 1e9,
+        "wait_s": (wait + _unrecorded_ns[1]) / 1e9,
         "waits": waits,
         "acquisitions": acquisitions,
         "switches": switches,
@@ -1041,6 +1042,13 @@ def stop():
     global _counting
     with _lock:
         if _counting:
-            _hook().release(False, False)
+            hook = _hook()
+            open_spans = hook.totals()
+            hook.release(False, False)
+            # A thread holding or waiting for the GIL now has that span in the totals only while
+            # the hooks are in: its record keeps spans that ended. Kept here, so totals never drop.
+            recorded = hook.totals()
+            for i, index in enumerate((1, 2)):  # held, wait
+                _unrecorded_ns[i] += max(0, open_spans[index] - recorded[index])
             _counting = False
 

@@ -303,6 +303,21 @@ def test_counters_carry_on_after_stop_without_the_stopped_time():
     assert before["held_s"] <= after["held_s"] < before["held_s"] + 0.2
 
 
+def test_counters_keep_the_span_a_thread_held_the_gil_for_at_a_stop():
+    """The counting thread holds the GIL from before the first counters() to after stop(): no
+    release records its span, yet the totals must not go back."""
+    try:
+        gil.counters()
+        cpu_loop(0.1)
+        before = gil.counters()
+        gil.stop()
+        after = gil.counters()
+    finally:
+        gil.stop()
+    assert before["held_s"] >= 0.08
+    assert before["held_s"] <= after["held_s"] < before["held_s"] + 0.2
+
+
 def test_trace_and_svg_show_held_and_waiting_slices(tmp_path):
     a, b = Gated("cpu-a", cpu_loop, 0.1), Gated("cpu-b", cpu_loop, 0.1)
     for t in (a, b):
