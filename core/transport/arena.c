@@ -36,8 +36,12 @@ void gf_region_init(gf_region *region, uint64_t start, uint64_t size) {
   region->size = size;
   region->top = 0;
   region->resident = 0;
-  region->rover = start;
-  region->last = GF_NONE;
+}
+
+void gf_allocator_init(gf_allocator *alloc, gf_region *region) {
+  alloc->region = region;
+  alloc->rover = region->start;
+  alloc->last = GF_NONE;
 }
 
 gf_block *gf_block_at(const gf_arena *arena, uint64_t off) {
@@ -103,12 +107,12 @@ static void gf_region_release(const gf_arena *arena, gf_region *region) {
     region->resident = region->top;
 }
 
-/* region->last if it still names the block that ends at top, else GF_NONE. A worker killed
- * inside gf_block_alloc leaves its replacement a stale value at worst, never a wrong one that
- * passes this check: last is redirected before a merge absorbs its block, cleared before top
- * drops, and set before top grows over a new block. */
-static uint64_t gf_region_last(const gf_arena *arena, const gf_region *region) {
-  uint64_t end = region->start + region->top, last = region->last;
+/* alloc->last if it still names the block that ends at top, else GF_NONE: last is redirected
+ * before a merge absorbs its block, cleared before top drops, and set before top grows over a
+ * new block, and the check catches a value that went stale anyway. */
+static uint64_t gf_allocator_last(const gf_arena *arena, const gf_allocator *alloc) {
+  const gf_region *region = alloc->region;
+  uint64_t end = region->start + region->top, last = alloc->last;
   if (last < region->start || last >= end || gf_block_at(arena, last)->size != end - last)
     return GF_NONE;
   return last;
@@ -116,28 +120,29 @@ static uint64_t gf_region_last(const gf_arena *arena, const gf_region *region) {
 
 /* Merges the free blocks that follow the free block at pos, up to end. The rover and last
  * move to pos before their block is absorbed, so they always name a block. */
-static void gf_block_coalesce(const gf_arena *arena, gf_region *region, uint64_t pos,
+static void gf_block_coalesce(const gf_arena *arena, gf_allocator *alloc, uint64_t pos,
                               uint64_t end) {
   gf_block *b = gf_block_at(arena, pos);
   while (pos + b->size < end && gf_block_free(arena, pos + b->size)) {
     uint64_t next = pos + b->size;
-    if (region->rover == next)
-      region->rover = pos;
-    if (region->last == next)
-      region->last = pos;
+    if (alloc->rover == next)
+      alloc->rover = pos;
+    if (alloc->last == next)
+      alloc->last = pos;
     b->size += gf_block_at(arena, next)->size;
   }
 }
 
-int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *off) {
+int gf_block_alloc(gf_arena *arena, gf_allocator *alloc, uint64_t len, uint64_t *off) {
+  gf_region *region = alloc->region;
   uint64_t size = GF_PAGE_ALIGN(GF_BLOCK_HEADER + len);
   uint64_t start = region->start;
 
   /* A freed top block goes back above top at once. */
-  region->last = gf_region_last(arena, region);
-  if (region->last != GF_NONE && gf_block_free(arena, region->last)) {
-    uint64_t last = region->last;
-    region->last = GF_NONE;
+  alloc->last = gf_allocator_last(arena, alloc);
+  if (alloc->last != GF_NONE && gf_block_free(arena, alloc->last)) {
+    uint64_t last = alloc->last;
+    alloc->last = GF_NONE;
     region->top = last - start;
   }
   uint64_t end = start + region->top;
@@ -145,7 +150,7 @@ int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *o
 
   /* From the rover, GF_BLOCK_PROBE blocks while the top has room, else once round them all
    * (wrapping at the top, up to where the walk began). */
-  uint64_t pos = region->rover >= start && region->rover < end ? region->rover : start;
+  uint64_t pos = alloc->rover >= start && alloc->rover < end ? alloc->rover : start;
   uint64_t from = pos, fit = GF_NONE;
   int wrapped = 0;
   for (unsigned seen = 0; !room || seen < GF_BLOCK_PROBE; seen++) {
@@ -159,10 +164,10 @@ int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *o
       break;
     gf_block *b = gf_block_at(arena, pos);
     if (gf_block_free(arena, pos)) {
-      gf_block_coalesce(arena, region, pos, end);
+      gf_block_coalesce(arena, alloc, pos, end);
       if (pos + b->size == end) {
         /* A free run at the top: back above top, and the new block starts there. */
-        region->last = GF_NONE;
+        alloc->last = GF_NONE;
         region->top = pos - start;
         end = pos;
         room = region->top + size <= region->size;
@@ -175,7 +180,7 @@ int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *o
         break;
       }
     } else if (pos + b->size == end) {
-      region->last = pos;
+      alloc->last = pos;
     }
     pos += b->size;
   }
@@ -187,16 +192,16 @@ int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *o
       gf_block_format(arena, fit + size, b->size - size);
       b->size = size;
     }
-    region->rover = fit + b->size;
+    alloc->rover = fit + b->size;
   } else {
     if (!room)
       return -ENOMEM;
     /* Nothing fits near the rover: a new block at the top; the next allocation goes on from
      * where this probe stopped. */
-    region->rover = pos;
+    alloc->rover = pos;
     fit = end;
     gf_block_format(arena, fit, size);
-    region->last = fit;
+    alloc->last = fit;
     region->top = fit + size - start;
     b = gf_block_at(arena, fit);
   }

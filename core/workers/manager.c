@@ -98,6 +98,7 @@ int gf_manager_init(gf_manager *m, uint32_t nslots, size_t ring_cap, uint64_t ar
   m->arena.size = arena_size;
   m->arena.fd = m->memfd;
   m->arena.offset = seg_size;
+  gf_allocator_init(&m->alloc, &m->seg->parent_region);
   m->sched = calloc(nslots, sizeof(*m->sched));
   if (m->sched == NULL) {
     rc = -ENOMEM;
@@ -690,7 +691,7 @@ done:
 
 int gf_manager_alloc(gf_manager *m, uint64_t len, uint64_t *off) {
   pthread_mutex_lock(&m->alloc_lock);
-  int rc = gf_block_alloc(&m->arena, &m->seg->parent_region, len, off);
+  int rc = gf_block_alloc(&m->arena, &m->alloc, len, off);
   pthread_mutex_unlock(&m->alloc_lock);
   return rc;
 }

@@ -21,6 +21,7 @@ int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t
   w->doorbell_id = gf_segment_ids_of(seg)->doorbell;
   w->doorbell_fd = seg->doorbell_fd;
   w->slot = &seg->slots[slot];
+  gf_allocator_init(&w->alloc, &w->slot->region);
   w->requests = gf_slot_requests(seg, slot);
   w->responses = gf_slot_responses(seg, slot);
   w->parent = getppid();
@@ -128,5 +129,5 @@ int gf_worker_reply(gf_worker *w, const struct iovec *iov, int iovcnt, uint64_t 
 }
 
 int gf_worker_alloc(gf_worker *w, uint64_t len, uint64_t *off) {
-  return gf_block_alloc(&w->arena, &w->slot->region, len, off);
+  return gf_block_alloc(&w->arena, &w->alloc, len, off);
 }

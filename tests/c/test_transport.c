@@ -116,7 +116,7 @@ GF_TEST(ring_two_threads_no_lost_wakeups) {
   free(ring);
 }
 
-static int arena_new(gf_arena *arena, gf_region *region, uint64_t size) {
+static int arena_new(gf_arena *arena, gf_region *region, gf_allocator *alloc, uint64_t size) {
   int fd = memfd_create("gf-test", MFD_CLOEXEC);
   if (fd < 0 || ftruncate(fd, (off_t)size) < 0)
     return -1;
@@ -125,6 +125,7 @@ static int arena_new(gf_arena *arena, gf_region *region, uint64_t size) {
   arena->fd = fd;
   arena->offset = 0;
   gf_region_init(region, 0, size);
+  gf_allocator_init(alloc, region);
   if (gf_fd_id_get(fd, &arena->fd_id) < 0)
     return -1;
   return arena->base == MAP_FAILED ? -1 : 0;
@@ -138,11 +139,12 @@ static void arena_free(gf_arena *arena) {
 GF_TEST(arena_alloc_reuse_and_coalesce) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 64u << 20), 0);
   uint64_t a, b, c, d;
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 100000, &a), 0);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 100000, &b), 0);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 100000, &c), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 100000, &a), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 100000, &b), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 100000, &c), 0);
   GF_CHECK(a != b && b != c);
   GF_CHECK_EQ(gf_block_check(&arena, b), 0);
   GF_CHECK_EQ(gf_block_at(&arena, b)->len, 100000);
@@ -152,7 +154,7 @@ GF_TEST(arena_alloc_reuse_and_coalesce) {
   gf_block_incref(&arena, b);
   GF_CHECK_EQ(gf_block_decref(&arena, b), 0);
   GF_CHECK_EQ(gf_block_decref(&arena, b), 1);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 200000, &d), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 200000, &d), 0);
   GF_CHECK_EQ(d, a);
   GF_CHECK_EQ(gf_block_check(&arena, c), 0);
   GF_CHECK_EQ(gf_block_check(&arena, 12345), -EINVAL);
@@ -162,18 +164,20 @@ GF_TEST(arena_alloc_reuse_and_coalesce) {
 GF_TEST(arena_full_region) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 1u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 1u << 20), 0);
   uint64_t off;
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2u << 20, &off), -ENOMEM);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 500000, &off), 0);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 600000, &off), -ENOMEM);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 2u << 20, &off), -ENOMEM);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 500000, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 600000, &off), -ENOMEM);
   arena_free(&arena);
 }
 
 GF_TEST(arena_steady_churn_stays_bounded) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 256u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 256u << 20), 0);
   uint64_t live[8] = {0};
   unsigned seed = 1;
   for (int i = 0; i < 5000; i++) {
@@ -181,7 +185,7 @@ GF_TEST(arena_steady_churn_stays_bounded) {
     if (live[k])
       gf_block_decref(&arena, live[k]);
     uint64_t len = 65536 + (uint64_t)(rand_r(&seed) % (4u << 20));
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, len, &live[k]), 0);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, len, &live[k]), 0);
   }
   /* Eight live blocks of at most ~4 MiB never need more than a few dozen MiB. */
   GF_CHECK(region.top < (96u << 20));
@@ -211,16 +215,17 @@ static unsigned blocks_between(const gf_arena *arena, const gf_region *region, u
 GF_TEST(arena_fifo_reuse_keeps_top_bounded) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 256u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 256u << 20), 0);
   /* Sixteen tasks in flight, completing in submission order: each allocation happens while
    * the oldest is still live, then the oldest is freed. */
   enum { INFLIGHT = 16 };
   static uint64_t ring[INFLIGHT];
   for (int i = 0; i < 20000; i++) {
-    uint64_t off, rover = region.rover;
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+    uint64_t off, rover = alloc.rover;
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), 0);
     if (i >= 4 * INFLIGHT) /* steady state: the first or second block looked at fits */
-      GF_CHECK(blocks_between(&arena, &region, rover, region.rover, 8) <= 2);
+      GF_CHECK(blocks_between(&arena, &region, rover, alloc.rover, 8) <= 2);
     if (i >= INFLIGHT)
       GF_CHECK_EQ(gf_block_decref(&arena, ring[i % INFLIGHT]), 1);
     ring[i % INFLIGHT] = off;
@@ -234,16 +239,17 @@ GF_TEST(arena_fifo_reuse_keeps_top_bounded) {
 GF_TEST(arena_burst_probes_a_bounded_number_of_blocks) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 512u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 512u << 20), 0);
   /* A submit burst: everything stays live. An allocation looks at no more than
    * GF_BLOCK_PROBE blocks from the rover (where it resumes) before bumping the top (the rover
    * may wrap past the new block there: one more). */
   enum { BURST = 4000 };
   static uint64_t offs[BURST];
   for (int i = 0; i < BURST; i++) {
-    uint64_t rover = region.rover;
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &offs[i]), 0);
-    GF_CHECK(blocks_between(&arena, &region, rover, region.rover, BURST) <= GF_BLOCK_PROBE + 1);
+    uint64_t rover = alloc.rover;
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &offs[i]), 0);
+    GF_CHECK(blocks_between(&arena, &region, rover, alloc.rover, BURST) <= GF_BLOCK_PROBE + 1);
     GF_CHECK_EQ(offs[i], region.start + (uint64_t)i * SMALL_BLOCK); /* bumped, no gaps */
   }
   GF_CHECK_EQ(region.top, BURST * SMALL_BLOCK);
@@ -251,9 +257,9 @@ GF_TEST(arena_burst_probes_a_bounded_number_of_blocks) {
   for (int i = 0; i < BURST; i++)
     GF_CHECK_EQ(gf_block_decref(&arena, offs[i]), 1);
   for (int i = 0; i < BURST; i++) {
-    uint64_t rover = region.rover;
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &offs[i]), 0);
-    GF_CHECK(blocks_between(&arena, &region, rover, region.rover, BURST) <= GF_BLOCK_PROBE + 1);
+    uint64_t rover = alloc.rover;
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &offs[i]), 0);
+    GF_CHECK(blocks_between(&arena, &region, rover, alloc.rover, BURST) <= GF_BLOCK_PROBE + 1);
   }
   GF_CHECK(region.top <= BURST * SMALL_BLOCK);
   arena_free(&arena);
@@ -262,12 +268,13 @@ GF_TEST(arena_burst_probes_a_bounded_number_of_blocks) {
 GF_TEST(arena_sweeps_past_long_lived_blocks) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 1u << 30), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 1u << 30), 0);
   /* Blocks held for good (pool.share() data, results kept) in front of steady churn of mixed
    * sizes: the probes that find nothing near them must not make the top grow for ever. */
   uint64_t off;
   for (int i = 0; i < 200; i++)
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), 0);
   uint64_t held = region.top;
   static uint64_t live[8];
   unsigned seed = 7;
@@ -276,7 +283,7 @@ GF_TEST(arena_sweeps_past_long_lived_blocks) {
     if (live[k])
       gf_block_decref(&arena, live[k]);
     uint64_t len = SMALL + (uint64_t)(rand_r(&seed) % (1u << 20));
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, len, &live[k]), 0);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, len, &live[k]), 0);
   }
   GF_CHECK(region.top < held + (24u << 20)); /* eight live blocks of at most ~1 MiB */
   arena_free(&arena);
@@ -285,18 +292,19 @@ GF_TEST(arena_sweeps_past_long_lived_blocks) {
 GF_TEST(arena_coalesces_across_the_rover) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 64u << 20), 0);
   uint64_t b[5], off;
   for (int i = 0; i < 5; i++)
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &b[i]), 0);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &b[i]), 0);
   /* Free the middle three; the rover stands on one of them. */
-  region.rover = b[2];
+  alloc.rover = b[2];
   for (int i = 1; i < 4; i++)
     GF_CHECK_EQ(gf_block_decref(&arena, b[i]), 1);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL_BLOCK - GF_BLOCK_HEADER, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 2 * SMALL_BLOCK - GF_BLOCK_HEADER, &off), 0);
   GF_CHECK_EQ(off, b[2]); /* from the rover: b[2] and b[3] merged */
   GF_CHECK_EQ(gf_block_decref(&arena, off), 1);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 3 * SMALL_BLOCK - GF_BLOCK_HEADER, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 3 * SMALL_BLOCK - GF_BLOCK_HEADER, &off), 0);
   GF_CHECK_EQ(off, b[1]); /* b[1] merged with the rest into one block of three */
   GF_CHECK_EQ(region.top, 5 * SMALL_BLOCK);
   GF_CHECK_EQ(gf_block_check(&arena, b[4]), 0);
@@ -306,19 +314,20 @@ GF_TEST(arena_coalesces_across_the_rover) {
 GF_TEST(arena_free_top_block_lowers_top) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 64u << 20), 0);
   uint64_t a, b, c, d;
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &a), 0);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &b), 0);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 4u << 20, &c), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &a), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &b), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 4u << 20, &c), 0);
   GF_CHECK_EQ(gf_block_decref(&arena, c), 1);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &d), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &d), 0);
   GF_CHECK_EQ(d, c);
   GF_CHECK_EQ(region.top, 3 * SMALL_BLOCK); /* not the 4 MiB block's end */
   /* Free runs at the top go too. */
   GF_CHECK_EQ(gf_block_decref(&arena, d), 1);
   GF_CHECK_EQ(gf_block_decref(&arena, b), 1);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL, &d), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 2 * SMALL, &d), 0);
   GF_CHECK_EQ(d, b);
   GF_CHECK_EQ(region.top, SMALL_BLOCK + GF_BLOCK_HEADER + 2 * SMALL);
   arena_free(&arena);
@@ -327,15 +336,16 @@ GF_TEST(arena_free_top_block_lowers_top) {
 GF_TEST(arena_ignores_a_stale_last_block) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 64u << 20), 0);
   uint64_t a, b, off;
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &a), 0);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &b), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &a), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &b), 0);
   GF_CHECK_EQ(gf_block_decref(&arena, a), 1);
   /* A worker killed mid-allocation can leave its replacement a `last` that no longer ends at
    * top: dropping the top to it would hand out the live block above. */
-  region.last = a;
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL_BLOCK, &off), 0);
+  alloc.last = a;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 2 * SMALL_BLOCK, &off), 0);
   GF_CHECK(off != a && off != b);
   GF_CHECK_EQ(off, 2 * SMALL_BLOCK);
   GF_CHECK_EQ(gf_block_check(&arena, b), 0);
@@ -345,37 +355,39 @@ GF_TEST(arena_ignores_a_stale_last_block) {
 GF_TEST(arena_full_walk_when_the_top_has_no_room) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 100 * SMALL_BLOCK), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 100 * SMALL_BLOCK), 0);
   static uint64_t offs[100];
   uint64_t off;
   for (int i = 0; i < 100; i++)
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &offs[i]), 0);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), -ENOMEM);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &offs[i]), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), -ENOMEM);
   /* Two lone free blocks far from the rover: one fits, a double one does not. */
-  region.rover = offs[90];
+  alloc.rover = offs[90];
   GF_CHECK_EQ(gf_block_decref(&arena, offs[10]), 1);
   GF_CHECK_EQ(gf_block_decref(&arena, offs[50]), 1);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 2 * SMALL, &off), -ENOMEM);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 2 * SMALL, &off), -ENOMEM);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), 0);
   GF_CHECK_EQ(off, offs[10]);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), 0);
   GF_CHECK_EQ(off, offs[50]);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), -ENOMEM);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), -ENOMEM);
   arena_free(&arena);
 }
 
 GF_TEST(arena_punches_pages_beyond_the_kept_slack) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 1u << 30), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 1u << 30), 0);
   static uint64_t offs[24];
   uint64_t off;
   for (int i = 0; i < 24; i++) /* 384 MiB live, data pages never touched */
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, 16u << 20, &offs[i]), 0);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 16u << 20, &offs[i]), 0);
   GF_CHECK(region.resident >= 384u << 20);
   for (int i = 0; i < 24; i++)
     GF_CHECK_EQ(gf_block_decref(&arena, offs[i]), 1);
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, SMALL, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), 0);
   GF_CHECK_EQ(region.top, SMALL_BLOCK);
   GF_CHECK_EQ(region.resident, SMALL_BLOCK + (256u << 20));
   arena_free(&arena);
@@ -384,9 +396,10 @@ GF_TEST(arena_punches_pages_beyond_the_kept_slack) {
 GF_TEST(arena_map_private_header) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 8u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 8u << 20), 0);
   uint64_t off;
-  GF_CHECK_EQ(gf_block_alloc(&arena, &region, 70000, &off), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 70000, &off), 0);
   memset(gf_block_data(&arena, off), 'x', 70000);
   gf_block_data(&arena, off)[70000] = 0;
   gf_block_at(&arena, off)->len = 70000;
@@ -403,7 +416,8 @@ GF_TEST(arena_map_private_header) {
 GF_TEST(arena_fill_copies_every_byte) {
   gf_arena arena;
   gf_region region;
-  GF_CHECK_EQ(arena_new(&arena, &region, 64u << 20), 0);
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 64u << 20), 0);
   /* Sizes below, at and well above the split threshold, with odd lengths: every part of a
    * split copy must land at its place and the last part take the remainder. */
   const uint64_t sizes[] = {0, 1, 4097, (8u << 20) - 3, (16u << 20) + 12345, (40u << 20) + 1};
@@ -413,7 +427,7 @@ GF_TEST(arena_fill_copies_every_byte) {
     src[i] = (unsigned char)(i * 2654435761u >> 13);
   for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
     uint64_t off;
-    GF_CHECK_EQ(gf_block_alloc(&arena, &region, sizes[k] + 1, &off), 0);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, sizes[k] + 1, &off), 0);
     unsigned char *dst = gf_block_data(&arena, off);
     dst[sizes[k]] = 0xA5;
     gf_arena_fill(dst, src + k, sizes[k]);

@@ -333,7 +333,7 @@ GF_TEST(arena_never_maps_nor_punches_a_file_at_the_memfds_number) {
   uint64_t big;
   gf_region *region = &m.seg->slots[0].region;
   region->resident = region->size; /* as if the region had been full once */
-  GF_CHECK_EQ(gf_block_alloc(&w.arena, region, 100000, &big), 0);
+  GF_CHECK_EQ(gf_worker_alloc(&w, 100000, &big), 0);
   GF_CHECK_EQ(region->resident, region->size);
   GF_CHECK_EQ(fstat(m.memfd, &st), 0);
   GF_CHECK_EQ(st.st_size, 0);

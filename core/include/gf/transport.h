@@ -117,22 +117,27 @@ typedef struct gf_block {
 /* One allocator's share of the arena. It lives in shared memory (the segment) but only the
  * owning process allocates in it (under its own process-local lock), so every field and the
  * block sizes have one writer and need no atomics; other processes only touch the refs of
- * blocks they hold. A worker's replacement inherits its slot's region as it was: each store
- * of the allocator leaves the fields valid or detectably stale (see gf_block_alloc). */
+ * blocks they hold. Its size is part of the segment's cache-line layout, which the round trip
+ * is sensitive to (see gf_segment_ids): the allocator's cursor lives in the owner's memory. */
 typedef struct gf_region {
   uint64_t start; /* arena offset of the first block */
   uint64_t size;
   uint64_t top;          /* bytes of the region carved into blocks */
   uint64_t resident;     /* bytes below top known to be backed by pages */
-  /* Next-fit cursor, owner-written: the arena offset of the block the next allocation looks
-   * at first (or start + top: wrap to start). Allocations resume where the last one stopped
-   * so that, with tasks completing in submission order, the oldest blocks (the first freed)
-   * are the first looked at. */
-  uint64_t rover;
-  /* Owner-written: arena offset of the block that ends at top, UINT64_MAX when unknown. Lets
-   * an allocation see in one step that the top block was freed, and lower top. */
-  uint64_t last;
 } gf_region;
+
+/* The owning process's allocator over its region (process-local). The cursor is a hint: a
+ * replacement worker starts a fresh one over the region its predecessor left. */
+typedef struct gf_allocator {
+  gf_region *region;
+  /* Next fit: the arena offset of the block the next allocation looks at first (or the top:
+   * wrap to start). Allocations resume where the last one stopped so that, with tasks
+   * completing in submission order, the oldest blocks (the first freed) are looked at first. */
+  uint64_t rover;
+  /* Arena offset of the block that ends at top, UINT64_MAX when unknown: lets an allocation
+   * see in one step that the top block was freed, and lower top. */
+  uint64_t last;
+} gf_allocator;
 
 /* A process's mapping of the arena (process-local). */
 typedef struct gf_arena {
@@ -147,13 +152,15 @@ typedef struct gf_arena {
 } gf_arena;
 
 void gf_region_init(gf_region *region, uint64_t start, uint64_t size);
+/* A fresh cursor over region, which the calling process owns from now on. */
+void gf_allocator_init(gf_allocator *alloc, gf_region *region);
 /* Allocates a block for len bytes with refs = 1 and stores its arena offset in *off.
  * Next fit: the first free block (free neighbours coalesced) that fits among the
  * GF_BLOCK_PROBE blocks from the rover, else a new block at the top; only when the top has no
  * room does it look at every block. -ENOMEM when no free block fits and the top has no room.
  * The caller serialises calls per region. Free pages are given back only while arena->fd
  * still names the arena's memfd (else they stay until the process ends). */
-int gf_block_alloc(gf_arena *arena, gf_region *region, uint64_t len, uint64_t *off);
+int gf_block_alloc(gf_arena *arena, gf_allocator *alloc, uint64_t len, uint64_t *off);
 gf_block *gf_block_at(const gf_arena *arena, uint64_t off);
 unsigned char *gf_block_data(const gf_arena *arena, uint64_t off);
 /* Adds a reference; the caller must already hold one. */

@@ -155,6 +155,7 @@ typedef struct gf_slot_sched {
 typedef struct gf_manager {
   gf_segment *seg;
   gf_arena arena;
+  gf_allocator alloc; /* over seg->parent_region, under alloc_lock */
   int memfd;
   unsigned char *map;
   size_t map_size;
@@ -244,6 +245,7 @@ void gf_msg_release(const gf_arena *arena, const gf_msg *msg);
 typedef struct gf_worker {
   gf_segment *seg;
   gf_arena arena;
+  gf_allocator alloc; /* over the slot's region */
   gf_slot *slot;
   gf_ring *requests;
   gf_ring *responses;
