@@ -632,8 +632,10 @@ class Pool(PoolBase):
         self._futures.pop(task_id, None)
 
     def _template_died(self):
-        if not self._shutdown:
-            self._break("the pool's template process died")
+        # Even during shutdown: engine.close stops the waiter before it ends the template, so
+        # this death is never the pool's own, and with the template gone nobody reports the
+        # workers' deaths: the futures out would wait forever (a SIGTERM to the whole group).
+        self._break("the pool's template process died")
 
     def _break(self, reason):
         # Runs on the waiter thread: the engine is closed later, by shutdown.

@@ -9,6 +9,7 @@ import time
 import types
 
 import numpy as np
+import pytest
 
 import gilfree
 
@@ -344,3 +345,77 @@ def test_a_result_whose_pickle_does_not_fit_fails_its_task_only():
     assert proc.returncode == 0, out
     assert "result gilfree.Pool: a worker's shared memory for results is full (256 MiB, " in out
     assert "pool ok" in out
+
+
+# The template and workers killed together with the parent (a systemd stop signals the whole
+# group): shutdown, entered before the parent heard of the deaths, must not wait forever.
+
+GROUP_KILLED = """
+import concurrent.futures.process, os, signal, sys, time
+import gilfree
+from test_pool_faults import sleep_long
+
+def children(pid):
+    return [int(c) for t in os.listdir(f"/proc/{{pid}}/task")
+            for c in open(f"/proc/{{pid}}/task/{{t}}/children").read().split()]
+
+def outcome(future):
+    try:
+        return type(future.exception()).__name__
+    except concurrent.futures.CancelledError:
+        return "cancelled"
+
+if __name__ == "__main__":
+    pool = gilfree.Pool(2)
+    futures = [pool.submit(sleep_long) for _ in range(4)]
+    results = pool.map(sleep_long, range(4), chunksize=1)
+    while sum(f.running() for f in futures) < 2:
+        time.sleep(0.01)
+
+    def stop(*_):
+{stop}
+        print("outcomes", *[outcome(f) for f in futures], flush=True)
+        if "{how}" == "map":
+            try:
+                list(results)
+            except concurrent.futures.process.BrokenProcessPool:
+                print("map broken", flush=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    (template,) = children(os.getpid())
+    for pid in [template, *children(template)]:
+        os.kill(pid, signal.SIGKILL)
+    {end}
+"""
+
+STOPS = {
+    "wait": "pool.shutdown(wait=True)",
+    "no_wait": "pool.shutdown(wait=False)",
+    "cancel": "pool.shutdown(wait=True, cancel_futures=True)",
+    "map": "pool.shutdown(wait=True)",
+    # Nothing in the handler: the program ends and the exit hook shuts the pool down.
+    "exit": "",
+}
+
+
+def sleep_long(_=None):
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("how", sorted(STOPS))
+def test_shutdown_returns_when_the_template_and_workers_die_with_the_parent(how):
+    end = "sys.exit(0)" if how == "exit" else "os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)"
+    stop = textwrap.indent(STOPS[how] or "return", " " * 8)
+    code = GROUP_KILLED.format(stop=stop, how=how, end=end)
+    proc = run_script(code, timeout=30)  # the bug: shutdown waited for the futures forever
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if how == "exit":
+        return
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("outcomes")]
+    outcomes = line.split()[1:]
+    # The two running tasks failed; the queued ones too, or were cancelled when asked.
+    assert outcomes.count("BrokenPool") >= 2, proc.stdout
+    assert set(outcomes) <= ({"BrokenPool", "cancelled"} if how == "cancel" else {"BrokenPool"})
+    if how == "map":
+        assert "map broken" in proc.stdout, proc.stdout + proc.stderr
