@@ -42,12 +42,33 @@ def template_main():
     # The template runs in its own session; Ctrl-C belongs to the user's program.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stdin_from_devnull((memfd, doorbell, ctl))
+    _stdout_line_buffered()
     _preload(config.preload, ctl)
     slot = _engine.serve_template(ctl, nslots)
     if slot is None:
-        os._exit(0)
+        _exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os._exit(worker_main(memfd, slot, config))
+    _exit(worker_main(memfd, slot, config))
+
+
+def _exit(code):
+    """Ends the process on purpose: os._exit skips the flush of Python's stream buffers."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # closed, broken or replaced by None: nothing more to say
+            pass
+    os._exit(code)
+
+
+def _stdout_line_buffered():
+    """A pipe or file stdout is block-buffered, and the template kills idle workers with SIGKILL
+    at shutdown: each line goes out when printed, as on a terminal, at no cost to tasks that do
+    not print (stderr is line-buffered already)."""
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except Exception:  # None, or replaced by something without reconfigure
+        pass
 
 
 def _preload(modules, ctl):
@@ -198,12 +219,7 @@ def _end_forked_child(exc):
 
         traceback.print_exception(exc)
         code = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # closed or broken: nothing more to say
-            pass
-    os._exit(code or 0)
+    _exit(code or 0)
 
 
 def _cut_chunk(codec, chunk, exc):

@@ -64,3 +64,28 @@ def test_the_template_dies_with_the_parent_while_it_imports_what_the_pool_preloa
         parent.wait(timeout=60)
         if template is not None and alive(template):
             os.kill(template, signal.SIGKILL)
+
+
+def run_piped(code):
+    """Runs a script with its stdout on a pipe, block-buffered as under a service manager."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("PYTHONUNBUFFERED", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("options", ["", "max_tasks_per_worker=2"])
+def test_what_tasks_print_reaches_a_piped_stdout(options):
+    # Workers end with os._exit and are killed when idle at shutdown: no exit flushes for them.
+    proc = run_piped(
+        f"""if True:
+        import gilfree
+        def task(i):
+            print("task", i)
+            return i
+        if __name__ == "__main__":
+            with gilfree.Pool(2, {options}) as pool:
+                assert sum(pool.map(task, range(10))) == 45
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == sorted(f"task {i}" for i in range(10))
