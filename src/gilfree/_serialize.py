@@ -425,6 +425,22 @@ def unpickled_function(fn):
     return share_module_globals(*fn) if type(fn) is tuple else share_module_globals(fn)
 
 
+def install_main(file):
+    """Worker side: a fresh module becomes __main__, its namespace the shared globals of the
+    parent's __main__ functions (see share_module_globals), so that what they brought pickles
+    again by name (pickle looks classes and functions up in their module), as in the parent;
+    gilfree's start-up code stays out of it. file: the parent's __main__.__file__, which
+    multiprocessing's spawn runs in the processes a task starts."""
+    import builtins
+
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins
+    if file is not None:
+        main.__file__ = file
+    sys.modules["__main__"] = main
+    _module_globals["__main__"] = (vars(main), {})
+
+
 def share_module_globals(fn, generations=None):
     """Worker side: fn, if it came by value, rebuilt onto the one globals dict of its module.
 

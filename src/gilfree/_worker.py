@@ -15,7 +15,14 @@ import sys
 import time
 
 from . import _engine
-from ._serialize import Codec, load_function, round_trip, share_module_globals, unpickled_function
+from ._serialize import (
+    Codec,
+    install_main,
+    load_function,
+    round_trip,
+    share_module_globals,
+    unpickled_function,
+)
 
 # A worker that just finished a task polls briefly for the next one before sleeping.
 NEXT_TASK_SPIN_S = 50e-6
@@ -31,12 +38,15 @@ class WorkerConfig:
         self.max_memory = max_memory
         self.preload = preload
         self.task_timeout = task_timeout
+        # Made in the parent at Pool() time.
+        self.main_file = getattr(sys.modules.get("__main__"), "__file__", None)
 
 
 def template_main():
     memfd, doorbell, ctl, nslots, config_fd = (int(x) for x in sys.argv[1:6])
     with open(config_fd, "rb") as file:
         config = pickle.load(file)
+    install_main(config.main_file)
     # Before the fork: every worker starts with the initializer on its module's shared globals.
     config.initializer = share_module_globals(config.initializer)
     # The template runs in its own session; Ctrl-C belongs to the user's program.

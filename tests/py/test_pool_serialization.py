@@ -1,8 +1,11 @@
 """How tasks, functions, results and errors travel between the parent and the workers."""
 import array
 import functools
+import os
 import pickle
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -300,3 +303,42 @@ def test_arrays_from_64_kib_arrive_read_only_both_ways_smaller_ones_writable(poo
     assert not pool.submit(sf.writable, large).result()
     assert not pool.submit(f.echo, large).result().flags.writeable
     assert pool.submit(sf.writable, np.zeros(20000)[::2]).result()  # numpy pickles it in-band
+
+
+def test_what_the_parents_main_defines_pickles_again_in_a_task(tmp_path):
+    # As in a ProcessPoolExecutor worker, a task's __main__ holds what the script defines: a
+    # class pickles again by name (the class rebound in the parent too), and a spawned process
+    # (which runs the script as its __main__) gets a function by name.
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import concurrent.futures, dataclasses, multiprocessing, pickle
+            import gilfree
+            @dataclasses.dataclass
+            class Point:
+                x: int
+            def square(x):
+                return x * x
+            def again(i):
+                return repr(pickle.loads(pickle.dumps(Point(i))))
+            def fan_out(n):
+                spawn = multiprocessing.get_context("spawn")
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as inner:
+                    return sum(inner.map(square, range(n)))
+            if __name__ == "__main__":
+                with gilfree.Pool(1) as pool:
+                    got = [pool.submit(again, 3).result(), pool.submit(fan_out, 4).result()]
+                    @dataclasses.dataclass
+                    class Point:
+                        x: int
+                        y: int = 0
+                    got.append(pool.submit(again, 5).result())
+                print(got)
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(["Point(x=3)", 14, "Point(x=5, y=0)"])
