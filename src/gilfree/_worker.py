@@ -38,7 +38,11 @@ class WorkerConfig:
         self.max_memory = max_memory
         self.preload = preload
         self.task_timeout = task_timeout
-        # Made in the parent at Pool() time.
+        # Made in the parent at Pool() time: what a worker presents as its program and parent.
+        self.argv = list(sys.argv)
+        self.parent_pid = os.getpid()
+        process = sys.modules.get("multiprocessing.process")
+        self.parent_name = process.current_process().name if process else "MainProcess"
         self.main_file = getattr(sys.modules.get("__main__"), "__file__", None)
 
 
@@ -46,6 +50,7 @@ def template_main():
     memfd, doorbell, ctl, nslots, config_fd = (int(x) for x in sys.argv[1:6])
     with open(config_fd, "rb") as file:
         config = pickle.load(file)
+    sys.argv = config.argv
     install_main(config.main_file)
     # Before the fork: every worker starts with the initializer on its module's shared globals.
     config.initializer = share_module_globals(config.initializer)
@@ -53,11 +58,13 @@ def template_main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stdin_from_devnull((memfd, doorbell, ctl))
     _stdout_line_buffered()
+    _present_as("gilfree-template", config)
     _preload(config.preload, ctl)
     slot = _engine.serve_template(ctl, nslots)
     if slot is None:
         _exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _present_as(f"gilfree-worker-{slot}", config)
     _exit(worker_main(memfd, slot, config))
 
 
@@ -79,6 +86,61 @@ def _stdout_line_buffered():
         sys.stdout.reconfigure(line_buffering=True)
     except Exception:  # None, or replaced by something without reconfigure
         pass
+
+
+# (name, the parent's pid, its multiprocessing name, a pidfd of it or None) for _apply_identity.
+_identity = []
+
+
+def _present_as(name, config):
+    """multiprocessing sees this process as a child named name of the pool's parent, as in a
+    ProcessPoolExecutor worker (not as 'MainProcess', which code guards "main process only"
+    work with). Applied when multiprocessing is imported: importing it here would add
+    milliseconds to every pool's start."""
+    if not _identity:
+        try:
+            pidfd = os.pidfd_open(config.parent_pid)
+        except (AttributeError, OSError):  # before Linux 5.3: no sentinel, no parent_process()
+            pidfd = None
+        if pidfd is not None and os.getppid() != config.parent_pid:  # its pid was reused
+            os.close(pidfd)
+            pidfd = None
+        _identity[:] = [name, config.parent_pid, config.parent_name, pidfd]
+    _identity[0] = name
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None:
+        _apply_identity(process)
+    elif not any(type(finder) is _ImportHook for finder in sys.meta_path):
+        sys.meta_path.insert(0, _ImportHook())
+
+
+def _apply_identity(process):
+    name, parent_pid, parent_name, pidfd = _identity
+    process.current_process().name = name
+    process.current_process()._parent_pid = parent_pid
+    if pidfd is not None:  # readable once the parent dies, as multiprocessing's sentinels
+        process._parent_process = process._ParentProcess(parent_name, parent_pid, pidfd)
+
+
+class _ImportHook:
+    """Applies _identity when multiprocessing.process is first imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "multiprocessing.process":
+            return None
+        sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(fullname, path, target)
+        if spec is not None:
+            exec_module = spec.loader.exec_module
+
+            def run(module):
+                exec_module(module)
+                _apply_identity(module)
+
+            spec.loader.exec_module = run
+        return spec
 
 
 def _preload(modules, ctl):

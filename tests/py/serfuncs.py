@@ -109,3 +109,12 @@ class ByteAt:
 def writable(arr):
     """Whether a task may write into the array it was given."""
     return arr.flags.writeable
+
+
+def process_identity():
+    """What a task sees of its process: multiprocessing's name for it and its parent, argv."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    alive = parent is not None and parent.is_alive()
+    return multiprocessing.current_process().name, parent and parent.pid, alive, sys.argv

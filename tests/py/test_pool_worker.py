@@ -89,3 +89,13 @@ def test_what_tasks_print_reaches_a_piped_stdout(options):
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.splitlines()) == sorted(f"task {i}" for i in range(10))
+
+
+@pytest.mark.parametrize("preload", [(), ("multiprocessing",)])  # imported before the fork, or in the task
+def test_a_worker_presents_itself_as_a_pool_worker_of_its_parent(preload):
+    # As in a ProcessPoolExecutor worker: not 'MainProcess' (code that runs "in the main process
+    # only" must not run there), the parent's pid and argv, not the template's arguments.
+    with gilfree.Pool(1, preload=preload) as p:
+        name, parent_pid, parent_alive, argv = p.submit(sf.process_identity).result()
+    assert name == "gilfree-worker-0"
+    assert (parent_pid, parent_alive, argv) == (os.getpid(), True, sys.argv)
