@@ -8,6 +8,8 @@ Threads in the parent:
   results, worker exits and timeouts, and completes futures in batches (``_on_events``).
 """
 import concurrent.futures
+import functools
+import io
 import itertools
 import operator
 import os
@@ -245,7 +247,9 @@ class Pool(PoolBase):
       ProcessPoolExecutor does; nothing to do, since workers start from a clean template
       process. A 'fork' context raises ValueError: workers never inherit this process's memory.
     - initializer, initargs: initializer(*initargs) runs in each worker before its first task;
-      workers that keep failing in it break the pool (BrokenProcessPool).
+      workers that keep failing in it break the pool (BrokenProcessPool). A multiprocessing
+      Queue, Lock or Value cannot be passed (TypeError: multiprocessing passes them only to
+      processes it starts); a multiprocessing.Manager()'s queue, lock or value can.
     - max_tasks_per_worker (alias max_tasks_per_child): a worker is replaced after this many
       tasks (each item of a map counts one; a map chunk is not split).
     - task_timeout: seconds a task, or one item of a map, may run; past it the task fails with
@@ -341,7 +345,13 @@ class Pool(PoolBase):
         from subprocess import _args_from_interpreter_flags
 
         memfd, doorbell, ctl = self._engine.child_fds()
-        config_fd = _memfd_holding(_pickle_config(config))
+        try:
+            config_blob = _pickle_config(config)
+        except RuntimeError as exc:
+            if "through inheritance" not in str(exc):  # multiprocessing's assert_spawning
+                raise
+            raise _inherited_only(config.initargs, exc) from exc
+        config_fd = _memfd_holding(config_blob)
         argv = [
             sys.executable,
             # The parent's flags (as multiprocessing passes them); site runs unless they say
@@ -788,14 +798,54 @@ def _memfd_holding(data):
 def _pickle_config(config):
     """The workers' configuration; an initializer from __main__ or a closure goes by value."""
     try:
-        blob = pickle.dumps(config, 5)
+        blob = _dumps(pickle.Pickler, config)
         if b"__main__" not in blob:
             return blob
     except (pickle.PicklingError, AttributeError, TypeError):
         pass
     import cloudpickle
 
-    return cloudpickle.dumps(config, 5)
+    return _dumps(cloudpickle.Pickler, config)
+
+
+def _dumps(pickler, obj):
+    buffer = io.BytesIO()
+    _with_proxy_authkeys(pickler)(buffer, 5).dump(obj)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _with_proxy_authkeys(base):
+    """base, pickling a multiprocessing.Manager() proxy with its manager's authkey, as
+    multiprocessing does for a process it spawns: the template's own authkey is another."""
+
+    class ConfigPickler(base):
+        def reducer_override(self, obj):
+            managers = sys.modules.get("multiprocessing.managers")  # not imported: no proxy
+            if managers is not None and isinstance(obj, managers.BaseProxy):
+                rebuild, (*args, kwds) = obj.__reduce__()
+                return rebuild, (*args, {**kwds, "authkey": bytes(obj._authkey)})
+            parent = getattr(super(), "reducer_override", None)
+            return NotImplemented if parent is None else parent(obj)
+
+    return ConfigPickler
+
+
+def _inherited_only(initargs, exc):
+    """The error for an initializer or initargs holding what multiprocessing passes only to the
+    processes it starts itself (a Queue, Lock, Value), naming the argument."""
+    where = "the initializer"
+    for index, arg in enumerate(initargs):
+        try:
+            _pickle_config(arg)
+        except RuntimeError:
+            where = f"initargs[{index}]"
+            break
+    return TypeError(
+        f"{where} cannot reach the pool's workers: {exc}, and they are forked from a template "
+        "process that multiprocessing did not start. Pass a multiprocessing.Manager()'s "
+        "object instead (manager.Queue(), manager.Value(), manager.Lock()): its proxies pickle"
+    )
 
 
 def _complete_message(future, msg_kind, value):

@@ -404,6 +404,37 @@ def test_initializer_and_preload():
         assert set(pool.map(f.initialized, range(10))) == {"ready"}
 
 
+def keep_shared(*objects):
+    global SHARED
+    SHARED = objects
+
+
+def count_and_put(i):
+    queue, counter, lock = SHARED
+    with lock:
+        counter.value += 1
+    queue.put(i)
+    return i
+
+
+def test_a_managers_queue_value_and_lock_reach_workers_through_initargs():
+    # The logging cookbook's QueueHandler pattern: the proxies must carry the manager's authkey.
+    # Spawn: a forked manager would inherit this process's threads (the pools' waiters).
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        queue, counter, lock = manager.Queue(), manager.Value("i", 0), manager.Lock()
+        with gilfree.Pool(2, initializer=keep_shared, initargs=(queue, counter, lock)) as pool:
+            assert list(pool.map(count_and_put, range(4), chunksize=1)) == [0, 1, 2, 3]
+        assert counter.value == 4
+        assert sorted(queue.get(timeout=10) for _ in range(4)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("make", [multiprocessing.Queue, multiprocessing.Lock, multiprocessing.Value])
+def test_a_multiprocessing_queue_lock_or_value_in_initargs_is_refused_naming_the_fix(make):
+    shared = make("i", 0) if make is multiprocessing.Value else make()
+    with pytest.raises(TypeError, match=r"initargs\[1\] .*multiprocessing\.Manager\(\)"):
+        gilfree.Pool(1, initializer=keep_shared, initargs=(1, shared))
+
+
 def test_failing_initializer_breaks_pool_with_clear_error():
     with gilfree.Pool(1, initializer=f.failing_initializer) as pool:
         with pytest.raises(concurrent.futures.process.BrokenProcessPool, match="initializer"):
