@@ -43,6 +43,8 @@ class WorkerConfig:
         self.parent_pid = os.getpid()
         process = sys.modules.get("multiprocessing.process")
         self.parent_name = process.current_process().name if process else "MainProcess"
+        # A Manager() proxy a task receives connects with this key, as in a spawned child.
+        self.parent_authkey = bytes(process.current_process().authkey) if process else None
         self.main_file = getattr(sys.modules.get("__main__"), "__file__", None)
 
 
@@ -88,7 +90,8 @@ def _stdout_line_buffered():
         pass
 
 
-# (name, the parent's pid, its multiprocessing name, a pidfd of it or None) for _apply_identity.
+# (name, the parent's pid, its multiprocessing name, a pidfd of it or None, its authkey or None)
+# for _apply_identity.
 _identity = []
 
 
@@ -105,7 +108,7 @@ def _present_as(name, config):
         if pidfd is not None and os.getppid() != config.parent_pid:  # its pid was reused
             os.close(pidfd)
             pidfd = None
-        _identity[:] = [name, config.parent_pid, config.parent_name, pidfd]
+        _identity[:] = [name, config.parent_pid, config.parent_name, pidfd, config.parent_authkey]
     _identity[0] = name
     process = sys.modules.get("multiprocessing.process")
     if process is not None:
@@ -115,9 +118,11 @@ def _present_as(name, config):
 
 
 def _apply_identity(process):
-    name, parent_pid, parent_name, pidfd = _identity
+    name, parent_pid, parent_name, pidfd, authkey = _identity
     process.current_process().name = name
     process.current_process()._parent_pid = parent_pid
+    if authkey is not None:
+        process.current_process().authkey = authkey
     if pidfd is not None:  # readable once the parent dies, as multiprocessing's sentinels
         process._parent_process = process._ParentProcess(parent_name, parent_pid, pidfd)
 

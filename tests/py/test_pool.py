@@ -428,6 +428,20 @@ def test_a_managers_queue_value_and_lock_reach_workers_through_initargs():
         assert sorted(queue.get(timeout=10) for _ in range(4)) == [0, 1, 2, 3]
 
 
+def put_into(queue, item):
+    queue.put(item)
+    return item
+
+
+def test_a_managers_queue_reaches_workers_as_a_task_argument():
+    # Workers connect with the parent's authkey, as a spawned child does (they had the template's).
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        queue = manager.Queue()
+        with gilfree.Pool(2) as pool:
+            assert pool.submit(put_into, queue, 5).result(timeout=30) == 5
+        assert queue.get(timeout=10) == 5
+
+
 @pytest.mark.parametrize("make", [multiprocessing.Queue, multiprocessing.Lock, multiprocessing.Value])
 def test_a_multiprocessing_queue_lock_or_value_in_initargs_is_refused_naming_the_fix(make):
     shared = make("i", 0) if make is multiprocessing.Value else make()
