@@ -105,21 +105,26 @@ static PyObject *shm_alloc_error(const shm_t *shm, int rc, uint64_t len) {
     return set_errno(rc);
   int mib = len >= (1u << 20);
   unsigned long long need = mib ? (len + (1u << 20) - 1) >> 20 : (len + 1023) >> 10;
-  if (shm->worker != NULL)
-    return PyErr_Format(PyExc_MemoryError,
-                        "gilfree.Pool: a worker's shared memory for results is full (%llu MiB, "
-                        "held by its results that the parent still references; %llu %s more "
-                        "do not fit); drop the results (and arrays or views of them) you no "
-                        "longer need",
-                        (unsigned long long)(shm->worker->slot->region.size >> 20), need,
-                        mib ? "MiB" : "KiB");
+  /* A worker allocates results in its slot's region, the parent arguments in its own. */
+  const gf_region *region;
+  const char *what, *held, *remedy;
+  if (shm->worker != NULL) {
+    region = &shm->worker->slot->region;
+    what = "a worker's shared memory for results";
+    held = "its results that the parent still references";
+    remedy = "drop the results (and arrays or views of them) you no longer need";
+  } else {
+    region = &shm->manager->seg->parent_region;
+    what = "the shared memory for task arguments";
+    held = "the arguments of tasks not finished yet and by pool.share() data";
+    remedy = "wait for results before submitting more, or pass data that many tasks use once "
+             "with pool.share()";
+  }
   return PyErr_Format(PyExc_MemoryError,
-                      "gilfree.Pool: the shared memory for task arguments is full (%llu MiB, "
-                      "held by the arguments of tasks not finished yet and by pool.share() data; "
-                      "%llu %s more do not fit); wait for results before submitting more, or "
-                      "pass data that many tasks use once with pool.share()",
-                      (unsigned long long)(shm->manager->seg->parent_region.size >> 20), need,
-                      mib ? "MiB" : "KiB");
+                      "gilfree.Pool: %s is full (%llu MiB, held by %s; %llu %s more do not "
+                      "fit); %s",
+                      what, (unsigned long long)(region->size >> 20), held, need,
+                      mib ? "MiB" : "KiB", remedy);
 }
 
 static int shm_foreign(const shm_t *shm) {
