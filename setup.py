@@ -2,6 +2,17 @@
 from glob import glob
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class build_ext_always(build_ext):
+    """Compiles every time: objects left in build/ by another interpreter of the same minor
+    version (3.11.2 after 3.11.7) look up to date, and _gilhook refuses to run on a Python it was
+    not compiled for."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.force = True
 
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 
@@ -12,6 +23,7 @@ def core(*parts):
 
 
 setup(
+    cmdclass={"build_ext": build_ext_always},
     ext_modules=[
         Extension(
             "gilfree._engine",
