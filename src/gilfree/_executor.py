@@ -151,12 +151,15 @@ _END = object()
 class _Progress:
     def __init__(self, enabled, items):
         self.bar = None
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError as exc:
-                raise ImportError("progress=True needs tqdm: pip install 'gilfree[progress]'") from exc
-
+        if not enabled:
+            return
+        # Checked even without a terminal, so a missing tqdm shows up where the script is tested
+        # (CI, a log redirect), not first when someone runs it by hand.
+        try:
+            from tqdm import tqdm
+        except ImportError as exc:
+            raise ImportError("progress=True needs tqdm: pip install 'gilfree[progress]'") from exc
+        if sys.stderr.isatty():
             total = len(items) if hasattr(items, "__len__") else None
             self.bar = tqdm(total=total, file=sys.stderr)
 
@@ -225,7 +228,8 @@ class PoolBase(concurrent.futures.Executor):
         - timeout: seconds from this call; the iterator raises TimeoutError once it passes
           with a result still missing.
         - progress: True draws a tqdm bar on stderr when stderr is a terminal (nothing
-          otherwise); needs tqdm (pip install 'gilfree[progress]').
+          otherwise); needs tqdm (pip install 'gilfree[progress]'), an ImportError without it
+          either way.
 
         An item that raises ends the map with its exception (its worker's traceback as
         __cause__), after the results before it (ordered=True: all of them). An input that

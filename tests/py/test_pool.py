@@ -616,9 +616,10 @@ class _FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_without_tqdm_says_what_to_install(pool, monkeypatch):
+@pytest.mark.parametrize("stderr", [_FakeTerminal, io.StringIO], ids=["terminal", "redirected"])
+def test_progress_without_tqdm_says_what_to_install(pool, monkeypatch, stderr):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
-    monkeypatch.setattr(sys, "stderr", _FakeTerminal())
+    monkeypatch.setattr(sys, "stderr", stderr())
     with pytest.raises(ImportError, match=re.escape("pip install 'gilfree[progress]'")):
         pool.map(f.square, range(3), progress=True)
     with pytest.raises(ImportError, match=re.escape("pip install 'gilfree[progress]'")):
