@@ -18,6 +18,7 @@ Built on the GIL hooks of gilfree.gil (see docs/priority.md). ``uninstall()`` pu
 thread it gave a level back to 0 and removes the hooks priorities installed.
 """
 import contextlib
+import inspect
 import operator
 import os
 import threading
@@ -30,8 +31,11 @@ from .gil import _hook
 __all__ = ["set", "get", "background", "uninstall", "UnsupportedInterpreter"]
 
 # Serializes every change of a level, uninstall() and the blocks' ends (which may run in
-# another thread: a generator finished elsewhere).
-_lock = threading.Lock()
+# another thread: a generator finished elsewhere). Reentrant: a signal handler or a garbage
+# collection (a generator paused in a block, closed by the collector) can run Python code that
+# ends or begins a block while this thread holds it; every change then re-applies the thread's
+# level from its state, so the last one to finish leaves the hooks right.
+_lock = threading.RLock()
 _installed = False  # whether priorities hold one user of the GIL hooks
 _epoch = 0  # uninstall() and a fork's child start a new one: blocks begun before are void
 _local = threading.local()
@@ -56,8 +60,8 @@ class _Thread:
 class _Block:
     __slots__ = ("owner", "level")
 
-    def __init__(self, owner, level):
-        self.owner, self.level = owner, level
+    def __init__(self, level):
+        self.owner, self.level = None, level  # owner: its thread's _Thread, once begun
 
 
 def _checked(level):
@@ -84,8 +88,12 @@ def _apply(hook, owner, level):
     block that ends never installs them."""
     global _installed
     if level != 0 and not _installed:
-        hook.acquire(False, 0, False)
-        _installed = True
+        _installed = True  # first: a reentrant call (see _lock) must not acquire a second time
+        try:
+            hook.acquire(False, 0, False)
+        except BaseException:
+            _installed = False
+            raise
     if owner is getattr(_local, "thread", None):
         hook.set_priority(level)
         owner.record = hook.record_id()
@@ -105,11 +113,11 @@ def set(level):  # noqa: A001 - the name the issue fixes (Beazley's sys.setprior
     hook = _hook()
     with _lock:
         me = _mine()
-        _apply(hook, me, level)
         if me.blocks:
             me.blocks[-1].level = level
         else:
             me.base = level
+        _apply(hook, me, me.level())
 
 
 def get():
@@ -133,45 +141,85 @@ def background(level=-1):
     level = _checked(level)
     if level >= 0:
         raise ValueError(f"a background() level is negative, not {level}; set() gives a thread a level of 0 or above")
-    return _background(level)
+    return _Background(level)
 
 
-@contextlib.contextmanager
-def _background(level):
+class _Background(contextlib.ContextDecorator):
+    """One background() block. It ends at __exit__, or when the object goes (an exception such
+    as Ctrl-C's KeyboardInterrupt raised as __exit__ begins skips its body), so an interrupt
+    never leaves its thread in the background."""
+
+    _block = None  # class defaults: __del__ may see an object whose __init__ was interrupted
+    _entered = False
+
+    def __init__(self, level):
+        self._level, self._block, self._entered = level, None, False
+
+    def _recreate_cm(self):
+        return _Background(self._level)  # as a decorator: a block per call
+
+    def __call__(self, func):
+        if inspect.iscoroutinefunction(func) or inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(f"background() decorates plain functions only: {func.__qualname__} would be at the "
+                            "level only until its first await or yield; use 'with background():' in its body")
+        return super().__call__(func)
+
+    def __enter__(self):
+        if self._entered:
+            raise RuntimeError("a background() block is entered once: call gilfree.priority.background() for each block")
+        self._entered = True
+        block = _Block(self._level)
+        try:
+            _begin(block)
+        except UnsupportedInterpreter as exc:
+            _warn_unavailable(exc)
+            return None
+        except BaseException:
+            _end(block)  # an interrupt in _begin: undo what it did
+            raise
+        self._block = block
+        return None
+
+    def __exit__(self, *exc_info):
+        self._close()
+        return False
+
+    def __del__(self):
+        self._close()
+
+    def _close(self):
+        block, self._block = self._block, None
+        if block is not None:
+            _end(block)
+
+
+def _warn_unavailable(exc):
     global _warned
-    try:
-        block = _begin(level)
-    except UnsupportedInterpreter as exc:
-        with _lock:
-            first, _warned = not _warned, True
-        if first:
-            warnings.warn(f"gilfree.priority unavailable, running with CPython's default GIL: {exc}", RuntimeWarning, stacklevel=3)
-        yield
-        return
-    try:
-        yield
-    finally:
-        _end(block)
+    with _lock:
+        first, _warned = not _warned, True
+    if first:
+        warnings.warn(f"gilfree.priority unavailable, running with CPython's default GIL: {exc}", RuntimeWarning, stacklevel=3)
 
 
-def _begin(level):
+def _begin(block):
+    """Opens block on the calling thread (raises UnsupportedInterpreter before changing anything)."""
     hook = _hook()
     with _lock:
-        me = _mine()
-        _apply(hook, me, level)
-        block = _Block(me, level)
+        me = block.owner = _mine()
         me.blocks.append(block)
-    return block
+        _apply(hook, me, me.level())
 
 
 def _end(block):
-    hook = _hook()
+    """Closes block wherever it is, if it is still open."""
     with _lock:
         owner = block.owner
-        if owner.epoch != _epoch:
-            return  # uninstall() (or a fork) put its thread back at 0 since it began
-        owner.blocks.remove(block)
-        _apply(hook, owner, owner.level())
+        if owner is None or owner.epoch != _epoch or block not in owner.blocks:
+            return  # never opened, already closed, or uninstall() (or a fork) reset its thread
+        try:
+            owner.blocks.remove(block)
+        finally:
+            _apply(_hook(), owner, owner.level())
 
 
 def uninstall():
@@ -195,7 +243,7 @@ def _after_fork_in_child():
     """A forked child is a new process: its one thread starts at 0 (the hooks reset its
     record's level), and the blocks it copied end without effect."""
     global _lock, _epoch
-    _lock = threading.Lock()  # another thread of the parent may have held it
+    _lock = threading.RLock()  # another thread of the parent may have held it
     _epoch += 1
     _leveled.clear()
 

@@ -637,3 +637,79 @@ def test_a_level_is_an_int_not_a_bool_nor_a_float(not_a_level):
     with pytest.raises(TypeError, match="gilfree.priority level is an int"):
         priority.background(not_a_level)  # at the call, before any block runs
     assert priority.get() == 0 and not _gilhook.installed()
+
+
+REENTRANT_USERS = {
+    # A signal handler using priorities while the interrupted main thread is inside set().
+    "signal handler": """
+import signal, time
+import gilfree.priority as priority
+def handler(signum, frame):
+    with priority.background():
+        pass
+    signal.setitimer(signal.ITIMER_REAL, 0.0005)
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0005)
+end = time.monotonic() + 1.5
+while time.monotonic() < end:
+    priority.set(1)
+    priority.set(0)
+signal.setitimer(signal.ITIMER_REAL, 0)
+""",
+    # The cyclic collector closing a generator paused in a block, from inside set()'s allocations.
+    "garbage collector": """
+import gc
+import gilfree.priority as priority
+gc.set_threshold(1, 1, 1)
+def paused():
+    with priority.background():
+        yield
+for i in range(5000):
+    g = paused(); next(g)
+    cycle = [g]; cycle.append(cycle)
+    del g, cycle
+    priority.set(i % 3)
+    with priority.background():
+        pass
+""",
+}
+
+
+@pytest.mark.parametrize("user", REENTRANT_USERS)
+def test_priorities_used_from_code_that_interrupts_a_priority_call_do_not_deadlock(user):
+    """Both hung for good: the interrupting code waited for the lock its own thread held."""
+    import subprocess
+
+    code = REENTRANT_USERS[user] + "print('done')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["done"], out.stderr
+
+
+def test_a_background_block_is_entered_once():
+    block = priority.background()
+    with block:
+        with pytest.raises(RuntimeError, match="entered once"):  # was contextlib's AttributeError: 'args'
+            with block:
+                pass
+        assert priority.get() == -1
+    assert priority.get() == 0
+
+
+def test_background_as_a_decorator_runs_each_call_in_a_block():
+    @priority.background(-2)
+    def work():
+        return priority.get()
+
+    assert (work(), work(), priority.get()) == (-2, -2, 0)
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "generator"])
+def test_background_refuses_to_decorate_what_would_leave_its_block_at_once(kind):
+    async def coroutine():
+        return priority.get()
+
+    def generator():
+        yield priority.get()
+
+    with pytest.raises(TypeError, match="plain functions only"):  # it ran them at 0, silently
+        priority.background()({"coroutine": coroutine, "generator": generator}[kind])
