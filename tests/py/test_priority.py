@@ -713,3 +713,12 @@ def test_background_refuses_to_decorate_what_would_leave_its_block_at_once(kind)
 
     with pytest.raises(TypeError, match="plain functions only"):  # it ran them at 0, silently
         priority.background()({"coroutine": coroutine, "generator": generator}[kind])
+
+
+def test_a_block_whose_exit_never_ran_ends_when_its_object_goes():
+    """What an interrupt raised as a `with` ends, before __exit__ runs, leaves behind."""
+    block = priority.background(-3)
+    block.__enter__()
+    assert priority.get() == -3
+    del block
+    assert priority.get() == 0
