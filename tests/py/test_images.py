@@ -1205,6 +1205,55 @@ async def test_worker_crash_is_500_for_that_request_only():
         server.stop()
 
 
+def pool_templates(pid):
+    """pids of the gilfree.Pool template processes the service pid started (a zombie's cmdline is empty)."""
+    found = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"template_main" in f.read():
+                    found.append(int(child))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+async def test_a_pool_whose_template_died_is_replaced_once_then_health_says_503():
+    server = Service("--workers", "1")
+    try:
+        [template] = pool_templates(server.proc.pid)
+        os.kill(template, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        status, _, body = await post(server.url, PHOTO, "w=32")
+        if status != 200:  # sent before the pool heard of the death: failed like a worker crash
+            error_of(status, body, 500, "worker_crashed")
+            status, _, body = await post(server.url, PHOTO, "w=32")
+        assert status == 200 and Image.open(io.BytesIO(body)).width == 32  # a new pool serves
+        text = await metrics(server.url)
+        assert metric(text, "worker_restarts_total") == 1
+        [(busy_pid, busy)] = re.findall(r'^gilfree_images_worker_busy\{slot="0",pid="(\d+)"\} (\d)$', text, re.M)
+        assert os.path.exists(f"/proc/{busy_pid}") and busy == "0"  # the new pool's worker, not a dead pid
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{template}") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not os.path.exists(f"/proc/{template}")  # the dead template was reaped, not left <defunct>
+        status, _, body = await get(server.url, "/health")
+        assert (status, body) == (200, b'{"status": "ok"}')
+
+        [template] = pool_templates(server.proc.pid)  # the new pool's template dies soon after it started:
+        os.kill(template, signal.SIGKILL)  # no rebuild loop; /health tells a supervisor to restart the service
+        deadline = time.monotonic() + 10
+        while (status := (await get(server.url, "/health"))[0]) == 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        status, _, body = await get(server.url, "/health")
+        assert "restart the service" in error_of(status, body, 503, "unavailable")
+        status, _, body = await post(server.url, PHOTO, "w=32")
+        error_of(status, body, 503, "unavailable")
+        assert metric(await metrics(server.url), "worker_restarts_total") == 2
+    finally:
+        server.stop()
+
+
 def mp_workers(pid):
     """pids of the multiprocessing workers the service pid spawned (not its resource tracker)."""
     found = []

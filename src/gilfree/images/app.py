@@ -19,6 +19,7 @@ from aiohttp import hdrs, web
 
 from .. import __version__
 from ..errors import TaskTimeout, WorkerCrashed
+from ..pool import BrokenPool
 from . import ops
 from .executors import make_executor
 from .metrics import Metrics
@@ -91,6 +92,9 @@ class Service:
         return response
 
     async def health(self, request):
+        check = getattr(self.executor, "check", None)  # pool: replaces a broken Pool, or says it gave up
+        if check is not None and (failed := check()) is not None:
+            return _error(503, "unavailable", f"the worker pool failed: {failed}")
         return web.json_response({"status": "ok"})
 
     async def metrics_text(self, request):
@@ -156,7 +160,10 @@ class Service:
         return request[STARTED] + self.config.budget - time.monotonic()
 
     async def _run(self, request, source, spec):
-        future = self.executor.submit(ops.transform, source, spec)
+        try:
+            future = self.executor.submit(ops.transform, source, spec)
+        except BrokenPool as exc:  # the pool broke and could not be replaced
+            raise ImageError(503, "unavailable", f"the worker pool failed: {exc}") from None
         try:
             body, mime, width, height = await asyncio.wait_for(asyncio.wrap_future(future), self._remaining(request))
         except TaskTimeout:
@@ -165,6 +172,9 @@ class Service:
             raise ImageError(504, "timeout", f"over the {self.config.budget:g} s budget") from None
         except WorkerCrashed as exc:
             raise ImageError(500, "worker_crashed", f"{exc}; the worker was replaced") from None
+        except BrokenPool as exc:  # the template died with this task out: the next submit replaces the pool
+            self.executor.check()
+            raise ImageError(500, "worker_crashed", f"{exc}; the pool is replaced") from None
         return web.Response(body=body, content_type=mime, headers={"X-Image-Size": f"{width}x{height}"})
 
 

@@ -2,7 +2,8 @@
 
 - ``pool`` (default): ``gilfree.Pool``; bytes travel through its shared-memory arena, a task over
   the time budget has its worker killed and replaced (TaskTimeout), a dead worker fails only its own
-  task (WorkerCrashed) and is replaced.
+  task (WorkerCrashed) and is replaced. A Pool whose template process died is broken for good
+  (BrokenPool): RebuildingPool replaces it with a new one.
 - ``threads``: the naive way, a ThreadPoolExecutor in the server process; every worker shares the
   server's GIL with the event loop. Kept for comparison.
 - ``mp``: the textbook fix, ``multiprocessing.Pool`` behind a Future adapter. Kept for comparison:
@@ -15,6 +16,7 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 
 KINDS = ("pool", "threads", "mp")
 _RECORDS = 4096  # mp's task start records, by task id modulo this: far more than tasks in flight at once
@@ -29,13 +31,97 @@ def make_executor(kind, workers, task_timeout, worker_nice=0):
     if kind == "pool":
         from .. import Pool
 
-        return Pool(max_workers=workers, task_timeout=task_timeout, preload=("gilfree.images.ops",),
-                    initializer=initializer, initargs=initargs)
+        return RebuildingPool(functools.partial(
+            Pool, max_workers=workers, task_timeout=task_timeout, preload=("gilfree.images.ops",),
+            initializer=initializer, initargs=initargs))
     if kind == "threads":
         return ThreadExecutor(workers, initializer, initargs)
     if kind == "mp":
         return MultiprocessingExecutor(workers, initializer, initargs)
     raise ValueError(f"executor must be one of {', '.join(KINDS)}, not {kind!r}")
+
+
+class RebuildingPool(concurrent.futures.Executor):
+    """A gilfree.Pool that is replaced when it breaks. The Pool breaks for good when its template process dies
+    (SIGKILLed by the OOM killer, say): its futures out fail with BrokenPool and so would every later submit.
+    The next submit (or stats(), or check()) shuts the broken pool down, which reaps its template, and starts
+    a new one; that counts as one restart. A rebuilt pool that breaks within REBUILD_INTERVAL seconds of its
+    start, or a rebuild that raises, is not retried: the executor is failed (`failed` says why) and every
+    submit raises BrokenPool, so that /health can say 503 and a supervisor restart the process.
+    Only the event loop thread calls it."""
+
+    REBUILD_INTERVAL = 10.0
+
+    def __init__(self, make):
+        self._make = make
+        self._pool = make()
+        self._rebuilt_at = None  # monotonic time of the last rebuild; None: the first pool
+        self.failed = None  # why no pool runs any more
+        self._rebuilds = 0
+        self._before = {"tasks": 0, "restarts": 0, "bytes_in": 0, "bytes_out": 0}  # replaced pools' totals
+        self._slot_tasks = {}  # replaced pools' tasks per worker slot
+
+    def check(self):
+        """Replaces the pool if it broke; returns the reason the executor failed, or None."""
+        if self.failed is None and self._pool._broken is not None:
+            self._replace(self._pool._broken)
+        return self.failed
+
+    def submit(self, fn, /, *args, **kwargs):
+        from ..pool import BrokenPool
+
+        if self.check() is None:
+            try:
+                return self._pool.submit(fn, *args, **kwargs)
+            except BrokenPool:  # broke since check()
+                if self.check() is None:
+                    return self._pool.submit(fn, *args, **kwargs)
+        raise BrokenPool(self.failed)
+
+    def _replace(self, reason):
+        from ..pool import BrokenPool
+
+        old, self._pool = self._pool, None
+        try:
+            stats = old.stats()
+        except BrokenPool:  # closed already: nothing to carry over
+            stats = {"workers": [], **dict.fromkeys(self._before, 0)}
+        for key in self._before:
+            self._before[key] += stats[key]
+        for worker in stats["workers"]:
+            self._slot_tasks[worker["slot"]] = self._slot_tasks.get(worker["slot"], 0) + worker["tasks"]
+        self._rebuilds += 1
+        # Its futures have failed already; closing it kills what is left of its workers and reaps the template
+        # (up to a second's grace): not in the event loop.
+        threading.Thread(target=old.shutdown, name="gilfree-images-old-pool", daemon=True).start()
+        now = time.monotonic()
+        if self._rebuilt_at is not None and now - self._rebuilt_at < self.REBUILD_INTERVAL:
+            self.failed = (f"{reason}, {now - self._rebuilt_at:.1f} s after the pool was rebuilt: not rebuilt "
+                           "again; restart the service")
+            return
+        self._rebuilt_at = now
+        try:
+            self._pool = self._make()
+        except Exception as exc:
+            self.failed = f"{reason}, and a new pool could not start: {exc!r}; restart the service"
+
+    def stats(self):
+        self.check()
+        before = self._before
+        if self._pool is None:
+            return {"workers": [], "queued": 0, "running": 0, "busy_workers": 0, **before,
+                    "restarts": before["restarts"] + self._rebuilds}
+        stats = self._pool.stats()
+        for key in before:
+            stats[key] += before[key]
+        stats["restarts"] += self._rebuilds
+        for worker in stats["workers"]:
+            worker["tasks"] += self._slot_tasks.get(worker["slot"], 0)
+        return stats
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 class _Counts:
