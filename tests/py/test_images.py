@@ -621,6 +621,8 @@ async def conditional_get(url, path, **headers):
 async def test_get_answers_can_be_cached_and_revalidated_without_a_transform(local, root, monkeypatch):
     url, _ = local
     (root / "cached.jpg").write_bytes(PHOTO)
+    written = os.stat(root / "cached.jpg")
+    os.utime(root / "cached.jpg", ns=(written.st_atime_ns, written.st_mtime_ns - 5_000_000_000))  # not this second
     transforms = []
     real_transform = ops.transform
 
@@ -661,6 +663,30 @@ async def test_get_answers_can_be_cached_and_revalidated_without_a_transform(loc
     error_of(status, body, 415, "unsupported_media_type")
     assert "ETag" not in headers and "Cache-Control" not in headers  # errors are not to be cached
     assert 'gilfree_images_requests_total{status="304"} 4' in await metrics(url)
+
+
+async def test_if_modified_since_answers_304_only_for_a_date_no_later_file_can_share(local, root):
+    url, _ = local
+    path = "/v1/transform/fresh.jpg?w=10"
+    (root / "fresh.jpg").write_bytes(PHOTO)  # modified this second: a replacement later in it would share its date
+    this_second = email.utils.formatdate(os.stat(root / "fresh.jpg").st_mtime, usegmt=True)
+    status, headers, _ = await conditional_get(url, path)
+    assert status == 200 and headers["ETag"] and "Last-Modified" not in headers
+    status, _, _ = await conditional_get(url, path, **{"If-Modified-Since": this_second})
+    assert status == 200  # not a 304 for a file that may have been replaced after that date was sent
+
+    written = os.stat(root / "fresh.jpg")
+    os.utime(root / "fresh.jpg", ns=(written.st_atime_ns, written.st_mtime_ns - 5_000_000_000))
+    status, headers, _ = await conditional_get(url, path)
+    last_modified = headers["Last-Modified"]
+    assert status == 200 and email.utils.parsedate_to_datetime(last_modified).timestamp() == int(written.st_mtime) - 5
+    status, _, _ = await conditional_get(url, path, **{"If-Modified-Since": last_modified})
+    assert status == 304
+    future = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    status, _, _ = await conditional_get(url, path, **{"If-Modified-Since": future})
+    assert status == 200  # a date later than now is ignored, not taken as newer than the file
+    status, _, _ = await conditional_get(url, path, **{"If-Modified-Since": last_modified, "If-None-Match": '"other"'})
+    assert status == 200  # If-None-Match decides when present
 
 
 async def test_cache_max_age_0_has_caches_revalidate_every_time(root):

@@ -83,8 +83,13 @@ class Service:
         spec = parse(request.query.items(), self.config.max_pixels, self.config.max_body)
         path, source_stat = self._confine(request.match_info["path"])
         tag = _output_tag(source_stat, spec)
-        cache_headers = self._cache_headers(tag, source_stat)
-        if _not_modified(request, tag, source_stat):
+        # Last-Modified only once the file's second is over (RFC 9110 8.8.2.2): a file replaced later in the same
+        # second would have the same date, and If-Modified-Since would wrongly answer 304 for it.
+        now = time.time()
+        second = source_stat.st_mtime_ns // 1_000_000_000
+        last_modified = second if second + 1 <= now else None
+        cache_headers = self._cache_headers(tag, last_modified)
+        if _not_modified(request, tag, last_modified, now):
             return web.Response(status=304, headers=cache_headers)
         async with self._admitted():
             response = await self._run(request, path, spec)
@@ -142,12 +147,14 @@ class Service:
             raise not_found
         return real, source_stat
 
-    def _cache_headers(self, tag, source_stat):
-        """A GET answer's cache headers (a weak ETag: another Pillow build may encode other bytes)."""
+    def _cache_headers(self, tag, last_modified):
+        """A GET answer's cache headers (a weak ETag: another Pillow build may encode other bytes); Last-Modified
+        when last_modified (the file's second) is not None."""
         max_age = self.config.cache_max_age
-        return {hdrs.ETAG: f'W/"{tag}"',
-                hdrs.LAST_MODIFIED: email.utils.formatdate(source_stat.st_mtime, usegmt=True),
-                hdrs.CACHE_CONTROL: f"public, max-age={max_age}" if max_age else "no-cache"}
+        headers = {hdrs.ETAG: f'W/"{tag}"', hdrs.CACHE_CONTROL: f"public, max-age={max_age}" if max_age else "no-cache"}
+        if last_modified is not None:
+            headers[hdrs.LAST_MODIFIED] = email.utils.formatdate(last_modified, usegmt=True)
+        return headers
 
     def _admitted(self):
         if self.in_flight >= self.capacity:
@@ -205,13 +212,15 @@ def _output_tag(source_stat, spec):
     return hashlib.blake2b(repr(identity).encode(), digest_size=12).hexdigest()
 
 
-def _not_modified(request, tag, source_stat):
+def _not_modified(request, tag, last_modified, now):
     """Whether a conditional GET is answered 304 (RFC 9110 13.2.2): If-None-Match decides when present
-    (weak comparison), else If-Modified-Since against the source file's modification time."""
+    (weak comparison), else If-Modified-Since against last_modified, the file's second (None: the file changed
+    within the last second, so no date can vouch for it). A date later than now is ignored (RFC 9110 13.1.3)."""
     if (if_none_match := request.if_none_match) is not None:
         return any(candidate.value in ("*", tag) for candidate in if_none_match)
     if_modified_since = request.if_modified_since
-    return if_modified_since is not None and int(source_stat.st_mtime) <= if_modified_since.timestamp()
+    return (if_modified_since is not None and last_modified is not None
+            and last_modified <= if_modified_since.timestamp() <= now)
 
 
 def _error(status, error, detail):
