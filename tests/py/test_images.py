@@ -1179,7 +1179,8 @@ def test_port_in_use_is_one_line_and_exit_1():
                                   ["--max-megapixels", "0"], ["--budget", "nan"], ["--budget", "inf"],
                                   ["--budget", "-2"], ["--budget", "soon"], ["--host", ""], ["--port", "70000"],
                                   ["--workers", "0"], ["--workers", "1025"],
-                                  ["--head-timeout", "0"], ["--cache-max-age", "-1"]])
+                                  ["--head-timeout", "0"], ["--cache-max-age", "-1"],
+                                  ["--max-megapixels", "0.0000001"], ["--max-body-mb", "0.0000001"]])
 def test_cli_refuses_bad_options(args, capsys):
     from gilfree.images.__main__ import parse_args
 

@@ -59,8 +59,12 @@ def parse_args(argv):
             or not 0 <= args.worker_nice <= 19 or args.cache_max_age < 0):
         p.error(f"--port must be in 0..65535, --workers in 1..{MAX_WORKERS} (gilfree.Pool's limit), --max-queue >= 0, "
                 "--worker-nice in 0..19, --cache-max-age >= 0")
+    max_body, max_pixels = int(args.max_body_mb * MB), int(args.max_megapixels * 1e6)
+    if max_body < 1 or max_pixels < 1:  # above 0, yet a limit of 0 bytes or pixels would refuse every image
+        p.error(f"--max-body-mb {args.max_body_mb:g} is {max_body} bytes, --max-megapixels {args.max_megapixels:g} "
+                f"is {max_pixels} pixels: each must come to at least 1")
     return Config(host=args.host, port=args.port, workers=args.workers, root=args.root, executor=args.executor,
-                  max_body=int(args.max_body_mb * MB), max_pixels=int(args.max_megapixels * 1e6),
+                  max_body=max_body, max_pixels=max_pixels,
                   budget=args.budget, head_timeout=args.head_timeout, max_queue=args.max_queue,
                   worker_nice=args.worker_nice, cache_max_age=args.cache_max_age)
 
