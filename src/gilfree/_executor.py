@@ -231,14 +231,13 @@ class PoolBase(concurrent.futures.Executor):
           otherwise); needs tqdm (pip install 'gilfree[progress]'), an ImportError without it
           either way.
 
-        An item that raises ends the map with its exception (its worker's traceback as
-        __cause__), after the results before it (ordered=True: all of them). An input that
+        With no iterables it yields nothing, as Executor.map. An item that raises ends the map
+        with its exception (its worker's traceback as __cause__), after the results before it
+        (ordered=True: all of them). An input that
         raises ends it the same way, after the results of every item before the failing one.
         Closing the iterator once read from (close(), or dropping it) cancels the chunks it
         submitted that no worker has started. A map opened before shutdown() stays readable
         after it."""
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
         if len(iterables) == 1:
             items, star = iterables[0], False
         else:

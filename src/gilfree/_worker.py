@@ -26,6 +26,10 @@ from ._serialize import (
 
 # A worker that just finished a task polls briefly for the next one before sleeping.
 NEXT_TASK_SPIN_S = 50e-6
+# A worker's exit code when an address-space limit (RLIMIT_AS, ulimit -v) below what the pool's
+# shared memory takes in it leaves it unable to map that memory or to send a reply: the parent
+# names the limit instead of reporting a failing initializer or a bare crash.
+EXIT_ADDRESS_SPACE = 86
 
 
 class WorkerConfig:
@@ -222,7 +226,60 @@ def worker_main(memfd, slot, config):
 
             traceback.print_exc()
             return 1
-    worker = _engine.Worker(memfd, slot)
+    try:
+        worker = _engine.Worker(memfd, slot)
+    except OSError as exc:
+        import errno
+
+        if exc.errno != errno.ENOMEM:
+            raise
+        return _out_of_address_space(memfd, "map the pool's shared memory")
+    try:
+        return _serve(worker, memfd, config)
+    except MemoryError:
+        # Not a task's (it goes back as its error): its reply could not be made or sent.
+        if _address_space_limit() is None:
+            raise
+        return _out_of_address_space(memfd, "send a task's outcome")
+
+
+def _address_space_limit():
+    """This process's RLIMIT_AS soft limit in bytes, or None when there is none (or resource
+    cannot be imported: address space exhausted)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except Exception:
+        return None
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def _below_shared_memory(memfd):
+    """True when the address-space limit is below what the pool's shared memory takes."""
+    limit = _address_space_limit()
+    return limit is not None and limit < os.fstat(memfd).st_size
+
+
+def _out_of_address_space(memfd, what):
+    """Says on stderr that the address-space limit keeps this worker from working; returns the
+    exit code that tells the parent so."""
+    try:
+        limit = _address_space_limit()
+        needed = os.fstat(memfd).st_size
+        print(
+            f"gilfree worker {os.getpid()}: cannot {what} under its address-space limit "
+            f"(RLIMIT_AS, ulimit -v{'' if limit is None else f' = {limit >> 20} MiB'}): the "
+            f"pool's shared memory takes {needed >> 20} MiB of address space (not memory) in "
+            "every worker. Cap a worker's memory with Pool(max_memory_per_worker=...) instead",
+            file=sys.stderr,
+        )
+    except Exception:  # no memory left to say it: the parent's error says it
+        pass
+    return EXIT_ADDRESS_SPACE
+
+
+def _serve(worker, memfd, config):
     codec = Codec(worker)
     on_item = worker.item_started if config.task_timeout else None  # per-item deadlines
     pid = os.getpid()
@@ -264,6 +321,13 @@ def worker_main(memfd, slot, config):
                 _end_forked_child(exc)
             data, refs = codec.dumps(_error(exc))
             ok = False
+            if isinstance(exc, MemoryError) and _below_shared_memory(memfd):
+                # The task capped RLIMIT_AS below what is mapped: this worker cannot allocate
+                # anything more. It replies, then makes way for a fresh one.
+                del exc
+                worker.reply(task_id, ok, data, refs)
+                worker.retire()
+                return 0
             del exc
         try:
             worker.reply(task_id, ok, data, refs)

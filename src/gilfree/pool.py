@@ -23,7 +23,7 @@ from concurrent.futures._base import FINISHED, PENDING, RUNNING
 from . import _engine
 from ._executor import PoolBase, is_ctrl_c, process_pool_options, with_remote_traceback
 from ._serialize import Codec, blob_never_stale, function_blob, with_task
-from ._worker import WorkerConfig
+from ._worker import EXIT_ADDRESS_SPACE, WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
 
 RING_BYTES = 1 << 20
@@ -304,7 +304,9 @@ class Pool(PoolBase):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         for name, value in (
-            ("max_tasks_per_worker", max_tasks_per_worker),
+            # Named as the caller passed it.
+            ("max_tasks_per_child" if max_tasks_per_child is not None else "max_tasks_per_worker",
+             max_tasks_per_worker),
             ("max_memory_per_worker", max_memory_per_worker),
         ):
             if value is not None and operator.index(value) < 1:
@@ -616,7 +618,11 @@ class Pool(PoolBase):
 
     def _worker_died(self, task_id, slot, pid, status, timed_out, was_ready):
         self._fail_task(task_id, slot, pid, status, timed_out)
-        if was_ready:
+        if _exit_code(status) == EXIT_ADDRESS_SPACE and not was_ready:
+            # Every worker would fail the same way: the initializer (or the parent's ulimit -v)
+            # set the limit.
+            self._break(f"worker {pid} {_ADDRESS_SPACE_TEXT}")
+        elif was_ready:
             self._start_failures = 0
         else:
             self._start_failures += 1
@@ -875,10 +881,28 @@ def _complete(future, value, error):
         pass
 
 
+# A worker's exit with _worker.EXIT_ADDRESS_SPACE: it said why on stderr.
+_ADDRESS_SPACE_TEXT = (
+    "could not work under its address-space limit (RLIMIT_AS, ulimit -v; see its message "
+    "above): every worker maps the pool's shared memory, which takes address space (not "
+    "memory) far beyond what the worker uses, so RLIMIT_AS cannot cap a worker's memory as in "
+    "a ProcessPoolExecutor. Use Pool(max_memory_per_worker=...) instead (its resident memory, "
+    "checked between tasks)"
+)
+
+
+def _exit_code(status):
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+
+
 def _crash_error(pid, status):
     if os.WIFSIGNALED(status):
         return WorkerCrashed(pid=pid, signal=os.WTERMSIG(status))
-    return WorkerCrashed(pid=pid, exitcode=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+    code = _exit_code(status)
+    if code == EXIT_ADDRESS_SPACE:
+        detail = f"worker {pid} {_ADDRESS_SPACE_TEXT}; it was replaced"
+        return WorkerCrashed(pid=pid, exitcode=code, detail=detail)
+    return WorkerCrashed(pid=pid, exitcode=code)
 
 
 def _events_callback(pool_ref):

@@ -118,3 +118,35 @@ def worker_imports(name):
     import importlib
 
     return importlib.import_module(name).VALUE
+
+
+def limit_address_space(nbytes):
+    """An initializer capping the worker's address space (RLIMIT_AS), as ProcessPoolExecutor
+    code caps a worker's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+
+
+def allocated(nbytes):
+    return len(bytearray(nbytes))
+
+
+def allocate_under_address_limit(limit, nbytes):
+    limit_address_space(limit)
+    return allocated(nbytes)
+
+
+_held = []
+
+
+def exhaust_address_space(limit):
+    """Caps RLIMIT_AS at limit, below what the worker has mapped, then holds every byte it can
+    still allocate: nothing is left for the reply, as after a task that hit the cap."""
+    limit_address_space(limit)
+    try:
+        while True:
+            _held.append(bytearray(64))
+    except MemoryError:
+        pass
+    return "done"

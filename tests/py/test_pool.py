@@ -455,6 +455,35 @@ def test_failing_initializer_breaks_pool_with_clear_error():
             pool.submit(f.square, 2).result(timeout=30)
 
 
+def test_an_initializer_capping_the_address_space_breaks_the_pool_naming_rlimit_as():
+    # The worker maps the pool's shared memory after the initializer: it cannot under 2 GiB.
+    with gilfree.Pool(1, initializer=f.limit_address_space, initargs=(2 << 30,)) as pool:
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool) as info:
+            pool.submit(f.square, 2).result(timeout=30)
+    assert "RLIMIT_AS" in str(info.value) and "max_memory_per_worker" in str(info.value)
+    assert "initializer's traceback" not in str(info.value)
+
+
+def test_a_task_capping_its_address_space_gets_memoryerror_and_the_next_task_a_working_worker():
+    # As in a ProcessPoolExecutor: the allocation past the cap raises MemoryError. The cap is
+    # below the shared memory the worker maps, so it could allocate nothing more: it is
+    # replaced, or a crash says why (when even its reply could not be made).
+    with gilfree.Pool(1) as pool:
+        with pytest.raises((MemoryError, gilfree.WorkerCrashed)) as info:
+            pool.submit(f.allocate_under_address_limit, 1 << 30, 2 << 30).result(timeout=60)
+        if isinstance(info.value, gilfree.WorkerCrashed):
+            assert "RLIMIT_AS" in str(info.value)
+        assert pool.submit(f.allocated, 64 << 20).result(timeout=60) == 64 << 20
+
+
+def test_a_task_leaving_its_worker_no_address_space_fails_naming_rlimit_as_and_the_pool_goes_on():
+    with gilfree.Pool(1) as pool:
+        with pytest.raises(gilfree.WorkerCrashed) as info:
+            pool.submit(f.exhaust_address_space, 1 << 30).result(timeout=60)
+        assert "RLIMIT_AS" in str(info.value) and "max_memory_per_worker" in str(info.value)
+        assert pool.submit(f.square, 3).result(timeout=30) == 9
+
+
 def test_workers_stdin_is_devnull_and_they_start_pools_of_their_own(tmp_path):
     stdin_file = tmp_path / "stdin"
     stdin_file.write_text("input")
@@ -937,6 +966,19 @@ def test_process_pool_executor_arguments_are_accepted():
     with gilfree.Pool(1, max_tasks_per_child=2) as pool:
         pids = [pool.submit(f.pid).result(timeout=30) for _ in range(4)]
         assert pids[0] == pids[1] != pids[2] == pids[3]
+
+
+def test_a_bad_max_tasks_per_child_is_named_as_passed():
+    with pytest.raises(ValueError, match="^max_tasks_per_child must be at least 1"):
+        gilfree.Pool(1, max_tasks_per_child=0)
+    with pytest.raises(ValueError, match="^max_tasks_per_worker must be at least 1"):
+        gilfree.Pool(1, max_tasks_per_worker=0)
+
+
+def test_map_without_iterables_yields_nothing_as_executor_map(pool):
+    assert list(pool.map(f.square)) == []
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        assert list(executor.map(f.square)) == []
 
 
 def test_process_pool_executor_arguments_gilfree_cannot_honour_are_refused():
