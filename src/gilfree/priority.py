@@ -82,10 +82,10 @@ def _mine():
     return me
 
 
-def _apply(hook, owner, level):
-    """Gives owner's thread `level` in the hooks, installing them first for a nonzero one
-    (under _lock). Any level set since the last uninstall() implies the hooks are in, so a
-    block that ends never installs them."""
+def _install(hook, level):
+    """Installs the hooks for a nonzero level (under _lock), before any state changes: where
+    priorities cannot be had it raises UnsupportedInterpreter, changing nothing. Any level set
+    since the last uninstall() implies the hooks are in, so a block that ends never installs them."""
     global _installed
     if level != 0 and not _installed:
         _installed = True  # first: a reentrant call (see _lock) must not acquire a second time
@@ -94,6 +94,11 @@ def _apply(hook, owner, level):
         except BaseException:
             _installed = False
             raise
+
+
+def _apply(hook, owner):
+    """Gives owner's thread the level its state says in the hooks (under _lock)."""
+    level = owner.level()
     if owner is getattr(_local, "thread", None):
         hook.set_priority(level)
         owner.record = hook.record_id()
@@ -112,12 +117,13 @@ def set(level):  # noqa: A001 - the name the issue fixes (Beazley's sys.setprior
     level = _checked(level)
     hook = _hook()
     with _lock:
+        _install(hook, level)
         me = _mine()
         if me.blocks:
             me.blocks[-1].level = level
         else:
             me.base = level
-        _apply(hook, me, me.level())
+        _apply(hook, me)
 
 
 def get():
@@ -146,8 +152,8 @@ def background(level=-1):
 
 class _Background(contextlib.ContextDecorator):
     """One background() block. It ends at __exit__, or when the object goes (an exception such
-    as Ctrl-C's KeyboardInterrupt raised as __exit__ begins skips its body), so an interrupt
-    never leaves its thread in the background."""
+    as Ctrl-C's KeyboardInterrupt raised as __exit__ begins skips its body), so such an
+    interrupt does not leave its thread in the background (see docs/priority.md)."""
 
     _block = None  # class defaults: __del__ may see an object whose __init__ was interrupted
     _entered = False
@@ -171,7 +177,7 @@ class _Background(contextlib.ContextDecorator):
         block = _Block(self._level)
         try:
             _begin(block)
-        except UnsupportedInterpreter as exc:
+        except UnsupportedInterpreter as exc:  # raised before _begin changed anything
             _warn_unavailable(exc)
             return None
         except BaseException:
@@ -205,9 +211,10 @@ def _begin(block):
     """Opens block on the calling thread (raises UnsupportedInterpreter before changing anything)."""
     hook = _hook()
     with _lock:
+        _install(hook, block.level)
         me = block.owner = _mine()
         me.blocks.append(block)
-        _apply(hook, me, me.level())
+        _apply(hook, me)
 
 
 def _end(block):
@@ -219,7 +226,7 @@ def _end(block):
         try:
             owner.blocks.remove(block)
         finally:
-            _apply(_hook(), owner, owner.level())
+            _apply(_hook(), owner)
 
 
 def uninstall():
