@@ -131,7 +131,9 @@ int gf_manager_init(gf_manager *m, uint32_t nslots, size_t ring_cap, uint64_t ar
   return 0;
 
 error:
+  /* Nothing started yet: close the descriptors, then drop the mapping and the memfd. */
   gf_manager_close(m, 0);
+  gf_manager_free(m);
   return rc;
 }
 

@@ -192,6 +192,7 @@ enum { GF_EV_RESULT = 1, GF_EV_SPAWNED, GF_EV_DIED, GF_EV_TEMPLATE_DIED };
 
 typedef int (*gf_event_fn)(void *ctx, const gf_event *ev);
 
+/* On failure nothing stays allocated: no descriptor, no mapping (gf_manager_free not needed). */
 int gf_manager_init(gf_manager *m, uint32_t nslots, size_t ring_cap, uint64_t arena_size);
 /* Starts the template process: argv/envp prepared by the caller, who passes
  * gf_manager_child_fds() to it on its command line, and config_fd (>= 0) if the template is
@@ -229,7 +230,9 @@ uint64_t gf_manager_queued(gf_manager *m);
 /* 1 when a live worker has started task_id and not finished it, else 0. */
 int gf_manager_running(gf_manager *m, uint64_t task_id);
 /* Closes the control socket (the template then kills the workers and exits), kills the
- * template if it lingers past timeout_ns, reaps it, and frees everything. */
+ * template if it lingers past timeout_ns, reaps it, and frees everything. No other call on m
+ * may run meanwhile or after it (gf_manager_free excepted): the caller makes sure no thread is
+ * still inside one, collect and spin included. */
 void gf_manager_close(gf_manager *m, int64_t timeout_ns);
 /* Unmaps the shared memory: only once no buffer of the arena is referenced in this process. */
 void gf_manager_free(gf_manager *m);
