@@ -1070,8 +1070,9 @@ size_t gf_gilhook_drain(struct gf_gilhook_event *out, size_t cap) {
           t->drain_pos == chunk->capacity ? __atomic_load_n(&chunk->next, __ATOMIC_ACQUIRE) : NULL;
       if (next == NULL) {
         if (done) { /* all read, and the owner has ended: its last chunk is not needed */
-          gf_free_chunk(chunk);
+          /* Unlinked before it is unmapped: nothing may see t->head point at a gone chunk. */
           t->head = t->drain_chunk = NULL;
+          gf_free_chunk(chunk);
         }
         break;
       }

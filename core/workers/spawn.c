@@ -1,6 +1,6 @@
 /* Process start-up. gf_spawn follows CPython's Modules/_posixsubprocess.c: everything is
- * prepared before fork(), the child makes only async-signal-safe calls, and an exec failure
- * travels back through a close-on-exec pipe. */
+ * prepared before forking (_Fork: no atfork handlers run), the child makes only
+ * async-signal-safe calls, and an exec failure travels back through a close-on-exec pipe. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -19,6 +19,19 @@
 #endif
 
 static int gf_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+/* _Fork (glibc 2.34+, declared in <unistd.h> with _GNU_SOURCE) forks without running the
+ * pthread_atfork handlers: fork() would run the child handlers (gilhook's frees and unmaps) in
+ * the child of a multithreaded parent, which are not async-signal-safe. Built against an older
+ * glibc (or another libc) fork() is all there is. */
+#if defined(__GLIBC__) && defined(__GLIBC_PREREQ)
+#if __GLIBC_PREREQ(2, 34)
+#define GF_FORK() _Fork()
+#endif
+#endif
+#ifndef GF_FORK
+#define GF_FORK() fork()
+#endif
 
 /* Runs in the forked child: async-signal-safe calls only. Never returns. */
 static void gf_spawn_child(int errpipe, const char *path, char *const argv[], char *const envp[],
@@ -65,7 +78,7 @@ int gf_spawn(const char *path, char *const argv[], char *const envp[], const int
   /* Block signals across fork so no handler of the parent's runs in the child before exec. */
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
-  pid_t pid = fork();
+  pid_t pid = GF_FORK();
   if (pid == 0)
     gf_spawn_child(pipefd[1], path, argv, envp, keep_fds, nkeep);
   rc = pid < 0 ? -errno : 0;

@@ -6,6 +6,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -227,6 +229,74 @@ GF_TEST(manager_refuses_slot_counts_out_of_range) {
   gf_manager m;
   GF_CHECK_EQ(gf_manager_init(&m, 0, 16384, 16u << 20), -EINVAL);
   GF_CHECK_EQ(gf_manager_init(&m, GF_MAX_WORKERS + 1, 16384, 16u << 20), -EINVAL);
+}
+
+/* Descriptors open in this process. */
+static int open_fds(void) {
+  int n = 0;
+  for (int fd = 0; fd < 4096; fd++)
+    n += fcntl(fd, F_GETFD) >= 0;
+  return n;
+}
+
+GF_TEST(manager_init_failure_leaves_no_descriptor_nor_mapping) {
+  gf_manager m;
+  struct rlimit old;
+  GF_CHECK_EQ(getrlimit(RLIMIT_NOFILE, &old), 0);
+  int before = open_fds(), lowest = dup(0);
+  GF_CHECK(lowest >= 0);
+  close(lowest);
+  /* Room for the memfd and the doorbell only (descriptors are allocated lowest first and
+   * counted from the first free one up): the stop eventfd fails with EMFILE. */
+  int free_below = 0;
+  for (int fd = lowest; fd < lowest + 2; fd++)
+    free_below += fcntl(fd, F_GETFD) < 0;
+  GF_CHECK_EQ(free_below, 2);
+  struct rlimit low = {.rlim_cur = (rlim_t)lowest + 2, .rlim_max = old.rlim_max};
+  GF_CHECK_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
+  int rc = gf_manager_init(&m, 2, 16384, 1ull << 30);
+  setrlimit(RLIMIT_NOFILE, &old);
+  GF_CHECK_EQ(rc, -EMFILE);
+  GF_CHECK_EQ(open_fds(), before);
+  GF_CHECK(m.map == NULL);
+  GF_CHECK_EQ(m.memfd, -1);
+}
+
+static volatile sig_atomic_t atfork_armed;
+static int atfork_pipe = -1;
+
+/* A pthread_atfork child handler as gilhook's: it must never run in gf_spawn's child. */
+static void atfork_child(void) {
+  if (atfork_armed) {
+    char c = 1;
+    if (write(atfork_pipe, &c, 1) < 0) {
+    }
+  }
+}
+
+GF_TEST(spawn_runs_no_atfork_handler_in_the_child) {
+  int p[2];
+  pid_t pid;
+  int pidfd, status;
+  char *argv[] = {"/bin/true", NULL};
+  char *envp[] = {NULL};
+  GF_CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+  atfork_pipe = p[1];
+  static int registered;
+  if (!registered)
+    GF_CHECK_EQ(pthread_atfork(NULL, NULL, atfork_child), 0);
+  registered = 1;
+  atfork_armed = 1;
+  int rc = gf_spawn("/bin/true", argv, envp, NULL, 0, &pid, &pidfd);
+  atfork_armed = 0;
+  close(p[1]);
+  GF_CHECK_EQ(rc, 0);
+  GF_CHECK_EQ(waitpid(pid, &status, 0), pid);
+  close(pidfd);
+  char c;
+  ssize_t n = read(p[0], &c, 1);
+  close(p[0]);
+  GF_CHECK_EQ(n, 0); /* EOF: no handler wrote */
 }
 
 GF_TEST(spawn_runs_program_and_reports_exec_failure) {
