@@ -331,9 +331,10 @@ def _serve(worker, memfd, config):
             del exc
         try:
             worker.reply(task_id, ok, data, refs)
-        except MemoryError as exc:
-            # The pickle itself did not fit in the arena (reply released the buffers it had):
-            # the task fails with that error, and the worker goes on.
+        except (MemoryError, ValueError) as exc:
+            # The pickle itself did not fit in the arena, or the result holds more out-of-band
+            # buffers than a message can (reply released the buffers it had): the task fails
+            # with that error, and the worker goes on.
             data, refs = codec.dumps(_error(exc))
             worker.reply(task_id, False, data, refs)
         del data, refs

@@ -150,3 +150,8 @@ def exhaust_address_space(limit):
     except MemoryError:
         pass
     return "done"
+
+
+def many_buffers(n):
+    """n distinct 64 KiB bytes: each goes out-of-band, by its own block."""
+    return [os.urandom(16) * 4096 for _ in range(n)]

@@ -419,3 +419,78 @@ def test_shutdown_returns_when_the_template_and_workers_die_with_the_parent(how)
     assert set(outcomes) <= ({"BrokenPool", "cancelled"} if how == "cancel" else {"BrokenPool"})
     if how == "map":
         assert "map broken" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _block_refs(engine, blocks):
+    """The cross-process reference counts of the parent's arena blocks (read through the memfd:
+    the block header's magic, then its count)."""
+    import struct
+
+    memfd = engine.child_fds()[0]
+    seg_size = struct.unpack("Q", os.pread(memfd, 8, 8))[0]
+    return [struct.unpack("II", os.pread(memfd, 8, seg_size + b))[1] for b in blocks]
+
+
+@pytest.mark.parametrize("bad_at", [None, 10])
+def test_a_submit_with_too_many_or_bad_buffers_releases_every_one(bad_at):
+    # Engine.submit takes over the references of its buffers also when it fails: with more than
+    # a message holds (4095), or with a malformed entry, not one block may stay referenced.
+    with gilfree.Pool(1) as pool:
+        engine = pool._engine
+        n = 4096 if bad_at is None else 20
+        refs = [engine.export(memoryview(bytes([i % 251]) * 64)) for i in range(n)]
+        blocks = [r[0] for r in refs]
+        assert set(_block_refs(engine, blocks)) == {1}
+        sent = list(refs)
+        if bad_at is not None:
+            engine.release(sent[bad_at][0])  # the malformed entry's own block: freed here
+            sent[bad_at] = ("not", "a", "tuple", 0)
+        with pytest.raises(ValueError if bad_at is None else TypeError) as info:
+            engine.submit(10**9, False, None, b"x", sent)
+        assert set(_block_refs(engine, blocks)) == {0}
+        if bad_at is None:
+            assert "too many out-of-band buffers in one message (4096; at most 4095)" in str(
+                info.value
+            )
+        assert pool.submit(len, "abc").result(timeout=60) == 3
+
+
+def test_a_result_with_too_many_buffers_fails_its_task_only():
+    from poolfuncs import many_buffers
+
+    with gilfree.Pool(1) as pool:
+        worker = pool.submit(os.getpid).result(timeout=60)
+        for _ in range(2):  # the first one's blocks were released: the second fits as well
+            with pytest.raises(ValueError, match="too many out-of-band buffers in one message"):
+                pool.submit(many_buffers, 4100).result(timeout=60)
+        assert len(pool.submit(many_buffers, 4095).result(timeout=60)) == 4095
+        assert pool.submit(os.getpid).result(timeout=60) == worker
+        assert pool.stats()["restarts"] == 0
+
+
+def test_close_waits_for_a_thread_collecting_without_the_gil():
+    # Future.result() collects in its own thread with the GIL released; closing the engine
+    # (Ctrl-C, shutdown from another thread, the waiter's own close) frees what that collect
+    # uses, so it must wait until the collect is out of the engine.
+    import threading
+
+    pool = gilfree.Pool(1)
+    engine = pool._engine
+    entered, out = threading.Event(), []
+
+    def collect():
+        entered.set()
+        out.append(engine.collect(False, 1.0))  # nothing is out: spins the whole second
+
+    t = threading.Thread(target=collect)
+    t.start()
+    entered.wait()
+    time.sleep(0.1)
+    started = time.monotonic()
+    pool.shutdown()
+    waited = time.monotonic() - started
+    t.join()
+    assert out == [[]]
+    assert waited > 0.5, f"close returned after {waited:.3f} s, with a collect still inside"
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.collect(False, 0.0)

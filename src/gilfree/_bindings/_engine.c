@@ -19,6 +19,7 @@
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -386,22 +387,43 @@ static int outgoing_build(outgoing *out, shm_t *shm, uint64_t task_id, uint32_t 
   PyObject *seq = PySequence_Fast(bufs, "bufs must be a sequence");
   if (seq == NULL)
     return -1;
+  /* Every tuple is parsed, also past a bad one or past the limit, so that each reference is
+   * released on failure; the first error is the one raised. */
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  if (n + 1 > MAX_BUFS) {
-    Py_DECREF(seq);
-    PyErr_SetString(PyExc_ValueError, "too many out-of-band buffers in one message");
-    goto error;
-  }
+  int failed = 0;
   for (Py_ssize_t i = 0; i < n; i++) {
     unsigned long long block, at, len;
     unsigned int flags;
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKKI", &block, &at, &len, &flags)) {
-      Py_DECREF(seq);
-      goto error;
+    PyObject *type, *value, *tb;
+    if (failed)
+      PyErr_Fetch(&type, &value, &tb);
+    int parsed =
+        PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKKI", &block, &at, &len, &flags);
+    if (failed) {
+      PyErr_Clear();
+      PyErr_Restore(type, value, tb);
+    }
+    if (!parsed) {
+      failed = 1;
+      continue;
+    }
+    if (failed || out->nbufs + 1 >= MAX_BUFS) { /* one entry stays for the payload */
+      if (!failed)
+        PyErr_Format(PyExc_ValueError,
+                     "too many out-of-band buffers in one message (%zd; at most %d)", n,
+                     MAX_BUFS - 1);
+      failed = 1;
+      if (gf_block_check(shm->arena, block) == 0)
+        shm_release(shm, block);
+      continue;
     }
     out->bufs[out->nbufs++] = (gf_bufref){.block = block, .at = at, .len = len, .flags = flags};
     if (!(flags & BUF_BY_REFERENCE))
       out->bytes += len;
+  }
+  if (failed) {
+    Py_DECREF(seq);
+    goto error;
   }
   Py_DECREF(seq);
   if ((head != Py_None && PyObject_GetBuffer(head, &out->head, PyBUF_SIMPLE) < 0) ||
@@ -567,6 +589,13 @@ typedef struct {
    * when the callback returns, since it cannot join itself. */
   int close_requested;
   int64_t close_timeout_ns;
+  /* engine_close has begun: a second caller returns at once (it would join the waiter twice). */
+  int closing;
+  /* Threads inside the manager without the GIL (collect, start_template), which the manager's
+   * teardown must not overlap. Only read and written with the GIL held, so a plain int: a
+   * thread counts itself in after engine_check and before releasing the GIL, and out once it
+   * holds the GIL again; the closer marks the engine closed first, then waits for zero. */
+  int busy;
   PyObject *on_events; /* strong: called with each batch of events by the waiter thread */
   size_t max_inline;
 } EngineObject;
@@ -697,6 +726,18 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
 
 static void *waiter_main(void *arg);
 
+/* With the GIL: waits (GIL released meanwhile) until no thread is inside the manager without
+ * the GIL. The engine is marked closed already, so none enters again; those inside leave in a
+ * spin's time (the pool's are 200 µs at most) plus one collect. */
+static void engine_wait_idle(EngineObject *self) {
+  while (self->busy > 0) {
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec pause = {0, 20000};
+    nanosleep(&pause, NULL);
+    Py_END_ALLOW_THREADS
+  }
+}
+
 static void engine_stop_waiter(EngineObject *self) {
   if (!self->waiter_running)
     return;
@@ -711,7 +752,7 @@ static void engine_stop_waiter(EngineObject *self) {
  * waiter thread itself, only asks the waiter to do so once the current callback returns. In
  * a forked child, only drops this process's copy (the pool is the parent's). */
 static void engine_close(EngineObject *self, int64_t timeout_ns) {
-  if (!self->initialized || self->closed || self->close_requested)
+  if (!self->initialized || self->closed || self->close_requested || self->closing)
     return;
   if (shm_foreign(&self->shm)) {
     /* The waiter thread was not forked; its reference to us is never returned. The mapping
@@ -726,8 +767,10 @@ static void engine_close(EngineObject *self, int64_t timeout_ns) {
     self->close_timeout_ns = timeout_ns;
     return;
   }
-  engine_stop_waiter(self);
+  self->closing = 1;
+  engine_stop_waiter(self); /* releases the GIL: collectors may enter meanwhile */
   self->closed = 1;
+  engine_wait_idle(self);
   Py_BEGIN_ALLOW_THREADS
   gf_manager_close(&self->m, timeout_ns);
   Py_END_ALLOW_THREADS
@@ -825,9 +868,11 @@ static PyObject *Engine_start_template(EngineObject *self, PyObject *const *args
   int rc = -EINVAL;
   if (argv != NULL && envp != NULL) {
     const char *cpath = PyBytes_AS_STRING(path);
+    self->busy++; /* see busy */
     Py_BEGIN_ALLOW_THREADS
     rc = gf_manager_start_template(&self->m, cpath, argv, envp, (int)config_fd);
     Py_END_ALLOW_THREADS
+    self->busy--;
   }
   free_argv(argv);
   free_argv(envp);
@@ -980,12 +1025,14 @@ static PyObject *Engine_collect(EngineObject *self, PyObject *const *args, Py_ss
     spin = PyFloat_AsDouble(args[1]);
   if (control < 0 || PyErr_Occurred() || engine_check(self) < 0)
     return NULL;
+  self->busy++; /* see busy: close waits for this thread to leave the manager */
   Py_BEGIN_ALLOW_THREADS
   if (spin > 0)
     found = gf_manager_spin(&self->m, (int64_t)(spin * 1e9));
   if (found)
     rc = gf_manager_collect(&self->m, control, batch_add, &batch);
   Py_END_ALLOW_THREADS
+  self->busy--;
   PyObject *list = batch_to_list(self, &batch);
   free(batch.items);
   if (rc < 0 && list != NULL) {
@@ -1034,12 +1081,15 @@ static void *waiter_main(void *arg) {
   free(batch.items);
   /* close_requested is only set on this thread, so reading it here is safe. */
   int closing_here = self->close_requested;
-  if (closing_here)
-    gf_manager_close(&self->m, self->close_timeout_ns);
   PyGILState_STATE gil = PyGILState_Ensure();
   if (closing_here) {
-    /* Nobody joins a thread that closed its own engine. */
+    /* close_requested keeps new collectors out; those inside must leave first. */
     self->closed = 1;
+    engine_wait_idle(self);
+    Py_BEGIN_ALLOW_THREADS
+    gf_manager_close(&self->m, self->close_timeout_ns);
+    Py_END_ALLOW_THREADS
+    /* Nobody joins a thread that closed its own engine. */
     self->waiter_running = 0;
     pthread_detach(pthread_self());
   }
