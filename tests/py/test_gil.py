@@ -1179,3 +1179,47 @@ def test_a_monitor_keeps_its_budget_over_several_drains():
     assert len(m._events) <= 200_000  # what it keeps of them
     assert report.dropped_events > 0 and report.lost_after_s < 0.5 * report.wall_s
     assert thread_of(report, "MainThread").lost_after_s == report.lost_after_s
+
+
+def test_a_single_thread_never_waits_for_the_gil_whatever_its_counters_say():
+    """Its only waits are for the sampler's holds and then for a CPU on a busy machine: a
+    single-threaded program was called 'Partly GIL-bound: 1 thread waited'."""
+    from gilfree.gil import Report, ThreadReport
+
+    main = ThreadReport("MainThread", 1, 3.5, 0.4, 60, 0.005, 0.01, 0.02, 0.1, 60, alive_s=4.0, cpu_s=3.5)
+    report = Report(4.0, 0.88, 120, 0, [main], cores=2, process_cpu_s=3.5, other_load_cores=1.5,
+                    sampler_held_s=0.01)
+    assert report.gil_wait_share == 0.0
+    assert verdict_of(report).startswith("Not GIL-bound, but one thread held the GIL 88% of the time")
+
+
+def test_a_main_thread_waiting_on_busy_child_processes_is_not_called_idle():
+    from gilfree.gil import Report, ThreadReport
+
+    main = ThreadReport("MainThread", 1, 0.05, 0.0, 5, 0, 0, 0, 1.95, 5, alive_s=2.0, cpu_s=0.05)
+    report = Report(2.0, 0.02, 10, 0, [main], cores=2, process_cpu_s=0.05)
+    report.children_cpu_s = 3.76
+    v = verdict_of(report)
+    assert v.startswith("Not GIL-bound: the work runs in its child processes (1.88 cores)"), v
+    assert "idle" not in v
+
+
+def test_the_sampler_keeps_no_frame_whose_locals_it_would_free():
+    """A call's locals are freed by the call's thread: the sampler kept the last frame it saw
+    over its sleep, so a frame that ended meanwhile was freed, with its locals, by the sampler."""
+    freed_in = []
+
+    class Tracked:
+        def __del__(self):
+            freed_in.append(threading.current_thread().name)
+
+    def hold():
+        tracked = Tracked()  # noqa: F841 - a local the frame owns once the call ends
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+
+    with gil.monitor(sample_hz=200):
+        for _ in range(10):
+            hold()
+    assert freed_in == ["MainThread"] * 10
