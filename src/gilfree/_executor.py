@@ -330,12 +330,79 @@ class PoolBase(concurrent.futures.Executor):
         finally:
             pipeline.cancel()
             bar.close()
+            # Nobody awaits the chunks left any more: a running one's failure would otherwise be
+            # logged as "Future exception was never retrieved" when its asyncio future goes.
+            for waited in wrapped.values():
+                try:
+                    if not waited.cancel() and not waited.cancelled():
+                        waited.exception()
+                except RuntimeError:  # the loop is closed: it logs nothing any more
+                    pass
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if not self._left_on_interrupt(exc_type, exc):
+            self.shutdown(wait=True)
+        return False
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb):
+        """As __exit__, without blocking the event loop: the wait for the tasks runs in a
+        thread of its own (not the loop's default executor, which asyncio.run joins)."""
+        if self._left_on_interrupt(exc_type, exc):
+            return False
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def shut_down():
+            try:
+                self.shutdown(wait=True)
+                outcome = None
+            except BaseException as error:
+                outcome = error
+            try:
+                loop.call_soon_threadsafe(_settle, done, outcome)
+            except RuntimeError:  # the loop is closed: nobody waits
+                pass
+
+        threading.Thread(target=shut_down, name="gilfree-shutdown", daemon=True).start()
+        try:
+            await done
+        except asyncio.CancelledError:
+            # Cancelled while waiting (Ctrl-C under asyncio.run): as when left on cancellation.
+            self.shutdown(wait=False, cancel_futures=True)
+            raise
+        return False
+
+    def _left_on_interrupt(self, exc_type, exc):
+        """Leaving a with or async with block on Ctrl-C or on the cancellation of the code that
+        awaited in it: shuts the pool down without waiting for its running tasks; returns True.
+
+        Ctrl-C (a KeyboardInterrupt of this process) kills the workers now. An asyncio
+        cancellation (asyncio.run turns Ctrl-C into one; also asyncio.timeout, a TaskGroup's
+        failure) cancels the tasks no worker has started and lets the running ones finish in the
+        background, as cancelling ``await pool.run(...)`` does: the workers end after them, and
+        at once if the interpreter then exits on a Ctrl-C."""
         if exc_type is KeyboardInterrupt and is_ctrl_c(exc):
             self._interrupted()
-        self.shutdown(wait=True)
+            self.shutdown(wait=True)  # nothing left to wait for
+            return True
+        asyncio = sys.modules.get("asyncio")  # not imported: no asyncio cancellation
+        if asyncio is not None and isinstance(exc, asyncio.CancelledError):
+            self.shutdown(wait=False, cancel_futures=True)
+            return True
         return False
+
+
+def _settle(future, error):
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

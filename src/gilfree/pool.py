@@ -263,6 +263,15 @@ class Pool(PoolBase):
     Workers see the environment, working directory and sys.path as they were at Pool(). A task
     whose worker dies fails with gilfree.WorkerCrashed; the worker is replaced.
 
+    ``with Pool() as pool:`` shuts down with wait=True on leaving; ``async with Pool() as
+    pool:`` does the same without blocking the event loop (the wait runs in a thread). Left on
+    Ctrl-C (KeyboardInterrupt), either kills the workers at once. Left on an asyncio
+    cancellation (the code awaiting in the block was cancelled: asyncio.run's answer to Ctrl-C,
+    asyncio.timeout, a failing TaskGroup), either waits for nothing: tasks no worker has started
+    are cancelled, running ones finish in the background (as when ``await pool.run(...)`` is
+    cancelled), then the workers end; an interpreter exiting on an uncaught Ctrl-C (as
+    asyncio.run raises it) kills them at once instead.
+
     One difference: large buffers arrive read-only. Numpy arrays, memoryviews and
     pickle.PickleBuffers of 64 KiB and more travel as zero-copy views of shared memory, both
     ways: in a worker, a task's arguments (and what its callable holds); in the parent, the
@@ -922,9 +931,22 @@ _busy_pools = set()  # pools with futures out: see Pool._settled
 
 
 def _shutdown_at_exit():
+    interrupted = _exiting_on_ctrl_c()
     for pool in list(_live_pools):
         pool._stop_maps()  # nobody reads a map at exit: the input it has not read is not run
+        if interrupted:
+            pool._interrupted()  # kills the workers: the exit does not wait for their tasks
         pool.shutdown(wait=True)
+
+
+def _exiting_on_ctrl_c():
+    """True when the interpreter exits on an uncaught Ctrl-C (as asyncio.run raises it): its
+    traceback was printed, which sets sys.last_exc (3.12+) and sys.last_value before the exit
+    hooks run. Not in an interactive session, where they may be an earlier command's."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return False
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return isinstance(exc, KeyboardInterrupt) and is_ctrl_c(exc)
 
 
 def _forget_pools_after_fork():

@@ -1,6 +1,7 @@
 """Behaviour of gilfree.Pool: results, errors, crashes, timeouts, signals, buffers, threads."""
 import asyncio
 import collections
+import gc
 import concurrent.futures
 import ctypes
 import inspect
@@ -1263,3 +1264,153 @@ def test_stats_count_as_running_the_tasks_workers_run(tmp_path):
         assert [future.result(timeout=30) for future in futures] == list(range(6))
         stats = pool.stats()
         assert stats["running"] == stats["queued"] == 0
+
+
+# ------------------------------------------------------------------ asyncio: Ctrl-C, async with, amap
+
+ASYNCIO_CTRL_C = """
+    import asyncio, gilfree, poolfuncs
+    MODE = {mode!r}
+
+    async def ready(pool):
+        while pool.stats()["running"] < 2:
+            await asyncio.sleep(0.01)
+        pids = [w["pid"] for w in pool.stats()["workers"]] + [pool._engine.template_pid]
+        print("ready", *pids, flush=True)
+
+    async def tasks(pool):
+        waiting = asyncio.gather(*[pool.run(poolfuncs.sleep_then, 30) for _ in range(4)])
+        await ready(pool)
+        await waiting
+
+    async def items(pool):
+        async def read():
+            async for _ in pool.amap(poolfuncs.sleep_then, [30] * 6, chunksize=1):
+                pass
+        reading = asyncio.ensure_future(read())
+        await ready(pool)
+        await reading
+
+    async def main():
+        pool = gilfree.Pool(2)
+        if MODE == "with":
+            with pool:
+                await tasks(pool)
+        elif MODE == "async with":
+            async with pool:
+                await tasks(pool)
+        elif MODE == "amap":
+            with pool:
+                await items(pool)
+        else:  # never closed
+            await tasks(pool)
+
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["with", "async with", "amap", "never closed"])
+def test_ctrl_c_under_asyncio_run_exits_at_once_and_leaves_no_processes(mode):
+    # asyncio.run turns Ctrl-C into cancelling its main task, then raises KeyboardInterrupt:
+    # the pool's block must not wait for the 30 s tasks, nor must the exit.
+    proc = run_script(ASYNCIO_CTRL_C.format(mode=mode))
+    line = proc.stdout.readline().split()
+    assert line[:1] == ["ready"], proc.communicate()[1]
+    pids = [int(pid) for pid in line[1:]]
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=15)  # half the tasks' time
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"still running 15 s after Ctrl-C\n{err}")
+    assert "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 2.0
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(p) for p in pids), [proc_status(p) for p in pids]
+
+
+def test_async_with_waits_for_the_tasks_without_blocking_the_loop():
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        ticker = asyncio.create_task(tick())
+        async with gilfree.Pool(1) as pool:
+            assert isinstance(pool, gilfree.Pool)
+            future = pool.submit(f.sleep_then, 0.5, "done")
+            before = ticks
+        during = ticks - before
+        ticker.cancel()
+        return pool, future, during
+
+    pool, future, during = asyncio.run(main())
+    assert future.done() and future.result() == "done"  # __aexit__ waited for it
+    assert during >= 2  # while the loop ran other tasks
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(f.square, 2)
+
+
+@pytest.mark.parametrize("block", ["with", "async with", "async with, cancelled in its exit"])
+def test_leaving_a_pool_block_on_cancellation_does_not_wait_for_running_tasks(block):
+    pool = gilfree.Pool(1)
+    queued = []
+
+    async def use():
+        if block == "with":
+            with pool:
+                running = pool.run(f.sleep_then, 10)
+                queued.append(pool.submit(f.square, 3))
+                await running
+        elif block == "async with":
+            async with pool:
+                running = pool.run(f.sleep_then, 10)
+                queued.append(pool.submit(f.square, 3))
+                await running
+        else:  # the block ends, and its __aexit__ waits for the task when the timeout comes
+            async with pool:
+                pool.submit(f.sleep_then, 10)
+                queued.append(pool.submit(f.square, 3))
+
+    async def main():
+        async with asyncio.timeout(0.5):
+            await use()
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            asyncio.run(main())
+        assert time.monotonic() - start < 5  # well before the 10 s task would end
+        assert queued[0].cancelled()  # no worker had started it
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            pool.submit(f.square, 2)
+    finally:
+        pool._interrupted()  # not the test's subject: the 10 s task need not finish
+
+
+def test_amap_ended_by_an_error_leaves_no_unretrieved_future_exception():
+    async def main():
+        reported = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        pool = gilfree.Pool(2)
+        try:
+            # Both workers die: item 1's crash ends the amap, item 2's chunk is running.
+            with pytest.raises(gilfree.WorkerCrashed):
+                async for _ in pool.amap(f.exit_hard, [1, 2, 3], chunksize=1):
+                    pass
+            while pool.stats()["running"] or pool.stats()["queued"]:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)  # the wrapped futures' outcomes reach the loop
+            gc.collect()
+        finally:
+            pool.shutdown()
+        return reported
+
+    reported = asyncio.run(main())
+    assert not reported, [context.get("message") for context in reported]
