@@ -630,3 +630,102 @@ os._exit(0)
 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["ok"], done.stderr
+
+
+def test_ctrl_c_in_with_block_cancels_the_tasks_and_waits_for_none(client):
+    # Ctrl-C used to leave the block through shutdown(wait=True): every submitted task ran first.
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with DaskPool(client) as pool:
+            futures = [pool.submit(time.sleep, 1) for _ in range(20)]  # 10 s on 2 workers
+            futures[0].result(timeout=30)
+            raise KeyboardInterrupt  # as Ctrl-C raises it in the waiting thread
+    assert time.monotonic() - started < 8  # well before the 19 tasks left would finish
+    assert all(f.done() for f in futures)
+    assert sum(f.cancelled() for f in futures[1:]) >= 17
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(square, 2)
+    keys = {f.dask_future.key for f in futures[1:]}
+    # Dask forgot them, running ones included (they end in their threads, their results dropped).
+    deadline = time.monotonic() + 10
+    while keys & set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)  # the running calls end before the next test
+
+
+def test_ctrl_c_in_map_shuts_the_pool_down_without_waiting(client):
+    # As the local pool (which kills its workers): the pool is shut down, its tasks cancelled.
+    pool = DaskPool(client)
+    futures = [pool.submit(time.sleep, 1) for _ in range(10)]
+    started = time.monotonic()
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in pool.map(slow_item, range(40), chunksize=1):
+                pass
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 8  # the 10 tasks and 40 one-second items: 25 s
+    assert all(f.done() for f in futures)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(square, 2)
+    time.sleep(1)
+
+
+def slow_item(x):
+    time.sleep(1)
+    return x
+
+
+async def test_async_with_left_on_cancellation_waits_for_no_task(client):
+    import asyncio
+
+    pool = DaskPool(client)
+    futures = []
+
+    async def work():
+        async with pool:
+            futures.extend(pool.submit(time.sleep, 1) for _ in range(20))
+            await asyncio.sleep(30)
+
+    started = time.monotonic()
+    task = asyncio.ensure_future(work())
+    await asyncio.sleep(1.5)
+    task.cancel()  # as asyncio.timeout, a TaskGroup's failure or Ctrl-C under asyncio.run do
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 8  # 20 one-second tasks on 2 workers: 10 s
+    assert sum(f.cancelled() for f in futures) >= 14
+    concurrent.futures.wait(futures, timeout=10)  # the running ones finish in the background
+    assert all(f.done() for f in futures)
+    time.sleep(0.5)
+
+
+@pytest.mark.parametrize("address", ["", "notaurl", "tcp://host:noport", "nosuch://host:8786"])
+def test_bad_scheduler_address_raises_value_error_and_creates_no_client(address, monkeypatch):
+    made = []
+    monkeypatch.setattr(distributed.Client, "__init__", lambda self, *a, **k: made.append(a))
+    with pytest.raises(ValueError, match=f"cluster={address!r} is not a Dask scheduler address"):
+        Pool(cluster=address)
+    assert made == []
+
+
+def test_bad_scheduler_address_leaves_no_hang_at_exit():
+    # A half-made Client kept the interpreter 60 s at exit (Client.__del__).
+    import subprocess
+
+    script = "import gilfree\ntry:\n    gilfree.Pool(cluster='')\nexcept ValueError as e:\n    print('ValueError', e)\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=40)
+    assert done.stdout.startswith("ValueError cluster=''"), done.stderr
+
+
+@pytest.mark.parametrize(
+    "option", [dict(max_tasks_per_worker=-1), dict(max_tasks_per_worker=0), dict(max_tasks_per_child=0),
+               dict(max_memory_per_worker=-5)],
+)
+def test_invalid_worker_options_are_refused_as_by_the_local_pool(client, option, recwarn):
+    with pytest.raises(ValueError, match=f"{next(iter(option))} must be at least 1"):
+        DaskPool(client, **option)
+    assert not [w for w in recwarn if "does not apply" in str(w.message)]

@@ -454,6 +454,13 @@ class DaskPool(PoolBase):
         preload=(),
     ):
         max_tasks_per_worker = process_pool_options(mp_context, max_tasks_per_worker, max_tasks_per_child)
+        for name, value in (  # checked as the local pool does, before saying they do not apply
+            ("max_tasks_per_child" if max_tasks_per_child is not None else "max_tasks_per_worker",
+             max_tasks_per_worker),
+            ("max_memory_per_worker", max_memory_per_worker),
+        ):
+            if value is not None and operator.index(value) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if max_tasks_per_worker is not None:
             warnings.warn(
                 "max_tasks_per_worker does not apply to a Dask cluster; use `dask worker --lifetime 1h "
@@ -468,6 +475,8 @@ class DaskPool(PoolBase):
             raise ValueError("task_timeout must be > 0")
         if max_workers is not None and operator.index(max_workers) < 1:
             raise ValueError("max_workers must be at least 1")
+        if isinstance(cluster, str):
+            _check_address(cluster)
         super().__init__()
         if isinstance(cluster, distributed.Client):
             self._client, self._owns_client = cluster, False
@@ -773,6 +782,28 @@ class DaskPool(PoolBase):
             "bytes_out": sum(r["bytes_out"] for r in rows),
         }
 
+    def _interrupted(self):
+        """Ctrl-C while waiting on the pool (a with block, map): shuts it down now, waiting for
+        no task. The cluster's workers are not the pool's to kill: every task of the pool is
+        cancelled on the cluster (a running call cannot be stopped in its worker thread and
+        finishes there; its result is dropped) and its future cancelled."""
+        with self._lock:
+            if self._shutdown and self._released:
+                return
+            self._shutdown = True
+            pending = list(self._outstanding.values())
+        self._stop_maps()
+        for future in pending:
+            if Future.cancel(future):
+                self._claim(future, future.dask_future.key, 0)  # notifies wait()
+        if pending and self._client.status == "running":
+            try:
+                self._client.cancel([f.dask_future for f in pending])
+            except Exception:
+                pass  # the client or the scheduler went away: Dask dropped them anyway
+        self._release_when_idle = True
+        self._release_if_idle(wait=True)  # nothing left to wait for: lets go of the cluster
+
     def shutdown(self, wait=True, *, cancel_futures=False):
         """As in concurrent.futures. A map opened before it goes on reading its input lazily (as
         with gilfree.Pool: an endless generator is never submitted whole); the pool lets go of
@@ -830,6 +861,25 @@ class DaskPool(PoolBase):
     def client(self):
         """The distributed.Client the pool submits to."""
         return self._client
+
+
+def _check_address(address):
+    """Raises ValueError unless address parses as a scheduler address, as the client's connect
+    would parse it; checked before any Client exists (a Client whose connect raised ValueError
+    is left half-made, and the interpreter then waits 60 s for it at exit)."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address
+
+    try:
+        scheme, location = parse_address(address)  # no scheme: Dask's default (tcp)
+        try:
+            registry.get_backend(scheme).get_address_host_port(location)
+        except NotImplementedError:  # e.g. inproc://: no host and port to check
+            pass
+    except (ValueError, TypeError, ImportError) as exc:
+        raise ValueError(
+            f"cluster={address!r} is not a Dask scheduler address such as 'tcp://host:8786' ({exc})"
+        ) from None
 
 
 def _kill_process(pid, dask_worker):
