@@ -194,9 +194,10 @@ class _Background(contextlib.ContextDecorator):
         self._close()
 
     def _close(self):
-        block, self._block = self._block, None
-        if block is not None:
-            _end(block)
+        # Forgotten only once ended: an interrupt as _end begins leaves it for __del__ to end.
+        if self._block is not None:
+            _end(self._block)
+            self._block = None
 
 
 def _warn_unavailable(exc):
@@ -218,13 +219,15 @@ def _begin(block):
 
 
 def _end(block):
-    """Closes block wherever it is, if it is still open."""
+    """Closes block wherever it is, if it is still open, and applies its thread's level: again
+    if an interrupt stopped the last call between the two."""
     with _lock:
         owner = block.owner
-        if owner is None or owner.epoch != _epoch or block not in owner.blocks:
-            return  # never opened, already closed, or uninstall() (or a fork) reset its thread
+        if owner is None or owner.epoch != _epoch:
+            return  # never begun, or uninstall() (or a fork) reset its thread
         try:
-            owner.blocks.remove(block)
+            if block in owner.blocks:
+                owner.blocks.remove(block)
         finally:
             _apply(_hook(), owner)
 

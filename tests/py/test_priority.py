@@ -1,5 +1,6 @@
 """gilfree.priority: Beazley's priority GIL on stock CPython."""
 import ctypes
+import gc
 import os
 import platform
 import random
@@ -721,4 +722,26 @@ def test_a_block_whose_exit_never_ran_ends_when_its_object_goes():
     block.__enter__()
     assert priority.get() == -3
     del block
+    assert priority.get() == 0
+
+
+@pytest.mark.parametrize("interrupted", ["_end", "_apply"])
+def test_an_interrupt_as_a_block_ends_leaves_the_thread_at_its_level_once_the_block_goes(monkeypatch, interrupted):
+    """A KeyboardInterrupt raised as the block's end begins (_end), or as it re-applies the level
+    after removing the block (_apply): the thread stayed at -3 for good."""
+    real = getattr(priority, interrupted)
+    calls = []
+
+    def interrupted_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # a signal handler raising at the function's first instruction
+        return real(*args)
+
+    with pytest.raises(KeyboardInterrupt):
+        with priority.background(-3):
+            assert priority.get() == -3
+            monkeypatch.setattr(priority, interrupted, interrupted_once)
+    monkeypatch.setattr(priority, interrupted, real)
+    gc.collect()
     assert priority.get() == 0
