@@ -290,6 +290,7 @@ def _serve(worker, memfd, config):
             return 0  # the template is gone
         task_id, (kind, head, body, views) = task
         count = 1
+        out_of_memory = False  # the task (or a chunk's item) raised MemoryError
         try:
             if head is None:  # the function came with the arguments: see function_blob
                 args = Codec.loads(body, views)
@@ -301,6 +302,7 @@ def _serve(worker, memfd, config):
             if kind == _engine.MSG_CHUNK:
                 count = len(args[0])
                 result = run_chunk(fn, args[0], args[1], on_item)
+                out_of_memory = result[1] is not None and isinstance(result[1][0], MemoryError)
             else:
                 result = fn(*args[0], **args[1])
             del fn, args
@@ -321,13 +323,7 @@ def _serve(worker, memfd, config):
                 _end_forked_child(exc)
             data, refs = codec.dumps(_error(exc))
             ok = False
-            if isinstance(exc, MemoryError) and _below_shared_memory(memfd):
-                # The task capped RLIMIT_AS below what is mapped: this worker cannot allocate
-                # anything more. It replies, then makes way for a fresh one.
-                del exc
-                worker.reply(task_id, ok, data, refs)
-                worker.retire()
-                return 0
+            out_of_memory = isinstance(exc, MemoryError)
             del exc
         try:
             worker.reply(task_id, ok, data, refs)
@@ -338,6 +334,11 @@ def _serve(worker, memfd, config):
             data, refs = codec.dumps(_error(exc))
             worker.reply(task_id, False, data, refs)
         del data, refs
+        if out_of_memory and _below_shared_memory(memfd):
+            # The task capped RLIMIT_AS below what is mapped: this worker cannot allocate
+            # anything more. It has replied; a fresh one takes its place.
+            worker.retire()
+            return 0
         worker.scan()
         done += count  # a map chunk counts its items
         if (config.max_tasks and done >= config.max_tasks) or (

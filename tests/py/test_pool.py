@@ -477,6 +477,15 @@ def test_a_task_capping_its_address_space_gets_memoryerror_and_the_next_task_a_w
         assert pool.submit(f.allocated, 64 << 20).result(timeout=60) == 64 << 20
 
 
+def test_a_map_item_capping_its_address_space_leaves_the_next_map_a_working_worker():
+    # The same in a map: the chunk's MemoryError went back, but the capped worker stayed and
+    # failed every later allocation.
+    with gilfree.Pool(1) as pool:
+        with pytest.raises((MemoryError, gilfree.WorkerCrashed)):
+            list(pool.map(f.allocate_under_address_limit, [1 << 30], [2 << 30]))
+        assert list(pool.map(f.allocated, [64 << 20] * 3)) == [64 << 20] * 3
+
+
 def test_a_task_leaving_its_worker_no_address_space_fails_naming_rlimit_as_and_the_pool_goes_on():
     with gilfree.Pool(1) as pool:
         with pytest.raises(gilfree.WorkerCrashed) as info:
