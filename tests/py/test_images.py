@@ -668,18 +668,21 @@ async def test_get_answers_can_be_cached_and_revalidated_without_a_transform(loc
 async def test_if_modified_since_answers_304_only_for_a_date_no_later_file_can_share(local, root):
     url, _ = local
     path = "/v1/transform/fresh.jpg?w=10"
-    (root / "fresh.jpg").write_bytes(PHOTO)  # modified this second: a replacement later in it would share its date
-    this_second = email.utils.formatdate(os.stat(root / "fresh.jpg").st_mtime, usegmt=True)
+    (root / "fresh.jpg").write_bytes(PHOTO)
+    # Modified in a second not yet over (a replacement later in it would share its date); set
+    # ahead, so that the test does not depend on when in a second it runs.
+    now = time.time()
+    os.utime(root / "fresh.jpg", (now + 30, now + 30))
+    this_second = email.utils.formatdate(now + 30, usegmt=True)
     status, headers, _ = await conditional_get(url, path)
     assert status == 200 and headers["ETag"] and "Last-Modified" not in headers
     status, _, _ = await conditional_get(url, path, **{"If-Modified-Since": this_second})
     assert status == 200  # not a 304 for a file that may have been replaced after that date was sent
 
-    written = os.stat(root / "fresh.jpg")
-    os.utime(root / "fresh.jpg", ns=(written.st_atime_ns, written.st_mtime_ns - 5_000_000_000))
+    os.utime(root / "fresh.jpg", (now - 5, now - 5))
     status, headers, _ = await conditional_get(url, path)
     last_modified = headers["Last-Modified"]
-    assert status == 200 and email.utils.parsedate_to_datetime(last_modified).timestamp() == int(written.st_mtime) - 5
+    assert status == 200 and email.utils.parsedate_to_datetime(last_modified).timestamp() == int(now - 5)
     status, _, _ = await conditional_get(url, path, **{"If-Modified-Since": last_modified})
     assert status == 304
     future = email.utils.formatdate(time.time() + 3600, usegmt=True)
