@@ -477,10 +477,15 @@ def format_table(results, fib_n=20):
         base, loaded = _find(results, r.server, 1), _find(results, r.server, 2)
         vs_s1 = f"{r.total / base.total:.2f}x" if base else "-"
         rate = f"{r.cpu_rate:.0f}" if r.cpu_rate is not None else "-"
-        vs_s2 = f"{r.cpu_rate / loaded.cpu_rate - 1:+.0%}" if r.scenario == 3 and loaded else ""
+        vs_s2 = _change(r.cpu_rate / loaded.cpu_rate - 1) if r.scenario == 3 and loaded else ""
         lines.append(f"{r.server:<16}{label:<28}{r.total:>8.2f}s{vs_s1:>8}{r.p50 * 1e3:>8.3f}ms"
                      f"{r.p99 * 1e3:>8.3f}ms{rate:>11}{vs_s2:>8}")
     return "\n".join(lines)
+
+
+def _change(fraction):
+    """A signed whole percentage; a change that rounds to nothing is +0%, never -0%."""
+    return f"{fraction:+.0%}" if round(fraction * 100) else "+0%"
 
 
 def check_goals(results):
@@ -492,25 +497,27 @@ def check_goals(results):
             continue
         goals.append((f"{server}: s3 total {s3.total / s1.total:.2f}x s1 (goal <= {GOAL_SLOWDOWN}x)",
                       s3.total <= GOAL_SLOWDOWN * s1.total))
-        goals.append((f"{server}: s3 p50 {s3.p50 / s1.p50:.2f}x s1 (goal <= {GOAL_SLOWDOWN}x)",
-                      s3.p50 <= GOAL_SLOWDOWN * s1.p50))
+        loaded = f", s2 {s2.p50 * 1e3:.3f} ms" if s2 else ""
+        goals.append((f"{server}: s3 p50 {s3.p50 / s1.p50:.2f}x s1 ({s1.p50 * 1e3:.3f} -> {s3.p50 * 1e3:.3f} ms"
+                      f"{loaded}) (goal <= {GOAL_SLOWDOWN}x)", s3.p50 <= GOAL_SLOWDOWN * s1.p50))
         if s2:
             change = s3.cpu_rate / s2.cpu_rate - 1
-            goals.append((f"{server}: CPU thread throughput {change:+.0%} vs s2 (goal >= -{GOAL_CPU_LOSS:.0%})",
+            goals.append((f"{server}: CPU thread throughput {_change(change)} vs s2 (goal >= -{GOAL_CPU_LOSS:.0%})",
                           change >= -GOAL_CPU_LOSS))
     return goals
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=10000)
-    parser.add_argument("--size", type=int, default=8192, help="payload bytes per message")
-    parser.add_argument("--pause", type=float, default=0.001, help="client pause after each reply (s)")
+    parser.add_argument("--messages", type=int, default=10000, help="messages per scenario and server (10000)")
+    parser.add_argument("--size", type=int, default=8192, help="payload bytes per message (8192)")
+    parser.add_argument("--pause", type=float, default=0.001, help="client pause after each reply, seconds (0.001)")
     parser.add_argument("--servers", default=None, help=f"comma list of {','.join(SERVERS)} (default: all installed)")
-    parser.add_argument("--scenarios", default="1,2,3")
+    parser.add_argument("--scenarios", default="1,2,3",
+                        help="comma list: 1 unloaded, 2 with a CPU thread, 3 with it in background() (1,2,3)")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="each scenario's messages in this many runs, the scenarios taking turns")
-    parser.add_argument("--fib", type=int, default=20, help="the CPU worker computes fib(N) in a loop")
+                        help="each scenario's messages in this many runs, the scenarios taking turns (5)")
+    parser.add_argument("--fib", type=int, default=20, help="the CPU worker computes fib(N) in a loop (20)")
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval in the server")
     parser.add_argument("--monitor", action="store_true",
                         help="run each server under gilfree.gil.monitor() and print its GIL report")
@@ -529,7 +536,7 @@ def main(argv=None):
     if not 1 <= args.rounds <= args.messages:
         parser.error("--rounds must be between 1 and --messages")
     print(f"Beazley's messaging experiment: {args.messages} messages of {args.size} bytes, "
-          f"{args.pause * 1e3:g} ms pause, in {args.rounds} interleaved rounds; Python {platform.python_version()}, {os.cpu_count()} cores, "
+          f"{args.pause * 1e3:g} ms pause, in {args.rounds} interleaved round{'s' if args.rounds != 1 else ''}; Python {platform.python_version()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     results = run(servers, scenarios, progress=lambda r: print(".", end="", flush=True),
                   rounds=args.rounds, messages=args.messages, size=args.size, pause=args.pause, fib_n=args.fib,
@@ -544,6 +551,9 @@ def main(argv=None):
         print("\nGoals (one run):")
         for text, met in goals:
             print(f"  [{'met' if met else 'MISSED'}] {text}")
+        if any(not met and " p50 " in text for text, met in goals):
+            print("  A p50 round trip at scenario 1's level is tens of microseconds: on a 2-CPU machine that also runs\n"
+                  "  the client, scenario 3 adds a scheduling delay the GIL does not cause (docs/beazley.md, Reading the table).")
     return 1 if any(r.error for r in results) else 0
 
 

@@ -5,12 +5,15 @@ JPEGs in a temporary directory, and thumbor in its own virtual environment ``.ve
 (thumbor pins Pillow<13, which must not replace the project's Pillow).
 
 Load: wrk at concurrency 2 x cores on loopback, one connection per request slot, images cycled so
-consecutive requests differ. Meanwhile one thread probes the health endpoint every 20 ms on its own
-connection. CPU use is the server's process tree (front + workers) CPU seconds over wall seconds.
+consecutive requests differ. Meanwhile a probe process GETs the health endpoint every 20 ms on its
+own connection, and another probes an idle server the same way (the "idle ctl" column: the
+machine's own scheduling delay). CPU use is the server's process tree (front + workers) CPU
+seconds over wall seconds.
 
 Workloads: (a) thumbnail, fit into 512x512, JPEG q=85; (b) full-size re-encode, JPEG q=85.
 
-    python bench/bench_images.py [--duration 15] [--images 24] [--systems pool,threads,mp,thumbor]
+    python bench/bench_images.py [--duration 15] [--rounds 3] [--images 24]
+                                 [--systems pool,pool/POST,threads,threads/POST,mp,thumbor]
 """
 import argparse
 import http.client

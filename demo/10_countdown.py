@@ -47,7 +47,7 @@ def gilfree_pool():
 def main():
     cpus = len(os.sched_getaffinity(0))
     print(f"\n== Countdown of {COUNT:,} (seeds 002/004), {PARTS} parts, {cpus} CPUs, "
-          f"CPython {sys.version.split()[0]}")
+          f"CPython {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f} at start")
     rows = [("serial", timed(serial))]
     rows.append((f"{PARTS} threads", timed(threads)))
     rows.append((f"multiprocessing.Pool({PARTS})", timed(mp_pool)))
@@ -56,8 +56,13 @@ def main():
     print(f"{'how':<26} {'seconds':>8} {'speed-up':>9}")
     for name, seconds in rows:
         print(f"{name:<26} {seconds:>8.2f} {base / seconds:>8.2f}x")
-    print("Threads do not help: one GIL. Processes (each its own GIL) use every core; gilfree's pool "
-          "includes its own start-up and shutdown in the time.")
+    speedups = {name: base / seconds for name, seconds in rows}
+    processes = min(speedups[f"multiprocessing.Pool({PARTS})"], speedups[f"gilfree.Pool({PARTS})"])
+    print(f"Threads: {speedups[f'{PARTS} threads']:.2f}x, one GIL for both. Processes, each with its own GIL: "
+          f"{processes:.2f}x or more, each pool's start-up and shutdown included.")
+    if processes < 0.8 * min(PARTS, cpus):
+        print(f"Processes gained less than the {min(PARTS, cpus)} CPUs allow: other work took CPU meanwhile "
+              f"(load average {os.getloadavg()[0]:.2f} at end).")
 
 
 if __name__ == "__main__":

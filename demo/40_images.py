@@ -67,7 +67,10 @@ def main():
         for seed in range(IMAGES):
             Path(directory, f"photo_{seed:02d}.jpg").write_bytes(samples.photo_jpeg(seed))
         images = load(directory)
-        print(f"seed 000: {IMAGES} photo-like {samples.SIZE_2K[0]}x{samples.SIZE_2K[1]} JPEGs, {CORES} cores")
+        print(f"\n== Seed 000's image batch: {IMAGES} photo-like {samples.SIZE_2K[0]}x{samples.SIZE_2K[1]} JPEGs "
+              f"transformed in this process's executors, ThreadPoolExecutor({CORES}) against gilfree.Pool({CORES}), "
+              f"{CORES} cores\n   thumbnail: fit into 512x512, JPEG q=85 (libjpeg and the resize release the GIL); "
+              f"re-encode: full size, JPEG q=85 (Pillow holds the GIL while encoding)")
         with ThreadPoolExecutor(CORES) as threads, Pool(CORES) as pool:
             run_batch(pool, images[:CORES], spec_of("thumbnail"))  # workers up and warm
             for workload in WORKLOADS:
