@@ -645,12 +645,10 @@ def test_ctrl_c_in_with_block_cancels_the_tasks_and_waits_for_none(client):
     assert sum(f.cancelled() for f in futures[1:]) >= 17
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(square, 2)
-    keys = {f.dask_future.key for f in futures[1:]}
-    # Dask forgot them, running ones included (they end in their threads, their results dropped).
-    deadline = time.monotonic() + 10
-    while keys & set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # Cancelled on the cluster too, running ones included (they end in their threads, their
+    # results dropped); when the scheduler then forgets them is Dask's business.
+    statuses = [f.dask_future.status for f in futures[1:]]
+    assert set(statuses) <= {"cancelled", "finished"} and statuses.count("cancelled") >= 17, statuses
     time.sleep(1)  # the running calls end before the next test
 
 
