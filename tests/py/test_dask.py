@@ -652,7 +652,16 @@ def test_ctrl_c_in_with_block_cancels_the_tasks_and_waits_for_none(client):
     time.sleep(1)  # the running calls end before the next test
 
 
-def test_ctrl_c_in_map_shuts_the_pool_down_without_waiting(client):
+@pytest.fixture
+def ctrl_c():
+    """Python's own Ctrl-C handler for the test, also where the suite started with SIGINT
+    ignored (a background job of a non-interactive shell)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_map_shuts_the_pool_down_without_waiting(client, ctrl_c):
     # As the local pool (which kills its workers): the pool is shut down, its tasks cancelled.
     pool = DaskPool(client)
     futures = [pool.submit(time.sleep, 1) for _ in range(10)]
