@@ -138,6 +138,7 @@ class Report:
     other_load_cores: float = None  # busy cores beyond this process and its children, of those it may use
     children_cpu_s: float = 0.0  # CPU time of child processes (and theirs) in the window
     sampler_held_s: float = 0.0  # gilfree's own sampler thread held the GIL this long
+    loop_samples: int = 0  # samples that found the holder running an asyncio event loop's callback
 
     @property
     def cpu_s(self):
@@ -303,6 +304,7 @@ class _Sampler(threading.Thread):
         self._hook, self._period = hook, 1.0 / rate_hz
         self._stop_event = threading.Event()
         self.counts = {}
+        self.in_loop = 0  # samples taken inside an asyncio event loop's callback
         self.record = None  # its own record id, left out of the report
 
     def run(self):
@@ -325,6 +327,7 @@ class _Sampler(threading.Thread):
             if frame is None:
                 continue
             key = _where(frame)
+            self.in_loop += _in_event_loop(frame)
             # Not kept over the sleep: a frame object that outlives its call holds the call's
             # locals, which this thread would then free (a parsed document: 100 ms held here).
             del frame
@@ -333,6 +336,20 @@ class _Sampler(threading.Thread):
     def stop(self):
         self._stop_event.set()
         self.join()
+
+
+_LOOP_CALLBACK = (os.path.join("asyncio", "events.py"), "_run")  # asyncio.events.Handle._run
+
+
+def _in_event_loop(frame):
+    """Whether a thread is in a callback of an asyncio event loop (a task's step included): the
+    loop serves nothing else until it returns."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == _LOOP_CALLBACK[1] and code.co_filename.endswith(_LOOP_CALLBACK[0]):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _frame_name(frame):
@@ -665,8 +682,9 @@ class Monitor:
                     lost_after_s=(timeline_end - self._t0) / 1e9 if self._trace and timeline_end < gone else None,
                 )
             )
-        top, total = [], 0
+        top, total, in_loop = [], 0, 0
         if self._sampler and self._sampler.counts:
+            in_loop = self._sampler.in_loop
             total = sum(self._sampler.counts.values())
             top = [(name, n / total) for name, n in sorted(self._sampler.counts.items(), key=lambda kv: -kv[1])[:3]]
         cpu = self._cpu1 - self._cpu0
@@ -687,6 +705,7 @@ class Monitor:
             children_cpu_s=children,
             other_load_cores=other,
             sampler_held_s=sampler_held / 1e9,
+            loop_samples=in_loop,
         )
         report.verdict = verdict(report)
         return report
@@ -851,6 +870,8 @@ GIL_BOUND_SHARE = 1 / 3  # a thread waited for the GIL this share of the wall ti
 PARTLY_SHARE = 0.1  # less: the GIL cost the run under a tenth of its wall time
 MOSTLY_PARALLEL = 2 / 3  # of the threads' CPU time ran without the GIL: it mostly releases it
 SATURATED = 0.9  # of the cores the process may use busy (its own work, its children's, other work)
+BLOCKED_LOOP_SHARE = 0.5  # of the samples in an event loop's callbacks, and
+BLOCKED_LOOP_BUSY = 0.2  # of the wall time (GIL held x that share): a blocked event loop
 
 
 def _convoys(report):
@@ -992,6 +1013,15 @@ def verdict(report):
             f"{interval * 1e3:.0f} ms): a blocking call costs it about that while "
             f"CPU threads run - give it priority (gilfree.priority.background() around the CPU work) or move "
             f"the CPU work to processes."
+        )
+    loop_share = report.loop_samples / report.samples if report.samples >= MIN_HOT_SPOT_SAMPLES else 0.0
+    if loop_share >= BLOCKED_LOOP_SHARE and loop_share * report.held_fraction >= BLOCKED_LOOP_BUSY:
+        hot = f", most in {report.top_functions[0][0]}," if quiet and report.top_functions else ""
+        parts.append(
+            f"Blocked event loop: {loop_share:.0%} of the samples found the GIL held by code running in an asyncio "
+            f"event loop's callbacks{hot} and the GIL was held {report.held_fraction:.0%} of the time: while such "
+            f"code runs, the loop answers nothing else. Hand the CPU work to processes with "
+            f"`await loop.run_in_executor(pool, fn, *args)` on a gilfree.Pool."
         )
     # A hot spot is worth naming when the GIL is what the program waits on or holds, and when
     # there are enough samples for a share to mean something.

@@ -434,6 +434,46 @@ def test_verdict_names_a_hot_spot_only_when_it_means_something(held_fraction, pe
     assert ("crunch (app.py:3)" in verdict(report)) is named
 
 
+@pytest.mark.parametrize(
+    "held_fraction, samples, loop_samples, blocked",
+    [
+        (0.5, 40, 40, True),  # half the run in a coroutine's CPU work
+        (0.5, 40, 10, False),  # the CPU work mostly outside the loop's callbacks (worker threads)
+        (0.05, 400, 400, False),  # a loop that is mostly idle: its callbacks are short
+        (0.9, 5, 5, False),  # too few samples for a share to mean anything
+    ],
+)
+def test_verdict_calls_out_a_blocked_event_loop(held_fraction, samples, loop_samples, blocked):
+    from gilfree.gil import verdict
+
+    report = synthetic_report(held_fraction, [(held_fraction * 10, 0.0, 0), (0.0, 0.0, 0)])
+    report.top_functions, report.samples, report.loop_samples = [("crunch (app.py:3)", 1.0)], samples, loop_samples
+    text = verdict(report)
+    assert ("Blocked event loop" in text) is blocked
+    assert ("run_in_executor" in text) is blocked
+
+
+def test_samples_count_cpu_work_inside_event_loop_callbacks_and_not_in_executor_threads():
+    import concurrent.futures
+
+    async def coroutine_work():
+        await asyncio.sleep(0)
+        cpu_loop(0.6)
+
+    async def executor_work(pool):
+        await asyncio.get_running_loop().run_in_executor(pool, cpu_loop, 0.6)
+
+    with gil.monitor(sample_hz=100) as in_loop:
+        asyncio.run(coroutine_work())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, gil.monitor(sample_hz=100) as in_thread:
+        asyncio.run(executor_work(pool))
+    looped, threaded = in_loop.report(), in_thread.report()
+    assert looped.samples >= 10 and looped.loop_samples >= 0.9 * looped.samples
+    assert "Blocked event loop" in looped.verdict and "cpu_loop" in looped.verdict
+    assert threaded.samples >= 10 and threaded.loop_samples <= 0.1 * threaded.samples
+    assert "Blocked event loop" not in threaded.verdict
+
+
 def test_diagnose_countdown_is_gil_bound_and_writes_the_timeline(tmp_path):
     script = tmp_path / "countdown.py"
     script.write_text(COUNTDOWN)
