@@ -102,6 +102,14 @@ def test_op_output_dimensions(query, size):
     assert (mime, image.format) == ("image/jpeg", "JPEG")  # a JPEG source stays JPEG by default
 
 
+@pytest.mark.parametrize("w, h", [(1, 79), (3, 158), (110, 158), (186, 158), (408, 313)])
+def test_cover_fills_boxes_whose_scale_rounds_over_a_side(w, h):
+    # 800x600 into these boxes: the side that fits exactly comes out a rounding error over 600 or
+    # 800 (a negative centring offset: Pillow refused the box with a 500).
+    image, _, _ = run(PHOTO, f"w={w}&h={h}&fit=cover")
+    assert image.size == (w, h)
+
+
 def test_contain_letterboxes_and_cover_crops_the_centre():
     source = encode(halves((400, 100)), "PNG")
     contained, _, _ = run(source, "w=100&h=100&fit=contain&format=png")

@@ -181,10 +181,13 @@ def _resize(image, spec, full):
         return _lanczos(image, (box_w, box_h))
     if spec.fit == "cover":
         scale = max(box_w / width, box_h / height)
-        crop_w, crop_h = box_w / scale, box_h / scale
+        # min(): the side that fits exactly can come out a rounding error over the source's, and
+        # Pillow refuses a box reaching outside the image.
+        crop_w, crop_h = min(width, box_w / scale), min(height, box_h / scale)
         left, top = (width - crop_w) / 2, (height - crop_h) / 2
         shrink_x, shrink_y = image.width / width, image.height / height  # the draft's, else 1
-        box = (left * shrink_x, top * shrink_y, (left + crop_w) * shrink_x, (top + crop_h) * shrink_y)
+        box = (left * shrink_x, top * shrink_y,
+               min(image.width, (left + crop_w) * shrink_x), min(image.height, (top + crop_h) * shrink_y))
         return _lanczos(image, (box_w, box_h), box)
     inner = _fitted(full, target)
     image = _lanczos(image, inner)
