@@ -107,6 +107,30 @@ static void gf_region_release(const gf_arena *arena, gf_region *region) {
     region->resident = region->top;
 }
 
+int gf_region_trim(const gf_arena *arena, gf_region *region) {
+  uint64_t start = region->start, size = region->size;
+  /* The owner may have died mid-write: trust no field beyond the region's own bounds. */
+  if (start % GF_PAGE != 0 || size > arena->size || start > arena->size - size)
+    return -EINVAL;
+  uint64_t top = region->top < size ? region->top : size;
+  uint64_t end = start + top;
+  for (uint64_t pos = start; pos < end;) {
+    const gf_block *b = gf_block_at(arena, pos);
+    if (gf_block_check(arena, pos) < 0 || b->size < GF_BLOCK_HEADER || b->size % GF_PAGE != 0 ||
+        b->size > end - pos)
+      return -EINVAL; /* the walk cannot go on: what lies beyond is unknown, so keep it */
+    int rc;
+    if (gf_block_free(arena, pos) &&
+        (rc = gf_arena_punch(arena, pos + GF_BLOCK_HEADER, pos + b->size)) < 0)
+      return rc;
+    pos += b->size;
+  }
+  int rc = gf_arena_punch(arena, end, start + size);
+  if (rc == 0)
+    region->resident = top;
+  return rc;
+}
+
 /* alloc->last if it still names the block that ends at top, else GF_NONE: last is redirected
  * before a merge absorbs its block, cleared before top drops, and set before top grows over a
  * new block, and the check catches a value that went stale anyway. */

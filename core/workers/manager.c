@@ -727,6 +727,16 @@ void gf_manager_close(gf_manager *m, int64_t timeout_ns) {
     waitid(P_PID, (id_t)m->template_pid, &info, WEXITED);
     m->template_pid = 0;
   }
+  /* No worker allocates any more: results the program keeps hold their own pages, not the
+   * regions' warm ones (the arena lives as long as they do). A region a worker left torn keeps
+   * what lies past the tear. */
+  if (m->seg != NULL) {
+    pthread_mutex_lock(&m->alloc_lock);
+    gf_region_trim(&m->arena, &m->seg->parent_region);
+    pthread_mutex_unlock(&m->alloc_lock);
+    for (uint32_t i = 0; i < m->seg->nslots; i++)
+      gf_region_trim(&m->arena, &m->seg->slots[i].region);
+  }
   int fds[] = {m->template_pidfd, m->ctl_child_fd, m->epoll_fd, m->stop_fd};
   for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
     if (fds[i] >= 0)

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "gf/transport.h"
@@ -390,6 +391,64 @@ GF_TEST(arena_punches_pages_beyond_the_kept_slack) {
   GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &off), 0);
   GF_CHECK_EQ(region.top, SMALL_BLOCK);
   GF_CHECK_EQ(region.resident, SMALL_BLOCK + (256u << 20));
+  arena_free(&arena);
+}
+
+/* Bytes of the arena's memfd backed by pages. */
+static uint64_t arena_backed(const gf_arena *arena) {
+  struct stat st;
+  return fstat(arena->fd, &st) == 0 ? (uint64_t)st.st_blocks * 512u : UINT64_MAX;
+}
+
+GF_TEST(arena_trim_leaves_live_blocks_their_own_pages) {
+  gf_arena arena;
+  gf_region region;
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 64u << 20), 0);
+  uint64_t kept[2], dropped[2];
+  for (int i = 0; i < 2; i++) { /* kept, dropped, kept, dropped: the last one at the top */
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &kept[i]), 0);
+    GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 8u << 20, &dropped[i]), 0);
+    memset(gf_block_data(&arena, kept[i]), 'k', SMALL);
+    memset(gf_block_data(&arena, dropped[i]), 'd', 8u << 20);
+  }
+  for (int i = 0; i < 2; i++)
+    GF_CHECK_EQ(gf_block_decref(&arena, dropped[i]), 1);
+  GF_CHECK(arena_backed(&arena) >= 16u << 20);
+  GF_CHECK_EQ(gf_region_trim(&arena, &region), 0);
+  /* The kept blocks and the four headers. */
+  GF_CHECK(arena_backed(&arena) <= 2 * SMALL_BLOCK + 2 * GF_BLOCK_HEADER);
+  GF_CHECK_EQ(region.resident, region.top);
+  for (int i = 0; i < 2; i++) {
+    GF_CHECK_EQ(gf_block_check(&arena, kept[i]), 0);
+    GF_CHECK_EQ(gf_block_data(&arena, kept[i])[SMALL - 1], 'k');
+  }
+  /* A later allocation still finds the trimmed blocks (their headers stayed). */
+  uint64_t again;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 1u << 20, &again), 0);
+  GF_CHECK(again == dropped[0] || again == dropped[1]);
+  arena_free(&arena);
+}
+
+GF_TEST(arena_trim_stops_at_a_torn_block) {
+  gf_arena arena;
+  gf_region region;
+  gf_allocator alloc;
+  GF_CHECK_EQ(arena_new(&arena, &region, &alloc, 32u << 20), 0);
+  uint64_t before, torn, after;
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 4u << 20, &before), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, SMALL, &torn), 0);
+  GF_CHECK_EQ(gf_block_alloc(&arena, &alloc, 4u << 20, &after), 0);
+  memset(gf_block_data(&arena, before), 1, 4u << 20);
+  memset(gf_block_data(&arena, after), 1, 4u << 20);
+  GF_CHECK_EQ(gf_block_decref(&arena, before), 1);
+  GF_CHECK_EQ(gf_block_decref(&arena, after), 1);
+  gf_block_at(&arena, torn)->magic = 0; /* an owner killed while formatting it */
+  GF_CHECK_EQ(gf_region_trim(&arena, &region), -EINVAL);
+  /* The block before the tear gave its pages back; the one after kept its own. */
+  uint64_t backed = arena_backed(&arena);
+  GF_CHECK(backed >= 4u << 20 && backed < (4u << 20) + (1u << 20));
+  GF_CHECK_EQ(gf_block_data(&arena, after)[0], 1);
   arena_free(&arena);
 }
 

@@ -170,6 +170,11 @@ int gf_block_decref(const gf_arena *arena, uint64_t off);
 /* Validates that off names a block inside the arena (a worker can be killed mid-write). */
 int gf_block_check(const gf_arena *arena, uint64_t off);
 
+/* Gives back the pages of every free block's data and of the space above top, for a region
+ * nobody allocates in any more (its owner is gone): the live blocks then keep only their own
+ * pages. The block headers stay. -EINVAL, stopping there, at a block that does not look whole
+ * (an owner killed mid-write); -EBADFD when arena->fd no longer names the arena's memfd. */
+int gf_region_trim(const gf_arena *arena, gf_region *region);
 /* Copies len bytes into arena memory at dst: pages populated in one call, and large copies
  * split over a few short-lived threads (one per usable CPU, at most 4). */
 void gf_arena_fill(unsigned char *dst, const void *src, uint64_t len);
