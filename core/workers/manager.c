@@ -644,7 +644,31 @@ static int gf_read_control(gf_manager *m, gf_event_fn fn, void *ctx) {
   }
 }
 
-/* Kills workers whose task ran past task_timeout; their death is reported as a timeout. */
+/* A ready worker that leaves the tasks in its ring unstarted for task_timeout is as stuck as
+ * one whose task overruns (stopped, or hung between tasks): it is killed, and its tasks go to
+ * the others. Under m->lock. */
+static void gf_kill_if_unclaimed(gf_manager *m, uint32_t i, int32_t pid, int64_t now) {
+  gf_slot *slot = &m->seg->slots[i];
+  gf_slot_sched *sched = &m->sched[i];
+  /* The worker's counter, read relaxed: a stale value only starts the clock a look later. */
+  uint64_t done = atomic_load_explicit(&slot->tasks_done, memory_order_relaxed);
+  if (sched->inflight == 0 || pid <= 0 || atomic_load(&slot->state) != GF_SLOT_READY) {
+    sched->unclaimed_since = 0;
+    return;
+  }
+  if (sched->unclaimed_since == 0 || done != sched->unclaimed_done) {
+    sched->unclaimed_since = now;
+    sched->unclaimed_done = done;
+    return;
+  }
+  if (now - sched->unclaimed_since < m->task_timeout_ns)
+    return;
+  sched->unclaimed_since = 0;
+  kill(pid, SIGKILL);
+}
+
+/* Kills workers whose task ran past task_timeout (their death is reported as a timeout), and
+ * workers that do not start their queued tasks. */
 static void gf_enforce_timeouts(gf_manager *m) {
   if (m->task_timeout_ns <= 0)
     return;
@@ -654,7 +678,12 @@ static void gf_enforce_timeouts(gf_manager *m) {
     gf_slot *slot = &m->seg->slots[i];
     uint64_t task = atomic_load(&slot->current_task);
     int32_t pid = atomic_load(&slot->pid);
-    if (task == 0 || pid <= 0 || m->sched[i].timed_out_task == task)
+    if (task == 0) {
+      gf_kill_if_unclaimed(m, i, pid, now);
+      continue;
+    }
+    m->sched[i].unclaimed_since = 0;
+    if (pid <= 0 || m->sched[i].timed_out_task == task)
       continue;
     if (now - atomic_load(&slot->item_started_ns) < m->task_timeout_ns)
       continue;

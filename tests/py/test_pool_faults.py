@@ -2,6 +2,7 @@
 open, a task forks, a task closes or replaces the worker's inherited descriptors, the shared
 memory for arguments or results fills up."""
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -521,3 +522,21 @@ def test_a_result_kept_after_shutdown_holds_its_own_pages_not_the_pools():
     # The arena stays mapped while the view lives; its free blocks and warm pages went back.
     assert memfd_backed_bytes() - before < 4 << 20
     assert (kept == 7.0).all()
+
+
+def test_tasks_queued_to_a_worker_stopped_between_tasks_go_to_another_after_task_timeout():
+    with gilfree.Pool(2, task_timeout=1) as pool:
+        while not all(w["pid"] for w in pool.stats()["workers"]):
+            pool.submit(pow, 2, 2).result(timeout=30)
+        # The scheduler gives the first of equally loaded slots the next task.
+        victim = next(w["pid"] for w in pool.stats()["workers"] if w["slot"] == 0)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            futures = [pool.submit(pow, 2, i) for i in range(8)]
+            assert [f.result(timeout=20) for f in futures] == [2**i for i in range(8)]
+            assert pool.stats()["restarts"] == 1  # killed for not starting them, then replaced
+        finally:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass

@@ -148,6 +148,8 @@ typedef struct gf_slot_sched {
   uint64_t restarts;
   int64_t lived_ns;          /* lifetimes of the slot's earlier workers, for its idle time */
   int spawn_queued;          /* a spawn request the full control socket refused, sent later */
+  int64_t unclaimed_since;   /* since when tasks wait in a ready worker's ring, none started */
+  uint64_t unclaimed_done;   /* the worker's tasks_done then: any progress restarts the clock */
 } gf_slot_sched;
 
 /* The parent's view of a pool. `lock` guards scheduling state; `drain_lock` lets one thread
