@@ -1,5 +1,6 @@
 """gilfree.images: the ops (in process) and the real service (a subprocess on 127.0.0.1, OS-chosen port)."""
 import asyncio
+import concurrent.futures
 import email.utils
 import gzip
 import io
@@ -1178,6 +1179,43 @@ async def test_running_out_of_descriptors_is_one_log_line():
     assert log.count("Too many open files") == 1 and "Traceback" not in log, log[:2000]
 
 
+async def test_out_of_descriptors_accept_is_retried_once_a_second_not_thousands_of_times():
+    import errno
+
+    from gilfree.images.server import BACKLOG, listen
+
+    sock = listen("127.0.0.1", 0)
+    failing_until = time.monotonic() + 1.5
+    failures = []
+
+    class OutOfDescriptors(type(sock)):  # asyncio's server on the service's socket, accept() failing for 1.5 s
+        def _accept(self):
+            if time.monotonic() < failing_until:
+                failures.append(time.monotonic())
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super()._accept()
+
+    sock = OutOfDescriptors(sock.family, sock.type, sock.proto, sock.detach())
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: None)  # asyncio reports each failure: not the point here
+    accepted = asyncio.Event()
+
+    class Accepted(asyncio.Protocol):
+        def connection_made(self, transport):
+            accepted.set()
+            transport.close()
+
+    server = await loop.create_server(Accepted, sock=sock, backlog=BACKLOG)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        await asyncio.wait_for(accepted.wait(), 5)  # retried after the failures: the client gets in
+        writer.close()
+    finally:
+        server.close()
+        loop.set_exception_handler(None)
+    assert 1 <= len(failures) <= 3, f"{len(failures)} failed accept() calls in 1.5 s"  # one a second
+
+
 def test_port_in_use_is_one_line_and_exit_1():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         done = subprocess.run([sys.executable, "-m", "gilfree.images", "--host", "127.0.0.1", "--port",
@@ -1218,8 +1256,8 @@ async def wait_for_metric(url, name, value, timeout=20):
     raise AssertionError(f"{name} never reached {value}: {await metrics(url)}")
 
 
-async def test_worker_crash_is_500_for_that_request_only():
-    server = Service("--workers", "1")
+async def test_worker_crash_is_500_for_that_request_only_and_each_worker_death_is_one_log_line():
+    server = Service("--workers", "1", "--budget", "1")
     try:
         async with aiohttp.ClientSession() as session:
             async def send(body, query, content_type):
@@ -1239,8 +1277,50 @@ async def test_worker_crash_is_500_for_that_request_only():
             assert metric(await metrics(server.url), "worker_restarts_total") == 1
             status, body = await send(b"", "", "image/png")
             assert status == 415
+            slow = asyncio.ensure_future(send(slow_png(5000), SLOW_OPS, "image/png"))
+            await wait_for_metric(server.url, "busy_workers", 1)
+            timed_out = int(re.search(r'worker_busy\{slot="0",pid="(\d+)"\} 1', await metrics(server.url)).group(1))
+            error_of(*await slow, 504, "timeout")
+            await wait_for_metric(server.url, "worker_restarts_total", 2)  # killed at the task's own timeout
+            idle = int(re.search(r'worker_busy\{slot="0",pid="(\d+)"\} 0', await metrics(server.url)).group(1))
+            os.kill(idle, signal.SIGKILL)
+            await wait_for_metric(server.url, "worker_restarts_total", 3)
     finally:
         server.stop()
+    log = server.proc.stderr.read().splitlines()
+    assert log == [f"image worker {pid} (slot 0) was killed by SIGKILL while running a task; a new worker replaces it",
+                   f"image worker {timed_out} (slot 0) ran a task over its 1 s budget: killed while running a task; "
+                   "a new worker replaces it",
+                   f"image worker {idle} (slot 0) was killed by SIGKILL while idle; a new worker replaces it"], log
+
+
+def test_the_pools_shutdown_at_a_stop_stops_a_task_still_running():
+    """At a stop every request has ended: a task still running lost its request to the budget. Its worker is
+    killed, not waited for until the task's own timeout."""
+    from gilfree.images.executors import make_executor
+
+    executor = make_executor("pool", 1, task_timeout=60)
+    running, queued = executor.submit(time.sleep, 20), executor.submit(time.sleep, 20)
+    deadline = time.monotonic() + 10
+    while not executor.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [worker] = [w["pid"] for w in executor.stats()["workers"]]
+    executor.shutdown(wait=True, cancel_futures=True)
+    for future in (running, queued):
+        assert isinstance(future.exception(timeout=0), concurrent.futures.CancelledError)
+    deadline = time.monotonic() + 10
+    while not process_ended(worker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process_ended(worker)
+
+
+def process_ended(pid):
+    """Whether pid is gone or a zombie (its parent, the killed template or then PID 1, may reap it later)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def pool_templates(pid):
@@ -1290,6 +1370,11 @@ async def test_a_pool_whose_template_died_is_replaced_once_then_health_says_503(
         assert metric(await metrics(server.url), "worker_restarts_total") == 2
     finally:
         server.stop()
+    log = server.proc.stderr.read().splitlines()
+    assert len(log) == 2, log  # one line each: rebuilt, then given up
+    assert log[0] == "the image worker pool broke (the pool's template process died): replaced by a new pool"
+    assert log[1].startswith("the image worker pool failed for good: the pool's template process died, ")
+    assert log[1].endswith("restart the service. Transforms and /health answer 503 from now on")
 
 
 def mp_workers(pid):

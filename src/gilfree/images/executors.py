@@ -13,12 +13,17 @@
 import concurrent.futures
 import functools
 import itertools
+import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 
+from ..pool import Pool
+
 KINDS = ("pool", "threads", "mp")
+_log = logging.getLogger("gilfree.images")
 _RECORDS = 4096  # mp's task start records, by task id modulo this: far more than tasks in flight at once
 
 
@@ -29,16 +34,31 @@ def make_executor(kind, workers, task_timeout, worker_nice=0):
     # os.nice is per thread on Linux: in a worker thread it leaves the event loop's thread alone.
     initializer, initargs = (os.nice, (worker_nice,)) if worker_nice else (None, ())
     if kind == "pool":
-        from .. import Pool
-
         return RebuildingPool(functools.partial(
-            Pool, max_workers=workers, task_timeout=task_timeout, preload=("gilfree.images.ops",),
+            _ReportingPool, max_workers=workers, task_timeout=task_timeout, preload=("gilfree.images.ops",),
             initializer=initializer, initargs=initargs))
     if kind == "threads":
         return ThreadExecutor(workers, initializer, initargs)
     if kind == "mp":
         return MultiprocessingExecutor(workers, initializer, initargs)
     raise ValueError(f"executor must be one of {', '.join(KINDS)}, not {kind!r}")
+
+
+class _ReportingPool(Pool):
+    """A gilfree.Pool that logs each worker death in one line: the pool replaces the worker and fails only the task
+    it ran, so the log is all an operator has. _worker_died is the Pool's (internal) handler of a death, run on its
+    waiter thread: nothing on the requests' path."""
+
+    def _worker_died(self, task_id, slot, pid, status, timed_out, was_ready):
+        if timed_out:
+            what = f"ran a task over its {self._task_timeout:g} s budget: killed"
+        elif os.WIFSIGNALED(status):
+            what = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        else:
+            what = f"exited with code {os.WEXITSTATUS(status)}"
+        when = "while running a task" if task_id else "while idle" if was_ready else "while starting"
+        _log.warning("image worker %d (slot %d) %s %s; a new worker replaces it", pid, slot, what, when)
+        super()._worker_died(task_id, slot, pid, status, timed_out, was_ready)
 
 
 class RebuildingPool(concurrent.futures.Executor):
@@ -98,12 +118,17 @@ class RebuildingPool(concurrent.futures.Executor):
         if self._rebuilt_at is not None and now - self._rebuilt_at < self.REBUILD_INTERVAL:
             self.failed = (f"{reason}, {now - self._rebuilt_at:.1f} s after the pool was rebuilt: not rebuilt "
                            "again; restart the service")
-            return
-        self._rebuilt_at = now
-        try:
-            self._pool = self._make()
-        except Exception as exc:
-            self.failed = f"{reason}, and a new pool could not start: {exc!r}; restart the service"
+        else:
+            self._rebuilt_at = now
+            try:
+                self._pool = self._make()
+            except Exception as exc:
+                self.failed = f"{reason}, and a new pool could not start: {exc!r}; restart the service"
+        if self.failed is None:
+            _log.warning("the image worker pool broke (%s): replaced by a new pool", reason)
+        else:
+            _log.warning("the image worker pool failed for good: %s. Transforms and /health answer 503 from now on",
+                         self.failed)
 
     def stats(self):
         self.check()
@@ -120,8 +145,16 @@ class RebuildingPool(concurrent.futures.Executor):
         return stats
 
     def shutdown(self, wait=True, *, cancel_futures=False):
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        """cancel_futures=True also stops the tasks running, as mp's terminate() does: the service shuts its
+        executor down once every request has ended, so such a task's request timed out and its result has nobody
+        to go to; waiting for it (up to its task_timeout, which counts from the task's start) could take the
+        stop up to twice the budget."""
+        if self._pool is None:
+            return
+        if cancel_futures:
+            self._pool._interrupted()  # the Pool's own Ctrl-C path: kills the workers now, cancels the rest
+        else:
+            self._pool.shutdown(wait=wait)
 
 
 class _Counts:

@@ -1,5 +1,6 @@
 """Runs the app on a listening socket until SIGINT/SIGTERM."""
 import asyncio
+import errno
 import logging
 import math
 import signal
@@ -34,10 +35,32 @@ _http_log.addFilter(_OneLineParserErrors())
 BACKLOG = 1024  # pending connections: a burst of clients waits in the kernel, not refused
 
 
+class _Listener(socket.socket):
+    """A listening socket that works around CPython gh-151615 (3.11 to 3.13): after an accept() failing out of
+    resources (descriptors, buffers, memory), asyncio goes on calling accept() up to backlog times in the same
+    round, and every failure schedules a retry of its own, so retries multiply (about 50,000 failed accept()
+    calls a second, half a core). The call after such a failure says that nothing is pending, which ends
+    asyncio's round: one failure, hence one retry 1 s later, per round."""
+
+    _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # asyncio's own list
+    _failed = False
+
+    def accept(self):
+        if self._failed:
+            self._failed = False
+            raise BlockingIOError(errno.EAGAIN, "accept() ran out of resources: retried in asyncio's next round")
+        try:
+            return super().accept()
+        except OSError as exc:
+            self._failed = exc.errno in self._OUT_OF_RESOURCES
+            raise
+
+
 def listen(host, port):
     """A socket listening on host:port, in the address family host resolves to (IPv4 or IPv6)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    return _Listener(sock.family, sock.type, sock.proto, sock.detach())
 
 
 def make_runner(config):
@@ -52,9 +75,8 @@ def make_runner(config):
 
 
 class _AcceptFailures:
-    """Loop exception handler. Out of descriptors, asyncio logs each failed accept() with a traceback, and its
-    retries multiply (tens of thousands of lines a second): this logs one line per 10 s, with the count, and
-    passes anything else on."""
+    """Loop exception handler. Out of descriptors, asyncio logs each failed accept() with a traceback (one a
+    second with _Listener): this logs one line per 10 s, with the count, and passes anything else on."""
 
     def __init__(self, previous):
         self.previous = previous
