@@ -92,6 +92,7 @@ struct gf_thread {
   unsigned session;
   int state;
   unsigned generation; /* the install this state belongs to */
+  char name[16];       /* set before the record is published, then constant */
   int priority;        /* written by its owner or by set_priority_of (gf_store_priority) */
   int exiting;         /* set by the owner at exit; see gf_gilhook_set_priority_of */
   /* Owner-only fields. */
@@ -403,6 +404,7 @@ static struct gf_thread *gf_thread_self(void) {
       return NULL;
     t->id = __atomic_add_fetch(&gf.next_id, 1, __ATOMIC_RELAXED);
     t->tid = (uint32_t)syscall(SYS_gettid);
+    prctl(PR_GET_NAME, t->name, 0, 0, 0); /* a C thread's own name: Python has none for it */
     t->first_ns = gf_gilhook_now_ns();
     t->wait_slot = -1;
     t->generation = __atomic_load_n(&gf.generation, __ATOMIC_RELAXED);
@@ -993,6 +995,7 @@ static void gf_snapshot(struct gf_thread *t, struct gf_gilhook_thread_stats *s, 
       ;
     s->id = t->id;
     s->tid = t->tid;
+    memcpy(s->name, t->name, sizeof(s->name));
     s->first_ns = GF_LOAD(t->first_ns);
     s->exit_ns = GF_LOAD(t->exit_ns);
     s->held_ns = GF_LOAD(t->held_ns);

@@ -30,7 +30,7 @@ MAX_TRACE_SLICES = 200_000
 TOP_THREADS = 20  # rows of the report's table and picture, by held + wait time
 # Rows of _gilhook.threads(). _ID identifies a thread's record: the kernel reuses native ids
 # (_TID) once a thread has ended, so every per-thread table is keyed by _ID.
-_ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO, _LOST, _CPU = range(16)
+_ID, _TID, _FIRST, _EXIT, _HELD, _WAIT, _ACQ, _WAITS, _SWITCHES, _FORCED, _REQUESTS, _TIMEOUTS, _STATE, _PRIO, _LOST, _CPU, _NAME = range(17)
 
 
 # Also the binding's reason, where it loads in a subinterpreter and refuses it.
@@ -138,7 +138,9 @@ class Report:
     other_load_cores: float = None  # busy cores beyond this process and its children, of those it may use
     children_cpu_s: float = 0.0  # CPU time of child processes (and theirs) in the window
     sampler_held_s: float = 0.0  # gilfree's own sampler thread held the GIL this long
-    loop_samples: int = 0  # samples that found the holder running an asyncio event loop's callback
+    loop_samples: int = 0  # samples that found the holder running its own code in an event loop
+    loop_thread: str = None  # the thread whose event loop most of those samples were in
+    loop_where: str = None  # where most of them were
 
     @property
     def cpu_s(self):
@@ -277,6 +279,18 @@ def _name_threads(names, rows):
             names[live[native_id]] = t.name
 
 
+def _os_name(raw):
+    """A thread's OS name from its record when it set one of its own (a C thread such as
+    gilfree's result thread, which Python has no name for), else None: threads keep the
+    process's name until they set one."""
+    name = raw.decode(errors="replace")
+    try:
+        with open("/proc/self/comm") as process:
+            return name if name and name != process.read().strip() else None
+    except OSError:
+        return None
+
+
 def _name_at_end(thread):
     """threading.Thread._delete while monitors are open, which every thread threading started
     (also before the window) calls last, holding the GIL through the hooks, so it has a record:
@@ -304,7 +318,7 @@ class _Sampler(threading.Thread):
         self._hook, self._period = hook, 1.0 / rate_hz
         self._stop_event = threading.Event()
         self.counts = {}
-        self.in_loop = 0  # samples taken inside an asyncio event loop's callback
+        self.in_loop = {}  # (thread name, where) -> samples of the program's own code in an event loop
         self.record = None  # its own record id, left out of the report
 
     def run(self):
@@ -322,12 +336,14 @@ class _Sampler(threading.Thread):
             if not holder:
                 continue
             if holder not in ids:
-                ids = {native_id: t.ident for native_id, t in _threads()}
-            frame = sys._current_frames().get(ids.get(holder))
+                ids = {native_id: t for native_id, t in _threads()}
+            thread = ids.get(holder)
+            frame = sys._current_frames().get(thread.ident) if thread is not None else None
             if frame is None:
                 continue
             key = _where(frame)
-            self.in_loop += _in_event_loop(frame)
+            if _loop_work(frame):
+                self.in_loop[thread.name, key] = self.in_loop.get((thread.name, key), 0) + 1
             # Not kept over the sleep: a frame object that outlives its call holds the call's
             # locals, which this thread would then free (a parsed document: 100 ms held here).
             del frame
@@ -339,15 +355,24 @@ class _Sampler(threading.Thread):
 
 
 _LOOP_CALLBACK = (os.path.join("asyncio", "events.py"), "_run")  # asyncio.events.Handle._run
+_ASYNC_CODE = 0x80 | 0x100 | 0x200  # CO_COROUTINE, CO_ITERABLE_COROUTINE, CO_ASYNC_GENERATOR
+_GILFREE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
 
-def _in_event_loop(frame):
-    """Whether a thread is in a callback of an asyncio event loop (a task's step included): the
-    loop serves nothing else until it returns."""
+def _loop_work(frame):
+    """Whether a thread runs the program's own code inside an event loop: in a coroutine (any
+    loop: asyncio, uvloop, trio) or a callback of an asyncio loop, which serves nothing else
+    meanwhile. The loop's own machinery (a busy server's many short callbacks) is not the
+    program's code, and neither is gilfree pickling what the program submits."""
+    own = False
     while frame is not None:
         code = frame.f_code
-        if code.co_name == _LOOP_CALLBACK[1] and code.co_filename.endswith(_LOOP_CALLBACK[0]):
-            return True
+        if code.co_filename.startswith(_GILFREE_DIR) and not own:
+            return False
+        own = own or _is_own(code.co_filename)
+        if code.co_flags & _ASYNC_CODE or (
+                code.co_name == _LOOP_CALLBACK[1] and code.co_filename.endswith(_LOOP_CALLBACK[0])):
+            return own
         frame = frame.f_back
     return False
 
@@ -639,7 +664,7 @@ class Monitor:
                 sampler_held = row[_HELD] - (start[_HELD] if start else 0) if row else 0
                 continue
             if row is None:
-                row = (key, -key, self._t0, 0) + (0,) * 12
+                row = (key, -key, self._t0, 0) + (0,) * 12 + (b"",)
             if row[_FIRST] > self._t1 or (row[_EXIT] and row[_EXIT] < self._t0):
                 continue
 
@@ -664,7 +689,7 @@ class Monitor:
             threads.append(
                 ThreadReport(
                     name=(self._names.get(key) or self._alive.get(key) or (self._unseen[row[_TID]][0] if unseen else None)
-                          or f"thread-{row[_TID]}"),
+                          or _os_name(row[_NAME]) or f"thread-{row[_TID]}"),
                     tid=row[_TID],
                     held_s=held / 1e9,
                     wait_s=wait / 1e9,
@@ -682,9 +707,11 @@ class Monitor:
                     lost_after_s=(timeline_end - self._t0) / 1e9 if self._trace and timeline_end < gone else None,
                 )
             )
-        top, total, in_loop = [], 0, 0
+        top, total, in_loop, loop_thread, loop_where = [], 0, 0, None, None
+        if self._sampler and self._sampler.in_loop:
+            in_loop = sum(self._sampler.in_loop.values())
+            loop_thread, loop_where = max(self._sampler.in_loop, key=self._sampler.in_loop.get)
         if self._sampler and self._sampler.counts:
-            in_loop = self._sampler.in_loop
             total = sum(self._sampler.counts.values())
             top = [(name, n / total) for name, n in sorted(self._sampler.counts.items(), key=lambda kv: -kv[1])[:3]]
         cpu = self._cpu1 - self._cpu0
@@ -706,6 +733,8 @@ class Monitor:
             other_load_cores=other,
             sampler_held_s=sampler_held / 1e9,
             loop_samples=in_loop,
+            loop_thread=loop_thread,
+            loop_where=loop_where,
         )
         report.verdict = verdict(report)
         return report
@@ -960,7 +989,7 @@ def verdict(report):
         quiet = True
         cost = (f"waiting for the GIL cost its threads {f'at most {share:.0%}' if share >= 0.01 else 'under 1%'} "
                 f"of the wall time, which processes would not win back.")
-        if work < 0.1 * wall and report.children_cpu_s >= 0.5 * wall:
+        if report.children_cpu_s >= 0.5 * wall and report.children_cpu_s >= work:
             parts.append(
                 f"Not GIL-bound: the work runs in its child processes ({report.children_cpu_s / wall:.2f} cores), "
                 f"each with a GIL of its own; this process's threads were busy {work / wall:.0%} of the run's wall time."
@@ -975,6 +1004,13 @@ def verdict(report):
             parts.append(
                 f"Not GIL-bound, but one thread held the GIL {top_held / wall:.0%} of the time and nobody "
                 f"waited for it: the program is single-threaded CPU work; more cores need processes (gilfree.Pool)."
+            )
+        elif len(working) <= 1 and parallel >= MOSTLY_PARALLEL and busiest >= 0.3 * wall:
+            parts.append(
+                f"Not GIL-bound: single-threaded, in code that releases the GIL: one thread did the work (busy "
+                f"{busiest / wall:.0%} of the run's wall time), {parallel:.0%} of its CPU time without the GIL (C code "
+                f"such as Pillow, hashlib or zlib): threads would run such calls in parallel - a ThreadPoolExecutor, "
+                f"or `loop.run_in_executor(None, fn, *args)` in asyncio - on up to the machine's {cores} cores."
             )
         elif len(working) <= 1:
             parts.append(
@@ -1016,12 +1052,13 @@ def verdict(report):
         )
     loop_share = report.loop_samples / report.samples if report.samples >= MIN_HOT_SPOT_SAMPLES else 0.0
     if loop_share >= BLOCKED_LOOP_SHARE and loop_share * report.held_fraction >= BLOCKED_LOOP_BUSY:
-        hot = f", most in {report.top_functions[0][0]}," if quiet and report.top_functions else ""
+        where = f", most in {report.loop_where}," if report.loop_where else ""
+        thread = f" of thread '{_printable(report.loop_thread)}'" if report.loop_thread else ""
         parts.append(
-            f"Blocked event loop: {loop_share:.0%} of the samples found the GIL held by code running in an asyncio "
-            f"event loop's callbacks{hot} and the GIL was held {report.held_fraction:.0%} of the time: while such "
-            f"code runs, the loop answers nothing else. Hand the CPU work to processes with "
-            f"`await loop.run_in_executor(pool, fn, *args)` on a gilfree.Pool."
+            f"Blocked event loop: {loop_share:.0%} of the samples found the GIL held by the program's own code "
+            f"running in the event loop{thread} (a coroutine or a loop callback){where} and the GIL was held "
+            f"{report.held_fraction:.0%} of the time: while that code runs, the loop answers nothing else. Hand "
+            f"the CPU work to processes with `await loop.run_in_executor(pool, fn, *args)` on a gilfree.Pool."
         )
     # A hot spot is worth naming when the GIL is what the program waits on or holds, and when
     # there are enough samples for a share to mean something.

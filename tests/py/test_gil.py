@@ -409,6 +409,8 @@ def synthetic_report(held_fraction, per_thread):
         (0.95, [(9.5, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound, but one thread"),
         (0.40, [(4.0, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded: one thread"),
         (0.03, [(0.3, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded and mostly idle"),
+        # One thread busy in C code that releases the GIL (Pillow, hashlib in an event loop): threads scale.
+        (0.15, [(1.5, 0.0, 8.0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded, in code that releases the GIL"),
         (0.02, [(0.1, 0.0, 0.1), (0.1, 0.0, 0.1)], "Not GIL-bound: mostly idle"),
     ],
 )
@@ -451,6 +453,46 @@ def test_verdict_calls_out_a_blocked_event_loop(held_fraction, samples, loop_sam
     text = verdict(report)
     assert ("Blocked event loop" in text) is blocked
     assert ("run_in_executor" in text) is blocked
+
+
+def test_a_busy_process_whose_children_do_more_work_is_told_so():
+    from gilfree.gil import verdict
+
+    report = synthetic_report(0.1, [(1.0, 0.0, 0.2), (0.0, 0.0, 0)])  # a main thread feeding a pool
+    report.children_cpu_s = 11.0
+    assert verdict(report).startswith("Not GIL-bound: the work runs in its child processes (1.10 cores)")
+
+
+def test_loop_work_is_the_programs_own_code_in_a_coroutine_not_in_executor_threads_nor_gilfree():
+    import concurrent.futures
+    import sys
+
+    from gilfree.gil import _loop_work
+
+    class Captured:
+        frame = None
+
+        def __reduce__(self):  # run by gilfree's pickling of what a coroutine submits
+            Captured.frame = sys._getframe(1)
+            return (int, ())
+
+    async def main(pool):
+        mine = sys._getframe()
+        in_thread = await asyncio.get_running_loop().run_in_executor(None, sys._getframe)
+        await asyncio.wrap_future(pool.submit(int, Captured()))
+        return mine, in_thread
+
+    with gilfree.Pool(1) as pool:
+        mine, in_thread = asyncio.run(main(pool))
+    assert _loop_work(mine)
+    assert not _loop_work(in_thread)
+    assert not _loop_work(Captured.frame)  # gilfree pickling it, called from the coroutine
+
+
+def test_gilfrees_result_thread_is_named_in_reports():
+    with gil.monitor() as m, gilfree.Pool(1) as pool:
+        assert [pool.submit(pow, 2, i).result() for i in range(50)] == [2**i for i in range(50)]
+    assert "gilfree-results" in [t.name for t in m.report().threads]
 
 
 def test_samples_count_cpu_work_inside_event_loop_callbacks_and_not_in_executor_threads():

@@ -70,6 +70,7 @@ struct gf_gilhook_thread_stats {
                             0: none (a GF_GIL_GAP event marks where they resumed) */
   int state;             /* enum gf_gilhook_state */
   int priority;
+  char name[16];         /* its OS name when the record was made (PR_GET_NAME) */
 };
 
 /* Sums over every record, those still listed and those reaped. */

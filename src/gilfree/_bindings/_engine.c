@@ -1050,6 +1050,7 @@ static void *waiter_main(void *arg) {
   EngineObject *self = arg;
   event_batch batch = {0};
   sigset_t all;
+  pthread_setname_np(pthread_self(), "gilfree-results"); /* in ps, top and gilfree.gil's reports */
   /* Signals belong to the main thread: Ctrl-C must interrupt the user's wait, not us. */
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, NULL);

@@ -337,14 +337,14 @@ static PyObject *gilhook_slots_restored(PyObject *module, PyObject *Py_UNUSED(ig
  * reference); stops the walk with an exception set on error. */
 static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
   PyObject *row = Py_BuildValue(
-      "(kkKKKKKKKKKKiiKK)", (unsigned long)s->id, (unsigned long)s->tid,
+      "(kkKKKKKKKKKKiiKKy)", (unsigned long)s->id, (unsigned long)s->tid,
       (unsigned long long)s->first_ns,
       (unsigned long long)s->exit_ns, (unsigned long long)s->held_ns,
       (unsigned long long)s->wait_ns, (unsigned long long)s->acquisitions,
       (unsigned long long)s->waits, (unsigned long long)s->switches_in,
       (unsigned long long)s->forced, (unsigned long long)s->drop_requests,
       (unsigned long long)s->timeouts, s->state, s->priority, (unsigned long long)s->lost_ns,
-      (unsigned long long)s->cpu_ns);
+      (unsigned long long)s->cpu_ns, s->name);
   if (row == NULL)
     return 1;
   int rc = PyList_Append(arg, row);
@@ -355,9 +355,9 @@ static int append_thread(const struct gf_gilhook_thread_stats *s, void *arg) {
 PyDoc_STRVAR(threads_doc,
              "threads()\n--\n\nReturns a new tuple (now_ns, rows): rows is a list of (id, tid, first_ns, exit_ns, held_ns, wait_ns, "
              "acquisitions, waits, switches_in, forced, drop_requests, timeouts, state, "
-             "priority, lost_ns, cpu_ns), cumulative per thread up to now_ns, times on "
+             "priority, lost_ns, cpu_ns, name), cumulative per thread up to now_ns, times on "
              "time.monotonic_ns()'s clock; lost_ns: its events are lost from then on (0: none); "
-             "cpu_ns: the thread's CPU time.");
+             "cpu_ns: the thread's CPU time; name: its OS name when its record was made.");
 
 /* Returns a new reference, or NULL with an exception set. */
 static PyObject *gilhook_threads(PyObject *module, PyObject *Py_UNUSED(ignored)) {
