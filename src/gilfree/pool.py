@@ -440,6 +440,8 @@ class Pool(PoolBase):
         return future
 
     def _open_map(self, pipeline):
+        if self._broken is not None:  # before the shutdown check: a forked child's copy is both
+            raise BrokenPool(self._broken)
         with self._lock:  # against shutdown: it closes the pool once no map is open
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -1423,3 +1423,25 @@ def test_amap_ended_by_an_error_leaves_no_unretrieved_future_exception():
 
     reported = asyncio.run(main())
     assert not reported, [context.get("message") for context in reported]
+
+
+def test_a_forked_childs_map_and_starmap_raise_broken_pool_naming_the_parent():
+    rc, out, err = run_to_end("""
+        import os
+        import gilfree, poolfuncs as f
+        pool = gilfree.Pool(1)
+        pool.submit(f.square, 1).result()
+        pid = os.fork()
+        if pid == 0:
+            for call in (lambda: pool.map(f.square, [1]), lambda: pool.starmap(f.add, [(1, 2)]),
+                         lambda: pool.submit(f.square, 1)):
+                try:
+                    call()
+                except Exception as exc:
+                    print(type(exc).__name__, "forked this one" in str(exc), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        pool.shutdown()
+    """)
+    assert rc == 0, err
+    assert out.split("\n")[:-1] == ["BrokenPool True"] * 3
