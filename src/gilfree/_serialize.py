@@ -6,11 +6,13 @@ block it already lives in) and returns a reference tuple; received references ar
 ``bytes`` objects for exact bytes, ``SharedBuffer`` objects for everything else, which the
 unpickler gets as read-only memoryviews.
 """
+import _thread
 import functools
 import io
 import itertools
 # _pickle, not pickle: the pure-Python module pulls in `re`, slowing worker start-up.
 import _pickle as pickle
+import os
 import sys
 import types
 import weakref
@@ -69,11 +71,25 @@ class _BufferPickler(_ViewPickler):
         return None
 
 
+# A child forked while another thread imports cloudpickle would wait forever for the import's
+# module lock: forks wait for the import instead.
+_importing = _thread.allocate_lock()
+os.register_at_fork(
+    before=_importing.acquire, after_in_parent=_importing.release, after_in_child=_importing.release
+)
+
+
+def _cloudpickle():
+    with _importing:
+        import cloudpickle
+    return cloudpickle
+
+
 @functools.cache  # made on first use: cloudpickle is imported only when needed
 def _by_value_pickler():
     """_ViewPickler that also pickles by value, as cloudpickle does, what workers cannot import
     (lambdas, closures, what __main__ defines)."""
-    import cloudpickle
+    cloudpickle = _cloudpickle()
 
     class _ByValuePickler(_ViewPickler, cloudpickle.Pickler):
         def reducer_override(self, obj):
@@ -208,9 +224,8 @@ def round_trip(obj):
     try:
         payload = pickle.dumps(obj, 5)
     except (TypeError, pickle.PicklingError, AttributeError):
-        import cloudpickle  # classes that came by value: not found by name here
-
-        payload = cloudpickle.dumps(obj, 5)
+        # Classes that came by value: not found by name here.
+        payload = _cloudpickle().dumps(obj, 5)
     return pickle.loads(payload)
 
 

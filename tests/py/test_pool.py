@@ -1445,3 +1445,49 @@ def test_a_forked_childs_map_and_starmap_raise_broken_pool_naming_the_parent():
     """)
     assert rc == 0, err
     assert out.split("\n")[:-1] == ["BrokenPool True"] * 3
+
+
+def test_a_child_forked_while_another_thread_imports_cloudpickle_can_send_by_value():
+    # The import holds cloudpickle's module lock; a child forked meanwhile would wait for it
+    # forever at its first by-value pickle. The loader below keeps the import going for 1 s.
+    rc, out, err = run_to_end("""
+        import importlib.util, os, signal, sys, threading, time
+        import gilfree
+        started = threading.Event()
+
+        class SlowCloudpickle:
+            def find_spec(self, name, path, target=None):
+                if name != "cloudpickle":
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.util.find_spec(name)
+                real = spec.loader
+
+                class Loader:
+                    def create_module(self, spec):
+                        return real.create_module(spec)
+
+                    def exec_module(self, module):
+                        started.set()
+                        time.sleep(1)
+                        real.exec_module(module)
+
+                spec.loader = Loader()
+                return spec
+
+        sys.meta_path.insert(0, SlowCloudpickle())
+        pool = gilfree.Pool(1)
+        sender = threading.Thread(target=lambda: pool.submit(lambda: 1).result())
+        sender.start()
+        started.wait()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a hang ends the child
+            with gilfree.Pool(1) as own:
+                os._exit(0 if own.submit(lambda: 2).result(10) == 2 else 1)
+        print("child", os.waitpid(pid, 0)[1], flush=True)
+        sender.join()
+        pool.shutdown()
+    """, timeout=30)
+    assert rc == 0, err
+    assert out == "child 0\n"
