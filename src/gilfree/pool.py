@@ -781,6 +781,12 @@ class Pool(PoolBase):
             engine.close(0.0)
         self._fail_all(BrokenPool(self._broken))
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a gilfree.Pool cannot be sent to another process (pickled): its workers and shared "
+            "memory belong to this one. A task can create its own Pool"
+        )
+
     def __repr__(self):
         state = "broken" if self._broken else "shut down" if self._shutdown else "running"
         return f"<gilfree.Pool max_workers={self._max_workers} {state}>"

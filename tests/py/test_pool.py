@@ -1491,3 +1491,11 @@ def test_a_child_forked_while_another_thread_imports_cloudpickle_can_send_by_val
     """, timeout=30)
     assert rc == 0, err
     assert out == "child 0\n"
+
+
+def test_a_pool_cannot_be_pickled_or_sent_to_a_task(pool):
+    with pytest.raises(TypeError, match="cannot be sent to another process"):
+        pickle.dumps(pool)
+    with pytest.raises(TypeError, match="cannot be sent to another process"):
+        pool.submit(f.echo, pool)
+    assert pool.submit(f.square, 3).result() == 9
