@@ -303,6 +303,12 @@ class Pool(PoolBase):
         preload=(),
         cluster=None,
     ):
+        if _exiting:
+            # The exit hook that shuts pools down has run: this pool's tasks would be dropped.
+            raise RuntimeError(
+                "cannot create a gilfree.Pool after interpreter shutdown began (in an atexit "
+                "handler, say): its tasks would never run"
+            )
         max_tasks_per_worker = process_pool_options(mp_context, max_tasks_per_worker, max_tasks_per_child)
         if max_workers is None:
             max_workers = min(_available_cpus(), _engine.MAX_WORKERS)
@@ -936,9 +942,12 @@ def _events_callback(pool_ref):
 
 _live_pools = weakref.WeakSet()
 _busy_pools = set()  # pools with futures out: see Pool._settled
+_exiting = False  # set by _shutdown_at_exit: no Pool may start after it
 
 
 def _shutdown_at_exit():
+    global _exiting
+    _exiting = True
     interrupted = _exiting_on_ctrl_c()
     for pool in list(_live_pools):
         pool._stop_maps()  # nobody reads a map at exit: the input it has not read is not run

@@ -1499,3 +1499,22 @@ def test_a_pool_cannot_be_pickled_or_sent_to_a_task(pool):
     with pytest.raises(TypeError, match="cannot be sent to another process"):
         pool.submit(f.echo, pool)
     assert pool.submit(f.square, 3).result() == 9
+
+
+def test_a_pool_cannot_be_created_after_the_exit_hook_shut_pools_down():
+    # As concurrent.futures refuses: nothing would wait for the pool's tasks any more.
+    rc, out, err = run_to_end("""
+        import atexit
+        import gilfree, gilfree.pool, poolfuncs as f
+
+        def late():
+            try:
+                gilfree.Pool(1).submit(f.square, 2)
+                print("created", flush=True)
+            except RuntimeError as exc:
+                print("RuntimeError", "shutdown" in str(exc), flush=True)
+
+        atexit.register(late)
+    """)
+    assert rc == 0, err
+    assert out == "RuntimeError True\n"
