@@ -208,12 +208,20 @@ class PoolBase(concurrent.futures.Executor):
     def run(self, fn, /, *args, **kwargs):
         """An asyncio future of fn(*args, **kwargs) run in the pool: ``await pool.run(...)``.
 
-        Call it in a coroutine: the future belongs to the running event loop. Submits at once
-        (as submit(), whose errors it raises here); cancelling the asyncio future cancels the
-        task if no worker has started it."""
+        Call it in a coroutine: the future belongs to the running event loop (RuntimeError,
+        and nothing submitted, without one; use submit() there). Submits at once (as submit(),
+        whose errors it raises here); cancelling the asyncio future cancels the task if no
+        worker has started it."""
         import asyncio
 
-        return asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "pool.run() needs a running event loop (await it in a coroutine); "
+                "use pool.submit() outside asyncio"
+            ) from None
+        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=loop)
 
     def map(self, fn, *iterables, chunksize="auto", ordered=True, timeout=None, progress=False):
         """An iterator over fn(*args) for args taken from the iterables together (zipped: it

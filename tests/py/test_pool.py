@@ -1518,3 +1518,25 @@ def test_a_pool_cannot_be_created_after_the_exit_hook_shut_pools_down():
     """)
     assert rc == 0, err
     assert out == "RuntimeError True\n"
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_run_outside_an_event_loop_raises_before_submitting(in_thread):
+    pool = gilfree.Pool(1)
+    raised = []
+
+    def call():
+        try:
+            pool.run(f.square, 2)
+        except RuntimeError as exc:
+            raised.append(str(exc))
+
+    if in_thread:
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+    else:
+        call()
+    pool.shutdown(wait=True)
+    assert raised and "event loop" in raised[0]
+    assert pool.stats()["tasks"] == 0
