@@ -85,16 +85,28 @@ def _cloudpickle():
     return cloudpickle
 
 
+def names_main(payload):
+    """True when a pickle names the main script's module: "__main__", or "__mp_main__" in a
+    multiprocessing spawn or forkserver child. Workers have neither: it must go by value."""
+    return b"_main__" in payload  # one scan for both; a false hit only costs a by-value pickle
+
+
 @functools.cache  # made on first use: cloudpickle is imported only when needed
-def _by_value_pickler():
+def by_value_pickler():
     """_ViewPickler that also pickles by value, as cloudpickle does, what workers cannot import
-    (lambdas, closures, what __main__ defines)."""
+    (lambdas, closures, what the main script defines)."""
     cloudpickle = _cloudpickle()
+    from cloudpickle.cloudpickle import _dynamic_class_reduce
 
     class _ByValuePickler(_ViewPickler, cloudpickle.Pickler):
         def reducer_override(self, obj):
             if type(obj) is memoryview:
                 return _memoryview_reduce(obj)
+            # cloudpickle names __mp_main__'s functions and classes, as importable.
+            if type(obj) is types.FunctionType and obj.__module__ == "__mp_main__":
+                return self._dynamic_function_reduce(obj)
+            if isinstance(obj, type) and obj.__module__ == "__mp_main__":
+                return _dynamic_class_reduce(obj)
             return cloudpickle.Pickler.reducer_override(self, obj)
 
     return _ByValuePickler
@@ -104,7 +116,7 @@ def _dumps_by_value(obj, buffer_callback):
     """obj pickled by value where workers cannot import it. Large bytes stay in-band: a
     persistent_id finding them would slow these pickles, made at each submit, by a quarter."""
     file = io.BytesIO()
-    _by_value_pickler()(file, 5, buffer_callback=buffer_callback).dump(obj)
+    by_value_pickler()(file, 5, buffer_callback=buffer_callback).dump(obj)
     return file.getvalue()
 
 
@@ -159,7 +171,7 @@ class Codec:
                     raise
                 # Else a memoryview, or something only cloudpickle can do.
             else:
-                if b"__main__" not in payload:
+                if not names_main(payload):
                     return payload, refs
                 self.release(refs)
         return self._dumps_large(obj)
@@ -187,7 +199,7 @@ class Codec:
             except (TypeError, pickle.PicklingError, AttributeError):
                 # Classes or functions made at run time (e.g. in a task sent by value).
                 payload = b"__main__"
-            if b"__main__" in payload:
+            if names_main(payload):
                 self.release(refs)
                 refs.clear()
                 payload = _dumps_by_value(obj, out_of_band)
@@ -247,7 +259,7 @@ def _by_value(obj):
     """True when cloudpickle copies the function or class obj instead of naming it."""
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", "")
-    return module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname
+    return module in (None, "__main__", "__mp_main__") or "<locals>" in qualname or "<lambda>" in qualname
 
 
 def _code_names(code, names):
@@ -381,7 +393,7 @@ def function_blob(fn):
             raise
         except Exception:
             blob = None
-        if blob is None or _by_value(fn) or b"__main__" in blob:
+        if blob is None or _by_value(fn) or names_main(blob):
             if type(fn) is types.FunctionType:
                 captured = _Captured(fn)
                 generations = captured.generations(fn)

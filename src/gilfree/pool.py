@@ -22,7 +22,7 @@ from concurrent.futures._base import FINISHED, PENDING, RUNNING
 
 from . import _engine
 from ._executor import PoolBase, is_ctrl_c, process_pool_options, with_remote_traceback
-from ._serialize import Codec, blob_never_stale, function_blob, with_task
+from ._serialize import Codec, blob_never_stale, by_value_pickler, function_blob, names_main, with_task
 from ._worker import EXIT_ADDRESS_SPACE, WorkerConfig
 from .errors import TaskTimeout, WorkerCrashed
 
@@ -825,16 +825,15 @@ def _memfd_holding(data):
 
 
 def _pickle_config(config):
-    """The workers' configuration; an initializer from __main__ or a closure goes by value."""
+    """The workers' configuration; an initializer from the main script or a closure goes by
+    value."""
     try:
         blob = _dumps(pickle.Pickler, config)
-        if b"__main__" not in blob:
+        if not names_main(blob):
             return blob
     except (pickle.PicklingError, AttributeError, TypeError):
         pass
-    import cloudpickle
-
-    return _dumps(cloudpickle.Pickler, config)
+    return _dumps(by_value_pickler(), config)
 
 
 def _dumps(pickler, obj):

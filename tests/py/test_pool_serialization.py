@@ -342,3 +342,38 @@ def test_what_the_parents_main_defines_pickles_again_in_a_task(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(["Point(x=3)", 14, "Point(x=5, y=0)"])
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_the_main_scripts_functions_and_classes_go_by_value_from_a_spawned_child(tmp_path, method):
+    # There the main script is __mp_main__, a module gilfree's workers do not have.
+    script = tmp_path / "main.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing, sys
+        import gilfree
+
+        class Box:
+            def __init__(self, value):
+                self.value = value
+
+        def unbox_squared(box):
+            return box.value ** 2
+
+        def child(queue):
+            with gilfree.Pool(1) as pool:
+                queue.put(pool.submit(unbox_squared, Box(9)).result(20))
+
+        if __name__ == "__main__":
+            ctx = multiprocessing.get_context(sys.argv[1])
+            queue = ctx.Queue()
+            process = ctx.Process(target=child, args=(queue,))
+            process.start()
+            print(queue.get(timeout=60))
+            process.join(30)
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, str(script), method], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "81\n"
