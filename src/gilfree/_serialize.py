@@ -398,7 +398,10 @@ def function_blob(fn):
                 captured = _Captured(fn)
                 generations = captured.generations(fn)
                 captured = captured.current
-                blob = _dumps_by_value((fn, generations), _in_band_only)
+                try:
+                    blob = _dumps_by_value((fn, generations), _in_band_only)
+                except (TypeError, pickle.PicklingError) as exc:
+                    raise _by_value_error(fn, exc) from exc
             else:
                 blob = _dumps_by_value(fn, _in_band_only)
     except _OutOfBandNeeded:
@@ -410,6 +413,35 @@ def function_blob(fn):
             return blob  # not weak-referenceable: pickled at each submit
         _blobs[id(fn)] = (ref, blob, captured, generations)
     return blob
+
+
+def _by_value_error(fn, exc):
+    """The error for a function that must go by value and cannot: names the global or closure
+    variable that does not pickle. Workers never run the main script (they start from a fresh
+    template), so sending the function by name instead would not find it there."""
+    code = fn.__code__
+    names = {}
+    _code_names(code, names)
+    parts = [(f"global {name!r}", fn.__globals__[name]) for name in names if name in fn.__globals__]
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            parts.append((f"closure variable {name!r}", cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    culprit = "something it uses"
+    for label, value in parts:
+        try:
+            _dumps_by_value(value, None)
+        except Exception:
+            culprit = f"its {label} ({type(value).__name__})"
+            break
+    return TypeError(
+        f"{fn.__module__}.{fn.__qualname__} cannot be sent to the workers: they cannot import it "
+        f"(the main script, a lambda or a closure), so it is pickled by value with what it uses, "
+        f"and {culprit} cannot be pickled: {exc}. Define the function in a module the workers "
+        "can import, or give it the object another way (create it in the task or in the pool's "
+        "initializer, or pass what pickles as an argument)"
+    )
 
 
 def with_task(fn):

@@ -377,3 +377,26 @@ def test_the_main_scripts_functions_and_classes_go_by_value_from_a_spawned_child
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "81\n"
+
+
+def test_a_main_function_with_an_unpicklable_global_is_refused_naming_both():
+    out = run_ok(
+        """
+        import threading
+        import gilfree
+        LOCK = threading.Lock()
+
+        def locked_double(x):
+            with LOCK:
+                return 2 * x
+
+        with gilfree.Pool(1) as pool:
+            try:
+                pool.submit(locked_double, 2)
+            except TypeError as exc:
+                print(exc)
+        """
+    )
+    assert "__main__.locked_double" in out
+    assert "global 'LOCK' (lock)" in out
+    assert "module the workers can import" in out
