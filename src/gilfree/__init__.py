@@ -5,6 +5,7 @@
 - ``gilfree.priority``: thread priorities for the GIL on stock CPython.
 """
 import importlib
+import threading  # noqa: F401 - the exit then runs threading's shutdown, after which a Pool refuses to start (see pool.py)
 
 __all__ = ["Pool", "WorkerCrashed", "TaskTimeout", "UnsupportedInterpreter", "gil", "priority"]
 __version__ = "0.1.0"

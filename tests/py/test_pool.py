@@ -1520,6 +1520,26 @@ def test_a_pool_cannot_be_created_after_the_exit_hook_shut_pools_down():
     assert out == "RuntimeError True\n"
 
 
+def test_a_pool_first_used_in_an_atexit_handler_refuses_too():
+    # Nothing imported threading before the exit: importing gilfree does, so the exit still
+    # runs threading's shutdown, after which the pool refuses instead of dropping the task.
+    rc, out, err = run_to_end("""
+        import atexit
+        import gilfree, poolfuncs as f
+
+        def late():
+            try:
+                gilfree.Pool(1).submit(f.square, 2)
+                print("created", flush=True)
+            except RuntimeError as exc:
+                print("RuntimeError", "shutdown" in str(exc), flush=True)
+
+        atexit.register(late)
+    """)
+    assert rc == 0, err
+    assert out == "RuntimeError True\n"
+
+
 @pytest.mark.parametrize("in_thread", [False, True])
 def test_run_outside_an_event_loop_raises_before_submitting(in_thread):
     pool = gilfree.Pool(1)
