@@ -727,11 +727,15 @@ int gf_manager_alloc(gf_manager *m, uint64_t len, uint64_t *off) {
   return rc;
 }
 
-/* Drops the tasks still queued in the parent. Under m->lock, or with no other thread. */
-static void gf_pending_clear(gf_manager *m) {
+/* Drops the tasks still queued in the parent, giving back their buffers' blocks when release
+ * is set (not in a forked child: the counts are the parent's). Under m->lock, or with no other
+ * thread. */
+static void gf_pending_clear(gf_manager *m, int release) {
   while (m->pending_head != NULL) {
     gf_pending *p = m->pending_head;
     m->pending_head = p->next;
+    if (release)
+      gf_msg_release(&m->arena, (const gf_msg *)p->msg);
     free(p);
   }
   m->pending_tail = NULL;
@@ -741,7 +745,7 @@ static void gf_pending_clear(gf_manager *m) {
 void gf_manager_close(gf_manager *m, int64_t timeout_ns) {
   pthread_mutex_lock(&m->lock);
   m->closing = 1;
-  gf_pending_clear(m);
+  gf_pending_clear(m, 1);
   pthread_mutex_unlock(&m->lock);
 
   if (m->ctl_fd >= 0)
@@ -800,7 +804,7 @@ void gf_manager_forget(gf_manager *m) {
   m->ctl_fd = m->ctl_child_fd = m->template_pidfd = m->epoll_fd = m->stop_fd = -1;
   m->memfd = m->arena.fd = -1; /* the mapping outlives its descriptor */
   m->template_pid = 0;
-  gf_pending_clear(m);
+  gf_pending_clear(m, 0);
   free(m->sched);
   m->sched = NULL;
   /* The map stays: results received before the fork may still be read through it. */

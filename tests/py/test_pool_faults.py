@@ -540,3 +540,19 @@ def test_tasks_queued_to_a_worker_stopped_between_tasks_go_to_another_after_task
                 os.kill(victim, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+
+def test_tasks_never_started_before_a_ctrl_c_give_their_arguments_pages_back():
+    before = memfd_backed_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with gilfree.Pool(1) as pool:
+            kept = pool.submit(np.full, 16384, 7.0).result()
+            pool.submit(time.sleep, 30)
+            for _ in range(4):
+                pool.submit(len, np.ones(1 << 20))  # 8 MiB each, queued behind the sleep
+            raise KeyboardInterrupt  # the with block kills the workers and drops the queue
+    deadline = time.monotonic() + 10
+    while memfd_backed_bytes() - before >= 4 << 20 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the pool closes in the background after the kill
+    assert memfd_backed_bytes() - before < 4 << 20
+    assert (kept == 7.0).all()
