@@ -19,14 +19,18 @@ class WorkerCrashed(BrokenProcessPool):
         return (type(self), (self.pid, self.exitcode, self.signal, str(self)))
 
 
+def signal_name(signum):
+    """SIGKILL for 9; "signal 40" for a number without a name (the real-time signals)."""
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _describe(pid, exitcode, signum):
     who = f"worker {pid}" if pid is not None else "a worker"
     if signum is not None:
-        try:
-            name = _signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        text = f"{who} was killed by {name} while running this task"
+        text = f"{who} was killed by {signal_name(signum)} while running this task"
         if signum == _signal.SIGKILL:
             text += " (likely killed for memory: the OOM killer sends SIGKILL)"
         return text

@@ -1560,3 +1560,11 @@ def test_run_outside_an_event_loop_raises_before_submitting(in_thread):
     pool.shutdown(wait=True)
     assert raised and "event loop" in raised[0]
     assert pool.stats()["tasks"] == 0
+
+
+def test_signals_without_a_name_are_described_by_number():
+    from gilfree.errors import WorkerCrashed, signal_name
+
+    assert signal_name(signal.SIGKILL) == "SIGKILL"
+    assert signal_name(signal.SIGRTMIN + 6) == f"signal {signal.SIGRTMIN + 6}"
+    assert f"killed by signal {signal.SIGRTMIN + 6}" in str(WorkerCrashed(pid=7, signal=signal.SIGRTMIN + 6))

@@ -16,10 +16,10 @@ import itertools
 import logging
 import multiprocessing
 import os
-import signal
 import threading
 import time
 
+from ..errors import signal_name
 from ..pool import Pool
 
 KINDS = ("pool", "threads", "mp")
@@ -53,7 +53,7 @@ class _ReportingPool(Pool):
         if timed_out:
             what = f"ran a task over its {self._task_timeout:g} s budget: killed"
         elif os.WIFSIGNALED(status):
-            what = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            what = f"was killed by {signal_name(os.WTERMSIG(status))}"
         else:
             what = f"exited with code {os.WEXITSTATUS(status)}"
         when = "while running a task" if task_id else "while idle" if was_ready else "while starting"
