@@ -73,7 +73,7 @@ class _BufferPickler(_ViewPickler):
 
 # A child forked while another thread imports cloudpickle would wait forever for the import's
 # module lock: forks wait for the import instead.
-_importing = _thread.allocate_lock()
+_importing = _thread.RLock()  # reentrant: a signal handler of the importing thread may fork
 os.register_at_fork(
     before=_importing.acquire, after_in_parent=_importing.release, after_in_child=_importing.release
 )

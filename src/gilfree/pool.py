@@ -306,8 +306,9 @@ class Pool(PoolBase):
         if _exiting:
             # The exit hook that shuts pools down has run: this pool's tasks would be dropped.
             raise RuntimeError(
-                "cannot create a gilfree.Pool after interpreter shutdown began (in an atexit "
-                "handler, say): its tasks would never run"
+                "cannot create a gilfree.Pool after interpreter shutdown began (the main thread "
+                "has returned: in an atexit handler, or a thread still running then), as "
+                "concurrent.futures refuses: nothing would wait for its tasks"
             )
         max_tasks_per_worker = process_pool_options(mp_context, max_tasks_per_worker, max_tasks_per_child)
         if max_workers is None:
