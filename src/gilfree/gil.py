@@ -272,23 +272,32 @@ def _cpu_ns(thread):
 
 
 def _name_threads(names, rows):
-    """Adds the names of the Python threads alive in rows to names (record id -> name)."""
+    """Adds the names of the Python threads alive in rows to names (record id -> name). A C
+    thread Python met (threading.current_thread() in it, as logging calls) is a Dummy-N there:
+    the OS name it gave itself says more."""
     live = _live_records(rows)
+    process = _process_name()
+    os_names = {row[_TID]: _os_name(row[_NAME], process) for row in rows if not row[_EXIT]}
     for native_id, t in _threads():
         if native_id in live:
-            names[live[native_id]] = t.name
+            dummy = isinstance(t, threading._DummyThread)
+            names[live[native_id]] = (os_names.get(native_id) if dummy else None) or t.name
 
 
-def _os_name(raw):
+def _process_name():
+    try:
+        with open("/proc/self/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return None
+
+
+def _os_name(raw, process):
     """A thread's OS name from its record when it set one of its own (a C thread such as
     gilfree's result thread, which Python has no name for), else None: threads keep the
     process's name until they set one."""
     name = raw.decode(errors="replace")
-    try:
-        with open("/proc/self/comm") as process:
-            return name if name and name != process.read().strip() else None
-    except OSError:
-        return None
+    return name if name and process is not None and name != process else None
 
 
 def _name_at_end(thread):
@@ -649,6 +658,7 @@ class Monitor:
         end, ends = self._timeline_ends()
         self._summary = self._hook.summarize(self._events, self._t0, end, ends) if self._trace else {}
         sampler = self._sampler.record if self._sampler else None
+        process = _process_name()
         # The first record made in the window for each native id of a thread unseen at the
         # start is that thread's: a thread ends through a hooked release, so one that ended
         # before its id was reused has a record, made before.
@@ -689,7 +699,7 @@ class Monitor:
             threads.append(
                 ThreadReport(
                     name=(self._names.get(key) or self._alive.get(key) or (self._unseen[row[_TID]][0] if unseen else None)
-                          or _os_name(row[_NAME]) or f"thread-{row[_TID]}"),
+                          or _os_name(row[_NAME], process) or f"thread-{row[_TID]}"),
                     tid=row[_TID],
                     held_s=held / 1e9,
                     wait_s=wait / 1e9,
@@ -710,7 +720,12 @@ class Monitor:
         top, total, in_loop, loop_thread, loop_where = [], 0, 0, None, None
         if self._sampler and self._sampler.in_loop:
             in_loop = sum(self._sampler.in_loop.values())
-            loop_thread, loop_where = max(self._sampler.in_loop, key=self._sampler.in_loop.get)
+            per_thread = {}
+            for (name, _), n in self._sampler.in_loop.items():
+                per_thread[name] = per_thread.get(name, 0) + n
+            loop_thread = max(per_thread, key=per_thread.get)
+            loop_where = max((key for key in self._sampler.in_loop if key[0] == loop_thread),
+                             key=self._sampler.in_loop.get)[1]
         if self._sampler and self._sampler.counts:
             total = sum(self._sampler.counts.values())
             top = [(name, n / total) for name, n in sorted(self._sampler.counts.items(), key=lambda kv: -kv[1])[:3]]

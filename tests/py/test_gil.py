@@ -489,10 +489,16 @@ def test_loop_work_is_the_programs_own_code_in_a_coroutine_not_in_executor_threa
     assert not _loop_work(Captured.frame)  # gilfree pickling it, called from the coroutine
 
 
-def test_gilfrees_result_thread_is_named_in_reports():
-    with gil.monitor() as m, gilfree.Pool(1) as pool:
-        assert [pool.submit(pow, 2, i).result() for i in range(50)] == [2**i for i in range(50)]
-    assert "gilfree-results" in [t.name for t in m.report().threads]
+@pytest.mark.parametrize("pool_alive_at_report", [False, True])
+def test_gilfrees_result_thread_is_named_in_reports(pool_alive_at_report):
+    with gilfree.Pool(1) as pool:
+        with gil.monitor() as m:
+            futures = [pool.submit(pow, 2, i) for i in range(50)]
+            assert [f.result() for f in futures] == [2**i for i in range(50)]
+            if not pool_alive_at_report:
+                pool.shutdown()
+        names = [t.name for t in m.report().threads]
+    assert "gilfree-results" in names, names
 
 
 def test_samples_count_cpu_work_inside_event_loop_callbacks_and_not_in_executor_threads():
