@@ -195,7 +195,7 @@ class Report:
             rest = ranked[TOP_THREADS:]
             lines.append(f"... and {len(rest)} more threads (held {sum(t.held_s for t in rest):.3f} s, "
                          f"waited {sum(t.wait_s for t in rest):.3f} s; all in Report.threads)")
-        if self.top_functions:
+        if self.top_functions and self.samples >= MIN_HOT_SPOT_SAMPLES:  # fewer say nothing yet
             lines.append(f"held the GIL most ({self.samples} samples): " + ", ".join(f"{name} {share:.0%}" for name, share in self.top_functions))
         if self.sampler_held_s:
             lines.append(f"(gilfree's sampler thread, not listed, held the GIL {self.sampler_held_s * 1e3:.1f} ms: "

@@ -455,6 +455,13 @@ def test_verdict_calls_out_a_blocked_event_loop(held_fraction, samples, loop_sam
     assert ("run_in_executor" in text) is blocked
 
 
+@pytest.mark.parametrize("samples, listed", [(1, False), (9, False), (10, True)])
+def test_the_report_lists_where_the_gil_was_held_from_enough_samples(samples, listed):
+    report = synthetic_report(0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)])
+    report.top_functions, report.samples = [("crunch (app.py:3)", 1.0)], samples
+    assert ("held the GIL most" in str(report)) is listed
+
+
 def test_a_busy_process_whose_children_do_more_work_is_told_so():
     from gilfree.gil import verdict
 
