@@ -937,6 +937,22 @@ def _typical_wait(thread):
     return thread.wait_p50_s or thread.wait_s / (thread.waits or 1)
 
 
+def _convoy_sentence(convoys, interval):
+    """One sentence for the threads in a convoy, the most starved named first."""
+    convoys = sorted(convoys, key=lambda t: -t.wait_s)
+    names = ", ".join(f"'{t.name}'" for t in convoys[:3]) + (f" and {len(convoys) - 3} more" if len(convoys) > 3 else "")
+    low, high = (f"{f(_typical_wait(t) for t in convoys) * 1e3:.1f}" for f in (min, max))
+    one = len(convoys) == 1
+    return (
+        f"Convoy: blocking thread{'' if one else 's'} {names} (I/O, sleep or a lock between short holds) typically "
+        f"waited {low if low == high else f'{low}-{high}'} ms on {sum(t.waits for t in convoys)} of "
+        f"{'its' if one else 'their'} {sum(t.acquisitions for t in convoys)} GIL reacquisitions (the switch interval "
+        f"is {interval * 1e3:.0f} ms): a blocking call costs {'it' if one else 'each'} about that while CPU threads "
+        f"run - give {'it' if one else 'them'} priority (gilfree.priority.background() around the CPU work) or move "
+        f"the CPU work to processes."
+    )
+
+
 def verdict(report):
     """A sentence a person can act on, from the numbers of a Report.
 
@@ -1056,15 +1072,8 @@ def verdict(report):
         waits = "the waits may be longer, and the cores left for processes fewer," if share >= PARTLY_SHARE \
             else "fewer cores are left for processes"
         parts.append(f"Other work kept ~{other:.1f} of the machine's cores busy meanwhile: {waits} than on an idle machine.")
-    interval = report.interval_s or 0.005
-    for t in convoys:
-        parts.append(
-            f"Convoy: blocking thread '{t.name}' (I/O, sleep or a lock between short holds) typically waited {_typical_wait(t) * 1e3:.1f} ms "
-            f"on {t.waits} of its {t.acquisitions} GIL reacquisitions (the switch interval is "
-            f"{interval * 1e3:.0f} ms): a blocking call costs it about that while "
-            f"CPU threads run - give it priority (gilfree.priority.background() around the CPU work) or move "
-            f"the CPU work to processes."
-        )
+    if convoys:
+        parts.append(_convoy_sentence(convoys, report.interval_s or 0.005))
     loop_share = report.loop_samples / report.samples if report.samples >= MIN_HOT_SPOT_SAMPLES else 0.0
     if loop_share >= BLOCKED_LOOP_SHARE and loop_share * report.held_fraction >= BLOCKED_LOOP_BUSY:
         where = f", most in {report.loop_where}," if report.loop_where else ""

@@ -939,6 +939,20 @@ def test_convoy_counts_the_takes_that_waited_not_all_takes(p50_s):
            "300 of its 600 GIL reacquisitions" in verdict_of(report), report.verdict
 
 
+def test_convoys_of_many_threads_are_one_sentence():
+    """Five client threads behind the CPU work: one sentence naming the three most starved."""
+    from gilfree.gil import ThreadReport
+
+    report = synthetic_report(0.95, [(9.4, 0.0, 0)])
+    for i in range(5):
+        report.threads.append(ThreadReport(f"client-{i}", 10 + i, 0.01, 0.5 + i / 10, 50, 0.006 + i / 1000, 0.01,
+                                           0.02, 4.0, acquisitions=80, alive_s=5, cpu_s=0.02))
+    v = verdict_of(report)
+    assert v.count("Convoy") == 1 and v.count("gilfree.priority") == 1, v
+    assert "Convoy: blocking threads 'client-4', 'client-3', 'client-2' and 2 more (I/O, sleep or a lock between " \
+           "short holds) typically waited 6.0-10.0 ms on 250 of their 400 GIL reacquisitions" in v, v
+
+
 def test_a_few_long_waits_among_many_takes_are_no_convoy():
     from gilfree.gil import ThreadReport
 
