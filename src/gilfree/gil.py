@@ -953,6 +953,25 @@ def _convoy_sentence(convoys, interval):
     )
 
 
+def _loop_findings(report):
+    """The sentences on an event loop's thread: blocked by the program's own CPU work."""
+    if report.samples < MIN_HOT_SPOT_SAMPLES:
+        return []
+    found = []
+    loop_share = report.loop_samples / report.samples
+    if loop_share >= BLOCKED_LOOP_SHARE and loop_share * report.held_fraction >= BLOCKED_LOOP_BUSY:
+        where = f", most in {report.loop_where}," if report.loop_where else ""
+        thread = f" of thread '{_printable(report.loop_thread)}'" if report.loop_thread else ""
+        found.append(
+            f"Blocked event loop: {loop_share:.0%} of the samples found the GIL held by the program's own code "
+            f"running in the event loop{thread} (a coroutine or a loop callback){where} and the GIL was held "
+            f"{report.held_fraction:.0%} of the time: while that code runs, the loop answers nothing else. Hand "
+            f"the CPU work to processes: `await pool.run(fn, *args)` on a gilfree.Pool (or "
+            f"`await loop.run_in_executor(pool, fn, *args)`)."
+        )
+    return found
+
+
 def verdict(report):
     """A sentence a person can act on, from the numbers of a Report.
 
@@ -1074,16 +1093,8 @@ def verdict(report):
         parts.append(f"Other work kept ~{other:.1f} of the machine's cores busy meanwhile: {waits} than on an idle machine.")
     if convoys:
         parts.append(_convoy_sentence(convoys, report.interval_s or 0.005))
-    loop_share = report.loop_samples / report.samples if report.samples >= MIN_HOT_SPOT_SAMPLES else 0.0
-    if loop_share >= BLOCKED_LOOP_SHARE and loop_share * report.held_fraction >= BLOCKED_LOOP_BUSY:
-        where = f", most in {report.loop_where}," if report.loop_where else ""
-        thread = f" of thread '{_printable(report.loop_thread)}'" if report.loop_thread else ""
-        parts.append(
-            f"Blocked event loop: {loop_share:.0%} of the samples found the GIL held by the program's own code "
-            f"running in the event loop{thread} (a coroutine or a loop callback){where} and the GIL was held "
-            f"{report.held_fraction:.0%} of the time: while that code runs, the loop answers nothing else. Hand "
-            f"the CPU work to processes with `await loop.run_in_executor(pool, fn, *args)` on a gilfree.Pool."
-        )
+    # The event loop's findings lead: the rest describes the threads, the loop being one of them.
+    parts[:0] = _loop_findings(report)
     # A hot spot is worth naming when the GIL is what the program waits on or holds, and when
     # there are enough samples for a share to mean something.
     if report.top_functions and report.samples >= MIN_HOT_SPOT_SAMPLES and not quiet:

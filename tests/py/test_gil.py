@@ -455,6 +455,16 @@ def test_verdict_calls_out_a_blocked_event_loop(held_fraction, samples, loop_sam
     assert ("run_in_executor" in text) is blocked
 
 
+def test_a_blocked_event_loop_leads_the_verdict_and_suggests_pool_run():
+    from gilfree.gil import verdict
+
+    report = synthetic_report(0.93, [(9.3, 0.0, 0), (0.0, 0.0, 0)])  # single-threaded CPU work in the loop
+    report.top_functions, report.samples, report.loop_samples = [("crunch (app.py:3)", 1.0)], 40, 34
+    text = verdict(report)
+    assert text.startswith("Blocked event loop: 85% of the samples"), text
+    assert "`await pool.run(fn, *args)` on a gilfree.Pool (or `await loop.run_in_executor(pool, fn, *args)`)" in text
+
+
 @pytest.mark.parametrize("samples, listed", [(1, False), (9, False), (10, True)])
 def test_the_report_lists_where_the_gil_was_held_from_enough_samples(samples, listed):
     report = synthetic_report(0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)])
