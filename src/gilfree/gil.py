@@ -141,6 +141,7 @@ class Report:
     loop_samples: int = 0  # samples that found the holder running its own code in an event loop
     loop_thread: str = None  # the thread whose event loop most of those samples were in
     loop_where: str = None  # where most of them were
+    loop_submit_samples: int = 0  # samples that found an event loop pickling a gilfree.Pool task's arguments
 
     @property
     def cpu_s(self):
@@ -328,6 +329,7 @@ class _Sampler(threading.Thread):
         self._stop_event = threading.Event()
         self.counts = {}
         self.in_loop = {}  # (thread name, where) -> samples of the program's own code in an event loop
+        self.submitting = 0  # samples of an event loop in gilfree.Pool's submission (pickling arguments)
         self.record = None  # its own record id, left out of the report
 
     def run(self):
@@ -351,8 +353,11 @@ class _Sampler(threading.Thread):
             if frame is None:
                 continue
             key = _where(frame)
-            if _loop_work(frame):
+            work = _loop_work(frame)
+            if work == LOOP_OWN:
                 self.in_loop[thread.name, key] = self.in_loop.get((thread.name, key), 0) + 1
+            elif work == LOOP_SUBMIT:
+                self.submitting += 1
             # Not kept over the sleep: a frame object that outlives its call holds the call's
             # locals, which this thread would then free (a parsed document: 100 ms held here).
             del frame
@@ -368,22 +373,29 @@ _ASYNC_CODE = 0x80 | 0x100 | 0x200  # CO_COROUTINE, CO_ITERABLE_COROUTINE, CO_AS
 _GILFREE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
 
+LOOP_OWN, LOOP_SUBMIT = "own", "submit"
+_SUBMIT = (os.path.join(_GILFREE_DIR, "pool.py"), "_submit")  # gilfree.Pool._submit: pickles a task
+
+
 def _loop_work(frame):
-    """Whether a thread runs the program's own code inside an event loop: in a coroutine (any
-    loop: asyncio, uvloop, trio) or a callback of an asyncio loop, which serves nothing else
-    meanwhile. The loop's own machinery (a busy server's many short callbacks) is not the
-    program's code, and neither is gilfree pickling what the program submits."""
-    own = False
+    """What a thread runs inside an event loop (a coroutine of any loop: asyncio, uvloop, trio,
+    or a callback of an asyncio loop, which serves nothing else meanwhile): LOOP_OWN, the
+    program's own code; LOOP_SUBMIT, gilfree.Pool submitting a task (pickling its arguments,
+    also in the program's __reduce__); else None. The loop's own machinery (a busy server's many
+    short callbacks) is not the program's code, and neither is other gilfree code."""
+    own = gilfree = submit = False
     while frame is not None:
         code = frame.f_code
-        if code.co_filename.startswith(_GILFREE_DIR) and not own:
-            return False
-        own = own or _is_own(code.co_filename)
+        if code.co_filename.startswith(_GILFREE_DIR):
+            gilfree = True
+            submit = submit or (code.co_name == _SUBMIT[1] and code.co_filename == _SUBMIT[0])
+        elif not gilfree:
+            own = own or _is_own(code.co_filename)
         if code.co_flags & _ASYNC_CODE or (
                 code.co_name == _LOOP_CALLBACK[1] and code.co_filename.endswith(_LOOP_CALLBACK[0])):
-            return own
+            return LOOP_SUBMIT if submit else LOOP_OWN if own else None
         frame = frame.f_back
-    return False
+    return None
 
 
 def _frame_name(frame):
@@ -750,6 +762,7 @@ class Monitor:
             loop_samples=in_loop,
             loop_thread=loop_thread,
             loop_where=loop_where,
+            loop_submit_samples=self._sampler.submitting if self._sampler else 0,
         )
         report.verdict = verdict(report)
         return report
@@ -954,7 +967,8 @@ def _convoy_sentence(convoys, interval):
 
 
 def _loop_findings(report):
-    """The sentences on an event loop's thread: blocked by the program's own CPU work."""
+    """The sentences on an event loop's thread: blocked by the program's own CPU work, or by
+    pickling the arguments of the tasks it hands a gilfree.Pool."""
     if report.samples < MIN_HOT_SPOT_SAMPLES:
         return []
     found = []
@@ -968,6 +982,15 @@ def _loop_findings(report):
             f"{report.held_fraction:.0%} of the time: while that code runs, the loop answers nothing else. Hand "
             f"the CPU work to processes: `await pool.run(fn, *args)` on a gilfree.Pool (or "
             f"`await loop.run_in_executor(pool, fn, *args)`)."
+        )
+    # Not the program's CPU work, and not for processes to take over: the arguments are too big.
+    submit_share = report.loop_submit_samples / report.samples
+    if submit_share * report.held_fraction >= BLOCKED_LOOP_BUSY:
+        found.append(
+            f"Event loop pickling Pool arguments: {submit_share:.0%} of the samples found the event loop's thread "
+            f"pickling the arguments of tasks it hands a gilfree.Pool, and the GIL was held "
+            f"{report.held_fraction:.0%} of the time: meanwhile the loop answers nothing else. Pass small "
+            f"arguments (an index, a path: the worker loads the data) or pool.share() large buffers and arrays."
         )
     return found
 

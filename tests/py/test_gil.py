@@ -465,6 +465,35 @@ def test_a_blocked_event_loop_leads_the_verdict_and_suggests_pool_run():
     assert "`await pool.run(fn, *args)` on a gilfree.Pool (or `await loop.run_in_executor(pool, fn, *args)`)" in text
 
 
+@pytest.mark.parametrize("submit_samples, told", [(30, True), (5, False)])
+def test_an_event_loop_pickling_pool_arguments_is_told_so_apart_from_a_blocked_loop(submit_samples, told):
+    from gilfree.gil import verdict
+
+    report = synthetic_report(0.6, [(6.0, 0.0, 0), (0.0, 0.0, 0)])
+    report.top_functions, report.samples, report.loop_submit_samples = [("Codec.dumps (_serialize.py:163)", 0.8)], 40, submit_samples
+    text = verdict(report)
+    assert text.startswith("Event loop pickling Pool arguments: 75% of the samples") is told, text
+    assert ("pool.share()" in text) is told
+    assert "Blocked event loop" not in text
+
+
+def test_an_event_loop_pickling_large_pool_arguments_is_found_by_the_sampler():
+    rows = [{"region": f"r{i % 97}", "amount": i} for i in range(50_000)]
+
+    async def main(pool):
+        for _ in range(30):  # a sample or two each: pickle.dumps keeps the GIL from the sampler
+            await pool.run(len, rows)
+
+    with gilfree.Pool(1) as pool:
+        pool.submit(int).result()  # started
+        with gil.monitor(sample_hz=200) as m:
+            asyncio.run(main(pool))
+    report = m.report()
+    assert "Event loop pickling Pool arguments" in report.verdict and "Blocked event loop" not in report.verdict, report
+    assert report.samples >= 10 and report.loop_submit_samples >= 0.5 * report.samples, report
+    assert report.loop_samples <= 0.1 * report.samples, report
+
+
 @pytest.mark.parametrize("samples, listed", [(1, False), (9, False), (10, True)])
 def test_the_report_lists_where_the_gil_was_held_from_enough_samples(samples, listed):
     report = synthetic_report(0.99, [(5.0, 4.9, 0), (4.9, 5.0, 0)])
@@ -484,7 +513,7 @@ def test_loop_work_is_the_programs_own_code_in_a_coroutine_not_in_executor_threa
     import concurrent.futures
     import sys
 
-    from gilfree.gil import _loop_work
+    from gilfree.gil import LOOP_OWN, LOOP_SUBMIT, _loop_work
 
     class Captured:
         frame = None
@@ -501,9 +530,9 @@ def test_loop_work_is_the_programs_own_code_in_a_coroutine_not_in_executor_threa
 
     with gilfree.Pool(1) as pool:
         mine, in_thread = asyncio.run(main(pool))
-    assert _loop_work(mine)
-    assert not _loop_work(in_thread)
-    assert not _loop_work(Captured.frame)  # gilfree pickling it, called from the coroutine
+    assert _loop_work(mine) == LOOP_OWN
+    assert _loop_work(in_thread) is None
+    assert _loop_work(Captured.frame) == LOOP_SUBMIT  # gilfree pickling it, called from the coroutine
 
 
 @pytest.mark.parametrize("pool_alive_at_report", [False, True])
