@@ -142,6 +142,7 @@ class Report:
     loop_thread: str = None  # the thread whose event loop most of those samples were in
     loop_where: str = None  # where most of them were
     loop_submit_samples: int = 0  # samples that found an event loop pickling a gilfree.Pool task's arguments
+    waiting_s: float = None  # wall time in which one thread or more waited for the GIL (None: no timeline)
 
     @property
     def cpu_s(self):
@@ -155,22 +156,35 @@ class Report:
         cores = max(1, self.cores)
         return max(1.0, min(cores, cores * (self.wall_s or 1e-9) / max(self.cpu_s + self.children_cpu_s, 1e-9)))
 
-    @property
-    def gil_wait_share(self):
-        """The longest time a thread waited for the GIL (less what it may have waited for
-        gilfree's sampler), as a share of the wall time: what processes could win back of it.
-        Under one switch interval in all it is a hand-over (a short run's start), not contention.
-        With at most one thread holding the GIL there was nobody else to wait for: its waits were
-        for the sampler, and then for a CPU on a busy machine."""
+    def _contention(self, wait_s):
+        """wait_s, less what may have been waiting for gilfree's sampler, as a share of the wall
+        time. Under one switch interval in all it is a hand-over (a short run's start), not
+        contention. With at most one thread holding the GIL there was nobody else to wait for:
+        its waits were for the sampler, and then for a CPU on a busy machine."""
         if sum(1 for t in self.threads if t.held_s > 0) <= 1:
             return 0.0
-        longest = max((t.wait_s - self.sampler_held_s for t in self.threads), default=0.0)
-        return longest / (self.wall_s or 1e-9) if longest >= self.interval_s else 0.0
+        wait_s -= self.sampler_held_s
+        return wait_s / (self.wall_s or 1e-9) if wait_s >= self.interval_s else 0.0
+
+    @property
+    def longest_wait_share(self):
+        """The longest time one thread waited for the GIL, as a share of the wall time."""
+        return self._contention(max((t.wait_s for t in self.threads), default=0.0))
+
+    @property
+    def gil_wait_share(self):
+        """The share of the wall time in which one thread or more waited for the GIL
+        (waiting_s, from the timeline), at least the longest-waiting thread's (all there is
+        without a timeline): what processes could win back of it. A thread-per-request server's
+        threads each wait a sliver of the run, and between them all of it."""
+        longest = max((t.wait_s for t in self.threads), default=0.0)
+        return self._contention(max(longest, self.waiting_s or 0.0))
 
     def to_dict(self):
         d = asdict(self)
         d["threads"] = [asdict(t) for t in self.threads]
-        d.update(cpu_s=self.cpu_s, max_speedup=self.max_speedup, gil_wait_share=self.gil_wait_share)
+        d.update(cpu_s=self.cpu_s, max_speedup=self.max_speedup, gil_wait_share=self.gil_wait_share,
+                 longest_wait_share=self.longest_wait_share)
         return d
 
     def __str__(self):
@@ -742,6 +756,7 @@ class Monitor:
             total = sum(self._sampler.counts.values())
             top = [(name, n / total) for name, n in sorted(self._sampler.counts.items(), key=lambda kv: -kv[1])[:3]]
         cpu = self._cpu1 - self._cpu0
+        waiting = self._waiting_ns() / 1e9 if self._trace else None
         children, other = _usage_between(self._usage0, self._usage1, cpu, wall_ns / 1e9)
         report = Report(
             wall_s=wall_ns / 1e9,
@@ -763,9 +778,36 @@ class Monitor:
             loop_thread=loop_thread,
             loop_where=loop_where,
             loop_submit_samples=self._sampler.submitting if self._sampler else 0,
+            waiting_s=waiting,
         )
         report.verdict = verdict(report)
         return report
+
+    def _waiting_ns(self):
+        """How long one thread or more of the report's waited for the GIL, half a switch interval
+        or more at a time: the union of those waits. A shorter wait is a hand-over (the holder
+        blocked before it was asked to drop the GIL), not contention; a thread waking from
+        sleep or I/O into a busy GIL makes many. Shorter spans merge into slices, whose waits
+        count (from the slice's start) only where the timeline merges longer ones too. A span
+        from the window's start is a guess (a thread first seen taking the GIL may have been
+        blocked before, not waiting): left out."""
+        shortest = int(self._interval * 1e9 / 2)
+        resolution = max(shortest, self._resolution())
+        waits = sorted((start, start + wait) for _, _, start, _, _, wait, spans in self._slices(resolution)
+                       if start > self._t0 and (wait >= shortest or (wait and spans > 1 and resolution > shortest)))
+        total, until = 0, 0
+        for start, end in waits:
+            if end > until:
+                total += end - max(start, until)
+                until = end
+        return total
+
+    def _resolution(self):
+        """Spans shorter than this merge into slices, so that a timeline has about
+        MAX_TRACE_SLICES slices at most (0: every span as it is)."""
+        spans = sum(self._summary[key][1] for key in self._keys if key in self._summary)
+        tracks = sum(1 for key in self._keys if key in self._summary) or 1
+        return 0 if spans <= MAX_TRACE_SLICES else max(1000, 3 * tracks * (self._t1 - self._t0) // MAX_TRACE_SLICES)
 
     def _slices(self, resolution_ns):
         """(record id, state, start_ns, end_ns, held_ns, wait_ns, spans) of the report's threads,
@@ -789,9 +831,7 @@ class Monitor:
         if not self._trace:
             raise ValueError("this monitor was created with trace=False")
         report = self.report()
-        spans = sum(self._summary[key][1] for key in self._keys if key in self._summary)
-        tracks = sum(1 for key in self._keys if key in self._summary) or 1
-        resolution = 0 if spans <= MAX_TRACE_SLICES else max(1000, 3 * tracks * (self._t1 - self._t0) // MAX_TRACE_SLICES)
+        resolution = self._resolution()
         pid, held_state = os.getpid(), self._hook.STATE_HELD
         other = {"verdict": report.verdict, "merged_below_us": resolution / 1e3, "dropped_events": report.dropped_events}
         with open(path, "w") as f:
@@ -999,10 +1039,10 @@ def verdict(report):
     """A sentence a person can act on, from the numbers of a Report.
 
     It rests on what processes could win back: waits for the GIL matter in proportion to the
-    run's wall time (Report.gil_wait_share: the longest-waiting thread's), not to the threads'
-    busy time, which is small in an I/O-bound program, and within the cores the process did not
-    use yet (Report.max_speedup). Busy time (holding the GIL, waiting for it, or running without
-    it: CPU time outside it) and the threads' lives then say where the rest of the time went:
+    run's wall time (Report.gil_wait_share: the time one thread or more waited), not to the
+    threads' busy time, which is small in an I/O-bound program, and within the cores the process
+    did not use yet (Report.max_speedup). Busy time (holding the GIL, waiting for it, or running
+    without it: CPU time outside it) and the threads' lives then say where the rest of the time went:
     blocked in I/O, sleep, locks or join() is not work, and neither is waiting for a CPU, which
     it may have been when the cores the process may use were busy.
     """
@@ -1015,7 +1055,7 @@ def verdict(report):
         used += f" and its child processes {report.children_cpu_s / wall:.2f} more"
     gain = f"processes (gilfree.Pool) could make it at most ~{speedup:.1f}x faster on this machine's {cores} core{'s' if cores != 1 else ''}"
     top_held = max((t.held_s for t in threads), default=0.0)
-    longest = share * wall
+    longest = max((t.wait_s for t in threads), default=0.0) - report.sampler_held_s
     # Threads that waited a fair share of the longest wait and either held a fair share of the
     # GIL (not a main thread's few hand-overs around start() and join()) or are starved in a
     # convoy: an I/O thread holds next to nothing. The longest waiter always counts.
@@ -1033,7 +1073,11 @@ def verdict(report):
     blocked = 1 - sum(t.busy_s for t in working) / (sum(max(t.alive_s, t.busy_s) for t in working) or 1e-9)
     first = max(waiters, key=lambda t: t.wait_s, default=None)
     which = f", '{first.name}'{', starved in the convoy below' if first in convoys else ''}," if first else ""
-    waited = f"the longest-waiting thread{which} {share:.0%} of the run's wall time"
+    waited = f"the longest-waiting thread{which} {longest / wall:.0%}"
+    if share >= 1.25 * longest / wall:  # threads took turns waiting (a thread per request)
+        waited = f"one or more of them waiting {share:.0%} of the run's wall time; {waited}"
+    else:
+        waited += " of the run's wall time"
     threads_waited = f"{len(waiters)} thread{'s' if len(waiters) != 1 else ''} waited for the GIL ({waited})"
     parts = []
     quiet = False  # where the GIL sat is beside the point

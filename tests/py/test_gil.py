@@ -885,6 +885,32 @@ def test_verdict_weighs_waits_against_the_runs_wall_time_not_busy_time():
     assert report.verdict.startswith("Not GIL-bound"), report
 
 
+def countdown(n):
+    while n > 0:
+        n -= 1
+
+
+def test_contention_spread_over_short_lived_threads_is_gil_bound():
+    """A thread per request: waves of three CPU threads, each alive a sliver of the run, so the
+    longest waiter waited little of it; between them the GIL was contended all along."""
+    def request(together):
+        together.wait()  # not while the main thread still needs the GIL to start the others
+        countdown(2_000_000)
+
+    with gil.monitor() as m:
+        for _ in range(8):
+            together = threading.Barrier(3)
+            wave = [threading.Thread(target=request, args=(together,)) for _ in range(3)]
+            for t in wave:
+                t.start()
+            for t in wave:
+                t.join()
+    report = m.report()
+    assert report.verdict.startswith("GIL-bound: " if report.max_speedup >= 1.1 else "Not GIL-bound on this machine"), report
+    assert "one or more of them waiting" in report.verdict
+    assert report.longest_wait_share < gil.GIL_BOUND_SHARE <= report.gil_wait_share, report
+
+
 def test_verdict_gives_what_processes_could_win_on_the_cores_left():
     """A mixed program already using 1.55 of 2 cores: processes could make it at most 2 / 1.55
     times faster, however long its threads waited."""
