@@ -604,8 +604,11 @@ class Pool(PoolBase):
         when its result cannot be unpickled (loading it again fails too); otherwise it is a
         signal handler's exception or a done-callback's BaseException, returned to be raised
         once the whole batch is delivered. Each step is idempotent, so an exception during an
-        attempt only means another one."""
+        attempt only means another one. A load failing with an Exception, or twice in a row with
+        the same BaseException (a SystemExit from the result's own __reduce__), is the result's
+        error: its future gets it."""
         raised = exc
+        failed_with = type(exc)
         for _ in range(REDELIVERY_ATTEMPTS):
             try:
                 kind = event[0]
@@ -615,7 +618,10 @@ class Pool(PoolBase):
                     if future is not None and future._state == PENDING:
                         try:
                             value = Codec.loads(payload, views)
-                        except Exception as error:
+                        except BaseException as error:
+                            if not isinstance(error, Exception) and type(error) is not failed_with:
+                                failed_with = type(error)
+                                raise
                             if raised is exc:
                                 raised = None
                             _complete(future, None, _unpickling_error(error))

@@ -118,3 +118,18 @@ def process_identity():
     parent = multiprocessing.parent_process()
     alive = parent is not None and parent.is_alive()
     return multiprocessing.current_process().name, parent and parent.pid, alive, sys.argv
+
+
+def _exit_on_load():
+    sys.exit(3)
+
+
+class ExitOnLoad:
+    """Unpickling it raises SystemExit (CPython's test_exit_during_result_unpickle_in_result_handler)."""
+
+    def __reduce__(self):
+        return _exit_on_load, ()
+
+
+def exit_on_load():
+    return ExitOnLoad()

@@ -173,6 +173,13 @@ def test_a_result_that_cannot_be_unpickled_is_a_clear_error(pool):
     assert pool.submit(f.square, 3).result() == 9
 
 
+def test_a_result_whose_unpickling_raises_systemexit_fails_its_future_and_the_pool_goes_on(pool):
+    with pytest.raises(RuntimeError, match="result cannot be unpickled") as info:
+        pool.submit(sf.exit_on_load).result(timeout=60)
+    assert type(info.value.__cause__) is SystemExit
+    assert pool.submit(f.square, 3).result(timeout=60) == 9
+
+
 def test_map_yields_the_results_before_an_unpicklable_one_in_its_chunk(pool):
     got = []
     with pytest.raises(TypeError, match="pickle"):
