@@ -236,8 +236,10 @@ def worker_main(memfd, slot, config):
         return _out_of_address_space(memfd, "map the pool's shared memory")
     try:
         return _serve(worker, memfd, config)
-    except MemoryError:
-        # Not a task's (it goes back as its error): its reply could not be made or sent.
+    except Exception:
+        # Not a task's (it goes back as its error): its reply could not be made or sent. Out of
+        # address space, the interpreter may fail in other ways than MemoryError (3.13: a
+        # SystemError while formatting the task's traceback).
         if _address_space_limit() is None:
             raise
         return _out_of_address_space(memfd, "send a task's outcome")
