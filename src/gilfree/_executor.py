@@ -148,6 +148,14 @@ class _Pipeline:
 _END = object()
 
 
+def _to_pop(results):
+    """A chunk's results list (a worker's, held by its future too), reversed in place to pop()
+    from the end in order: a map keeps no reference to a result it yielded (as Executor.map), so
+    a reader that drops each one frees it."""
+    results.reverse()
+    return results
+
+
 class _Progress:
     def __init__(self, enabled, items):
         self.bar = None
@@ -283,9 +291,12 @@ class PoolBase(concurrent.futures.Executor):
                         raise TimeoutError()
                     future = next(iter(done))
                 results, error = pipeline.take(future)
+                future = done = None  # it holds the chunk's results: yielded ones must not stay
                 pipeline.fill()
                 bar.update(len(results))
-                yield from results
+                results = _to_pop(results)
+                while results:
+                    yield results.pop()
                 if error is not None:
                     raise with_remote_traceback(*error)
         except KeyboardInterrupt as exc:
@@ -329,10 +340,12 @@ class PoolBase(concurrent.futures.Executor):
                     future = next(f for f in wrapped if wrapped[f] is first)
                 wrapped.pop(future)
                 results, error = pipeline.take(future)
+                future = first = done = None  # they hold the chunk's results
                 pipeline.fill()
                 bar.update(len(results))
-                for result in results:
-                    yield result
+                results = _to_pop(results)
+                while results:
+                    yield results.pop()
                 if error is not None:
                     raise with_remote_traceback(*error)
         finally:

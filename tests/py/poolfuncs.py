@@ -155,3 +155,14 @@ def exhaust_address_space(limit):
 def many_buffers(n):
     """n distinct 64 KiB bytes: each goes out-of-band, by its own block."""
     return [os.urandom(16) * 4096 for _ in range(n)]
+
+
+class Box:
+    """A result that can be watched with a weakref."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def boxed(x):
+    return Box(x)

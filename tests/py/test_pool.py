@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -99,6 +100,31 @@ def test_map_unordered_and_chunksizes(pool):
     delays = [0.3, 0.0, 0.0]
     first = next(iter(pool.map(f.sleep_then, delays, delays, chunksize=1, ordered=False)))
     assert first == 0.0
+
+
+@pytest.mark.parametrize("chunksize, ordered", [(5, True), (5, False), ("auto", True)])
+def test_map_keeps_no_result_the_reader_dropped(pool, chunksize, ordered):
+    alive = []
+    for box in pool.map(f.boxed, range(20), chunksize=chunksize, ordered=ordered):
+        watch = weakref.ref(box)
+        del box
+        gc.collect()
+        alive.append(watch() is not None)
+    assert alive == [False] * 20
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_amap_keeps_no_result_the_reader_dropped(pool, ordered):
+    async def read():
+        alive = []
+        async for box in pool.amap(f.boxed, range(20), chunksize=5, ordered=ordered):
+            watch = weakref.ref(box)
+            del box
+            gc.collect()
+            alive.append(watch() is not None)
+        return alive
+
+    assert asyncio.run(read()) == [False] * 20
 
 
 def test_map_consumes_input_lazily(pool):
