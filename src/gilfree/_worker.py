@@ -222,9 +222,10 @@ def worker_main(memfd, slot, config):
         try:
             config.initializer(*config.initargs)
         except BaseException:
-            import traceback
+            import logging
 
-            traceback.print_exc()
+            # As a ProcessPoolExecutor worker: a handler the initializer installed gets it.
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
             return 1
     try:
         worker = _engine.Worker(memfd, slot)

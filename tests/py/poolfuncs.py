@@ -166,3 +166,11 @@ class Box:
 
 def boxed(x):
     return Box(x)
+
+
+def log_to_then_fail(path):
+    """An initializer that sends concurrent.futures' log to a file, then fails."""
+    import logging
+
+    logging.getLogger("concurrent.futures").addHandler(logging.FileHandler(path))
+    raise ValueError("the initializer failed on purpose")

@@ -482,6 +482,15 @@ def test_failing_initializer_breaks_pool_with_clear_error():
             pool.submit(f.square, 2).result(timeout=30)
 
 
+def test_a_failing_initializer_is_logged_on_the_concurrent_futures_logger(tmp_path):
+    log = tmp_path / "workers.log"
+    with gilfree.Pool(1, initializer=f.log_to_then_fail, initargs=(str(log),)) as pool:
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            pool.submit(f.square, 2).result(timeout=60)
+    text = log.read_text()
+    assert text.startswith("Exception in initializer:") and "the initializer failed on purpose" in text
+
+
 def test_an_initializer_capping_the_address_space_breaks_the_pool_naming_rlimit_as():
     # The worker maps the pool's shared memory after the initializer: it cannot under 2 GiB.
     with gilfree.Pool(1, initializer=f.limit_address_space, initargs=(2 << 30,)) as pool:
