@@ -107,6 +107,10 @@ def by_value_pickler():
                 return self._dynamic_function_reduce(obj)
             if isinstance(obj, type) and obj.__module__ == "__mp_main__":
                 return _dynamic_class_reduce(obj)
+            # cloudpickle would send a text file opened for reading as a copy of its contents
+            # (writes and later reads would not reach the file): refused, as pickle does.
+            if type(obj) is io.TextIOWrapper and obj is not sys.stdout and obj is not sys.stderr:
+                raise TypeError(f"cannot pickle '{type(obj).__module__}.{type(obj).__qualname__}' object")
             return cloudpickle.Pickler.reducer_override(self, obj)
 
     return _ByValuePickler

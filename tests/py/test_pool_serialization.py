@@ -167,6 +167,17 @@ def test_an_exception_that_cannot_be_unpickled_arrives_as_its_type_and_message(p
     assert pool.submit(f.square, 3).result() == 9
 
 
+@pytest.mark.parametrize("mode", ["r", "w"])
+def test_an_open_text_file_argument_is_refused_as_pickle_refuses_it(pool, tmp_path, mode):
+    # cloudpickle would send a file opened for reading as a copy of its contents.
+    (tmp_path / "notes.txt").write_text("notes")
+    with open(tmp_path / "notes.txt", mode) as notes:
+        with pytest.raises(TypeError, match="cannot pickle '_io.TextIOWrapper' object"):
+            pool.submit(f.echo, notes)
+        with pytest.raises(TypeError, match="cannot pickle '_io.TextIOWrapper' object"):
+            pool.submit(lambda file: file, notes)
+
+
 def test_a_result_that_cannot_be_unpickled_is_a_clear_error(pool):
     with pytest.raises(RuntimeError, match=r"result cannot be unpickled.*Pair\.__init__"):
         pool.submit(sf.pair, 1).result()
@@ -386,12 +397,14 @@ def test_the_main_scripts_functions_and_classes_go_by_value_from_a_spawned_child
     assert done.stdout == "81\n"
 
 
-def test_a_main_function_with_an_unpicklable_global_is_refused_naming_both():
+@pytest.mark.parametrize("made, kind", [("threading.Lock()", "lock"), ("open(os.devnull)", "TextIOWrapper")])
+def test_a_main_function_with_an_unpicklable_global_is_refused_naming_both(made, kind):
     out = run_ok(
-        """
+        f"""
+        import os
         import threading
         import gilfree
-        LOCK = threading.Lock()
+        LOCK = {made}
 
         def locked_double(x):
             with LOCK:
@@ -405,5 +418,5 @@ def test_a_main_function_with_an_unpicklable_global_is_refused_naming_both():
         """
     )
     assert "__main__.locked_double" in out
-    assert "global 'LOCK' (lock)" in out
+    assert f"global 'LOCK' ({kind})" in out
     assert "module the workers can import" in out
