@@ -787,14 +787,15 @@ class Monitor:
         """How long one thread or more of the report's waited for the GIL, half a switch interval
         or more at a time: the union of those waits. A shorter wait is a hand-over (the holder
         blocked before it was asked to drop the GIL), not contention; a thread waking from
-        sleep or I/O into a busy GIL makes many. Shorter spans merge into slices, whose waits
-        count (from the slice's start) only where the timeline merges longer ones too. A span
+        sleep or I/O into a busy GIL makes many. Shorter spans merge into slices of half a switch
+        interval (longer in a long trace: _resolution), which count, from their start, when
+        their waits add up to that much: in a long trace, short waits crowding a slice count. A span
         from the window's start is a guess (a thread first seen taking the GIL may have been
         blocked before, not waiting): left out."""
         shortest = int(self._interval * 1e9 / 2)
         resolution = max(shortest, self._resolution())
         waits = sorted((start, start + wait) for _, _, start, _, _, wait, spans in self._slices(resolution)
-                       if start > self._t0 and (wait >= shortest or (wait and spans > 1 and resolution > shortest)))
+                       if start > self._t0 and wait >= shortest)
         total, until = 0, 0
         for start, end in waits:
             if end > until:
@@ -1055,7 +1056,7 @@ def verdict(report):
         used += f" and its child processes {report.children_cpu_s / wall:.2f} more"
     gain = f"processes (gilfree.Pool) could make it at most ~{speedup:.1f}x faster on this machine's {cores} core{'s' if cores != 1 else ''}"
     top_held = max((t.held_s for t in threads), default=0.0)
-    longest = max((t.wait_s for t in threads), default=0.0) - report.sampler_held_s
+    longest = max(0.0, max((t.wait_s for t in threads), default=0.0) - report.sampler_held_s)
     # Threads that waited a fair share of the longest wait and either held a fair share of the
     # GIL (not a main thread's few hand-overs around start() and join()) or are starved in a
     # convoy: an I/O thread holds next to nothing. The longest waiter always counts.
@@ -1075,10 +1076,11 @@ def verdict(report):
     which = f", '{first.name}'{', starved in the convoy below' if first in convoys else ''}," if first else ""
     waited = f"the longest-waiting thread{which} {longest / wall:.0%}"
     if share >= 1.25 * longest / wall:  # threads took turns waiting (a thread per request)
-        waited = f"one or more of them waiting {share:.0%} of the run's wall time; {waited}"
+        waited = f"one or more of them waiting {share:.0%} of the run's wall time" + (f"; {waited}" if waiters else "")
     else:
         waited += " of the run's wall time"
-    threads_waited = f"{len(waiters)} thread{'s' if len(waiters) != 1 else ''} waited for the GIL ({waited})"
+    # No thread's own waits may stand out where many short-lived ones took turns.
+    threads_waited = f"{len(waiters) or 'several'} thread{'s' if len(waiters) != 1 else ''} waited for the GIL ({waited})"
     parts = []
     quiet = False  # where the GIL sat is beside the point
     other = report.other_load_cores or 0.0

@@ -890,6 +890,15 @@ def countdown(n):
         n -= 1
 
 
+def test_turns_of_waiting_shorter_than_the_samplers_holds_read_without_a_longest_waiter():
+    # Each thread waited less than the sampler held, while between them someone always waited.
+    report = synthetic_report(0.9, [(5.0, 0.2, 0.0), (4.0, 0.2, 0.0)])
+    report.sampler_held_s, report.waiting_s = 0.3, 5.0
+    text = verdict_of(report)
+    assert text.startswith("GIL-bound: several threads waited for the GIL (one or more of them waiting 47% of the run's wall time) ")
+    assert "longest-waiting" not in text and not re.search(r"-\d+%", text)
+
+
 def test_contention_spread_over_short_lived_threads_is_gil_bound():
     """A thread per request: waves of three CPU threads, each alive a sliver of the run, so the
     longest waiter waited little of it; between them the GIL was contended all along."""
