@@ -237,10 +237,9 @@ def worker_main(memfd, slot, config):
         return _out_of_address_space(memfd, "map the pool's shared memory")
     try:
         return _serve(worker, memfd, config)
-    except Exception:
+    except (MemoryError, SystemError):
         # Not a task's (it goes back as its error): its reply could not be made or sent. Out of
-        # address space, the interpreter may fail in other ways than MemoryError (3.13: a
-        # SystemError while formatting the task's traceback).
+        # address space, 3.13 may raise a SystemError instead (formatting the task's traceback).
         if _address_space_limit() is None:
             raise
         return _out_of_address_space(memfd, "send a task's outcome")

@@ -605,8 +605,8 @@ class Pool(PoolBase):
         signal handler's exception or a done-callback's BaseException, returned to be raised
         once the whole batch is delivered. Each step is idempotent, so an exception during an
         attempt only means another one. A load failing with an Exception, or twice in a row with
-        the same BaseException (a SystemExit from the result's own __reduce__), is the result's
-        error: its future gets it."""
+        the same BaseException other than KeyboardInterrupt (a SystemExit from the result's own
+        __reduce__), is the result's error: its future gets it."""
         raised = exc
         failed_with = type(exc)
         for _ in range(REDELIVERY_ATTEMPTS):
@@ -619,7 +619,9 @@ class Pool(PoolBase):
                         try:
                             value = Codec.loads(payload, views)
                         except BaseException as error:
-                            if not isinstance(error, Exception) and type(error) is not failed_with:
+                            # A KeyboardInterrupt is a signal's (Ctrl-C again), never the result's.
+                            if not isinstance(error, Exception) and (
+                                    type(error) is not failed_with or isinstance(error, KeyboardInterrupt)):
                                 failed_with = type(error)
                                 raise
                             if raised is exc:
