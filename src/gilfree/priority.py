@@ -153,7 +153,9 @@ def background(level=-1):
 class _Background(contextlib.ContextDecorator):
     """One background() block. It ends at __exit__, or when the object goes (an exception such
     as Ctrl-C's KeyboardInterrupt raised as __exit__ begins skips its body), so such an
-    interrupt does not leave its thread in the background (see docs/priority.md)."""
+    interrupt does not leave its thread in the background (see docs/priority.md). Only an open
+    block is an _OpenBackground, with a __del__: Python code run as a closed block goes would
+    swallow a Ctrl-C landing in it ("Exception ignored in ... __del__")."""
 
     _block = None  # class defaults: __del__ may see an object whose __init__ was interrupted
     _entered = False
@@ -175,6 +177,7 @@ class _Background(contextlib.ContextDecorator):
             raise RuntimeError("a background() block is entered once: call gilfree.priority.background() for each block")
         self._entered = True
         block = _Block(self._level)
+        self.__class__ = _OpenBackground
         try:
             _begin(block)
         except UnsupportedInterpreter as exc:  # raised before _begin changed anything
@@ -190,14 +193,17 @@ class _Background(contextlib.ContextDecorator):
         self._close()
         return False
 
-    def __del__(self):
-        self._close()
-
     def _close(self):
         # Forgotten only once ended: an interrupt as _end begins leaves it for __del__ to end.
         if self._block is not None:
             _end(self._block)
             self._block = None
+        self.__class__ = _Background
+
+
+class _OpenBackground(_Background):
+    def __del__(self):
+        self._close()
 
 
 def _warn_unavailable(exc):

@@ -725,6 +725,27 @@ def test_a_block_whose_exit_never_ran_ends_when_its_object_goes():
     assert priority.get() == 0
 
 
+def test_an_ended_block_runs_no_python_code_as_it_goes():
+    # A finalizer in Python swallowed a Ctrl-C landing in it ("Exception ignored in:
+    # <function _Background.__del__ ...>"): about 1 SIGINT in 25 sent to a loop of short blocks.
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == priority.__file__:
+            calls.append(frame.f_code.co_name)
+
+    block = priority.background()
+    with block:
+        assert priority.get() == -1
+    sys.setprofile(profile)
+    try:
+        del block
+        gc.collect()
+    finally:
+        sys.setprofile(None)
+    assert calls == [] and priority.get() == 0
+
+
 @pytest.mark.parametrize("interrupted", ["_end", "_apply"])
 def test_an_interrupt_as_a_block_ends_leaves_the_thread_at_its_level_once_the_block_goes(monkeypatch, interrupted):
     """A KeyboardInterrupt raised as the block's end begins (_end), or as it re-applies the level
