@@ -794,7 +794,7 @@ class Monitor:
         blocked before, not waiting): left out."""
         shortest = int(self._interval * 1e9 / 2)
         resolution = max(shortest, self._resolution())
-        waits = sorted((start, start + wait) for _, _, start, _, _, wait, spans in self._slices(resolution)
+        waits = sorted((start, start + wait) for _, _, start, _, _, wait, _ in self._slices(resolution)
                        if start > self._t0 and wait >= shortest)
         total, until = 0, 0
         for start, end in waits:
