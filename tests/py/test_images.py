@@ -1282,10 +1282,9 @@ async def test_worker_crash_is_500_for_that_request_only_and_each_worker_death_i
             timed_out = int(re.search(r'worker_busy\{slot="0",pid="([1-9]\d*)"\} 1', await metrics(server.url)).group(1))
             error_of(*await slow, 504, "timeout")
             await wait_for_metric(server.url, "worker_restarts_total", 2)  # killed at the task's own timeout
-            idle = None
-            while idle is None:  # the replacement's pid is 0 until the template has forked it
-                found = re.search(r'worker_busy\{slot="0",pid="([1-9]\d*)"\} 0', await metrics(server.url))
-                idle = int(found.group(1)) if found else await asyncio.sleep(0.02)
+            status, _ = await send(PHOTO, "w=32", "image/jpeg")  # the replacement has started: it served
+            assert status == 200
+            idle = int(re.search(r'worker_busy\{slot="0",pid="([1-9]\d*)"\} 0', await metrics(server.url)).group(1))
             os.kill(idle, signal.SIGKILL)
             await wait_for_metric(server.url, "worker_restarts_total", 3)
     finally:
