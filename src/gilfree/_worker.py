@@ -291,6 +291,7 @@ def _serve(worker, memfd, config):
         if task is None:
             return 0  # the template is gone
         task_id, (kind, head, body, views) = task
+        del task  # else its views keep the arguments' blocks until the next task
         count = 1
         out_of_memory = False  # the task (or a chunk's item) raised MemoryError
         try:

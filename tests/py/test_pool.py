@@ -955,6 +955,29 @@ def test_recycling_by_memory_ignores_shared_results_the_parent_holds():
         assert pool.stats()["restarts"] == 0
 
 
+def test_a_finished_task_keeps_no_hold_on_its_arguments_shared_memory():
+    # A worker let go of a task's arguments only when its next task came: an idle pool kept the
+    # last large argument in shared memory, the next argument of that size took a second block,
+    # and shutdown() could not give either back.
+    pool = gilfree.Pool(1)
+    memfd = os.dup(pool._engine.child_fds()[0])
+    try:
+        def resident():
+            return os.fstat(memfd).st_blocks * 512
+
+        assert pool.submit(len, b"x").result(timeout=60) == 1
+        before = resident()
+        data = bytes(32 << 20)  # out-of-band: a block of the arena
+        for _ in range(3):
+            assert pool.submit(len, data).result(timeout=60) == len(data)
+            assert resident() - before < 40 << 20  # one block, used again each time
+        pool.shutdown()
+        assert resident() - before < 1 << 20
+    finally:
+        pool.shutdown()
+        os.close(memfd)
+
+
 def test_idle_time_counts_the_earlier_workers_of_a_slot():
     with gilfree.Pool(1) as pool:
         pool.submit(f.sleep_then, 0.3).result()
