@@ -405,6 +405,22 @@ int gf_manager_running(gf_manager *m, uint64_t task_id) {
   return 0;
 }
 
+int gf_manager_kill_task(gf_manager *m, uint64_t task_id) {
+  int rc = -ENOENT;
+  /* Under m->lock, as the timeout kills: a death handled meanwhile clears the slot's pid. */
+  pthread_mutex_lock(&m->lock);
+  for (uint32_t i = 0; i < m->seg->nslots; i++) {
+    gf_slot *slot = &m->seg->slots[i];
+    int32_t pid = atomic_load(&slot->pid);
+    if (pid <= 0 || atomic_load(&slot->current_task) != task_id)
+      continue;
+    rc = kill(pid, SIGKILL) == 0 ? 0 : -errno;
+    break;
+  }
+  pthread_mutex_unlock(&m->lock);
+  return rc;
+}
+
 static int gf_any_response(gf_manager *m) {
   for (uint32_t i = 0; i < m->seg->nslots; i++)
     if (!gf_ring_empty(gf_slot_responses(m->seg, i)))

@@ -213,6 +213,10 @@ class PoolBase(concurrent.futures.Executor):
     def _interrupted(self):
         """Called when Ctrl-C arrives while the caller waits on the pool."""
 
+    def _stop_waited(self, futures):
+        """Ctrl-C arrived while the caller waited for these futures (a map's, a result())."""
+        self._interrupted()
+
     def run(self, fn, /, *args, **kwargs):
         """An asyncio future of fn(*args, **kwargs) run in the pool: ``await pool.run(...)``.
 
@@ -301,7 +305,7 @@ class PoolBase(concurrent.futures.Executor):
                     raise with_remote_traceback(*error)
         except KeyboardInterrupt as exc:
             if is_ctrl_c(exc):
-                self._interrupted()
+                self._stop_waited([f for f, _ in pipeline.inflight])
             raise
         finally:
             pipeline.cancel()

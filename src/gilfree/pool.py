@@ -177,7 +177,7 @@ class _Future(concurrent.futures.Future):
 
 def _wait_interruptibly(future, wait, timeout):
     """Waits in short slices so that Ctrl-C is seen within 100 ms even when the signal went to
-    another thread; on Ctrl-C the pool is terminated, leaving no processes behind."""
+    another thread; on Ctrl-C the future's task stops (see Pool._stop_waited)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
@@ -190,7 +190,7 @@ def _wait_interruptibly(future, wait, timeout):
     except KeyboardInterrupt as exc:
         pool = future._pool_ref()
         if pool is not None and is_ctrl_c(exc):
-            pool._interrupted()
+            pool._stop_waited([future])
         raise
 
 
@@ -261,7 +261,9 @@ class Pool(PoolBase):
       gilfree.cluster.dask.DaskPool with the same API (pip install 'gilfree[dask]').
 
     Workers see the environment, working directory and sys.path as they were at Pool(). A task
-    whose worker dies fails with gilfree.WorkerCrashed; the worker is replaced.
+    whose worker dies fails with gilfree.WorkerCrashed; the worker is replaced. Ctrl-C during
+    result() or map stops the tasks waited for (cancelled, or their workers killed and
+    replaced: CancelledError) and raises KeyboardInterrupt; the pool goes on.
 
     ``with Pool() as pool:`` shuts down with wait=True on leaving; ``async with Pool() as
     pool:`` does the same without blocking the event loop (the wait runs in a thread). Left on
@@ -335,6 +337,7 @@ class Pool(PoolBase):
         self._task_timeout = task_timeout
         self._ids = itertools.count(1)
         self._futures = {}
+        self._stopping = set()  # ids of tasks whose workers _stop_waited killed
         self._last_function = (None, None)
         self._shutdown = False
         self._close_when_idle = False
@@ -663,7 +666,12 @@ class Pool(PoolBase):
         future = self._futures.get(task_id) if task_id else None
         if future is None:
             return
-        if timed_out:
+        if task_id in self._stopping:
+            self._stopping.discard(task_id)
+            error = concurrent.futures.CancelledError(
+                f"stopped by Ctrl-C: worker {pid}, which ran it, was killed and replaced"
+            )
+        elif timed_out:
             error = TaskTimeout(
                 f"task ran longer than task_timeout={self._task_timeout}s; "
                 f"worker {pid} was killed and replaced"
@@ -766,8 +774,22 @@ class Pool(PoolBase):
         self._close_when_idle = True
         self._settled()
 
+    def _stop_waited(self, futures):
+        """Ctrl-C while the caller waited for futures: those not started are cancelled, the
+        workers running the others are killed (their futures fail with CancelledError) and
+        replaced. The pool and its other tasks go on; a program that then exits on the Ctrl-C
+        kills its workers at once (_shutdown_at_exit)."""
+        engine = self._engine
+        for future in futures:
+            if engine is None or future.done() or future.cancel():
+                continue
+            self._stopping.add(future._task_id)
+            if not engine.kill_task(future._task_id):  # finished meanwhile
+                self._stopping.discard(future._task_id)
+
     def _interrupted(self):
-        """Ctrl-C while waiting: kill the workers now and fail what is left."""
+        """Ctrl-C while leaving a with block, or at exit: kill the workers now and fail what
+        is left."""
         self._shutdown = True
         self._close(grace=0.0)
 

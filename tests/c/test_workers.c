@@ -108,6 +108,33 @@ GF_TEST(manager_dispatch_result_and_crash_recovery) {
   gf_manager_free(&m);
 }
 
+GF_TEST(manager_kills_only_the_worker_running_a_task) {
+  gf_manager m;
+  gf_worker w;
+  gf_ctl ctl;
+  GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 16u << 20), 0);
+  GF_CHECK_EQ(gf_manager_spawn(&m, 0), 0);
+  GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+  pid_t child = fork(); /* stands in for the worker process */
+  if (child == 0) {
+    pause();
+    _exit(0);
+  }
+  atomic_store(&m.seg->slots[0].pid, child);
+  GF_CHECK_EQ(submit(&m, 1), 0);
+  GF_CHECK_EQ(submit(&m, 2), 0);
+  GF_CHECK_EQ(gf_manager_kill_task(&m, 1), -ENOENT); /* queued: nobody runs it yet */
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(take(&w), 1);
+  GF_CHECK_EQ(gf_manager_kill_task(&m, 2), -ENOENT);
+  GF_CHECK_EQ(gf_manager_kill_task(&m, 1), 0);
+  int status;
+  GF_CHECK_EQ(waitpid(child, &status, 0), child);
+  GF_CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
 GF_TEST(manager_blocks_released_on_crash) {
   gf_manager m;
   gf_worker w;

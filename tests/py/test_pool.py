@@ -6,6 +6,7 @@ import concurrent.futures
 import ctypes
 import inspect
 import io
+import json
 import multiprocessing
 import os
 import pickle
@@ -618,30 +619,59 @@ def proc_status(pid):
         return pid, "gone"
 
 
-def test_ctrl_c_during_map_raises_and_leaves_no_children():
-    proc = run_script(
-        """
-        import os, sys, time, gilfree, poolfuncs
-        pool = gilfree.Pool(2)
-        print("ready", flush=True)
+CTRL_C_GOES_ON = """
+    import concurrent.futures, json, gilfree, poolfuncs
+    pool = gilfree.Pool(2)
+    background = pool.submit(poolfuncs.sleep_then, 1.5, "background")
+    long = None
+    print("ready", flush=True)
+    try:
+        {wait}
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    outcome = None
+    if long is not None:
         try:
-            list(pool.map(poolfuncs.sleep_then, [30] * 8, chunksize=1))
-        except KeyboardInterrupt:
-            print("interrupted", flush=True)
-            time.sleep(0.3)
-            kids = [p for p in os.listdir("/proc") if p.isdigit() and
-                    open(f"/proc/{p}/stat").read().split(") ")[1].split()[1] == str(os.getpid())]
-            print("children", len(kids), flush=True)
-        """
-    )
+            long.result(timeout=10)
+        except concurrent.futures.CancelledError as exc:
+            outcome = str(exc)
+    print(json.dumps({{
+        "outcome": outcome,
+        "background": background.result(timeout=10),
+        "after": pool.submit(pow, 2, 5).result(timeout=10),
+        "restarts": pool.stats()["restarts"],
+        "pids": [pool._engine.template_pid] + [w["pid"] for w in pool.stats()["workers"]],
+    }}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("wait", [
+    "list(pool.map(poolfuncs.sleep_then, [30] * 8, chunksize=1))",
+    "long = pool.submit(poolfuncs.sleep_then, 30); long.result()",
+])
+def test_ctrl_c_stops_the_tasks_waited_for_and_the_pool_goes_on(wait):
+    # Ctrl-C while waiting stops those tasks only: the busy worker is killed and replaced, the
+    # rest of the map is cancelled; other tasks and the pool go on (it was shut down: 'cannot
+    # schedule new futures after shutdown', and the other tasks were cancelled). The program
+    # ending leaves no process behind.
+    proc = run_script(CTRL_C_GOES_ON.format(wait=wait))
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
     assert proc.stdout.readline().strip() == "interrupted"
     assert time.monotonic() - start < 1.0
-    assert proc.stdout.readline().strip() == "children 0"
-    proc.wait(timeout=10)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["background"] == "background" and result["after"] == 32, result
+    assert result["restarts"] == 1, result
+    if "submit" in wait:
+        assert result["outcome"].startswith("stopped by Ctrl-C: worker "), result
+    deadline = time.monotonic() + 5.0
+    while any(alive(p) for p in result["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(p) for p in result["pids"]), [proc_status(p) for p in result["pids"]]
 
 
 def test_ctrl_c_during_result_raises_quickly():

@@ -946,6 +946,15 @@ static PyObject *Engine_running(EngineObject *self, PyObject *arg) {
   return PyBool_FromLong(gf_manager_running(&self->m, task_id));
 }
 
+/* kill_task(task_id) -> bool: kills the worker running the task; False when none runs it.
+ * Returns a new reference. */
+static PyObject *Engine_kill_task(EngineObject *self, PyObject *arg) {
+  unsigned long long task_id = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred() || engine_check(self) < 0)
+    return NULL;
+  return PyBool_FromLong(gf_manager_kill_task(&self->m, task_id) == 0);
+}
+
 /* export(obj) -> (block, at, len, flags); the tuple owns a block reference until sent. */
 static PyObject *Engine_export(EngineObject *self, PyObject *obj) {
   if (engine_check(self) < 0)
@@ -1177,6 +1186,7 @@ static PyMethodDef Engine_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Engine_submit, METH_FASTCALL, NULL},
     {"cancel", (PyCFunction)Engine_cancel, METH_O, NULL},
     {"running", (PyCFunction)Engine_running, METH_O, NULL},
+    {"kill_task", (PyCFunction)Engine_kill_task, METH_O, NULL},
     {"export", (PyCFunction)Engine_export, METH_O, NULL},
     {"view", (PyCFunction)(void (*)(void))Engine_view, METH_FASTCALL, NULL},
     {"addref", (PyCFunction)owner_addref, METH_O, NULL},
