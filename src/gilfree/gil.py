@@ -1124,6 +1124,13 @@ def verdict(report):
                 f"Not GIL-bound, but one thread held the GIL {top_held / wall:.0%} of the time and nobody "
                 f"waited for it: the program is single-threaded CPU work; more cores need processes (gilfree.Pool)."
             )
+        elif report.held_fraction > 0.7 and parallel < MOSTLY_PARALLEL:
+            quiet = False
+            parts.append(
+                f"Not GIL-bound, but the GIL was held {report.held_fraction:.0%} of the time and nobody waited for it "
+                f"long: its {len(working)} working threads took turns at CPU work that holds it, which is "
+                f"single-threaded CPU work; more cores need processes (gilfree.Pool)."
+            )
         elif len(working) <= 1 and parallel >= MOSTLY_PARALLEL and busiest >= 0.3 * wall:
             parts.append(
                 f"Not GIL-bound: single-threaded, in code that releases the GIL: one thread did the work (busy "
@@ -1154,8 +1161,8 @@ def verdict(report):
                 f"in parallel, and {used}; threads scale here: {cost}"
             )
         else:
-            parts.append(f"Not GIL-bound: threads ran {parallel:.0%} of their CPU time without the GIL and {used}; "
-                         f"threads scale here: {cost}")
+            parts.append(f"Not GIL-bound: threads ran {parallel:.0%} of their CPU time without the GIL, seldom at "
+                         f"the same time, and {used}; {cost}")
     if not quiet and other >= 0.5:
         waits = "the waits may be longer, and the cores left for processes fewer," if share >= PARTLY_SHARE \
             else "fewer cores are left for processes"

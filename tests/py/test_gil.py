@@ -396,6 +396,20 @@ def synthetic_report(held_fraction, per_thread):
     return Report(10.0, held_fraction, 200, 50, threads, cores=2)
 
 
+def test_threads_taking_turns_at_gil_holding_work_are_single_threaded_cpu_work():
+    # Four pure-Python jobs, each in a thread started after the last one ended: nobody waited
+    # for the GIL, which was held all along. Processes would spread them; it read "threads
+    # ran 0% of their CPU time without the GIL ... threads scale here".
+    from gilfree.gil import Report, ThreadReport
+
+    threads = [ThreadReport(f"job{i}", i, 2.4, 0.0, 1, 0, 0, 0, 0.0, 1, alive_s=2.4, cpu_s=2.4) for i in range(4)]
+    threads.append(ThreadReport("MainThread", 99, 0.01, 0.0, 0, 0, 0, 0, 9.99, 4, alive_s=10, cpu_s=0.01))
+    text = gil.verdict(Report(10.0, 0.97, 8, 0, threads, cores=2))
+    assert text.startswith("Not GIL-bound, but the GIL was held 97% of the time and nobody waited for it long: "
+                           "its 4 working threads took turns"), text
+    assert "threads scale" not in text
+
+
 @pytest.mark.parametrize(
     "held_fraction, per_thread, opening",
     [
@@ -406,7 +420,7 @@ def synthetic_report(held_fraction, per_thread):
         (0.60, [(3.0, 1.0, 0), (3.0, 1.0, 0)], "Partly GIL-bound"),
         (0.30, [(1.5, 0.2, 8.3), (1.5, 0.2, 8.3)], "Not GIL-bound: mostly releases the GIL: threads ran 85%"),
         (0.40, [(2.0, 0.05, 0.5), (2.0, 0.05, 0.5)], "Not GIL-bound: I/O-bound: its 2 working threads"),  # not main's join()
-        (0.40, [(8.0, 0.05, 1.0), (8.0, 0.05, 1.0)], "Not GIL-bound: threads ran 11%"),
+        (0.40, [(8.0, 0.05, 1.0), (8.0, 0.05, 1.0)], "Not GIL-bound: threads ran 11% of their CPU time without the GIL, seldom"),
         (0.95, [(9.5, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound, but one thread"),
         (0.40, [(4.0, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded: one thread"),
         (0.03, [(0.3, 0.0, 0), (0.0, 0.0, 0)], "Not GIL-bound: single-threaded and mostly idle"),
