@@ -2,12 +2,14 @@
 
 Runs a program under exact GIL accounting (like ``python -m cProfile``) and prints the GIL
 report and its verdict to stderr when the program ends: normally, by sys.exit, by an exception
-or on Ctrl-C, once its non-daemon threads have finished. Where accounting is impossible the
-program still runs, unmeasured.
+or on Ctrl-C, once its non-daemon threads have finished; on SIGTERM (timeout, docker stop,
+systemd), unless the program handles it, at once, and the process then dies of the signal.
+Where accounting is impossible the program still runs, unmeasured.
 
 The program runs as under ``python``: its own ``__main__`` module (also ``__mp_main__``, for
 multiprocessing), ``sys.argv``, ``sys.path[0]``, ``__file__``, ``sys.excepthook`` and exit status.
 """
+import _signal  # built in: `import signal` would take the name from a program with a signal.py
 import argparse
 import builtins
 import importlib
@@ -98,6 +100,14 @@ def _locate(is_module, name):
         sys.exit(1)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the report is printed before the process dies."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def _exit_status(exc):
     """The exit status python gives a SystemExit, printing its message if it is not a number."""
     if exc.code is None:
@@ -122,6 +132,8 @@ def _run(code, spec, main):
             runpy._run_code(code, vars(main), None, "__main__", spec)
     except SystemExit as exc:
         return _exit_status(exc)
+    except _Terminated:
+        return _Terminated
     except BaseException as exc:
         # Cut diagnose's and runpy's frames: python shows none above the program's.
         tb = exc.__traceback__
@@ -196,10 +208,19 @@ def main(argv):
               f"gilfree diagnose: running the program unmeasured{skipped}.", file=sys.stderr)
         m = None
     pid = os.getpid()
+    # A program that handles SIGTERM itself replaces this handler when it sets its own.
+    if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
+        _signal.signal(_signal.SIGTERM, _raise_terminated)
     status = _run(code, spec, main_module)
-    _end_threads()
+    if status is not _Terminated:
+        try:
+            _end_threads()
+        except _Terminated:
+            status = _Terminated
+    if _signal.getsignal(_signal.SIGTERM) is _raise_terminated:
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)  # a second SIGTERM ends it at once
     if m is None or os.getpid() != pid:  # a child the program forked ends without a report
-        return status
+        return _die_if_terminated(status)
     m.__exit__(None, None, None)
     err = _real_stderr()
     _tell(err, "\n" + str(m.report()))
@@ -211,4 +232,12 @@ def main(argv):
                 _tell(err, "gilfree diagnose: " + what.format(outputs[flag]))
             except OSError as exc:
                 _tell(err, f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}")
+    return _die_if_terminated(status)
+
+
+def _die_if_terminated(status):
+    """The program's exit status, or, after a SIGTERM, death by it (as under python: neither its
+    non-daemon threads nor exit hooks are waited for)."""
+    if status is _Terminated:
+        os.kill(os.getpid(), _signal.SIGTERM)  # the default action is back: this never returns
     return status

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -264,6 +265,33 @@ def test_ctrl_c_shows_the_programs_keyboard_interrupt(tmp_path):
     # The program's own frame (line 4, or 3 if the signal lands as print returns), no diagnose's.
     assert re.match(rf'Traceback \(most recent call last\):\n  File "{re.escape(str(script))}", line [34], in <module>\n', err), err
     assert "KeyboardInterrupt" in err and "verdict:" in err
+
+
+@pytest.mark.parametrize("handled", [False, True])
+def test_sigterm_prints_the_report_then_the_process_dies_of_it(tmp_path, handled):
+    # A service stopped by timeout, docker stop or systemd lost the whole measurement. A
+    # non-daemon thread spinning forever is not waited for, as under python. A program with its
+    # own SIGTERM handler keeps it.
+    script = write(tmp_path / "service.py", f"""
+        import signal, sys, threading, time
+        if {handled}:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+        threading.Thread(target=lambda: [None for _ in iter(int, 1)], name="spinner", daemon={handled}).start()
+        print("ready", flush=True)
+        time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "gilfree", "diagnose", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == (7 if handled else -signal.SIGTERM), err
+    assert "spinner" in err and "verdict:" in err, err
+    assert "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("mischief", ["sys.stderr.close()", "sys.stderr = io.StringIO()"])
