@@ -156,6 +156,13 @@ def _to_pop(results):
     return results
 
 
+def _in_notebook():
+    """True in a Jupyter kernel (IPython's ZMQInteractiveShell)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class _Progress:
     def __init__(self, enabled, items):
         self.bar = None
@@ -167,9 +174,15 @@ class _Progress:
             from tqdm import tqdm
         except ImportError as exc:
             raise ImportError("progress=True needs tqdm: pip install 'gilfree[progress]'") from exc
+        total = len(items) if hasattr(items, "__len__") else None
         if sys.stderr.isatty():
-            total = len(items) if hasattr(items, "__len__") else None
             self.bar = tqdm(total=total, file=sys.stderr)
+        elif _in_notebook():  # stderr is no terminal there, but a bar shows
+            try:
+                from tqdm.notebook import tqdm as widget_bar  # needs ipywidgets
+            except ImportError:
+                widget_bar = tqdm
+            self.bar = widget_bar(total=total, file=sys.stderr)
 
     def update(self, n):
         if self.bar is not None:
@@ -247,9 +260,9 @@ class PoolBase(concurrent.futures.Executor):
           completes, whatever its position.
         - timeout: seconds from this call; the iterator raises TimeoutError once it passes
           with a result still missing.
-        - progress: True draws a tqdm bar on stderr when stderr is a terminal (nothing
-          otherwise); needs tqdm (pip install 'gilfree[progress]'), an ImportError without it
-          either way.
+        - progress: True draws a tqdm bar on stderr when stderr is a terminal, or in a Jupyter
+          notebook (a widget with ipywidgets installed); nothing otherwise. Needs tqdm (pip
+          install 'gilfree[progress]'), an ImportError without it either way.
 
         With no iterables it yields nothing, as Executor.map. An item that raises ends the map
         with its exception (its worker's traceback as __cause__), after the results before it

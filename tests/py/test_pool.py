@@ -730,6 +730,20 @@ def test_progress_without_tqdm_says_what_to_install(pool, monkeypatch, stderr):
         pool.starmap(f.add, [(1, 2)], progress=True)
 
 
+def test_progress_bar_drawn_in_a_jupyter_kernel(pool, monkeypatch):
+    # A notebook's stderr is not a terminal, and progress=True showed nothing there.
+    import types
+
+    class ZMQInteractiveShell:  # the kernel's shell, as IPython.get_ipython() returns it
+        pass
+
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=ZMQInteractiveShell))
+    monkeypatch.setitem(sys.modules, "tqdm.notebook", None)  # without ipywidgets: a text bar
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert list(pool.map(f.square, range(50), progress=True)) == [x * x for x in range(50)]
+    assert "50/50" in sys.stderr.getvalue()
+
+
 def test_progress_bar_drawn_with_tqdm():
     import fcntl
     import pty
