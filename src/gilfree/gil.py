@@ -187,6 +187,10 @@ class Report:
                  longest_wait_share=self.longest_wait_share)
         return d
 
+    def _repr_pretty_(self, printer, cycle):
+        # IPython and Jupyter show a cell's last value with this: the table, as print() does.
+        printer.text(str(self))
+
     def __str__(self):
         ranked = _ranked(self.threads)
         shown = ranked[:TOP_THREADS]

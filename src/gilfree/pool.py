@@ -221,6 +221,10 @@ class SharedHandle:
         """The shared data, as a worker sees it."""
         return _attach_shared(self._view, self._meta)
 
+    def __repr__(self):
+        what = "bytes" if self._meta is None else f"numpy {self._meta[0]} {self._meta[1]}"
+        return f"<gilfree.SharedHandle {self.nbytes:,} bytes: {what}>"
+
 
 def _attach_shared(buffer, meta):
     view = memoryview(buffer).toreadonly()
@@ -486,7 +490,14 @@ class Pool(PoolBase):
             meta = (obj.dtype, obj.shape)
             # As bytes: any dtype (datetimes, records) and any shape (0-d, empty) travel as is.
             obj = numpy.ascontiguousarray(obj).reshape(-1).view(numpy.uint8)
-        view = memoryview(obj)
+        try:
+            view = memoryview(obj)
+        except TypeError:
+            raise TypeError(
+                f"share() takes a buffer (bytes, bytearray, memoryview, numpy array), not "
+                f"{type(obj).__name__}: share a pandas object's array (df.to_numpy()), or pass "
+                "the object itself to tasks (pickled at each submit)"
+            ) from None
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
         block, at, length, _flags = engine.export(view)

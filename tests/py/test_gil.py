@@ -396,6 +396,16 @@ def synthetic_report(held_fraction, per_thread):
     return Report(10.0, held_fraction, 200, 50, threads, cores=2)
 
 
+def test_a_report_shows_as_its_table_in_ipython():
+    # A cell ending with m.report() showed the dataclass repr, thousands of characters in a line.
+    with gil.monitor(trace=False) as m:
+        pass
+    report = m.report()
+    shown = []
+    report._repr_pretty_(type("Printer", (), {"text": lambda self, text: shown.append(text)})(), False)
+    assert shown == [str(report)] and shown[0].startswith("GIL report:")
+
+
 def test_threads_taking_turns_at_gil_holding_work_are_single_threaded_cpu_work():
     # Four pure-Python jobs, each in a thread started after the last one ended: nobody waited
     # for the GIL, which was held all along. Processes would spread them; it read "threads

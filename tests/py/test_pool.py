@@ -1055,6 +1055,15 @@ def test_share_refuses_what_it_cannot_place_faithfully(pool):
         pool.share(np.ma.masked_array([1, 2], mask=[0, 1]))
     with pytest.raises(TypeError, match="dtype=object"):
         pool.share(np.array([object()]))
+    # Not a buffer (a DataFrame, a list): said so, with what to share instead ("memoryview: a
+    # bytes-like object is required" before).
+    with pytest.raises(TypeError, match=r"share\(\) takes a buffer .* not list: share a pandas object's array"):
+        pool.share([1, 2, 3])
+
+
+def test_a_share_handle_shows_its_size_and_kind(pool):
+    assert repr(pool.share(np.zeros((2, 3)))) == "<gilfree.SharedHandle 48 bytes: numpy float64 (2, 3)>"
+    assert repr(pool.share(b"x" * 2000)) == "<gilfree.SharedHandle 2,000 bytes: bytes>"
 
 
 def test_arguments_are_checked_when_the_pool_is_made(pool):
