@@ -91,14 +91,44 @@ def names_main(payload):
     return b"_main__" in payload  # one scan for both; a false hit only costs a by-value pickle
 
 
+_MAIN_MODULES = ("__main__", "__mp_main__")
+_LruCacheWrapper = type(functools.lru_cache()(len))  # what lru_cache and cache return
+
+
+def _named(obj):
+    """True when obj is what its module and qualified name find outside the main script: pickle
+    sends it by name and workers find it."""
+    module = getattr(obj, "__module__", None)
+    if module in _MAIN_MODULES or module not in sys.modules:
+        return False
+    found = sys.modules[module]
+    for part in getattr(obj, "__qualname__", "<locals>").split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+def _lru_cached(wrapped, maxsize, typed):
+    """An lru_cache wrapper that came by value: a new one, with its own empty cache."""
+    return functools.lru_cache(maxsize, typed)(wrapped)
+
+
+def _lru_cache_reduce(wrapper):
+    parameters = wrapper.cache_parameters()
+    return _lru_cached, (wrapper.__wrapped__, parameters["maxsize"], parameters["typed"])
+
+
 @functools.cache  # made on first use: cloudpickle is imported only when needed
 def by_value_pickler():
     """_ViewPickler that also pickles by value, as cloudpickle does, what workers cannot import
-    (lambdas, closures, what the main script defines)."""
+    (lambdas, closures, what the main script defines). With strict set, refuses (TypeError)
+    what would still go by name into the main script's module (an object whose __reduce__
+    returns a name), which workers do not have."""
     cloudpickle = _cloudpickle()
     from cloudpickle.cloudpickle import _dynamic_class_reduce
 
     class _ByValuePickler(_ViewPickler, cloudpickle.Pickler):
+        strict = False
+
         def reducer_override(self, obj):
             if type(obj) is memoryview:
                 return _memoryview_reduce(obj)
@@ -111,17 +141,62 @@ def by_value_pickler():
             # (writes and later reads would not reach the file): refused, as pickle does.
             if type(obj) is io.TextIOWrapper and obj is not sys.stdout and obj is not sys.stderr:
                 raise TypeError(f"cannot pickle '{type(obj).__module__}.{type(obj).__qualname__}' object")
-            return cloudpickle.Pickler.reducer_override(self, obj)
+            # lru_cache's wrapper pickles by name: one the workers cannot find by name goes as
+            # a new wrapper around its function (by value if need be), a cache of its own.
+            if type(obj) is _LruCacheWrapper and not _named(obj):
+                return _lru_cache_reduce(obj)
+            reduced = cloudpickle.Pickler.reducer_override(self, obj)
+            if reduced is NotImplemented and self.strict and type(obj).__module__ in _MAIN_MODULES:
+                # What pickle would do next (a by-value class's instance), checked for a name.
+                reduce = self.dispatch_table.get(type(obj))
+                reduced = reduce(obj) if reduce is not None else obj.__reduce_ex__(5)
+                if type(reduced) is str:
+                    raise TypeError(
+                        f"a {type(obj).__qualname__} object pickles by name, as "
+                        f"{type(obj).__module__}.{reduced} (its __reduce__ returns a name), and the "
+                        "workers cannot import the main script"
+                    )
+            return reduced
 
     return _ByValuePickler
 
 
-def _dumps_by_value(obj, buffer_callback):
+def _dumps_by_value(obj, buffer_callback, strict=False):
     """obj pickled by value where workers cannot import it. Large bytes stay in-band: a
     persistent_id finding them would slow these pickles, made at each submit, by a quarter."""
     file = io.BytesIO()
-    by_value_pickler()(file, 5, buffer_callback=buffer_callback).dump(obj)
+    pickler = by_value_pickler()(file, 5, buffer_callback=buffer_callback)
+    pickler.strict = strict
+    pickler.dump(obj)
     return file.getvalue()
+
+
+# Values that cannot change in place (or go by name): compared by identity only.
+_UNCHANGING = frozenset(
+    (int, float, complex, str, bytes, bool, type(None), types.ModuleType, types.BuiltinFunctionType)
+)
+
+
+def _digest(value):
+    """A digest of value's by-value pickle, its large buffers hashed where they are (nothing is
+    kept); b"" for what cannot change in place; None when value does not pickle alone."""
+    if type(value) in _UNCHANGING or (isinstance(value, type) and _named(value)):
+        return b""
+    import hashlib  # the parent's: workers never digest
+
+    digest = hashlib.sha256()  # the fastest here (SHA extensions): a large array at copying speed
+
+    def hashed(buffer):
+        view = buffer.raw()
+        digest.update(view.nbytes.to_bytes(8, "little"))
+        digest.update(view)
+        return False  # out-of-band: not copied into the pickle
+
+    try:
+        by_value_pickler()(types.SimpleNamespace(write=digest.update), 5, buffer_callback=hashed).dump(value)
+    except Exception:
+        return None
+    return digest.digest()
 
 
 class _IdUnpickler(pickle.Unpickler):
@@ -250,7 +325,8 @@ def round_trip(obj):
 # id(cacheable fn) -> (weakref to fn, its pickled bytes or None (see function_blob),
 # _Captured.current or None, the generations its pickle holds or None)
 _blobs = {}
-_generations = {}  # (module, global name) -> (value last pickled, generation): see _Captured.generations
+# (module, global name) -> (value last pickled, _digest of it, generation): see _Captured.generations
+_generations = {}
 _next_generation = itertools.count()
 _functions = {}  # worker side: pickled bytes -> fn
 _FUNCTIONS_KEPT = 1024
@@ -277,16 +353,18 @@ def _code_names(code, names):
 class _Captured:
     """What a function's by-value pickle copied that can be rebound while the function lives:
     the globals its code (and that of the by-value functions and classes it reaches) reads,
-    its code, defaults, attributes, closure cells, class attributes. current(fn) compares them
-    by identity with the values pickled, which it keeps (their ids stay theirs); it is compiled
-    into one expression, since a loop would cost more than the rest of a submit. A change inside
-    a mutable value is not seen: that would cost a pickle per submit."""
+    its code, defaults, attributes, closure cells, class attributes, an lru_cache wrapper's
+    function. current(fn) compares them by identity with the values pickled, which it keeps
+    (their ids stay theirs); it is compiled into one expression, since a loop would cost more
+    than the rest of a submit. A change inside a mutable value is not seen: that would cost a
+    pickle per submit (a new pickle of a function sends it: see generations). scope: the
+    globals of fn (of its function if fn is an lru_cache wrapper)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, scope):
         self.scope_names = []  # the names of fn's module that the pickle may copy
         self._terms = []
         self._namespace = {"fn": fn}  # dropped below: the cache must not keep fn alive
-        self._visit(fn, set(), fn.__globals__)
+        self._visit(fn, set(), scope)
         del self._namespace["fn"]
         source = "lambda fn: " + (" and ".join(self._terms) or "True")
         self.current = eval(source, self._namespace)
@@ -336,37 +414,45 @@ class _Captured:
                 # Methods, and those in staticmethod, classmethod and property wrappers.
                 reached += (value, getattr(value, "__func__", None))
                 reached += (getattr(value, attr, None) for attr in ("fget", "fset", "fdel"))
+        elif type(obj) is _LruCacheWrapper and not _named(obj):
+            seen.add(id(obj))
+            reached = [self._watch(obj, ".__wrapped__")]
         else:
             return
         for value in reached:
             self._visit(value, seen, scope)
 
-    def generations(self, fn):
-        """{name: generation} for the globals of fn's module that its pickle copies. A
-        generation changes when the parent rebinds the name, so that a worker replaces the
-        value it holds (which may be its own, set by a task or the initializer) only then."""
-        scope = fn.__globals__
+    def generations(self, scope):
+        """{name: generation} for the globals of scope, fn's module, that its pickle copies,
+        made as fn is pickled anew. A generation is new when the parent rebound the name, or
+        changed its value in place (its pickle's digest differs from the one last sent; a value
+        that does not pickle alone, or differently each time, counts as changed), so that a
+        worker replaces the value it holds (which may be its own, set by a task or the
+        initializer) only then, with the newest it was sent (generations only grow)."""
         module = scope.get("__name__")
         found = {}
-        for name in self.scope_names:
+        for name in dict.fromkeys(self.scope_names):
             if name in scope:
                 value = scope[name]
+                digest = _digest(value)
                 known = _generations.get((module, name))
-                if known is None or known[0] is not value:
-                    known = _generations[(module, name)] = (value, next(_next_generation))
-                found[name] = known[1]
+                if known is None or known[0] is not value or digest is None or known[1] != digest:
+                    known = _generations[(module, name)] = (value, digest, next(_next_generation))
+                found[name] = known[2]
         return found
 
 
 def cacheable(fn):
     """True when fn is pickled and loaded once while it (and, by value, what it captured) stays
     as it was: a function (by reference its name; by value its code and the module state it
-    starts from in each worker), a class, a module's builtin. Callable instances, bound methods
+    starts from in each worker), an lru_cache wrapper (by value a new one, whose cache lasts
+    while the worker keeps it), a class, a module's builtin. Callable instances, bound methods
     and partials carry state that may change between submits (or within a task), so each task
     gets its own."""
     kind = type(fn)
     return (
         kind is types.FunctionType
+        or kind is _LruCacheWrapper
         or isinstance(fn, type)
         or (kind is types.BuiltinFunctionType and isinstance(fn.__self__, types.ModuleType))
     )
@@ -398,16 +484,19 @@ def function_blob(fn):
         except Exception:
             blob = None
         if blob is None or _by_value(fn) or names_main(blob):
-            if type(fn) is types.FunctionType:
-                captured = _Captured(fn)
-                generations = captured.generations(fn)
+            target = fn  # the function whose globals go with it
+            if type(fn) is _LruCacheWrapper and not _named(fn):
+                target = getattr(fn, "__wrapped__", None)
+            if type(target) is types.FunctionType:
+                captured = _Captured(fn, target.__globals__)
+                generations = captured.generations(target.__globals__)
                 captured = captured.current
                 try:
-                    blob = _dumps_by_value((fn, generations), _in_band_only)
+                    blob = _dumps_by_value((fn, generations), _in_band_only, strict=True)
                 except (TypeError, pickle.PicklingError) as exc:
-                    raise _by_value_error(fn, exc) from exc
+                    raise _by_value_error(target, exc) from exc
             else:
-                blob = _dumps_by_value(fn, _in_band_only)
+                blob = _dumps_by_value(fn, _in_band_only, strict=True)
     except _OutOfBandNeeded:
         blob = None
     if cacheable(fn):
@@ -435,7 +524,7 @@ def _by_value_error(fn, exc):
     culprit = "something it uses"
     for label, value in parts:
         try:
-            _dumps_by_value(value, None)
+            _dumps_by_value(value, None, strict=True)
         except Exception:
             culprit = f"its {label} ({type(value).__name__})"
             break
@@ -511,10 +600,13 @@ def share_module_globals(fn, generations=None):
     ProcessPoolExecutor a module is one namespace, so what the initializer or a task sets is
     what the next task reads. Names fn brought that the shared dict lacks are added; values
     already there win (they are this worker's module state) unless generations, the parent's
-    {name: generation} for fn's pickle, says the parent rebound the name since."""
-    if type(fn) is not types.FunctionType:
+    {name: generation} for fn's pickle, says the parent changed the value since the one held
+    (a newer generation; an older one, from a function pickled before, does not replace it).
+    An lru_cache wrapper that came by value is rebuilt around its function's rebuilt copy."""
+    inner = getattr(fn, "__wrapped__", None) if type(fn) is _LruCacheWrapper else fn
+    if type(inner) is not types.FunctionType:
         return fn
-    own = fn.__globals__
+    own = inner.__globals__
     name = own.get("__name__")
     module = sys.modules.get(name)
     if module is not None and vars(module) is own:
@@ -527,7 +619,17 @@ def share_module_globals(fn, generations=None):
     rebuilt = {}  # id(function) -> its copy on shared; also breaks cycles
 
     def rebind(value):
-        """value, or its copy on shared if it is a function living in own."""
+        """value, or its copy on shared if it is a function living in own (or an lru_cache
+        wrapper of one)."""
+        if type(value) is _LruCacheWrapper:
+            wrapped = getattr(value, "__wrapped__", None)
+            if type(wrapped) is not types.FunctionType or wrapped.__globals__ is not own:
+                return value
+            if id(value) in rebuilt:
+                return rebuilt[id(value)]
+            copy = rebind(wrapped)
+            # The function's closure may have reached the wrapper meanwhile.
+            return rebuilt.setdefault(id(value), _lru_cached(copy, **value.cache_parameters()))
         if type(value) is not types.FunctionType or value.__globals__ is not own:
             return value
         copy = rebuilt.get(id(value))
@@ -547,7 +649,10 @@ def share_module_globals(fn, generations=None):
         return copy
 
     for key, value in own.items():
-        if key not in shared or held.get(key, generations.get(key)) != generations.get(key):
+        generation = generations.get(key)
+        if key not in shared or (generation is not None and generation > held.get(key, generation)):
             shared[key] = rebind(value)
-    held.update(generations)
+    for key, generation in generations.items():
+        if generation > held.get(key, -1):
+            held[key] = generation
     return rebind(fn)

@@ -134,6 +134,125 @@ def test_a_worker_takes_the_parents_rebound_globals_but_keeps_its_own_otherwise(
     assert out == "10005 10005"
 
 
+def test_a_new_function_takes_a_global_changed_in_place_whichever_function_came_first():
+    # A global changed in place (not rebound) goes with the next function pickled: a new one.
+    # A function already sent is not pickled again for it: its blob holds the value it had.
+    out = run_ok(
+        """
+        import gilfree
+        CFG = {"k": 1}
+        def r1():
+            return CFG["k"]
+        with gilfree.Pool(1) as pool:
+            first = pool.submit(r1).result()
+            CFG["k"] = 2
+            def r2():
+                return CFG["k"]
+            print(first, pool.submit(r2).result(), pool.submit(r1).result())
+        with gilfree.Pool(1) as pool:  # the newer value is kept, not the one r1's blob holds
+            print(pool.submit(r2).result(), pool.submit(r1).result())
+        with gilfree.Pool(1) as pool:
+            print(pool.submit(r1).result(), pool.submit(r2).result(), pool.submit(r1).result())
+        """
+    )
+    assert out.splitlines() == ["1 2 2", "2 2", "1 2 2"]
+
+
+def test_a_worker_keeps_its_own_global_until_the_parents_changes_in_content():
+    # Set by the initializer: a new function using it, the parent's value unchanged in content
+    # (written again in place), leaves it; a change in place goes with the next new function.
+    out = run_ok(
+        """
+        import gilfree
+        SETTINGS = {"mode": "parent"}
+        def init():
+            SETTINGS["mode"] = "worker"
+        def mode():
+            return SETTINGS["mode"]
+        with gilfree.Pool(1, initializer=init) as pool:
+            got = [pool.submit(mode).result()]
+            SETTINGS.clear()
+            SETTINGS["mode"] = "parent"
+            got.append(pool.submit(lambda: SETTINGS["mode"]).result())
+            SETTINGS["mode"] = "changed"
+            got.append(pool.submit(lambda: SETTINGS["mode"]).result())
+            got.append(pool.submit(mode).result())
+            print(got)
+        """
+    )
+    assert out == str(["worker", "worker", "changed", "changed"])
+
+
+def test_an_lru_cached_main_function_goes_by_value_with_a_cache_in_each_worker():
+    # As with ProcessPoolExecutor: the worker's cache lasts from task to task.
+    out = run_ok(
+        """
+        import functools, os
+        import gilfree
+        CALLS = []
+        @functools.lru_cache
+        def double(x):
+            CALLS.append(x)
+            return 2 * x
+        @functools.lru_cache(maxsize=4, typed=True)
+        def kind(x):
+            CALLS.append(x)
+            return type(x).__name__
+        @functools.cache
+        def fib(n):
+            return n if n < 2 else fib(n - 1) + fib(n - 2)
+        basename = functools.lru_cache(os.path.basename)  # an importable function, by name
+        class Box:
+            @functools.lru_cache
+            def value(self):
+                return 42
+        def calls():
+            return len(CALLS), fib.cache_info().currsize, kind.cache_parameters()
+        if __name__ == "__main__":
+            with gilfree.Pool(1) as pool:
+                got = [pool.submit(double, 3).result() for _ in range(3)]
+                got += [pool.submit(kind, x).result() for x in (1, 1.0, 1)]
+                got += [pool.submit(fib, 80).result(), pool.submit(basename, "/a/b").result()]
+                got += [pool.submit(Box().value).result(), pool.submit(calls).result()]
+                print(got)
+                print(CALLS, fib.cache_info().currsize)
+        """
+    )
+    fib_80 = 23416728348467685
+    assert out.splitlines() == [
+        str([6, 6, 6, "int", "float", "int", fib_80, "b", 42, (3, 81, {"maxsize": 4, "typed": True})]),
+        "[] 0",
+    ]
+
+
+def test_a_main_function_using_what_pickles_by_name_into_main_is_refused_at_submit():
+    # By value, an object whose __reduce__ returns a name would still be looked up in the
+    # workers' __main__, which has none.
+    out = run_ok(
+        """
+        import functools
+        import gilfree
+        class Token:
+            def __reduce__(self):
+                return "TOKEN"
+        TOKEN = Token()
+        def token():
+            return TOKEN
+        with gilfree.Pool(1) as pool:
+            for fn in (token, functools.partial(token)):
+                try:
+                    pool.submit(fn)
+                except TypeError as exc:
+                    print(exc)
+            print(pool.submit(abs, -1).result())
+        """
+    )
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[2] == "1", out
+    assert "__main__.token" in lines[0] and "global 'TOKEN' (Token)" in lines[0]
+    assert all("pickles by name, as __main__.TOKEN" in line for line in lines[:2])
+
+
 def test_callables_with_state_travel_with_their_state_at_each_submit(pool):
     scaler = sf.Scaler(1)
     assert pool.submit(scaler, 2).result() == 2
