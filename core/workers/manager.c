@@ -55,16 +55,22 @@ static int64_t gf_long_at(gf_slot *slot) {
   return atomic_load_explicit(&slot->task_started_ns, memory_order_relaxed) + GF_DEPTH_TARGET_NS;
 }
 
-/* The slot with room and the fewest tasks in flight, or -1. Under m->lock. */
+/* The slot with room and the fewest tasks in flight, a ready worker's before a starting one's
+ * (tasks taken over from a starting worker must not go back to it), or -1. Under m->lock. */
 static int gf_pick_slot(gf_manager *m, int64_t now) {
   int best = -1;
+  uint64_t best_rank = UINT64_MAX;
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
     if (!gf_slot_accepts(m, i) || m->sched[i].inflight >= gf_slot_depth(&m->seg->slots[i]))
       continue;
     if (m->sched[i].inflight > 0 && gf_long_at(&m->seg->slots[i]) <= now)
       continue;
-    if (best < 0 || m->sched[i].inflight < m->sched[best].inflight)
+    uint64_t rank = 2 * (uint64_t)m->sched[i].inflight +
+                    (atomic_load(&m->seg->slots[i].state) == GF_SLOT_STARTING);
+    if (rank < best_rank) {
       best = (int)i;
+      best_rank = rank;
+    }
   }
   return best;
 }
@@ -259,9 +265,18 @@ static uint64_t gf_withdraw(gf_manager *m, uint32_t slot, uint64_t task_id, gf_p
   return n;
 }
 
+/* Tasks in slot i's ring that an idle worker should take over: those behind a long-running
+ * task, or all of them while the worker is still starting (its initializer may take long, or
+ * hang). Under m->lock. */
+static int gf_waiting_behind(gf_manager *m, uint32_t i, int64_t now) {
+  if (m->sched[i].inflight > 0 && atomic_load(&m->seg->slots[i].state) == GF_SLOT_STARTING)
+    return 1;
+  return m->sched[i].inflight > 1 && gf_long_at(&m->seg->slots[i]) <= now;
+}
+
 /* While a worker idles with nothing queued in the parent, moves the tasks waiting behind a
- * long-running task in another worker's ring back to the front of the queue, to be dispatched
- * to the idle one. Under m->lock. */
+ * long-running task or a starting worker in another worker's ring back to the front of the
+ * queue, to be dispatched to the idle one. Under m->lock. */
 static void gf_steal(gf_manager *m, int64_t now) {
   int idle = 0;
   for (uint32_t i = 0; i < m->seg->nslots && !idle; i++)
@@ -272,7 +287,7 @@ static void gf_steal(gf_manager *m, int64_t now) {
   gf_pending *head = NULL, *last = NULL;
   uint64_t n = 0;
   for (uint32_t i = 0; i < m->seg->nslots; i++)
-    if (m->sched[i].inflight > 1 && gf_long_at(&m->seg->slots[i]) <= now)
+    if (gf_waiting_behind(m, i, now))
       n += gf_withdraw(m, i, 0, &head, &last);
   gf_pending_prepend(m, head, last, n);
 }
@@ -451,7 +466,8 @@ int gf_manager_spin(gf_manager *m, int64_t spin_ns) {
 }
 
 /* Milliseconds until the parent must act without an event: a running task passing
- * task_timeout, or tasks waiting behind a running one while a worker idles (gf_steal); -1 when
+ * task_timeout, or tasks waiting behind a running one or a starting worker while a worker
+ * idles (gf_steal); -1 when
  * nothing can come due. Takes m->lock. */
 static int gf_due_ms(gf_manager *m, int64_t now) {
   int64_t first = INT64_MAX;
@@ -460,7 +476,11 @@ static int gf_due_ms(gf_manager *m, int64_t now) {
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
     gf_slot *slot = &m->seg->slots[i];
     idle |= m->sched[i].inflight == 0;
-    if (m->sched[i].inflight > 1) {
+    if (m->sched[i].inflight > 0 && atomic_load(&slot->state) == GF_SLOT_STARTING) {
+      waiting_behind = 1; /* behind a starting worker: look again soon */
+      if (now + GF_STEAL_RECHECK_NS < first)
+        first = now + GF_STEAL_RECHECK_NS;
+    } else if (m->sched[i].inflight > 1) {
       waiting_behind = 1;
       int64_t long_at = gf_long_at(slot);
       /* Not started yet: look again soon. */

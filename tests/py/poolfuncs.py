@@ -74,6 +74,15 @@ def init_marker(value):
     _initialized = value
 
 
+def hang_if_first(flag):
+    """An initializer that hangs in the first worker to run it (a connect without a timeout)."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    time.sleep(3600)
+
+
 def initialized(_=None):
     return _initialized
 

@@ -1022,6 +1022,14 @@ def test_a_finished_task_keeps_no_hold_on_its_arguments_shared_memory():
         os.close(memfd)
 
 
+def test_tasks_do_not_wait_behind_a_worker_whose_initializer_hangs(tmp_path):
+    # Tasks handed to a starting worker moved to an idle one only from behind a running task:
+    # one stayed behind a hanging initializer for ever, another worker idling.
+    with gilfree.Pool(2, initializer=f.hang_if_first, initargs=(str(tmp_path / "first"),)) as pool:
+        futures = [pool.submit(f.square, i) for i in range(20)]
+        assert [future.result(timeout=30) for future in futures] == [i * i for i in range(20)]
+
+
 def test_idle_time_counts_the_earlier_workers_of_a_slot():
     with gilfree.Pool(1) as pool:
         pool.submit(f.sleep_then, 0.3).result()
