@@ -377,8 +377,9 @@ class Pool(PoolBase):
                 raise
             raise _inherited_only(config.initargs, exc) from exc
         config_fd = _memfd_holding(config_blob)
+        self._interpreter = _interpreter()
         argv = [
-            sys.executable,
+            self._interpreter,
             # The parent's flags (as multiprocessing passes them); site runs unless they say
             # otherwise, so that .pth import hooks (editable installs) work in workers too.
             *_args_from_interpreter_flags(),
@@ -393,11 +394,18 @@ class Pool(PoolBase):
         ]
         env = [f"{k}={v}" for k, v in os.environ.items()]
         try:
-            self._engine.start_template(sys.executable, argv, env, config_fd)
+            self._engine.start_template(self._interpreter, argv, env, config_fd)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot start the pool's template process: {self._interpreter}: "
+                            f"{exc.strerror}. {_NOT_PYTHON_HINT}") from None
         finally:
             os.close(config_fd)
-        for slot in range(max_workers):
-            self._engine.spawn(slot)
+        try:
+            for slot in range(max_workers):
+                self._engine.spawn(slot)
+        except BrokenPipeError:  # the template has exited already
+            self._engine.close(0.0)
+            raise BrokenPool(self._died_at_start()) from None
         self._weakself = weakref.ref(self)
         self._engine.start_waiter(_events_callback(self._weakself))
         # The waiter thread holds the engine: a pool dropped while idle must still end it.
@@ -696,7 +704,15 @@ class Pool(PoolBase):
         # Even during shutdown: engine.close stops the waiter before it ends the template, so
         # this death is never the pool's own, and with the template gone nobody reports the
         # workers' deaths: the futures out would wait forever (a SIGTERM to the whole group).
-        self._break("the pool's template process died")
+        engine = self._engine
+        if engine is not None and not any(w["pid"] or w["tasks"] for w in engine.stats()):
+            self._break(self._died_at_start())
+        else:
+            self._break("the pool's template process died")
+
+    def _died_at_start(self):
+        return (f"the pool's template process died before it started a worker (it ran {self._interpreter}). "
+                f"{_NOT_PYTHON_HINT}")
 
     def _break(self, reason):
         # Runs on the waiter thread: the engine is closed later, by shutdown.
@@ -824,7 +840,11 @@ class Pool(PoolBase):
         engine, self._engine = self._engine, None
         self._final_stats = None
         self._shutdown = True
-        self._broken = f"the pool belongs to process {self._owner_pid}, which forked this one"
+        self._broken = (
+            f"the pool belongs to process {self._owner_pid}, which forked this one: create a pool "
+            "in this process (a server forking its workers after it made the pool, as gunicorn "
+            "--preload does: make it in a post_fork hook, or on first use)"
+        )
         if engine is not None:
             engine.close(0.0)
         self._fail_all(BrokenPool(self._broken))
@@ -838,6 +858,23 @@ class Pool(PoolBase):
     def __repr__(self):
         state = "broken" if self._broken else "shut down" if self._shutdown else "running"
         return f"<gilfree.Pool max_workers={self._max_workers} {state}>"
+
+
+_NOT_PYTHON_HINT = ("The workers run sys.executable; where that is not a Python interpreter (an embedding "
+                    "server such as uWSGI runs its own binary), call multiprocessing.set_executable() with "
+                    "the path of one before Pool().")
+
+
+def _interpreter():
+    """The Python the workers run: sys.executable, or multiprocessing.set_executable()'s where
+    sys.executable is another program (uWSGI's binary, say)."""
+    exe = sys.executable
+    spawn = sys.modules.get("multiprocessing.spawn")
+    chosen = spawn.get_executable() if spawn is not None else None
+    chosen = os.fsdecode(chosen) if chosen else None  # bytes on POSIX
+    if chosen and chosen != exe and not os.path.basename(exe).startswith("python"):
+        return chosen
+    return exe
 
 
 def _arena_bytes(max_workers):

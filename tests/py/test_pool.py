@@ -1022,6 +1022,35 @@ def test_a_finished_task_keeps_no_hold_on_its_arguments_shared_memory():
         os.close(memfd)
 
 
+NOT_PYTHON = """
+import multiprocessing, sys, gilfree
+real, sys.executable = sys.executable, sys.argv[1]  # as under uWSGI: its own binary
+if sys.argv[2] == "set_executable":
+    multiprocessing.set_executable(real)
+try:
+    with gilfree.Pool(1) as pool:
+        print(pool.submit(pow, 2, 10).result(timeout=30))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize("executable, how, expected", [
+    ("/bin/false", "set_executable", "1024"),
+    ("/bin/false", "-", "BrokenPool the pool's template process died before it started a worker (it ran /bin/false). "
+                        "The workers run sys.executable; where that is not a Python interpreter"),
+    ("/no/such/python", "-", "FileNotFoundError [Errno 2] cannot start the pool's template process: /no/such/python: "
+                             "No such file or directory. The workers run sys.executable"),
+])
+def test_workers_run_multiprocessing_set_executable_where_sys_executable_is_not_python(executable, how, expected):
+    # uWSGI's sys.executable is its own binary: every pool broke ("the pool's template process
+    # died", or a bare FileNotFoundError), and multiprocessing.set_executable() was not heard.
+    out = subprocess.run([sys.executable, "-c", NOT_PYTHON, executable, how], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, *sys.path])))
+    assert out.stdout.startswith(expected), out.stdout + out.stderr
+    assert "set_executable" in out.stdout or how == "set_executable"
+
+
 def test_tasks_do_not_wait_behind_a_worker_whose_initializer_hangs(tmp_path):
     # Tasks handed to a starting worker moved to an idle one only from behind a running task:
     # one stayed behind a hanging initializer for ever, another worker idling.
@@ -1557,7 +1586,7 @@ def test_a_forked_childs_map_and_starmap_raise_broken_pool_naming_the_parent():
                 try:
                     call()
                 except Exception as exc:
-                    print(type(exc).__name__, "forked this one" in str(exc), flush=True)
+                    print(type(exc).__name__, "forked this one: create a pool in this process" in str(exc), flush=True)
             os._exit(0)
         os.waitpid(pid, 0)
         pool.shutdown()
