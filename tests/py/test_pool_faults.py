@@ -344,7 +344,12 @@ def test_a_result_whose_pickle_does_not_fit_fails_its_task_only():
     proc = run_script(BIG_PICKLE)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "result gilfree.Pool: a worker's shared memory for results is full (256 MiB, " in out
+    # The results region (256 MiB under this limit) is smaller than the pickle: holding fewer
+    # results would not help ("full (256 MiB, held by its results that the parent still
+    # references ...)" before).
+    assert "result gilfree.Pool: a worker's shared memory for results (256 MiB in all) cannot hold a buffer " \
+        "of 301 MiB: it is sized to a quarter of the address-space limit (ulimit -v) set before Pool(); " \
+        "raise the limit, or send less at once" in out, out
     assert "pool ok" in out
 
 

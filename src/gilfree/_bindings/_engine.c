@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -120,6 +121,17 @@ static PyObject *shm_alloc_error(const shm_t *shm, int rc, uint64_t len) {
     held = "the arguments of tasks not finished yet and by pool.share() data";
     remedy = "wait for results before submitting more, or pass data that many tasks use once "
              "with pool.share()";
+  }
+  if (len >= region->size) {
+    /* Nothing held could make room: the region itself is smaller than the buffer. */
+    struct rlimit limit;
+    int capped = getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY;
+    return PyErr_Format(PyExc_MemoryError,
+                        "gilfree.Pool: %s (%llu MiB in all) cannot hold a buffer of %llu %s%s",
+                        what, (unsigned long long)(region->size >> 20), need, mib ? "MiB" : "KiB",
+                        capped ? ": it is sized to a quarter of the address-space limit (ulimit "
+                                 "-v) set before Pool(); raise the limit, or send less at once"
+                               : "; send less at once");
   }
   return PyErr_Format(PyExc_MemoryError,
                       "gilfree.Pool: %s is full (%llu MiB, held by %s; %llu %s more do not "
