@@ -24,7 +24,7 @@ from . import _engine
 from ._executor import PoolBase, is_ctrl_c, process_pool_options, with_remote_traceback
 from ._serialize import Codec, blob_never_stale, by_value_pickler, function_blob, names_main, with_task
 from ._worker import EXIT_ADDRESS_SPACE, WorkerConfig
-from .errors import TaskTimeout, WorkerCrashed
+from .errors import TaskTimeout, WorkerCrashed, signal_name
 
 RING_BYTES = 1 << 20
 # Virtual: the memfd is sparse, pages exist only while buffers do. Half is the parent's, half is
@@ -237,6 +237,10 @@ def _attach_shared(buffer, meta):
 
 
 def _available_cpus():
+    """The CPUs this process may run on; on 3.13+ os.process_cpu_count(), which -X cpu_count
+    and PYTHON_CPU_COUNT override, as ProcessPoolExecutor's default does."""
+    if hasattr(os, "process_cpu_count"):
+        return os.process_cpu_count() or 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -675,10 +679,10 @@ class Pool(PoolBase):
         else:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES * self._max_workers:
-                self._break(
-                    "workers die while starting (see the initializer's traceback above), "
-                    f"last: {_crash_error(pid, status)}"
-                )
+                how = (f"was killed by {signal_name(os.WTERMSIG(status))}" if os.WIFSIGNALED(status)
+                       else f"exited with code {_exit_code(status)}")
+                self._break(f"workers die while starting (see the initializer's traceback above), "
+                            f"last: worker {pid} {how} before its first task")
 
     def _fail_task(self, task_id, slot, pid, status, timed_out):
         """Fails the task a dead worker was running, if any."""

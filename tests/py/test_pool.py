@@ -479,8 +479,20 @@ def test_a_multiprocessing_queue_lock_or_value_in_initargs_is_refused_naming_the
 
 def test_failing_initializer_breaks_pool_with_clear_error():
     with gilfree.Pool(1, initializer=f.failing_initializer) as pool:
-        with pytest.raises(concurrent.futures.process.BrokenProcessPool, match="initializer"):
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool, match="initializer") as info:
             pool.submit(f.square, 2).result(timeout=30)
+    # No worker ran the task ("exited with code 1 while running this task" before).
+    assert re.search(r"last: worker \d+ exited with code 1 before its first task$", str(info.value)), info.value
+
+
+def test_the_default_worker_count_follows_python_cpu_count_where_python_has_it():
+    # ProcessPoolExecutor's default on 3.13+ is os.process_cpu_count(), which PYTHON_CPU_COUNT
+    # and -X cpu_count override; a Pool took the affinity's CPUs whatever they said.
+    code = "import gilfree\nwith gilfree.Pool() as pool: print(len(pool.stats()['workers']))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHON_CPU_COUNT="1"))
+    expected = 1 if hasattr(os, "process_cpu_count") else len(os.sched_getaffinity(0))
+    assert out.stdout.strip() == str(expected), out.stderr
 
 
 def test_a_failing_initializer_is_logged_on_the_concurrent_futures_logger(tmp_path):
