@@ -408,8 +408,9 @@ class Pool(PoolBase):
             for slot in range(max_workers):
                 self._engine.spawn(slot)
         except BrokenPipeError:  # the template has exited already
+            reason = self._template_death()
             self._engine.close(0.0)
-            raise BrokenPool(self._died_at_start()) from None
+            raise BrokenPool(reason) from None
         self._weakself = weakref.ref(self)
         self._engine.start_waiter(_events_callback(self._weakself))
         # The waiter thread holds the engine: a pool dropped while idle must still end it.
@@ -459,9 +460,12 @@ class Pool(PoolBase):
         _busy_pools.add(self)  # after the insertion: see _settled
         try:
             engine.submit(task_id, chunk, head, payload, refs)
-        except BaseException:
+        except BaseException as exc:
             self._futures.pop(task_id, None)
             self._settled()
+            if isinstance(exc, RuntimeError) and not self._shutdown:
+                # The engine closed as the template died, before the waiter told the pool.
+                raise BrokenPool(self._broken or self._template_death()) from None
             raise
         return future
 
@@ -708,15 +712,21 @@ class Pool(PoolBase):
         # Even during shutdown: engine.close stops the waiter before it ends the template, so
         # this death is never the pool's own, and with the template gone nobody reports the
         # workers' deaths: the futures out would wait forever (a SIGTERM to the whole group).
-        engine = self._engine
-        if engine is not None and not any(w["pid"] or w["tasks"] for w in engine.stats()):
-            self._break(self._died_at_start())
-        else:
-            self._break("the pool's template process died")
+        self._break(self._template_death())
 
-    def _died_at_start(self):
-        return (f"the pool's template process died before it started a worker (it ran {self._interpreter}). "
-                f"{_NOT_PYTHON_HINT}")
+    def _template_death(self):
+        """Why the pool broke when its template process is gone: how it ended and, when it
+        exited before starting a worker, that it may be no Python interpreter."""
+        engine = self._engine
+        ended = _how_it_ended(engine.template_pid) if engine is not None else None
+        if ended is None:
+            return "the pool's template process died"
+        if ended.si_code != os.CLD_EXITED:
+            return f"the pool's template process was killed by {signal_name(ended.si_status)}"
+        reason = f"the pool's template process exited with code {ended.si_status}"
+        if not any(w["alive_s"] for w in engine.stats()):
+            reason += f" before it started a worker (it ran {self._interpreter}). {_NOT_PYTHON_HINT}"
+        return reason
 
     def _break(self, reason):
         # Runs on the waiter thread: the engine is closed later, by shutdown.
@@ -867,6 +877,20 @@ class Pool(PoolBase):
 _NOT_PYTHON_HINT = ("The workers run sys.executable; where that is not a Python interpreter (an embedding "
                     "server such as uWSGI runs its own binary), call multiprocessing.set_executable() with "
                     "the path of one before Pool().")
+
+
+def _how_it_ended(pid):
+    """The waitid() result of child pid once it has ended, left for the engine to reap; None if
+    that is unknown. The control socket's EOF can come a moment before the process ends."""
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return None
+        if ended is not None or time.monotonic() >= deadline:
+            return ended
+        time.sleep(0.001)
 
 
 def _interpreter():

@@ -1374,8 +1374,8 @@ async def test_a_pool_whose_template_died_is_replaced_once_then_health_says_503(
         server.stop()
     log = server.proc.stderr.read().splitlines()
     assert len(log) == 2, log  # one line each: rebuilt, then given up
-    assert log[0] == "the image worker pool broke (the pool's template process died): replaced by a new pool"
-    assert log[1].startswith("the image worker pool failed for good: the pool's template process died, ")
+    assert log[0] == "the image worker pool broke (the pool's template process was killed by SIGKILL): replaced by a new pool"
+    assert log[1].startswith("the image worker pool failed for good: the pool's template process was killed by SIGKILL, ")
     assert log[1].endswith("restart the service. Transforms and /health answer 503 from now on")
 
 

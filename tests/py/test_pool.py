@@ -1049,8 +1049,8 @@ except Exception as exc:
 
 @pytest.mark.parametrize("executable, how, expected", [
     ("/bin/false", "set_executable", "1024"),
-    ("/bin/false", "-", "BrokenPool the pool's template process died before it started a worker (it ran /bin/false). "
-                        "The workers run sys.executable; where that is not a Python interpreter"),
+    ("/bin/false", "-", "BrokenPool the pool's template process exited with code 1 before it started a worker (it "
+                        "ran /bin/false). The workers run sys.executable; where that is not a Python interpreter"),
     ("/no/such/python", "-", "FileNotFoundError [Errno 2] cannot start the pool's template process: /no/such/python: "
                              "No such file or directory. The workers run sys.executable"),
 ])
