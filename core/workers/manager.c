@@ -65,6 +65,7 @@ static int gf_pick_slot(gf_manager *m, int64_t now) {
       continue;
     if (m->sched[i].inflight > 0 && gf_long_at(&m->seg->slots[i]) <= now)
       continue;
+    /* The state read as in gf_starting_with_tasks: a stale one only misranks this pick. */
     uint64_t rank = 2 * (uint64_t)m->sched[i].inflight +
                     (atomic_load(&m->seg->slots[i].state) == GF_SLOT_STARTING);
     if (rank < best_rank) {
@@ -265,13 +266,23 @@ static uint64_t gf_withdraw(gf_manager *m, uint32_t slot, uint64_t task_id, gf_p
   return n;
 }
 
+/* A starting worker with tasks in its ring. The state is the worker's (or the manager's at a
+ * spawn or death) and read at any time: a stale value only delays a steal to the next look. */
+static int gf_starting_with_tasks(gf_manager *m, uint32_t i) {
+  return m->sched[i].inflight > 0 && atomic_load(&m->seg->slots[i].state) == GF_SLOT_STARTING;
+}
+
+/* A ready worker with nothing in flight: it can take tasks over. */
+static int gf_idle_ready(gf_manager *m, uint32_t i) {
+  return m->sched[i].inflight == 0 && atomic_load(&m->seg->slots[i].state) == GF_SLOT_READY;
+}
+
 /* Tasks in slot i's ring that an idle worker should take over: those behind a long-running
  * task, or all of them while the worker is still starting (its initializer may take long, or
  * hang). Under m->lock. */
 static int gf_waiting_behind(gf_manager *m, uint32_t i, int64_t now) {
-  if (m->sched[i].inflight > 0 && atomic_load(&m->seg->slots[i].state) == GF_SLOT_STARTING)
-    return 1;
-  return m->sched[i].inflight > 1 && gf_long_at(&m->seg->slots[i]) <= now;
+  return gf_starting_with_tasks(m, i) ||
+         (m->sched[i].inflight > 1 && gf_long_at(&m->seg->slots[i]) <= now);
 }
 
 /* While a worker idles with nothing queued in the parent, moves the tasks waiting behind a
@@ -280,14 +291,15 @@ static int gf_waiting_behind(gf_manager *m, uint32_t i, int64_t now) {
 static void gf_steal(gf_manager *m, int64_t now) {
   int idle = 0;
   for (uint32_t i = 0; i < m->seg->nslots && !idle; i++)
-    idle = m->sched[i].inflight == 0 &&
-           atomic_load(&m->seg->slots[i].state) == GF_SLOT_READY;
-  if (!idle || m->pending_head != NULL)
+    idle = gf_idle_ready(m, i);
+  if (!idle)
     return;
+  /* A starting worker's tasks were dispatched before those queued here: they go first, also
+   * while the queue holds more. Behind a running task, only once the queue is empty. */
   gf_pending *head = NULL, *last = NULL;
   uint64_t n = 0;
   for (uint32_t i = 0; i < m->seg->nslots; i++)
-    if (gf_waiting_behind(m, i, now))
+    if (m->pending_head == NULL ? gf_waiting_behind(m, i, now) : gf_starting_with_tasks(m, i))
       n += gf_withdraw(m, i, 0, &head, &last);
   gf_pending_prepend(m, head, last, n);
 }
@@ -475,9 +487,9 @@ static int gf_due_ms(gf_manager *m, int64_t now) {
   pthread_mutex_lock(&m->lock);
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
     gf_slot *slot = &m->seg->slots[i];
-    idle |= m->sched[i].inflight == 0;
-    if (m->sched[i].inflight > 0 && atomic_load(&slot->state) == GF_SLOT_STARTING) {
-      waiting_behind = 1; /* behind a starting worker: look again soon */
+    idle |= gf_idle_ready(m, i);
+    if (gf_starting_with_tasks(m, i)) {
+      waiting_behind = 1; /* a worker turning ready rings the doorbell; this is the fallback */
       if (now + GF_STEAL_RECHECK_NS < first)
         first = now + GF_STEAL_RECHECK_NS;
     } else if (m->sched[i].inflight > 1) {

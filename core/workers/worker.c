@@ -7,6 +7,26 @@
 
 #include "gf/workers.h"
 
+/* Rings the doorbell if the parent sleeps: after a reply, or once ready (tasks waiting in a
+ * starting worker's ring may then move to it, see gf_steal). */
+static int gf_worker_wake_parent(gf_worker *w) {
+  int rc;
+  /* seq_cst: our stores (the reply, the slot's state) are visible before we read whether the
+   * parent sleeps, which it sets before it last looks at them. */
+  atomic_thread_fence(memory_order_seq_cst);
+  if (atomic_load(&w->seg->parent_sleeping) && !atomic_load(&w->seg->parent_spinning)) {
+    /* Only here, where a write is due anyway: a task may have closed the doorbell, or opened a
+     * file at its number, whose data the write would change. Another eventfd there passes the
+     * check; epoll, signalfd and the like refuse the write. */
+    uint64_t one = 1;
+    if ((rc = gf_fd_id_check(w->doorbell_fd, &w->doorbell_id)) < 0)
+      return rc;
+    if (write(w->doorbell_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+      return -EBADFD; /* EAGAIN: the counter is saturated, the parent is woken anyway */
+  }
+  return 0;
+}
+
 int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t slot, int fd) {
   gf_segment *seg = (gf_segment *)map;
   if (seg->magic != GF_SEGMENT_MAGIC || slot >= seg->nslots)
@@ -32,7 +52,7 @@ int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t
   atomic_store(&w->slot->current_task, 0);
   atomic_store(&w->slot->state, GF_SLOT_READY);
   (void)map_size;
-  return 0;
+  return gf_worker_wake_parent(w);
 }
 
 int gf_worker_next(gf_worker *w, int64_t spin_ns, const gf_msg **msg, size_t *len) {
@@ -114,18 +134,7 @@ int gf_worker_reply(gf_worker *w, const struct iovec *iov, int iovcnt, uint64_t 
   atomic_fetch_add_explicit(&slot->bytes_out, bytes_out, memory_order_relaxed);
   atomic_store(&slot->current_task, 0);
 
-  atomic_thread_fence(memory_order_seq_cst);
-  if (atomic_load(&w->seg->parent_sleeping) && !atomic_load(&w->seg->parent_spinning)) {
-    /* Only here, where a write is due anyway: a task may have closed the doorbell, or opened a
-     * file at its number, whose data the write would change. Another eventfd there passes the
-     * check; epoll, signalfd and the like refuse the write. */
-    uint64_t one = 1;
-    if ((rc = gf_fd_id_check(w->doorbell_fd, &w->doorbell_id)) < 0)
-      return rc;
-    if (write(w->doorbell_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-      return -EBADFD; /* EAGAIN: the counter is saturated, the parent is woken anyway */
-  }
-  return 0;
+  return gf_worker_wake_parent(w);
 }
 
 int gf_worker_alloc(gf_worker *w, uint64_t len, uint64_t *off) {

@@ -137,6 +137,33 @@ GF_TEST(manager_moves_tasks_from_a_starting_worker_to_an_idle_one) {
   gf_manager_free(&m);
 }
 
+GF_TEST(manager_moves_a_starting_workers_task_first_even_with_a_queue) {
+  gf_manager m;
+  gf_worker w1;
+  gf_ctl ctl;
+  seen s = {0};
+  GF_CHECK_EQ(gf_manager_init(&m, 2, 16384, 16u << 20), 0);
+  for (uint32_t i = 0; i < 2; i++) {
+    GF_CHECK_EQ(gf_manager_spawn(&m, i), 0);
+    GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+  }
+  GF_CHECK_EQ(submit(&m, 1), 0); /* to worker 0, which never starts */
+  GF_CHECK_EQ(submit(&m, 2), 0); /* to worker 1 */
+  GF_CHECK_EQ(gf_worker_attach(&w1, m.map, m.map_size, 1, m.memfd), 0);
+  GF_CHECK_EQ(submit(&m, 3), 0); /* both rings full: queued in the parent */
+  GF_CHECK_EQ(gf_manager_queued(&m), 1);
+  GF_CHECK_EQ(take(&w1), 2);
+  GF_CHECK_EQ(reply(&w1, 2), 0);
+  GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000000), 1);
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
+  /* Task 1 was dispatched before task 3 was queued: the idle worker gets it first. */
+  GF_CHECK(!gf_ring_empty(w1.requests));
+  if (!gf_ring_empty(w1.requests)) /* else take() would wait for ever */
+    GF_CHECK_EQ(take(&w1), 1);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
 GF_TEST(manager_kills_only_the_worker_running_a_task) {
   gf_manager m;
   gf_worker w;
