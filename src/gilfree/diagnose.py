@@ -100,12 +100,18 @@ def _locate(is_module, name):
         sys.exit(1)
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the report is printed before the process dies."""
+def _report_then_die(report):
+    """A SIGTERM handler: report() (the GIL report), then death by the signal, running none of
+    the program's clean-up (finally blocks, with blocks, exit hooks), as under python."""
+    pid = os.getpid()
 
+    def on_sigterm(signum, frame):
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+        if os.getpid() == pid:  # not a child forked with this handler: it only dies
+            report()
+        os.kill(os.getpid(), _signal.SIGTERM)
 
-def _raise_terminated(signum, frame):
-    raise _Terminated
+    return on_sigterm
 
 
 def _exit_status(exc):
@@ -132,8 +138,6 @@ def _run(code, spec, main):
             runpy._run_code(code, vars(main), None, "__main__", spec)
     except SystemExit as exc:
         return _exit_status(exc)
-    except _Terminated:
-        return _Terminated
     except BaseException as exc:
         # Cut diagnose's and runpy's frames: python shows none above the program's.
         tb = exc.__traceback__
@@ -208,19 +212,23 @@ def main(argv):
               f"gilfree diagnose: running the program unmeasured{skipped}.", file=sys.stderr)
         m = None
     pid = os.getpid()
+    on_sigterm = None
     # A program that handles SIGTERM itself replaces this handler when it sets its own.
-    if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
-        _signal.signal(_signal.SIGTERM, _raise_terminated)
+    if m is not None and _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
+        on_sigterm = _report_then_die(lambda: _report(m, outputs))
+        _signal.signal(_signal.SIGTERM, on_sigterm)
     status = _run(code, spec, main_module)
-    if status is not _Terminated:
-        try:
-            _end_threads()
-        except _Terminated:
-            status = _Terminated
-    if _signal.getsignal(_signal.SIGTERM) is _raise_terminated:
-        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)  # a second SIGTERM ends it at once
+    _end_threads()
+    if on_sigterm is not None and _signal.getsignal(_signal.SIGTERM) is on_sigterm:
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     if m is None or os.getpid() != pid:  # a child the program forked ends without a report
-        return _die_if_terminated(status)
+        return status
+    _report(m, outputs)
+    return status
+
+
+def _report(m, outputs):
+    """Ends the monitor m and prints its report, and writes the --trace and --svg outputs."""
     m.__exit__(None, None, None)
     err = _real_stderr()
     _tell(err, "\n" + str(m.report()))
@@ -232,12 +240,3 @@ def main(argv):
                 _tell(err, "gilfree diagnose: " + what.format(outputs[flag]))
             except OSError as exc:
                 _tell(err, f"gilfree diagnose: cannot write {flag} {outputs[flag]}: {exc.strerror}")
-    return _die_if_terminated(status)
-
-
-def _die_if_terminated(status):
-    """The program's exit status, or, after a SIGTERM, death by it (as under python: neither its
-    non-daemon threads nor exit hooks are waited for)."""
-    if status is _Terminated:
-        os.kill(os.getpid(), _signal.SIGTERM)  # the default action is back: this never returns
-    return status

@@ -273,12 +273,14 @@ def test_sigterm_prints_the_report_then_the_process_dies_of_it(tmp_path, handled
     # non-daemon thread spinning forever is not waited for, as under python. A program with its
     # own SIGTERM handler keeps it.
     script = write(tmp_path / "service.py", f"""
-        import signal, sys, threading, time
+        import concurrent.futures, signal, sys, threading, time
         if {handled}:
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
         threading.Thread(target=lambda: [None for _ in iter(int, 1)], name="spinner", daemon={handled}).start()
-        print("ready", flush=True)
-        time.sleep(30)
+        with concurrent.futures.ThreadPoolExecutor() as executor:  # python would not wait for it
+            executor.submit(time.sleep, 0 if {handled} else 20)
+            print("ready", flush=True)
+            time.sleep(30)
     """)
     proc = subprocess.Popen([sys.executable, "-m", "gilfree", "diagnose", str(script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -286,7 +288,7 @@ def test_sigterm_prints_the_report_then_the_process_dies_of_it(tmp_path, handled
         assert proc.stdout.readline() == "ready\n"
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=15)
     finally:
         proc.kill()
     assert proc.returncode == (7 if handled else -signal.SIGTERM), err
