@@ -322,12 +322,17 @@ def _serve(worker, memfd, config):
                     data, refs = codec.dumps(_error(exc))
             del result
         except BaseException as exc:
+            body = views = fn = args = result = None  # let the arguments go now, as on success
             if os.getpid() != pid:
                 _end_forked_child(exc)
             data, refs = codec.dumps(_error(exc))
             ok = False
             out_of_memory = isinstance(exc, MemoryError)
+            exc.__traceback__ = None  # its frames hold the arguments (and the task's locals)
             del exc
+        # Unmaps the arguments' bytes that nothing holds now, before the parent hears the task
+        # is done: its next argument can then take their block.
+        worker.scan()
         try:
             worker.reply(task_id, ok, data, refs)
         except (MemoryError, ValueError) as exc:
@@ -342,7 +347,6 @@ def _serve(worker, memfd, config):
             # anything more. It has replied; a fresh one takes its place.
             worker.retire()
             return 0
-        worker.scan()
         done += count  # a map chunk counts its items
         if (config.max_tasks and done >= config.max_tasks) or (
             config.max_memory and _engine.rss() > config.max_memory

@@ -46,6 +46,10 @@ def boom(x):
     raise Boom(f"boom {x}")
 
 
+def boom_quietly(_):
+    raise Boom("boom")
+
+
 def fail_on(x, bad):
     if x == bad:
         raise Boom(f"bad item {x}")

@@ -1011,10 +1011,11 @@ def test_recycling_by_memory_ignores_shared_results_the_parent_holds():
         assert pool.stats()["restarts"] == 0
 
 
-def test_a_finished_task_keeps_no_hold_on_its_arguments_shared_memory():
+@pytest.mark.parametrize("fn", [len, f.boom_quietly])
+def test_a_finished_task_keeps_no_hold_on_its_arguments_shared_memory(fn):
     # A worker let go of a task's arguments only when its next task came: an idle pool kept the
     # last large argument in shared memory, the next argument of that size took a second block,
-    # and shutdown() could not give either back.
+    # and shutdown() could not give either back. Also when the task raised.
     pool = gilfree.Pool(1)
     memfd = os.dup(pool._engine.child_fds()[0])
     try:
@@ -1025,7 +1026,8 @@ def test_a_finished_task_keeps_no_hold_on_its_arguments_shared_memory():
         before = resident()
         data = bytes(32 << 20)  # out-of-band: a block of the arena
         for _ in range(3):
-            assert pool.submit(len, data).result(timeout=60) == len(data)
+            error = pool.submit(fn, data).exception(timeout=60)
+            assert (error is None) == (fn is len), error
             assert resident() - before < 40 << 20  # one block, used again each time
         pool.shutdown()
         assert resident() - before < 1 << 20
