@@ -434,11 +434,15 @@ int gf_manager_running(gf_manager *m, uint64_t task_id) {
 
 int gf_manager_kill_task(gf_manager *m, uint64_t task_id) {
   int rc = -ENOENT;
+  if (task_id == 0) /* an idle slot's current_task */
+    return -EINVAL;
   /* Under m->lock, as the timeout kills: a death handled meanwhile clears the slot's pid. */
   pthread_mutex_lock(&m->lock);
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
     gf_slot *slot = &m->seg->slots[i];
     int32_t pid = atomic_load(&slot->pid);
+    /* A live worker's current_task, read as gf_manager_running does: it may have finished the
+     * task and started its next one since, which the kill then fails (as a timeout's can). */
     if (pid <= 0 || atomic_load(&slot->current_task) != task_id)
       continue;
     rc = kill(pid, SIGKILL) == 0 ? 0 : -errno;

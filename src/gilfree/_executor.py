@@ -224,7 +224,8 @@ class PoolBase(concurrent.futures.Executor):
             self._pipelines.discard(pipeline)
 
     def _interrupted(self):
-        """Called when Ctrl-C arrives while the caller waits on the pool."""
+        """Ctrl-C while leaving a with block (and, unless _stop_waited says otherwise, while
+        waiting for a map's or a future's tasks)."""
 
     def _stop_waited(self, futures):
         """Ctrl-C arrived while the caller waited for these futures (a map's, a result())."""

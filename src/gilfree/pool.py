@@ -136,7 +136,11 @@ class _Future(concurrent.futures.Future):
         if pool is None or self._state != PENDING:
             return False
         started = time.perf_counter()
-        found = pool._help(self)
+        try:
+            found = pool._help(self)
+        except KeyboardInterrupt as exc:
+            _stop_on_ctrl_c(self, exc)
+            raise
         pool._waited(time.perf_counter() - started, found)
         return found
 
@@ -188,10 +192,15 @@ def _wait_interruptibly(future, wait, timeout):
                 if future.done() or (deadline is not None and time.monotonic() >= deadline):
                     raise
     except KeyboardInterrupt as exc:
-        pool = future._pool_ref()
-        if pool is not None and is_ctrl_c(exc):
-            pool._stop_waited([future])
+        _stop_on_ctrl_c(future, exc)
         raise
+
+
+def _stop_on_ctrl_c(future, exc):
+    """Ctrl-C (exc) while waiting for future: its task stops (see Pool._stop_waited)."""
+    pool = future._pool_ref()
+    if pool is not None and is_ctrl_c(exc):
+        pool._stop_waited([future])
 
 
 class SharedHandle:
@@ -694,7 +703,6 @@ class Pool(PoolBase):
         if future is None:
             return
         if task_id in self._stopping:
-            self._stopping.discard(task_id)
             error = concurrent.futures.CancelledError(
                 f"stopped by Ctrl-C: worker {pid}, which ran it, was killed and replaced"
             )
@@ -707,6 +715,7 @@ class Pool(PoolBase):
             error = _crash_error(pid, status)
         _complete(future, None, error)
         self._futures.pop(task_id, None)
+        self._stopping.discard(task_id)  # after: a redelivery must tell the same
 
     def _template_died(self):
         # Even during shutdown: engine.close stops the waiter before it ends the template, so
@@ -822,11 +831,17 @@ class Pool(PoolBase):
         kills its workers at once (_shutdown_at_exit)."""
         engine = self._engine
         for future in futures:
-            if engine is None or future.done() or future.cancel():
+            task_id = future._task_id
+            # A map's head future is stopped by result() first, then with the rest by the map.
+            if engine is None or task_id in self._stopping or future.done() or future.cancel():
                 continue
-            self._stopping.add(future._task_id)
-            if not engine.kill_task(future._task_id):  # finished meanwhile
-                self._stopping.discard(future._task_id)
+            self._stopping.add(task_id)
+            try:
+                killed = engine.kill_task(task_id)
+            except RuntimeError:  # closed meanwhile by a shutdown in another thread
+                killed = False
+            if not killed:  # finished meanwhile
+                self._stopping.discard(task_id)
 
     def _interrupted(self):
         """Ctrl-C while leaving a with block, or at exit: kill the workers now and fail what

@@ -183,6 +183,7 @@ GF_TEST(manager_kills_only_the_worker_running_a_task) {
   GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
   GF_CHECK_EQ(take(&w), 1);
   GF_CHECK_EQ(gf_manager_kill_task(&m, 2), -ENOENT);
+  GF_CHECK_EQ(gf_manager_kill_task(&m, 0), -EINVAL); /* not an idle worker's "task 0" */
   GF_CHECK_EQ(gf_manager_kill_task(&m, 1), 0);
   int status;
   GF_CHECK_EQ(waitpid(child, &status, 0), child);

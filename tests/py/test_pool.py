@@ -632,10 +632,13 @@ def proc_status(pid):
 
 
 CTRL_C_GOES_ON = """
-    import concurrent.futures, json, gilfree, poolfuncs
+    import concurrent.futures, json, time, gilfree, poolfuncs
     pool = gilfree.Pool(2)
     background = pool.submit(poolfuncs.sleep_then, 1.5, "background")
     long = None
+    waited = {begin}
+    while pool.stats()["running"] < 2:  # the background task and one waited for
+        time.sleep(0.01)
     print("ready", flush=True)
     try:
         {wait}
@@ -657,16 +660,16 @@ CTRL_C_GOES_ON = """
 """
 
 
-@pytest.mark.parametrize("wait", [
-    "list(pool.map(poolfuncs.sleep_then, [30] * 8, chunksize=1))",
-    "long = pool.submit(poolfuncs.sleep_then, 30); long.result()",
+@pytest.mark.parametrize("begin, wait", [
+    ("pool.map(poolfuncs.sleep_then, [30] * 8, chunksize=1)", "list(waited)"),
+    ("long = pool.submit(poolfuncs.sleep_then, 30)", "long.result()"),
 ])
-def test_ctrl_c_stops_the_tasks_waited_for_and_the_pool_goes_on(wait):
+def test_ctrl_c_stops_the_tasks_waited_for_and_the_pool_goes_on(begin, wait):
     # Ctrl-C while waiting stops those tasks only: the busy worker is killed and replaced, the
     # rest of the map is cancelled; other tasks and the pool go on (it was shut down: 'cannot
     # schedule new futures after shutdown', and the other tasks were cancelled). The program
     # ending leaves no process behind.
-    proc = run_script(CTRL_C_GOES_ON.format(wait=wait))
+    proc = run_script(CTRL_C_GOES_ON.format(begin=begin, wait=wait))
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -678,7 +681,7 @@ def test_ctrl_c_stops_the_tasks_waited_for_and_the_pool_goes_on(wait):
     result = json.loads(out)
     assert result["background"] == "background" and result["after"] == 32, result
     assert result["restarts"] == 1, result
-    if "submit" in wait:
+    if "submit" in begin:
         assert result["outcome"].startswith("stopped by Ctrl-C: worker "), result
     deadline = time.monotonic() + 5.0
     while any(alive(p) for p in result["pids"]) and time.monotonic() < deadline:

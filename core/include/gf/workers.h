@@ -232,7 +232,7 @@ uint64_t gf_manager_queued(gf_manager *m);
 /* 1 when a live worker has started task_id and not finished it, else 0. */
 int gf_manager_running(gf_manager *m, uint64_t task_id);
 /* Kills the worker running task_id (Ctrl-C stopped the caller waiting for it): its death is
- * reported and it is replaced as after a crash. -ENOENT when no worker runs it. */
+ * reported and it is replaced as after a crash. -ENOENT when no worker runs it, -EINVAL for 0. */
 int gf_manager_kill_task(gf_manager *m, uint64_t task_id);
 /* Closes the control socket (the template then kills the workers and exits), kills the
  * template if it lingers past timeout_ns, reaps it, and frees everything. No other call on m

@@ -152,7 +152,7 @@ class RebuildingPool(concurrent.futures.Executor):
         if self._pool is None:
             return
         if cancel_futures:
-            self._pool._interrupted()  # the Pool's own Ctrl-C path: kills the workers now, cancels the rest
+            self._pool._interrupted()  # as a with block left on Ctrl-C: kills the workers now, cancels the rest
         else:
             self._pool.shutdown(wait=wait)
 
