@@ -120,15 +120,13 @@ def _lru_cache_reduce(wrapper):
 @functools.cache  # made on first use: cloudpickle is imported only when needed
 def by_value_pickler():
     """_ViewPickler that also pickles by value, as cloudpickle does, what workers cannot import
-    (lambdas, closures, what the main script defines). With strict set, refuses (TypeError)
-    what would still go by name into the main script's module (an object whose __reduce__
-    returns a name), which workers do not have."""
+    (lambdas, closures, what the main script defines). What still goes by name into the main
+    script's module (an object whose __reduce__ returns its global name, a per-process
+    singleton) is looked up in the worker's __main__, where the initializer may have set it."""
     cloudpickle = _cloudpickle()
     from cloudpickle.cloudpickle import _dynamic_class_reduce
 
     class _ByValuePickler(_ViewPickler, cloudpickle.Pickler):
-        strict = False
-
         def reducer_override(self, obj):
             if type(obj) is memoryview:
                 return _memoryview_reduce(obj)
@@ -145,58 +143,61 @@ def by_value_pickler():
             # a new wrapper around its function (by value if need be), a cache of its own.
             if type(obj) is _LruCacheWrapper and not _named(obj):
                 return _lru_cache_reduce(obj)
-            reduced = cloudpickle.Pickler.reducer_override(self, obj)
-            if reduced is NotImplemented and self.strict and type(obj).__module__ in _MAIN_MODULES:
-                # What pickle would do next (a by-value class's instance), checked for a name.
-                reduce = self.dispatch_table.get(type(obj))
-                reduced = reduce(obj) if reduce is not None else obj.__reduce_ex__(5)
-                if type(reduced) is str:
-                    raise TypeError(
-                        f"a {type(obj).__qualname__} object pickles by name, as "
-                        f"{type(obj).__module__}.{reduced} (its __reduce__ returns a name), and the "
-                        "workers cannot import the main script"
-                    )
-            return reduced
+            return cloudpickle.Pickler.reducer_override(self, obj)
 
     return _ByValuePickler
 
 
-def _dumps_by_value(obj, buffer_callback, strict=False):
+def _dumps_by_value(obj, buffer_callback):
     """obj pickled by value where workers cannot import it. Large bytes stay in-band: a
     persistent_id finding them would slow these pickles, made at each submit, by a quarter."""
     file = io.BytesIO()
-    pickler = by_value_pickler()(file, 5, buffer_callback=buffer_callback)
-    pickler.strict = strict
-    pickler.dump(obj)
+    by_value_pickler()(file, 5, buffer_callback=buffer_callback).dump(obj)
     return file.getvalue()
 
 
-# Values that cannot change in place (or go by name): compared by identity only.
+# What cannot change in place, or is followed otherwise (a function or class by identity and
+# through its own captured globals, see _Captured): compared by identity only.
 _UNCHANGING = frozenset(
-    (int, float, complex, str, bytes, bool, type(None), types.ModuleType, types.BuiltinFunctionType)
+    (
+        int, float, complex, str, bytes, bool, type(None), types.ModuleType,
+        types.BuiltinFunctionType, types.FunctionType, _LruCacheWrapper,
+    )
 )
 
 
+class _LargeBuffer(Exception):
+    pass
+
+
+def _no_large_buffer(buffer):
+    """A digest's buffer_callback: small buffers are hashed in the pickle, a large one stops it."""
+    if buffer.raw().nbytes < OUT_OF_BAND_MIN:
+        return True
+    raise _LargeBuffer
+
+
 def _digest(value):
-    """A digest of value's by-value pickle, its large buffers hashed where they are (nothing is
-    kept); b"" for what cannot change in place; None when value does not pickle alone."""
-    if type(value) in _UNCHANGING or (isinstance(value, type) and _named(value)):
+    """A digest of value's pickle; b"" for what is compared by identity only: what cannot change
+    in place, functions and classes, and a value holding a buffer that travels out-of-band (a
+    numpy array, a memoryview of OUT_OF_BAND_MIN bytes or more: hashing it would cost as much
+    as copying it at each new pickle); None when value does not pickle alone (counted as
+    changed). Plain pickle first (by name what the parent's __main__ defines: their identity
+    is enough here), cloudpickle for what only it can pickle."""
+    if type(value) in _UNCHANGING or isinstance(value, type):
         return b""
     import hashlib  # the parent's: workers never digest
 
-    digest = hashlib.sha256()  # the fastest here (SHA extensions): a large array at copying speed
-
-    def hashed(buffer):
-        view = buffer.raw()
-        digest.update(view.nbytes.to_bytes(8, "little"))
-        digest.update(view)
-        return False  # out-of-band: not copied into the pickle
-
-    try:
-        by_value_pickler()(types.SimpleNamespace(write=digest.update), 5, buffer_callback=hashed).dump(value)
-    except Exception:
-        return None
-    return digest.digest()
+    for pickler in (pickle.Pickler, by_value_pickler()):
+        digest = hashlib.sha256()  # SHA extensions: at copying speed
+        try:
+            pickler(types.SimpleNamespace(write=digest.update), 5, buffer_callback=_no_large_buffer).dump(value)
+        except _LargeBuffer:
+            return b""
+        except Exception:
+            continue
+        return digest.digest()
+    return None
 
 
 class _IdUnpickler(pickle.Unpickler):
@@ -428,13 +429,18 @@ class _Captured:
         changed its value in place (its pickle's digest differs from the one last sent; a value
         that does not pickle alone, or differently each time, counts as changed), so that a
         worker replaces the value it holds (which may be its own, set by a task or the
-        initializer) only then, with the newest it was sent (generations only grow)."""
+        initializer) only then, with the newest it was sent (generations only grow). Each value
+        is digested once here; functions, classes and values holding a large buffer are
+        compared by identity only (see _digest)."""
         module = scope.get("__name__")
         found = {}
+        digests = {}  # id(value) -> its digest, for a value under several names
         for name in dict.fromkeys(self.scope_names):
             if name in scope:
                 value = scope[name]
-                digest = _digest(value)
+                digest = digests.get(id(value), False)
+                if digest is False:
+                    digest = digests[id(value)] = _digest(value)
                 known = _generations.get((module, name))
                 if known is None or known[0] is not value or digest is None or known[1] != digest:
                     known = _generations[(module, name)] = (value, digest, next(_next_generation))
@@ -492,11 +498,11 @@ def function_blob(fn):
                 generations = captured.generations(target.__globals__)
                 captured = captured.current
                 try:
-                    blob = _dumps_by_value((fn, generations), _in_band_only, strict=True)
+                    blob = _dumps_by_value((fn, generations), _in_band_only)
                 except (TypeError, pickle.PicklingError) as exc:
                     raise _by_value_error(target, exc) from exc
             else:
-                blob = _dumps_by_value(fn, _in_band_only, strict=True)
+                blob = _dumps_by_value(fn, _in_band_only)
     except _OutOfBandNeeded:
         blob = None
     if cacheable(fn):
@@ -524,7 +530,7 @@ def _by_value_error(fn, exc):
     culprit = "something it uses"
     for label, value in parts:
         try:
-            _dumps_by_value(value, None, strict=True)
+            _dumps_by_value(value, None)
         except Exception:
             culprit = f"its {label} ({type(value).__name__})"
             break

@@ -225,32 +225,51 @@ def test_an_lru_cached_main_function_goes_by_value_with_a_cache_in_each_worker()
     ]
 
 
-def test_a_main_function_using_what_pickles_by_name_into_main_is_refused_at_submit():
-    # By value, an object whose __reduce__ returns a name would still be looked up in the
-    # workers' __main__, which has none.
+def test_a_main_singleton_pickling_by_name_is_the_one_the_initializer_made_in_the_worker():
+    # The per-process singleton idiom: __reduce__ returns the global's name, so a function using
+    # it by value finds the worker's own instance in the worker's __main__, as set up by the
+    # initializer; it is not refused at submit.
     out = run_ok(
         """
-        import functools
+        import functools, os
         import gilfree
-        class Token:
+        class Registry:
+            def __init__(self, where):
+                self.where = where
             def __reduce__(self):
-                return "TOKEN"
-        TOKEN = Token()
-        def token():
-            return TOKEN
-        with gilfree.Pool(1) as pool:
-            for fn in (token, functools.partial(token)):
-                try:
-                    pool.submit(fn)
-                except TypeError as exc:
-                    print(exc)
-            print(pool.submit(abs, -1).result())
+                return "REGISTRY"
+        REGISTRY = Registry("parent")
+        def init():
+            import sys
+            sys.modules["__main__"].REGISTRY = Registry(f"worker {os.getpid()}")
+        def where(registry=None):
+            return (registry or REGISTRY).where.split()[0]
+        if __name__ == "__main__":
+            with gilfree.Pool(1, initializer=init) as pool:
+                print(pool.submit(where).result(), pool.submit(functools.partial(where)).result(),
+                      pool.submit(lambda: REGISTRY.where.split()[0]).result(), pool.submit(where, REGISTRY).result())
         """
     )
-    lines = out.splitlines()
-    assert len(lines) == 3 and lines[2] == "1", out
-    assert "__main__.token" in lines[0] and "global 'TOKEN' (Token)" in lines[0]
-    assert all("pickles by name, as __main__.TOKEN" in line for line in lines[:2])
+    assert out == "worker worker worker worker"
+
+
+def test_a_digest_compares_functions_classes_and_large_buffers_by_identity():
+    # A function pickled anew digests the globals it copies to see a change in place; functions
+    # and classes are followed through their own globals, and hashing a large buffer would cost
+    # as much as copying it: those are compared by identity only.
+    from gilfree import _serialize as s
+
+    np = pytest.importorskip("numpy")
+    assert s._digest(sf.Scaler) == s._digest(len) == s._digest(functools.lru_cache(len)) == b""
+    assert s._digest(lambda: 0) == b""
+    assert s._digest(np.zeros(1 << 17)) == s._digest({"big": [np.zeros(1 << 17)], "k": 1}) == b""
+    assert s._digest(memoryview(bytearray(1 << 17))) == b""
+    small = {"k": [1, 2], "a": np.zeros(4)}
+    before = s._digest(small)
+    assert before and s._digest(small) == before
+    small["k"].append(3)
+    assert s._digest(small) != before
+    assert s._digest({"f": lambda: 0}) not in (None, b"")  # by cloudpickle
 
 
 def test_callables_with_state_travel_with_their_state_at_each_submit(pool):
