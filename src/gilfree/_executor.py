@@ -179,10 +179,11 @@ class _Progress:
             self.bar = tqdm(total=total, file=sys.stderr)
         elif _in_notebook():  # stderr is no terminal there, but a bar shows
             try:
-                from tqdm.notebook import tqdm as widget_bar  # needs ipywidgets
-            except ImportError:
-                widget_bar = tqdm
-            self.bar = widget_bar(total=total, file=sys.stderr)
+                from tqdm.notebook import tqdm as widget_bar
+
+                self.bar = widget_bar(total=total)
+            except ImportError:  # without ipywidgets (raised at the import or at the bar)
+                self.bar = tqdm(total=total, file=sys.stderr)
 
     def update(self, n):
         if self.bar is not None:

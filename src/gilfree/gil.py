@@ -1128,7 +1128,7 @@ def verdict(report):
                 f"Not GIL-bound, but one thread held the GIL {top_held / wall:.0%} of the time and nobody "
                 f"waited for it: the program is single-threaded CPU work; more cores need processes (gilfree.Pool)."
             )
-        elif report.held_fraction > 0.7 and parallel < MOSTLY_PARALLEL:
+        elif len(working) >= 2 and report.held_fraction > 0.7 and parallel < MOSTLY_PARALLEL:
             quiet = False
             parts.append(
                 f"Not GIL-bound, but the GIL was held {report.held_fraction:.0%} of the time and nobody waited for it "

@@ -246,14 +246,19 @@ def _attach_shared(buffer, meta):
 
 
 def _available_cpus():
-    """The CPUs this process may run on; on 3.13+ os.process_cpu_count(), which -X cpu_count
-    and PYTHON_CPU_COUNT override, as ProcessPoolExecutor's default does."""
-    if hasattr(os, "process_cpu_count"):
-        return os.process_cpu_count() or 1
+    """The CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def _default_workers():
+    """On 3.13+ os.process_cpu_count(), which -X cpu_count and PYTHON_CPU_COUNT override, as
+    ProcessPoolExecutor's default does; else the CPUs this process may run on."""
+    if hasattr(os, "process_cpu_count"):
+        return os.process_cpu_count() or 1
+    return _available_cpus()
 
 
 class Pool(PoolBase):
@@ -331,7 +336,7 @@ class Pool(PoolBase):
             )
         max_tasks_per_worker = process_pool_options(mp_context, max_tasks_per_worker, max_tasks_per_child)
         if max_workers is None:
-            max_workers = min(_available_cpus(), _engine.MAX_WORKERS)
+            max_workers = min(_default_workers(), _engine.MAX_WORKERS)
         if not 1 <= max_workers <= _engine.MAX_WORKERS:
             raise ValueError(f"max_workers must be between 1 and {_engine.MAX_WORKERS}")
         if task_timeout is not None and task_timeout <= 0:
@@ -734,7 +739,10 @@ class Pool(PoolBase):
             return f"the pool's template process was killed by {signal_name(ended.si_status)}"
         reason = f"the pool's template process exited with code {ended.si_status}"
         if not any(w["alive_s"] for w in engine.stats()):
-            reason += f" before it started a worker (it ran {self._interpreter}). {_NOT_PYTHON_HINT}"
+            reason += f" before it started a worker (it ran {self._interpreter})"
+            # A Python's failure (a preload import) printed its traceback above.
+            if not os.path.basename(self._interpreter).startswith("python"):
+                reason += f". {_NOT_PYTHON_HINT}"
         return reason
 
     def _break(self, reason):

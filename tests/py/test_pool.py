@@ -752,8 +752,11 @@ def test_progress_bar_drawn_in_a_jupyter_kernel(pool, monkeypatch):
     class ZMQInteractiveShell:  # the kernel's shell, as IPython.get_ipython() returns it
         pass
 
+    def widget_bar(*args, **kwargs):  # tqdm.notebook's without ipywidgets
+        raise ImportError("IProgress not found. Please update jupyter and ipywidgets.")
+
     monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=ZMQInteractiveShell))
-    monkeypatch.setitem(sys.modules, "tqdm.notebook", None)  # without ipywidgets: a text bar
+    monkeypatch.setitem(sys.modules, "tqdm.notebook", types.SimpleNamespace(tqdm=widget_bar))
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert list(pool.map(f.square, range(50), progress=True)) == [x * x for x in range(50)]
     assert "50/50" in sys.stderr.getvalue()
@@ -1066,6 +1069,16 @@ def test_workers_run_multiprocessing_set_executable_where_sys_executable_is_not_
                          timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, *sys.path])))
     assert out.stdout.startswith(expected), out.stdout + out.stderr
     assert "set_executable" in out.stdout or how == "set_executable"
+
+
+def test_a_preload_that_fails_breaks_the_pool_without_blaming_the_interpreter():
+    # Its traceback goes to stderr; the pool's error said to set another executable.
+    out = subprocess.run(
+        [sys.executable, "-c", "import gilfree\ntry:\n    gilfree.Pool(1, preload=['no_such_module_here']).submit(len, '').result(30)\n"
+                               "except Exception as exc:\n    print(type(exc).__name__, exc)"],
+        capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("BrokenPool the pool's template process exited with code 1 before it started a worker"), out
+    assert "set_executable" not in out.stdout and "no_such_module_here" in out.stderr
 
 
 def test_tasks_do_not_wait_behind_a_worker_whose_initializer_hangs(tmp_path):
