@@ -122,7 +122,7 @@ static PyObject *shm_alloc_error(const shm_t *shm, int rc, uint64_t len) {
     remedy = "wait for results before submitting more, or pass data that many tasks use once "
              "with pool.share()";
   }
-  if (len >= region->size) {
+  if (len + GF_BLOCK_HEADER > region->size) {
     /* Nothing held could make room: the region itself is smaller than the buffer. */
     struct rlimit limit;
     int capped = getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY;
