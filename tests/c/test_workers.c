@@ -108,35 +108,6 @@ GF_TEST(manager_dispatch_result_and_crash_recovery) {
   gf_manager_free(&m);
 }
 
-GF_TEST(manager_moves_tasks_from_a_starting_worker_to_an_idle_one) {
-  gf_manager m;
-  gf_worker w1;
-  gf_ctl ctl;
-  seen s = {0};
-  GF_CHECK_EQ(gf_manager_init(&m, 2, 16384, 16u << 20), 0);
-  for (uint32_t i = 0; i < 2; i++) {
-    GF_CHECK_EQ(gf_manager_spawn(&m, i), 0);
-    GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
-  }
-  GF_CHECK_EQ(submit(&m, 1), 0); /* one task in each starting worker's ring */
-  GF_CHECK_EQ(submit(&m, 2), 0);
-  /* Worker 1 starts and answers its task; worker 0's initializer hangs. */
-  GF_CHECK_EQ(gf_worker_attach(&w1, m.map, m.map_size, 1, m.memfd), 0);
-  uint64_t first = take(&w1);
-  GF_CHECK(first == 1 || first == 2);
-  GF_CHECK_EQ(reply(&w1, first), 0);
-  GF_CHECK_EQ(gf_manager_wait(&m, 0, 1000000000), 1);
-  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
-  /* The other task moved to the idle worker instead of waiting for the starting one. */
-  GF_CHECK(!gf_ring_empty(w1.requests));
-  if (!gf_ring_empty(w1.requests)) { /* else take() would wait for ever */
-    GF_CHECK_EQ(take(&w1), 3 - first);
-    GF_CHECK_EQ(gf_manager_running(&m, 3 - first), 1);
-  }
-  gf_manager_close(&m, 0);
-  gf_manager_free(&m);
-}
-
 GF_TEST(manager_moves_a_starting_workers_task_first_even_with_a_queue) {
   gf_manager m;
   gf_worker w1;
