@@ -4,9 +4,11 @@
 An echo server for size-prefixed messages runs in its own process; a client (this process) sends
 N messages with a pause after each and times every round trip. Scenario 1: the server alone.
 Scenario 2: one CPU-bound thread (recursive Fibonacci) in the server process. Scenario 3: that
-thread inside ``gilfree.priority.background()``. Server variants: blocking sockets in a thread,
-asyncio, multiprocessing (messages over ``multiprocessing.connection``, the CPU work in another
-process), and pyzmq where it is installed.
+thread inside ``gilfree.priority.background()``. Scenario 4, a control: a thread hashing in C with
+the GIL released, which shows what any running thread of the process costs, GIL aside. Server
+variants: blocking sockets in a thread, nonblocking sockets on asyncio's loop (a protocol) and
+asyncio's streams, multiprocessing (messages over ``multiprocessing.connection``, the CPU work in
+another process), and pyzmq where it is installed.
 
     python bench/beazley.py --messages 10000 --servers threaded,asyncio --scenarios 1,2,3
 
@@ -16,6 +18,7 @@ the server side is this same file run as ``beazley.py --serve VARIANT``.
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import json
 import multiprocessing
@@ -31,8 +34,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-SERVERS = ("threaded", "asyncio", "multiprocessing", "zmq")
-SCENARIOS = {1: "unloaded", 2: "+ CPU {}", 3: "+ CPU {}, background"}
+SERVERS = ("threaded", "asyncio", "asyncio-streams", "multiprocessing", "zmq")
+SCENARIOS = {1: "unloaded", 2: "+ CPU {}", 3: "+ CPU {}, background", 4: "+ C {}, GIL released"}
+# Scenario 4's worker: sha256 of this many bytes per call, in C with the GIL released (hashlib
+# releases it above 2 KiB), so it takes the GIL a few hundred times a second.
+HASH_BLOCK = 8 << 20
 # multiprocessing.connection's frame header, so one raw-socket client talks to three variants.
 FRAME = struct.Struct("!i")
 LOOPBACK = "127.0.0.1"
@@ -66,8 +72,9 @@ def _priority_background():
         yield
 
 
-def _spin(fib_n, background, stop, calls, ready):
-    """The CPU-bound load: fib(fib_n) until ``stop`` is set, counting calls in ``calls``.
+def _spin(fib_n, background, gil_free, stop, calls, ready):
+    """The CPU-bound load: fib(fib_n) (or, ``gil_free``, sha256 of HASH_BLOCK bytes) until
+    ``stop`` is set, counting calls in ``calls``.
 
     ``stop`` and ``calls`` are lock-free shared-memory Values, so the same body runs in a thread
     or in another process without a lock that could hand the server the GIL scenario 2 is about.
@@ -76,11 +83,15 @@ def _spin(fib_n, background, stop, calls, ready):
     read one call early only shifts the throughput by one call. ``ready`` (a pipe) gets None once
     the worker spins, or the error that stopped it.
     """
+    block = bytes(HASH_BLOCK) if gil_free else None
     try:
         with _priority_background() if background else contextlib.nullcontext():
             ready.send(None)
             while not stop.value:
-                fib(fib_n)
+                if gil_free:
+                    hashlib.sha256(block).digest()
+                else:
+                    fib(fib_n)
                 calls.value += 1
     except BaseException as exc:  # reported to the server's main thread, which exits with it
         ready.send(f"{type(exc).__name__}: {exc}")
@@ -89,12 +100,12 @@ def _spin(fib_n, background, stop, calls, ready):
 class CpuLoad:
     """One CPU-bound worker beside the server: a thread of this process, or another process."""
 
-    def __init__(self, fib_n, background, in_process):
+    def __init__(self, fib_n, background, in_process, gil_free=False):
         mp = multiprocessing.get_context("spawn")
         self._stop = mp.RawValue("b", 0)
         self._calls = mp.RawValue("q", 0)
         self._ready, ready = mp.Pipe(duplex=False)
-        args = (fib_n, background, self._stop, self._calls, ready)
+        args = (fib_n, background, gil_free, self._stop, self._calls, ready)
         if in_process:
             self._worker = threading.Thread(target=_spin, args=args, name="cpu-load", daemon=True)
         else:
@@ -174,7 +185,64 @@ def _serve_threaded(publish, window):
     handler.join()
 
 
+class _EchoProtocol(asyncio.BufferedProtocol):
+    """The echo on asyncio's loop with nonblocking sockets read into one buffer (recv_into), as
+    the seed's nonblocking server reads: no allocation per read."""
+
+    def __init__(self, window, done):
+        self._window, self._done = window, done
+        self._buf = bytearray(1 << 16)
+        self._got = 0
+
+    def connection_made(self, transport):
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._transport = transport
+        self._window.opened()
+
+    def get_buffer(self, sizehint):
+        if self._got == len(self._buf):  # a frame longer than the buffer: a new one, twice as long
+            self._buf = self._buf + bytearray(len(self._buf))
+        return memoryview(self._buf)[self._got:]
+
+    def buffer_updated(self, nbytes):
+        self._got += nbytes
+        start = 0
+        while self._got - start >= FRAME.size:
+            end = start + FRAME.size + FRAME.unpack_from(self._buf, start)[0]
+            if end > self._got:
+                break
+            self._transport.write(self._buf[start:end])  # a copy: the buffer is reused
+            start = end
+        if start:
+            # Same-length assignment: the loop still holds a view of the buffer, so no resizing.
+            self._buf[:self._got - start] = self._buf[start:self._got]
+            self._got -= start
+
+    def connection_lost(self, exc):
+        self._window.closed()
+        if exc is None and self._got:
+            exc = ConnectionError(f"stream ended inside a message ({self._got} bytes)")
+        if exc is None:
+            self._done.set_result(None)
+        else:
+            self._done.set_exception(exc)
+
+
 def _serve_asyncio(publish, window):
+    listener, port = _tcp_listener()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        server = await loop.create_server(lambda: _EchoProtocol(window, done), sock=listener)
+        publish(port)
+        async with server:
+            await done
+
+    asyncio.run(main())
+
+
+def _serve_asyncio_streams(publish, window):
     listener, port = _tcp_listener()
 
     async def handle(reader, writer):
@@ -246,6 +314,7 @@ def _serve_zmq(publish, window):
 SERVE = {
     "threaded": _serve_threaded,
     "asyncio": _serve_asyncio,
+    "asyncio-streams": _serve_asyncio_streams,
     "multiprocessing": _serve_multiprocessing,
     "zmq": _serve_zmq,
 }
@@ -273,7 +342,8 @@ def serve(variant, scenario, fib_n, switch_interval, deadline, monitor=False):
     with _gil_monitor() if monitor else contextlib.nullcontext() as gil:
         load = None
         if scenario >= 2:
-            load = CpuLoad(fib_n, background=scenario == 3, in_process=variant != "multiprocessing")
+            load = CpuLoad(fib_n, background=scenario == 3, in_process=variant != "multiprocessing",
+                           gil_free=scenario == 4)
             try:
                 load.start()
             except RuntimeError as exc:
@@ -480,6 +550,8 @@ def format_table(results, fib_n=20):
         vs_s2 = _change(r.cpu_rate / loaded.cpu_rate - 1) if r.scenario == 3 and loaded else ""
         lines.append(f"{r.server:<16}{label:<28}{r.total:>8.2f}s{vs_s1:>8}{r.p50 * 1e3:>8.3f}ms"
                      f"{r.p99 * 1e3:>8.3f}ms{rate:>11}{vs_s2:>8}")
+    if any(r.scenario == 4 for r in results):
+        lines.append(f"(scenario 4's rate: sha256 of {HASH_BLOCK >> 20} MiB per second, the C thread's work)")
     return "\n".join(lines)
 
 
@@ -507,14 +579,28 @@ def check_goals(results):
     return goals
 
 
+def control_notes(results):
+    """Scenario 4 against scenarios 1 and 3 per server: a p50 that a thread running C code with
+    the GIL released also adds is the process's, not the GIL's."""
+    notes = []
+    for server in SERVERS:
+        s1, s3, s4 = (_find(results, server, s) for s in (1, 3, 4))
+        if s1 and s4:
+            background = f", s3 {s3.p50 / s1.p50:.2f}x ({s3.p50 * 1e3:.3f} ms)" if s3 else ""
+            notes.append(f"{server}: s4 p50 {s4.p50 / s1.p50:.2f}x s1 ({s1.p50 * 1e3:.3f} -> {s4.p50 * 1e3:.3f} ms)"
+                         f"{background}")
+    return notes
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10000, help="messages per scenario and server (10000)")
     parser.add_argument("--size", type=int, default=8192, help="payload bytes per message (8192)")
     parser.add_argument("--pause", type=float, default=0.001, help="client pause after each reply, seconds (0.001)")
     parser.add_argument("--servers", default=None, help=f"comma list of {','.join(SERVERS)} (default: all installed)")
-    parser.add_argument("--scenarios", default="1,2,3",
-                        help="comma list: 1 unloaded, 2 with a CPU thread, 3 with it in background() (1,2,3)")
+    parser.add_argument("--scenarios", default="1,2,3,4",
+                        help="comma list: 1 unloaded, 2 with a CPU thread, 3 with it in background(), "
+                             "4 with a thread hashing in C, GIL released (1,2,3,4)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="each scenario's messages in this many runs, the scenarios taking turns (5)")
     parser.add_argument("--fib", type=int, default=20, help="the CPU worker computes fib(N) in a loop (20)")
@@ -533,6 +619,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
     scenarios = [int(s) for s in args.scenarios.split(",")]
+    if not set(scenarios) <= set(SCENARIOS):
+        parser.error(f"scenarios are {', '.join(map(str, SCENARIOS))}")
     if not 1 <= args.rounds <= args.messages:
         parser.error("--rounds must be between 1 and --messages")
     print(f"Beazley's messaging experiment: {args.messages} messages of {args.size} bytes, "
@@ -554,7 +642,14 @@ def main(argv=None):
         if any(not met and " p50 " in text for text, met in goals):
             print("  A p50 round trip at scenario 1's level is tens of microseconds: scenario 3 still pays the GIL's hand-over\n"
                   "  from the background thread (a few us per message) and, on a 2-CPU machine that also runs the client,\n"
-                  "  a wait behind the client for a CPU (docs/beazley.md, Reading the table).")
+                  "  a wait behind the client for a CPU (docs/beazley.md, Reading the table); the control below shows\n"
+                  "  what a running thread of the server process costs with the GIL out of the way.")
+    notes = control_notes(results)
+    if notes:
+        print("\nControl (scenario 4, a thread hashing in C with the GIL released: what any running thread of the\n"
+              "server process costs, the GIL aside):")
+        for note in notes:
+            print(f"  {note}")
     return 1 if any(r.error for r in results) else 0
 
 

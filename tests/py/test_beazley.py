@@ -21,7 +21,7 @@ def beazley():
     return module
 
 
-@pytest.mark.parametrize("server", ["threaded", "asyncio"])
+@pytest.mark.parametrize("server", ["threaded", "asyncio", "asyncio-streams"])
 def test_background_cpu_thread_no_longer_delays_replies(beazley, server):
     results = [beazley.run_scenario(server, scenario, messages=MESSAGES) for scenario in (1, 2, 3)]
     table = beazley.format_table(results)
@@ -34,6 +34,69 @@ def test_background_cpu_thread_no_longer_delays_replies(beazley, server):
     assert background.total * 2 < loaded.total, table
     # The background thread still gets the GIL while the server waits for the client.
     assert background.cpu_rate > loaded.cpu_rate / 4, table
+
+
+def test_control_thread_hashes_without_the_gil(beazley):
+    # Scenario 4's thread runs C code with the GIL released: replies do not wait for it as they
+    # wait for scenario 2's Python thread, and it does run meanwhile.
+    results = [beazley.run_scenario("threaded", scenario, messages=MESSAGES) for scenario in (2, 4)]
+    table = beazley.format_table(results)
+    loaded, control = results
+    assert not any(r.error for r in results), table
+    assert control.p50 * 4 < loaded.p50, table
+    assert control.cpu_calls > 0, table
+    assert "4 + C thread, GIL released" in table
+
+
+def test_asyncio_protocol_echoes_frames_split_and_coalesced(beazley):
+    # The protocol server gets bytes as the socket delivers them: a frame cut anywhere, several
+    # frames in one read, and a frame longer than its first buffer all come back whole.
+    import asyncio
+    import struct
+
+    class Transport:
+        def __init__(self):
+            self.sent = bytearray()
+
+        def write(self, data):
+            self.sent += data
+
+    class Window:
+        opened = closed = lambda self: None
+
+    async def feed(stream, cuts):
+        done = asyncio.get_running_loop().create_future()
+        echo = beazley._EchoProtocol(Window(), done)
+        echo._transport = transport = Transport()
+        position = 0
+        for cut in cuts + [len(stream)]:
+            while position < cut:
+                buf = echo.get_buffer(-1)
+                assert len(buf), "get_buffer() returned an empty buffer (asyncio would fail the read)"
+                n = min(len(buf), cut - position)
+                buf[:n] = stream[position:position + n]
+                echo.buffer_updated(n)
+                position += n
+        echo.connection_lost(None)
+        await done
+        return bytes(transport.sent)
+
+    frames = [struct.pack("!i", len(p)) + p for p in (b"a" * 10, b"", b"b" * 200_000, b"c" * 3)]
+    stream = b"".join(frames)
+    assert asyncio.run(feed(stream, [])) == stream
+    assert asyncio.run(feed(stream, [1, 2, 7, 16, 50_000, 200_010])) == stream
+
+    async def cut_short():
+        done = asyncio.get_running_loop().create_future()
+        echo = beazley._EchoProtocol(Window(), done)
+        echo._transport = Transport()
+        echo.get_buffer(-1)[:3] = b"\0\0\0"
+        echo.buffer_updated(3)
+        echo.connection_lost(None)
+        await done
+
+    with pytest.raises(ConnectionError, match="inside a message"):
+        asyncio.run(cut_short())
 
 
 def test_priorities_hold_under_gil_monitor(beazley):
