@@ -14,6 +14,7 @@ import itertools
 import operator
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from . import _engine
 from ._executor import PoolBase, is_ctrl_c, process_pool_options, with_remote_traceback
 from ._serialize import Codec, blob_never_stale, by_value_pickler, function_blob, names_main, with_task
 from ._worker import EXIT_ADDRESS_SPACE, WorkerConfig
-from .errors import TaskTimeout, WorkerCrashed, signal_name
+from .errors import TaskTimeout, WorkerCrashed, oom_kills, signal_name
 
 RING_BYTES = 1 << 20
 # Virtual: the memfd is sparse, pages exist only while buffers do. Half is the parent's, half is
@@ -360,6 +361,7 @@ class Pool(PoolBase):
         self._ids = itertools.count(1)
         self._futures = {}
         self._stopping = set()  # ids of tasks whose workers _stop_waited killed
+        self._oom_kills = oom_kills()  # the kernel's count when the last SIGKILL was told apart
         self._last_function = (None, None)
         self._shutdown = False
         self._close_when_idle = False
@@ -707,6 +709,7 @@ class Pool(PoolBase):
         future = self._futures.get(task_id) if task_id else None
         if future is None:
             return
+        oom_count = None
         if task_id in self._stopping:
             error = concurrent.futures.CancelledError(
                 f"stopped by Ctrl-C: worker {pid}, which ran it, was killed and replaced"
@@ -717,10 +720,17 @@ class Pool(PoolBase):
                 f"worker {pid} was killed and replaced"
             )
         else:
-            error = _crash_error(pid, status)
+            oom_killed = None
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                oom_count = oom_kills()
+                if oom_count is not None and self._oom_kills is not None:
+                    oom_killed = oom_count > self._oom_kills
+            error = _crash_error(pid, status, oom_killed)
         _complete(future, None, error)
         self._futures.pop(task_id, None)
         self._stopping.discard(task_id)  # after: a redelivery must tell the same
+        if oom_count is not None:
+            self._oom_kills = oom_count  # after too: the next SIGKILL is told from this one on
 
     def _template_died(self):
         # Even during shutdown: engine.close stops the waiter before it ends the template, so
@@ -1047,9 +1057,9 @@ def _exit_code(status):
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
 
 
-def _crash_error(pid, status):
+def _crash_error(pid, status, oom_killed=None):
     if os.WIFSIGNALED(status):
-        return WorkerCrashed(pid=pid, signal=os.WTERMSIG(status))
+        return WorkerCrashed(pid=pid, signal=os.WTERMSIG(status), oom_killed=oom_killed)
     code = _exit_code(status)
     if code == EXIT_ADDRESS_SPACE:
         detail = f"worker {pid} {_ADDRESS_SPACE_TEXT}; it was replaced"

@@ -1,6 +1,8 @@
 """gilfree.Pool under faults from outside the pool: the user's program forks while a pool is
 open, a task forks, a task closes or replaces the worker's inherited descriptors, the shared
-memory for arguments or results fills up."""
+memory for arguments or results fills up, the kernel's OOM killer ends a worker."""
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -561,3 +563,75 @@ def test_tasks_never_started_before_a_ctrl_c_give_their_arguments_pages_back():
         time.sleep(0.05)  # the pool closes in the background after the kill
     assert memfd_backed_bytes() - before < 4 << 20
     assert (kept == 7.0).all()
+
+
+def filled_bytes(n):
+    return len(b"\x01" * n)  # every page written, unlike bytearray(n)'s calloc
+
+
+@contextlib.contextmanager
+def memory_limited_cgroup(limit):
+    """Yields the cgroup.procs path of a new memory cgroup limited to `limit` bytes, under this
+    process's own (v1's memory hierarchy or v2's); skips where none can be made (not root, a
+    read-only or delegated-away hierarchy)."""
+    paths = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(","):
+                paths[controller] = path
+    candidates = []
+    if "memory" in paths:
+        candidates.append((f"/sys/fs/cgroup/memory{paths['memory']}", "memory.limit_in_bytes"))
+    if "" in paths:
+        candidates += [(f"{root}{paths['']}", "memory.max") for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")]
+    for parent, limit_file in candidates:
+        group = os.path.join(parent, f"gilfree-test-{os.getpid()}")
+        try:
+            os.mkdir(group)
+        except OSError:
+            continue
+        try:
+            with open(os.path.join(group, limit_file), "w") as f:
+                f.write(str(limit))
+        except OSError:
+            os.rmdir(group)
+            continue
+        try:
+            yield os.path.join(group, "cgroup.procs")
+        finally:
+            for _ in range(100):  # its last processes may still be exiting
+                try:
+                    os.rmdir(group)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        return
+    pytest.skip("no memory cgroup can be made here (it takes root and a writable cgroup hierarchy)")
+
+
+def test_a_worker_the_oom_killer_ends_fails_its_task_saying_out_of_memory():
+    # A real OOM kill: the pool runs in a process of a cgroup limited to 400 MB, and its task
+    # writes 1 GiB. The pool goes on with a new worker.
+    with memory_limited_cgroup(400 << 20) as procs:
+        result = run_script(
+            """
+            import json, os, sys
+            import gilfree, test_pool_faults as t
+            with open(sys.argv[1], "w") as f:
+                f.write(str(os.getpid()))
+            with gilfree.Pool(1) as pool:
+                try:
+                    pool.submit(t.filled_bytes, 1 << 30).result(timeout=120)
+                    print(json.dumps({"crash": None}))
+                except gilfree.WorkerCrashed as crash:
+                    print(json.dumps({"crash": str(crash), "oom_killed": crash.oom_killed}))
+                print(json.dumps({"next": pool.submit(t.filled_bytes, 1 << 20).result(timeout=60)}))
+            """,
+            args=(procs,),
+        )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and len(lines) == 2, result.stdout + result.stderr
+    assert lines[0]["oom_killed"] is True, lines[0]
+    assert "SIGKILL" in lines[0]["crash"] and "out of memory" in lines[0]["crash"], lines[0]
+    assert lines[1] == {"next": 1 << 20}
