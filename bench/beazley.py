@@ -194,8 +194,7 @@ class _EchoProtocol(asyncio.BufferedProtocol):
         self._buf = bytearray(1 << 16)
         self._got = 0
 
-    def connection_made(self, transport):
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def connection_made(self, transport):  # asyncio's transport has set TCP_NODELAY
         self._transport = transport
         self._window.opened()
 
@@ -208,7 +207,10 @@ class _EchoProtocol(asyncio.BufferedProtocol):
         self._got += nbytes
         start = 0
         while self._got - start >= FRAME.size:
-            end = start + FRAME.size + FRAME.unpack_from(self._buf, start)[0]
+            (n,) = FRAME.unpack_from(self._buf, start)
+            if n < 0:  # asyncio closes the connection with this error (connection_lost)
+                raise ValueError(f"a frame of negative length {n}")
+            end = start + FRAME.size + n
             if end > self._got:
                 break
             self._transport.write(self._buf[start:end])  # a copy: the buffer is reused
@@ -245,8 +247,7 @@ def _serve_asyncio(publish, window):
 def _serve_asyncio_streams(publish, window):
     listener, port = _tcp_listener()
 
-    async def handle(reader, writer):
-        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async def handle(reader, writer):  # asyncio's transport has set TCP_NODELAY
         window.opened()
         try:
             while True:
@@ -419,11 +420,11 @@ class Result:
     total: float = None  # seconds for all messages, pauses included
     p50: float = None  # round trip, seconds
     p99: float = None
-    cpu_rate: float = None  # fib calls per second of the CPU worker during the run
+    cpu_rate: float = None  # the CPU worker's calls (fib, or sha256 in scenario 4) per second
     gil: str = None  # gilfree.gil's report of the server process, when monitored
     error: str = None
     rtts: list = field(default=None, repr=False)  # every round trip, seconds
-    cpu_calls: int = 0  # the CPU worker's fib calls over cpu_window seconds (scenarios 2, 3)
+    cpu_calls: int = 0  # the CPU worker's calls over cpu_window seconds (scenarios 2-4)
     cpu_window: float = 0.0
 
 
@@ -642,8 +643,9 @@ def main(argv=None):
         if any(not met and " p50 " in text for text, met in goals):
             print("  A p50 round trip at scenario 1's level is tens of microseconds: scenario 3 still pays the GIL's hand-over\n"
                   "  from the background thread (a few us per message) and, on a 2-CPU machine that also runs the client,\n"
-                  "  a wait behind the client for a CPU (docs/beazley.md, Reading the table); the control below shows\n"
-                  "  what a running thread of the server process costs with the GIL out of the way.")
+                  "  a wait behind the client for a CPU (docs/beazley.md, Reading the table)." +
+                  ("\n  The control below shows what a running thread of the server process costs with the GIL out\n"
+                   "  of the way." if 4 in scenarios else ""))
     notes = control_notes(results)
     if notes:
         print("\nControl (scenario 4, a thread hashing in C with the GIL released: what any running thread of the\n"

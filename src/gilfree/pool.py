@@ -25,7 +25,7 @@ from . import _engine
 from ._executor import PoolBase, is_ctrl_c, process_pool_options, with_remote_traceback
 from ._serialize import Codec, blob_never_stale, by_value_pickler, function_blob, names_main, with_task
 from ._worker import EXIT_ADDRESS_SPACE, WorkerConfig
-from .errors import TaskTimeout, WorkerCrashed, oom_kills, signal_name
+from .errors import TaskTimeout, WorkerCrashed, oom_kill_counter, read_oom_kills, signal_name
 
 RING_BYTES = 1 << 20
 # Virtual: the memfd is sparse, pages exist only while buffers do. Half is the parent's, half is
@@ -361,7 +361,9 @@ class Pool(PoolBase):
         self._ids = itertools.count(1)
         self._futures = {}
         self._stopping = set()  # ids of tasks whose workers _stop_waited killed
-        self._oom_kills = oom_kills()  # the kernel's count when the last SIGKILL was told apart
+        # The kernel's OOM kill count, and how many of those kills this pool's SIGKILLed
+        # workers have accounted for (see _oom_verdict).
+        self._oom_file, self._oom_kills = oom_kill_counter()
         self._last_function = (None, None)
         self._shutdown = False
         self._close_when_idle = False
@@ -704,12 +706,27 @@ class Pool(PoolBase):
                 self._break(f"workers die while starting (see the initializer's traceback above), "
                             f"last: worker {pid} {how} before its first task")
 
+    def _oom_verdict(self, status):
+        """(oom_killed, the accounted count after this death) for a worker's death. Each SIGKILL
+        takes one OOM kill the count shows beyond those accounted for: two workers the OOM
+        killer ended both read True. Changes nothing: the caller stores the count."""
+        if self._oom_kills is None or not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+            return None, self._oom_kills
+        count = read_oom_kills(self._oom_file)
+        if count is None:
+            return None, self._oom_kills
+        if count > self._oom_kills:
+            return True, self._oom_kills + 1
+        return False, count
+
     def _fail_task(self, task_id, slot, pid, status, timed_out):
         """Fails the task a dead worker was running, if any."""
+        killed_by_pool = timed_out or task_id in self._stopping
+        oom_killed, oom_kills = (None, self._oom_kills) if killed_by_pool else self._oom_verdict(status)
         future = self._futures.get(task_id) if task_id else None
         if future is None:
+            self._oom_kills = oom_kills  # an idle worker's death accounts for a kill too
             return
-        oom_count = None
         if task_id in self._stopping:
             error = concurrent.futures.CancelledError(
                 f"stopped by Ctrl-C: worker {pid}, which ran it, was killed and replaced"
@@ -720,17 +737,11 @@ class Pool(PoolBase):
                 f"worker {pid} was killed and replaced"
             )
         else:
-            oom_killed = None
-            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-                oom_count = oom_kills()
-                if oom_count is not None and self._oom_kills is not None:
-                    oom_killed = oom_count > self._oom_kills
             error = _crash_error(pid, status, oom_killed)
         _complete(future, None, error)
         self._futures.pop(task_id, None)
         self._stopping.discard(task_id)  # after: a redelivery must tell the same
-        if oom_count is not None:
-            self._oom_kills = oom_count  # after too: the next SIGKILL is told from this one on
+        self._oom_kills = oom_kills  # after too
 
     def _template_died(self):
         # Even during shutdown: engine.close stops the waiter before it ends the template, so

@@ -98,6 +98,13 @@ def test_asyncio_protocol_echoes_frames_split_and_coalesced(beazley):
     with pytest.raises(ConnectionError, match="inside a message"):
         asyncio.run(cut_short())
 
+    # A negative length fails the connection (asyncio closes it with the error), never spins.
+    echo = beazley._EchoProtocol(Window(), None)
+    echo._transport = Transport()
+    echo.get_buffer(-1)[:8] = struct.pack("!i", -4) + b"abcd"
+    with pytest.raises(ValueError, match="negative length"):
+        echo.buffer_updated(8)
+
 
 def test_priorities_hold_under_gil_monitor(beazley):
     # gilfree.gil.monitor() hooks the same GIL calls as the priorities: both at once must work.

@@ -375,6 +375,9 @@ def test_random_payloads_round_trip_with_stable_fds_and_rss():
 
 
 def test_sigkill_fails_only_that_task_and_pool_continues():
+    from gilfree.errors import oom_kill_counter
+
+    oom_file, oom_before = oom_kill_counter()
     with gilfree.Pool(2) as pool:
         victim = pool.submit(f.sleep_then, 30)
         pid = busy_worker_pid(pool)
@@ -385,12 +388,35 @@ def test_sigkill_fails_only_that_task_and_pool_continues():
             victim.result(timeout=5)
         assert time.monotonic() - start < 1.0
         assert info.value.pid == pid and info.value.signal == signal.SIGKILL
-        # The kernel's OOM killer killed nothing meanwhile: the message does not blame memory.
-        assert info.value.oom_killed is False
-        assert "SIGKILL" in str(info.value) and "not by the kernel's OOM killer" in str(info.value)
+        assert "SIGKILL" in str(info.value)
+        # Unless the kernel's OOM killer killed something else meanwhile, memory is not blamed.
+        if oom_file is None:
+            assert info.value.oom_killed is None
+        elif oom_kill_counter() == (oom_file, oom_before):
+            assert info.value.oom_killed is False
+            assert "not by the kernel's OOM killer" in str(info.value)
         assert [o.result() for o in others] == [i * i for i in range(10)]
         assert list(pool.map(f.square, range(1000), chunksize=1)) == [i * i for i in range(1000)]
         assert pool.stats()["restarts"] >= 1
+
+
+def test_each_sigkilled_worker_takes_one_oom_kill_of_the_kernels_count(monkeypatch):
+    # The kernel counted two OOM kills: two workers dying of SIGKILL both read "out of memory",
+    # and a third, with no kill left to account for, does not.
+    import gilfree.pool
+
+    with gilfree.Pool(2) as pool:
+        pool._oom_file, pool._oom_kills = "counted", 10
+        monkeypatch.setattr(gilfree.pool, "read_oom_kills", lambda path: 12 if path == "counted" else None)
+        crashes = []
+        for _ in range(3):
+            victim = pool.submit(f.sleep_then, 30)
+            os.kill(busy_worker_pid(pool), signal.SIGKILL)
+            with pytest.raises(gilfree.WorkerCrashed) as info:
+                victim.result(timeout=30)
+            crashes.append(info.value)
+    assert [c.oom_killed for c in crashes] == [True, True, False]
+    assert "out of memory" in str(crashes[1]) and "kill -9" in str(crashes[2])
 
 
 def test_segfault_is_reported_and_pool_continues():

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -580,12 +581,16 @@ def memory_limited_cgroup(limit):
             _, controllers, path = line.rstrip("\n").split(":", 2)
             for controller in controllers.split(","):
                 paths[controller] = path
-    candidates = []
+    with open("/proc/swaps") as f:
+        swap = len(f.read().splitlines()) > 1
+    candidates = []  # (parent, memory limit file, swap limit file and its value)
     if "memory" in paths:
-        candidates.append((f"/sys/fs/cgroup/memory{paths['memory']}", "memory.limit_in_bytes"))
+        candidates.append((f"/sys/fs/cgroup/memory{paths['memory']}", "memory.limit_in_bytes",
+                           ("memory.memsw.limit_in_bytes", limit)))
     if "" in paths:
-        candidates += [(f"{root}{paths['']}", "memory.max") for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")]
-    for parent, limit_file in candidates:
+        candidates += [(f"{root}{paths['']}", "memory.max", ("memory.swap.max", 0))
+                       for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")]
+    for parent, limit_file, (swap_file, swap_limit) in candidates:
         group = os.path.join(parent, f"gilfree-test-{os.getpid()}")
         try:
             os.mkdir(group)
@@ -594,6 +599,9 @@ def memory_limited_cgroup(limit):
         try:
             with open(os.path.join(group, limit_file), "w") as f:
                 f.write(str(limit))
+            if swap:  # else the task would swap out rather than be killed
+                with open(os.path.join(group, swap_file), "w") as f:
+                    f.write(str(swap_limit))
         except OSError:
             os.rmdir(group)
             continue
@@ -606,6 +614,8 @@ def memory_limited_cgroup(limit):
                     break
                 except OSError:
                     time.sleep(0.1)
+            else:
+                warnings.warn(f"could not remove the test's cgroup {group}")
         return
     pytest.skip("no memory cgroup can be made here (it takes root and a writable cgroup hierarchy)")
 
@@ -632,6 +642,7 @@ def test_a_worker_the_oom_killer_ends_fails_its_task_saying_out_of_memory():
         )
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.returncode == 0 and len(lines) == 2, result.stdout + result.stderr
+    assert lines[0]["crash"] is not None, "the task was not killed: the cgroup's limit did not hold"
     assert lines[0]["oom_killed"] is True, lines[0]
     assert "SIGKILL" in lines[0]["crash"] and "out of memory" in lines[0]["crash"], lines[0]
     assert lines[1] == {"next": 1 << 20}
