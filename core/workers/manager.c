@@ -419,17 +419,40 @@ uint64_t gf_manager_queued(gf_manager *m) {
   return n;
 }
 
+/* The task slot i's worker has claimed from its ring and not marked running yet: the message
+ * at the ring's head, if its claim is TAKEN; 0 for none. Under m->lock, which makes us the
+ * ring's only writer: the message stays intact while we read it, even if the worker consumes
+ * it meanwhile. */
+static uint64_t gf_claimed_task(gf_manager *m, uint32_t i) {
+  gf_ring *ring = gf_slot_requests(m->seg, i);
+  const void *msg;
+  size_t len;
+  uint64_t next;
+  if (gf_ring_peek_at(ring, atomic_load(&ring->head), &msg, &len, &next) < 0)
+    return 0;
+  const gf_msg *hdr = msg;
+  return atomic_load(&hdr->claim) == GF_CLAIM_TAKEN ? hdr->task_id : 0;
+}
+
+/* 1 when slot i's worker has taken task_id (not 0): claimed it, or marked it running. The claim
+ * is read first: the worker marks current_task before it consumes the message, so a task
+ * passing from one to the other is seen in one of them. Under m->lock. */
+static int gf_has_taken(gf_manager *m, uint32_t i, uint64_t task_id) {
+  return gf_claimed_task(m, i) == task_id ||
+         atomic_load(&m->seg->slots[i].current_task) == task_id;
+}
+
 int gf_manager_running(gf_manager *m, uint64_t task_id) {
-  /* Relaxed: current_task is a statistic here; a stale read says "not yet" or "still" for a
-   * task that is changing state, which the caller cannot tell from a read a moment earlier. */
-  for (uint32_t i = 0; i < m->seg->nslots; i++) {
-    gf_slot *slot = &m->seg->slots[i];
-    uint32_t state = atomic_load_explicit(&slot->state, memory_order_relaxed);
-    if ((state == GF_SLOT_READY || state == GF_SLOT_EXITING) &&
-        atomic_load_explicit(&slot->current_task, memory_order_relaxed) == task_id)
-      return 1;
+  int running = 0;
+  if (task_id == 0)
+    return 0;
+  pthread_mutex_lock(&m->lock);
+  for (uint32_t i = 0; i < m->seg->nslots && !running; i++) {
+    uint32_t state = atomic_load(&m->seg->slots[i].state);
+    running = (state == GF_SLOT_READY || state == GF_SLOT_EXITING) && gf_has_taken(m, i, task_id);
   }
-  return 0;
+  pthread_mutex_unlock(&m->lock);
+  return running;
 }
 
 int gf_manager_kill_task(gf_manager *m, uint64_t task_id) {
@@ -439,13 +462,14 @@ int gf_manager_kill_task(gf_manager *m, uint64_t task_id) {
   /* Under m->lock, as the timeout kills: a death handled meanwhile clears the slot's pid. */
   pthread_mutex_lock(&m->lock);
   for (uint32_t i = 0; i < m->seg->nslots; i++) {
-    gf_slot *slot = &m->seg->slots[i];
-    int32_t pid = atomic_load(&slot->pid);
-    /* A live worker's current_task, read as gf_manager_running does: it may have finished the
-     * task and started its next one since, which the kill then fails (as a timeout's can). */
-    if (pid <= 0 || atomic_load(&slot->current_task) != task_id)
+    /* The worker may have finished the task and taken its next one since: the kill then fails
+     * that one (as a timeout's can). */
+    if (!gf_has_taken(m, i, task_id))
       continue;
-    rc = kill(pid, SIGKILL) == 0 ? 0 : -errno;
+    /* Read after the task: the worker stored its pid before it took any. */
+    int32_t pid = atomic_load(&m->seg->slots[i].pid);
+    if (pid > 0)
+      rc = kill(pid, SIGKILL) == 0 ? 0 : -errno;
     break;
   }
   pthread_mutex_unlock(&m->lock);
@@ -601,7 +625,11 @@ static int gf_handle_death(gf_manager *m, uint32_t slot_index, int32_t pid, int3
 
   pthread_mutex_lock(&m->lock);
   uint32_t state = atomic_load(&slot->state);
+  /* The task it ran, or the one it had claimed and not marked yet: a task a worker took is
+   * never run a second time (nor one a Ctrl-C stopped in that instant). */
   uint64_t failed = atomic_load(&slot->current_task);
+  if (failed == 0)
+    failed = gf_claimed_task(m, slot_index);
   gf_event ev = {.kind = GF_EV_DIED,
                  .slot = slot_index,
                  .pid = pid,
@@ -611,8 +639,7 @@ static int gf_handle_death(gf_manager *m, uint32_t slot_index, int32_t pid, int3
                  .was_ready = state == GF_SLOT_READY || state == GF_SLOT_EXITING};
 
   /* Untaken tasks go back to the front of the queue, in order (withdrawn ones are there
-   * already). The failed task may still be at the head if the worker died between marking it
-   * and consuming it. */
+   * already). The failed task may still be at the head, claimed or marked but not consumed. */
   gf_pending *requeue_head = NULL, *requeue_last = NULL;
   uint64_t requeued = 0, pos = atomic_load(&requests->head), next;
   const void *msg;

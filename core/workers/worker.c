@@ -50,6 +50,9 @@ int gf_worker_attach(gf_worker *w, unsigned char *map, size_t map_size, uint32_t
     return -EBADFD;
   atomic_store(&w->slot->born_ns, gf_now_ns());
   atomic_store(&w->slot->current_task, 0);
+  /* Before any task is taken: the parent may have to kill us for one (Ctrl-C) before it has
+   * read the template's SPAWNED message, which carries the same pid. */
+  atomic_store(&w->slot->pid, getpid());
   atomic_store(&w->slot->state, GF_SLOT_READY);
   (void)map_size;
   return gf_worker_wake_parent(w);

@@ -158,7 +158,7 @@ class _Future(concurrent.futures.Future):
         return _wait_interruptibly(self, super().exception, timeout)
 
     def running(self):
-        """True once a worker has started the task, until it is done (such a task can no longer
+        """True once a worker has taken the task, until it is done (such a task can no longer
         be cancelled). The state stays PENDING: completion sets it without the condition."""
         if self._state == PENDING and not self._started:
             pool = self._pool_ref()
@@ -869,7 +869,9 @@ class Pool(PoolBase):
                 killed = engine.kill_task(task_id)
             except RuntimeError:  # closed meanwhile by a shutdown in another thread
                 killed = False
-            if not killed:  # finished meanwhile
+            # cancel() failed, so a worker had taken the task (claimed or started), and
+            # kill_task finds it there until it finishes: a failed kill means it finished.
+            if not killed:
                 self._stopping.discard(task_id)
 
     def _interrupted(self):

@@ -144,14 +144,16 @@ GF_TEST(manager_kills_only_the_worker_running_a_task) {
   GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
   pid_t child = fork(); /* stands in for the worker process */
   if (child == 0) {
+    alarm(30); /* a failed check leaves it unkilled: it must not hold the runner's output */
     pause();
     _exit(0);
   }
-  atomic_store(&m.seg->slots[0].pid, child);
   GF_CHECK_EQ(submit(&m, 1), 0);
   GF_CHECK_EQ(submit(&m, 2), 0);
   GF_CHECK_EQ(gf_manager_kill_task(&m, 1), -ENOENT); /* queued: nobody runs it yet */
   GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  GF_CHECK_EQ(atomic_load(&m.seg->slots[0].pid), getpid()); /* the worker's own, at once */
+  atomic_store(&m.seg->slots[0].pid, child);
   GF_CHECK_EQ(take(&w), 1);
   GF_CHECK_EQ(gf_manager_kill_task(&m, 2), -ENOENT);
   GF_CHECK_EQ(gf_manager_kill_task(&m, 0), -EINVAL); /* not an idle worker's "task 0" */
@@ -159,6 +161,47 @@ GF_TEST(manager_kills_only_the_worker_running_a_task) {
   int status;
   GF_CHECK_EQ(waitpid(child, &status, 0), child);
   GF_CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  gf_manager_close(&m, 0);
+  gf_manager_free(&m);
+}
+
+GF_TEST(manager_kills_and_fails_a_task_claimed_but_not_marked_running) {
+  gf_manager m;
+  gf_worker w;
+  gf_ctl ctl;
+  seen s = {0};
+  const gf_msg *msg;
+  size_t len;
+  GF_CHECK_EQ(gf_manager_init(&m, 1, 16384, 16u << 20), 0);
+  GF_CHECK_EQ(gf_manager_spawn(&m, 0), 0);
+  GF_CHECK_EQ(recv(m.ctl_child_fd, &ctl, sizeof(ctl), 0), (ssize_t)sizeof(ctl));
+  GF_CHECK_EQ(gf_worker_attach(&w, m.map, m.map_size, 0, m.memfd), 0);
+  pid_t child = fork(); /* stands in for the worker process */
+  if (child == 0) {
+    alarm(30); /* a failed check leaves it unkilled: it must not hold the runner's output */
+    pause();
+    _exit(0);
+  }
+  atomic_store(&m.seg->slots[0].pid, child);
+  GF_CHECK_EQ(submit(&m, 1), 0);
+  GF_CHECK_EQ(submit(&m, 2), 0);
+  /* The worker has claimed task 1 and not yet marked it: it is its, not the queue's. */
+  GF_CHECK_EQ(gf_worker_next(&w, 0, &msg, &len), 0);
+  GF_CHECK_EQ(msg->task_id, 1);
+  GF_CHECK_EQ(gf_manager_running(&m, 1), 1);
+  GF_CHECK_EQ(gf_manager_cancel(&m, 1), -ENOENT);
+  GF_CHECK_EQ(gf_manager_kill_task(&m, 1), 0);
+  int status;
+  GF_CHECK_EQ(waitpid(child, &status, 0), child);
+  GF_CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  /* Its death fails task 1; task 2 waits for the replacement, task 1 does not. */
+  gf_ctl died = {.kind = GF_CTL_EXITED, .slot = 0, .pid = child, .status = SIGKILL};
+  GF_CHECK_EQ(send(m.ctl_child_fd, &died, sizeof(died), 0), (ssize_t)sizeof(died));
+  GF_CHECK(gf_manager_collect(&m, 1, record, &s) >= 1);
+  GF_CHECK_EQ(s.deaths, 1);
+  GF_CHECK_EQ(s.died_task, 1);
+  GF_CHECK_EQ(gf_manager_cancel(&m, 1), -ENOENT);
+  GF_CHECK_EQ(gf_manager_cancel(&m, 2), 0);
   gf_manager_close(&m, 0);
   gf_manager_free(&m);
 }

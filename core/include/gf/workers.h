@@ -30,8 +30,8 @@ enum { GF_SLOT_EMPTY = 0, GF_SLOT_STARTING, GF_SLOT_READY, GF_SLOT_EXITING, GF_S
 
 /* Where one worker's state lives in the segment. Fields marked (worker) are written only by
  * the live worker of the slot and read by the parent with relaxed loads: they are statistics,
- * or, for current_task and holdings, read only after the worker is known dead (the template
- * reaped it), when no write can race. */
+ * or, for holdings, read only after the worker is known dead (the template reaped it), when no
+ * write can race. current_task is also read live, seq_cst, to find the worker of a task. */
 typedef struct gf_slot {
   _Atomic uint64_t current_task; /* (worker) task being run, 0 when idle */
   _Atomic int64_t task_started_ns; /* (worker) CLOCK_MONOTONIC start of current_task */
@@ -45,7 +45,11 @@ typedef struct gf_slot {
   _Atomic uint64_t bytes_out;   /* (worker) result bytes sent */
   _Atomic int64_t born_ns;      /* (worker) when it became ready; the parent clears it once the
                                  * worker is dead, before asking for the next one */
-  _Atomic int32_t pid;          /* (parent) set from the template's SPAWNED message */
+  /* Stored by the worker as it attaches, before it takes a task, and by the parent from the
+   * template's SPAWNED message (the same value, whichever comes first); cleared by the parent
+   * under its lock once the worker is dead, before the next one is asked for. seq_cst: a parent
+   * that sees a task taken reads the pid of the worker that took it. */
+  _Atomic int32_t pid;
   _Atomic uint32_t state;       /* see enum above */
   uint64_t req_off, resp_off;   /* (set once) ring offsets in the segment */
   gf_region region;             /* (worker) allocator state of this slot's arena region */
@@ -229,10 +233,12 @@ void gf_manager_stop(gf_manager *m);
 int gf_manager_alloc(gf_manager *m, uint64_t len, uint64_t *off);
 /* Number of tasks queued in the parent (not yet in a worker's ring). */
 uint64_t gf_manager_queued(gf_manager *m);
-/* 1 when a live worker has started task_id and not finished it, else 0. */
+/* 1 when a live worker has taken task_id (claimed it from its ring, or started it) and not
+ * finished it, else 0: from then on gf_manager_cancel fails and gf_manager_kill_task works. */
 int gf_manager_running(gf_manager *m, uint64_t task_id);
-/* Kills the worker running task_id (Ctrl-C stopped the caller waiting for it): its death is
- * reported and it is replaced as after a crash. -ENOENT when no worker runs it, -EINVAL for 0. */
+/* Kills the worker that has taken task_id (Ctrl-C stopped the caller waiting for it): its death
+ * is reported with task_id, and it is replaced as after a crash. -ENOENT when no worker has
+ * taken it (queued, or finished), -EINVAL for 0. */
 int gf_manager_kill_task(gf_manager *m, uint64_t task_id);
 /* Closes the control socket (the template then kills the workers and exits), kills the
  * template if it lingers past timeout_ns, reaps it, and frees everything. No other call on m

@@ -950,7 +950,7 @@ static PyObject *Engine_cancel(EngineObject *self, PyObject *arg) {
   return PyBool_FromLong(gf_manager_cancel(&self->m, task_id) == 0);
 }
 
-/* running(task_id) -> bool: True while a worker runs the task. */
+/* running(task_id) -> bool: True once a worker has taken the task, until it finishes. */
 static PyObject *Engine_running(EngineObject *self, PyObject *arg) {
   unsigned long long task_id = PyLong_AsUnsignedLongLong(arg);
   if (PyErr_Occurred() || engine_check(self) < 0)
@@ -958,7 +958,7 @@ static PyObject *Engine_running(EngineObject *self, PyObject *arg) {
   return PyBool_FromLong(gf_manager_running(&self->m, task_id));
 }
 
-/* kill_task(task_id) -> bool: kills the worker running the task; False when none runs it.
+/* kill_task(task_id) -> bool: kills the worker that took the task; False when none has it.
  * Returns a new reference. */
 static PyObject *Engine_kill_task(EngineObject *self, PyObject *arg) {
   unsigned long long task_id = PyLong_AsUnsignedLongLong(arg);
