@@ -206,7 +206,9 @@ def test_cpu_thread_and_socket_echo_thread_match_ground_truth():
     assert_within(c.held_s, held, ambiguous, report.wall_s, "cpu held")
     assert_within(c.wait_s, waited, ambiguous + 0.01, report.wall_s, "cpu wait")
     lower, upper = echo.truth["wait"]
-    assert_within(e.wait_s, lower, upper - lower, report.wall_s, "echo wait")
+    # 10 ms less: wake-ups slower than the truth's 10th percentile (its CPU busy with the client
+    # or the CPU thread) count in its stretches but are no GIL wait (1-4 ms short in 2 of 140 runs).
+    assert_within(e.wait_s, lower - 0.01, upper - lower + 0.01, report.wall_s, "echo wait")
     # The echo thread pays about a switch interval per reacquisition: the convoy.
     assert e.acquisitions >= 200 and e.waits >= 30 and e.free_s > 0
     assert "Convoy" in report.verdict
@@ -989,15 +991,20 @@ def verdict_of(report):
     return report.verdict
 
 
-@pytest.mark.parametrize("parallel_s, convoy", [(0.05, True), (2.5, False)])
-def test_convoy_is_named_for_io_threads_not_for_cpu_threads_running_c_code(parallel_s, convoy):
+@pytest.mark.parametrize("wait_s, free_s, parallel_s, convoy", [
+    (1.0, 2.8, 0.05, True), (1.0, 2.8, 2.5, False),
+    # An echo thread that waited 92% of the run (CI, 2026-11-23): its waits' own CPU time was
+    # over a quarter of its free time.
+    (3.7, 0.24, 0.07, True),
+])
+def test_convoy_is_named_for_io_threads_not_for_cpu_threads_running_c_code(wait_s, free_s, parallel_s, convoy):
     """Short holds and a switch interval's wait per take: an I/O thread if it was mostly blocked
     between them (little CPU time), a CPU thread in C code that releases the GIL if not."""
     from gilfree.gil import ThreadReport
 
     report = synthetic_report(0.95, [(9.4, 0.0, 0)])
-    report.threads.append(ThreadReport("worker", 7, 0.2, 1.0, 400, 0.004, 0.005, 0.006, 2.8, acquisitions=400,
-                                       alive_s=4.0, cpu_s=0.2 + parallel_s))
+    report.threads.append(ThreadReport("worker", 7, 0.2, wait_s, 400, 0.004, 0.005, 0.006, free_s, acquisitions=400,
+                                       alive_s=0.2 + wait_s + free_s, cpu_s=0.2 + parallel_s))
     assert ("Convoy: blocking thread 'worker'" in verdict_of(report)) is convoy, report.verdict
 
 
