@@ -48,6 +48,7 @@ READY_TIMEOUT = 60.0  # seconds for a server process to start (spawn + imports) 
 GOAL_SLOWDOWN = 1.2
 GOAL_CPU_LOSS = 0.10
 GOAL_SERVERS = ("threaded", "asyncio")
+ROUND_MESSAGES = 500  # per round at most, unless --rounds says otherwise
 
 
 def fib(n):
@@ -509,19 +510,32 @@ def zmq_available():
     return importlib.util.find_spec("zmq") is not None
 
 
-def run(servers, scenarios, progress=None, rounds=1, messages=2000, **options):
+def default_rounds(messages):
+    """An even number of rounds (a steady drift then cancels between the two orders), of at most
+    ROUND_MESSAGES messages, at least 6, and of 2 messages or more: the machine's speed drifts in
+    spells of seconds (docs/beazley.md), so scenarios sampled at more moments compare more fairly."""
+    rounds = max(6, -(-messages // ROUND_MESSAGES))
+    rounds += rounds % 2
+    return max(1, min(rounds, messages // 2))
+
+
+def run(servers, scenarios, progress=None, rounds=None, messages=2000, **options):
     """Runs every scenario of every server; returns one Result per (server, scenario).
 
-    Each scenario's messages are split into `rounds` runs, and a server's scenarios take turns
-    round by round (1, 2, 3, 1, 2, 3, ...): a slow or fast spell of the machine (other jobs, the
+    Each scenario's messages are split into `rounds` runs (default_rounds by default), and a
+    server's scenarios take turns round by round, in reverse order every other round
+    (1, 2, 3, 3, 2, 1, 1, 2, 3, ...): a slow or fast spell of the machine (other jobs, the
     host's placement of this VM's CPUs) then falls on every scenario alike instead of on
-    whichever ran during it. Round trips are pooled, totals added."""
+    whichever ran during it, and a steady drift cancels between a round and the next. Round trips
+    are pooled, totals added."""
+    if rounds is None:
+        rounds = default_rounds(messages)
     results = []
     for server in servers:
         parts = {scenario: [] for scenario in scenarios}
         for number in range(rounds):
             share = messages // rounds + (1 if number < messages % rounds else 0)
-            for scenario in scenarios:
+            for scenario in scenarios if number % 2 == 0 else scenarios[::-1]:
                 parts[scenario].append(run_scenario(server, scenario, messages=share, **options))
                 if progress:
                     progress(parts[scenario][-1])
@@ -602,8 +616,9 @@ def main(argv=None):
     parser.add_argument("--scenarios", default="1,2,3,4",
                         help="comma list: 1 unloaded, 2 with a CPU thread, 3 with it in background(), "
                              "4 with a thread hashing in C, GIL released (1,2,3,4)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="each scenario's messages in this many runs, the scenarios taking turns (5)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="each scenario's messages in this many runs, the scenarios taking turns "
+                             f"(an even number, one per {ROUND_MESSAGES} messages, at least 6)")
     parser.add_argument("--fib", type=int, default=20, help="the CPU worker computes fib(N) in a loop (20)")
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval in the server")
     parser.add_argument("--monitor", action="store_true",
@@ -622,6 +637,8 @@ def main(argv=None):
     scenarios = [int(s) for s in args.scenarios.split(",")]
     if not set(scenarios) <= set(SCENARIOS):
         parser.error(f"scenarios are {', '.join(map(str, SCENARIOS))}")
+    if args.rounds is None:
+        args.rounds = default_rounds(args.messages)
     if not 1 <= args.rounds <= args.messages:
         parser.error("--rounds must be between 1 and --messages")
     print(f"Beazley's messaging experiment: {args.messages} messages of {args.size} bytes, "
@@ -642,8 +659,8 @@ def main(argv=None):
             print(f"  [{'met' if met else 'MISSED'}] {text}")
         if any(not met and " p50 " in text for text, met in goals):
             print("  A p50 round trip at scenario 1's level is tens of microseconds: scenario 3 still pays the GIL's hand-over\n"
-                  "  from the background thread (a few us per message) and, on a 2-CPU machine that also runs the client,\n"
-                  "  a wait behind the client for a CPU (docs/beazley.md, Reading the table)." +
+                  "  from the background thread (a few us per message) and the hooks' own cost (1-2 us; docs/beazley.md,\n"
+                  "  Reading the table)." +
                   ("\n  The control below shows what a running thread of the server process costs with the GIL out\n"
                    "  of the way." if 4 in scenarios else ""))
     notes = control_notes(results)

@@ -47,6 +47,8 @@
  * sleeping on the cond: the holder drops within microseconds, a futex wake-up takes longer. */
 #define GF_PRIORITY_SPIN_NS 50000ull
 #define GF_PRIORITY_SPIN_MIN_NS 10000ull
+/* How long such a poll spins before it starts yielding its CPU (see gf_poll_pause). */
+#define GF_POLL_YIELD_AFTER_NS 10000ull
 /* A waiter below the holder's priority sleeps in slices starting at GF_SLICE_NS and doubling up
  * to the maximum, which bounds how long a free GIL can stay unnoticed (see gf_cond_wait_sliced).
  * Its timer slack is GF_SLICE_SLACK_NS meanwhile: the default 50 us would outlast a slice. */
@@ -145,6 +147,11 @@ static struct {
    * holder is kept by id and tid, since its record may be freed once it ends. */
   struct gf_thread *holder, *asked_holder;
   uint32_t last_holder_id, last_holder_tid;
+  /* The CPU the holder took the GIL on, and the one the last priority request came from: hints
+   * for gf_poll_pause, written under the GIL's mutex. Atomic, as the dropped holder reads
+   * requester_cpu holding only switch_mutex; a stale CPU only makes a poll yield sooner or
+   * later. */
+  int holder_cpu, requester_cpu;
   /* asked_holder was asked by a higher-priority waiter. Written under the GIL's mutex; atomic
    * because the holder reads it without the mutex, as a hint (gf_hook_mutex_lock). */
   int asked_by_priority;
@@ -187,7 +194,8 @@ static struct {
   int nsaved;
   pthread_key_t key;
   pthread_once_t once;
-} gf = {.cond_clock = -1, .reap_at = GF_REAP_BATCH, .once = PTHREAD_ONCE_INIT};
+} gf = {.cond_clock = -1, .holder_cpu = -1, .requester_cpu = -1, .reap_at = GF_REAP_BATCH,
+      .once = PTHREAD_ONCE_INIT};
 
 static __thread struct gf_thread *gf_self;
 /* gf_self of a thread whose record was closed at exit: its last hooked calls are not counted. */
@@ -495,6 +503,7 @@ static void gf_on_acquire(struct gf_thread *t) {
   gf_write_end(t);
   gf_end_wait_slot(t);
   gf.holder = t;
+  __atomic_store_n(&gf.holder_cpu, sched_getcpu(), __ATOMIC_RELAXED);
   gf.last_holder_id = t->id;
   gf.last_holder_tid = t->tid;
   gf.asked_holder = NULL;
@@ -553,6 +562,7 @@ static int gf_priority_request(struct gf_thread *t) {
   struct gf_thread *holder = gf.holder;
   if (__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) == 1 && holder != NULL &&
       holder != t && GF_LOAD(holder->priority) < GF_LOAD(t->priority)) {
+    __atomic_store_n(&gf.requester_cpu, sched_getcpu(), __ATOMIC_RELAXED);
     gf.targets.request_drop(gf.targets.request_drop_arg);
     gf_count_request(t, holder);
     __atomic_store_n(&gf.asked_by_priority, 1, __ATOMIC_RELAXED);
@@ -569,11 +579,22 @@ static inline void gf_gilhook_cpu_relax(void) {
 #endif
 }
 
-/* One step of a poll for another thread's move: that thread may share this CPU, so let it run. */
-static void gf_poll_pause(void) {
+/* Whether the thread a poll waits for may need the poller's CPU: it was last seen there (`cpu`:
+ * the holder at its acquire, the requester at its request), or where is unknown (-1). */
+static int gf_may_share_cpu(int cpu) { return cpu < 0 || cpu == sched_getcpu(); }
+
+/* One step of a poll for another thread's move, `polled_ns` into the poll. When that thread may
+ * share this CPU (`shares_cpu`, see gf_may_share_cpu) the poll yields at once; otherwise the
+ * move comes within microseconds, and the poll yields only after GF_POLL_YIELD_AFTER_NS (a
+ * holder that migrated here since costs up to that much more). An early yield has a cost: on
+ * Linux 6.18 (EEVDF), once the urgent thread of an echo server had yielded, the client its reply
+ * woke on the same CPU no longer preempted it and waited for it to block in recv
+ * (docs/beazley.md). */
+static void gf_poll_pause(uint64_t polled_ns, int shares_cpu) {
   for (int i = 0; i < 16; i++)
     gf_gilhook_cpu_relax();
-  sched_yield();
+  if (shares_cpu || polled_ns >= GF_POLL_YIELD_AFTER_NS)
+    sched_yield();
 }
 
 /* Takes the GIL's mutex back after a poll without it. The releasing holder keeps the mutex for
@@ -599,16 +620,18 @@ static void gf_relock(pthread_mutex_t *mutex) {
 static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
   if (t->spin_ns == 0)
     t->spin_ns = GF_PRIORITY_SPIN_NS;
+  int shares_cpu = gf_may_share_cpu(__atomic_load_n(&gf.holder_cpu, __ATOMIC_RELAXED));
   gf.mutex_unlock(mutex);
-  uint64_t start = gf_gilhook_now_ns();
+  uint64_t start = gf_gilhook_now_ns(), polled = 0;
   int freed = 0;
   do {
     if (!__atomic_load_n(gf.targets.locked, __ATOMIC_ACQUIRE)) {
       freed = 1;
       break;
     }
-    gf_poll_pause();
-  } while (gf_gilhook_now_ns() - start < t->spin_ns);
+    gf_poll_pause(polled, shares_cpu);
+    polled = gf_gilhook_now_ns() - start;
+  } while (polled < t->spin_ns);
   gf_relock(mutex);
   /* A drop between the last look and the relock signalled the cond with nobody on it: sleeping
    * on the cond now would wait out the whole interval. */
@@ -690,7 +713,9 @@ static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread
  * of an urgent thread does not hand the GIL to a background one and pay a hand-over to get it
  * back. A waiter below the holder's priority therefore sleeps in short slices and takes a GIL
  * it finds free (at most GF_SLICE_MAX_NS late). It does not poll: a poller takes a CPU that the
- * urgent thread or its peers want (measured: asyncio's echo round trip doubled). A slice ending
+ * urgent thread or its peers want (measured: asyncio's echo round trip doubled; a 100 us watch
+ * only while the holder ran on another CPU still cost the streams echo 5-12 us of p50, as its
+ * munmaps must interrupt the watcher's CPU: docs/beazley.md). A slice ending
  * with the GIL still held is not a timeout: take_gil sees ETIMEDOUT only at its own deadline. */
 static int gf_cond_wait_sliced(struct gf_thread *t, pthread_cond_t *cond, pthread_mutex_t *mutex,
                                const struct timespec *abstime) {
@@ -861,16 +886,18 @@ static int gf_hook_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex) {
   if (t == NULL || !t->priority_forced)
     return gf.cond_wait(cond, mutex);
   unsigned seen = __atomic_load_n(&gf.switch_signals, __ATOMIC_RELAXED);
+  int shares_cpu = gf_may_share_cpu(__atomic_load_n(&gf.requester_cpu, __ATOMIC_RELAXED));
   gf.mutex_unlock(mutex);
-  uint64_t start = gf_gilhook_now_ns();
+  uint64_t start = gf_gilhook_now_ns(), polled = 0;
   int signalled = 0;
   do {
     if (__atomic_load_n(&gf.switch_signals, __ATOMIC_ACQUIRE) != seen) {
       signalled = 1;
       break;
     }
-    gf_poll_pause();
-  } while (gf_gilhook_now_ns() - start < GF_PRIORITY_SPIN_NS);
+    gf_poll_pause(polled, shares_cpu);
+    polled = gf_gilhook_now_ns() - start;
+  } while (polled < GF_PRIORITY_SPIN_NS);
   gf.mutex_lock(mutex);
   if (signalled || __atomic_load_n(&gf.switch_signals, __ATOMIC_RELAXED) != seen)
     return 0;
@@ -935,6 +962,7 @@ int gf_gilhook_install(const void *object_addr, const struct gf_gilhook_targets 
   GF_STORE(self->since_ns, gf.install_ns);
   gf_write_end(self);
   gf.holder = self;
+  __atomic_store_n(&gf.holder_cpu, sched_getcpu(), __ATOMIC_RELAXED);
   gf.last_holder_id = self->id;
   gf.last_holder_tid = self->tid;
 

@@ -121,3 +121,21 @@ def test_server_failure_is_reported_not_hung(beazley):
     result = beazley.run_scenario("no-such-server", 1, messages=10)
     assert result.error is not None and "exited with code 2" in result.error
     assert result.total is None
+
+
+def test_rounds_alternate_the_scenarios_order_and_split_the_messages(beazley, monkeypatch):
+    """Scenarios take turns in 1, 2, 3, 3, 2, 1, ... order, so a steady drift of the machine's
+    speed falls on each alike; by default an even number of rounds of at most 500 messages, at
+    least 6."""
+    calls = []
+
+    def record(server, scenario, messages, **options):
+        calls.append((scenario, messages))
+        return beazley.Result(server, scenario, total=messages * 1e-3, rtts=[1e-4] * messages)
+
+    monkeypatch.setattr(beazley, "run_scenario", record)
+    results = beazley.run(["threaded"], [1, 2, 3], messages=2003)
+    assert [scenario for scenario, _ in calls] == [1, 2, 3, 3, 2, 1] * 3
+    assert {scenario: sum(n for s, n in calls if s == scenario) for scenario in (1, 2, 3)} == {1: 2003, 2: 2003, 3: 2003}
+    assert [len(r.rtts) for r in results] == [2003, 2003, 2003]
+    assert [beazley.default_rounds(n) for n in (10000, 2000, 2501, 3001, 7)] == [20, 6, 6, 8, 3]
