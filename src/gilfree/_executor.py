@@ -232,6 +232,16 @@ class PoolBase(concurrent.futures.Executor):
         """Ctrl-C arrived while the caller waited for these futures (a map's, a result())."""
         self._interrupted()
 
+    def _waited_with(self, future):
+        """The futures that Ctrl-C in future.result() stops: the map's in flight when future is
+        the chunk an ordered map waits for (all at once, so that the worker replacing a killed
+        one finds none of them left to take), else future alone."""
+        for pipeline in list(self._pipelines):
+            with pipeline.lock:
+                if pipeline.inflight and pipeline.inflight[0][0] is future:
+                    return [f for f, _ in pipeline.inflight]
+        return [future]
+
     def run(self, fn, /, *args, **kwargs):
         """An asyncio future of fn(*args, **kwargs) run in the pool: ``await pool.run(...)``.
 

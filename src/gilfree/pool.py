@@ -198,10 +198,11 @@ def _wait_interruptibly(future, wait, timeout):
 
 
 def _stop_on_ctrl_c(future, exc):
-    """Ctrl-C (exc) while waiting for future: its task stops (see Pool._stop_waited)."""
+    """Ctrl-C (exc) while waiting for future: its task stops, with its map's (see
+    Pool._stop_waited)."""
     pool = future._pool_ref()
     if pool is not None and is_ctrl_c(exc):
-        pool._stop_waited([future])
+        pool._stop_waited(pool._waited_with(future))
 
 
 class SharedHandle:
@@ -859,12 +860,19 @@ class Pool(PoolBase):
         replaced. The pool and its other tasks go on; a program that then exits on the Ctrl-C
         kills its workers at once (_shutdown_at_exit)."""
         engine = self._engine
+        if engine is None:
+            return
+        taken = []
         for future in futures:
             task_id = future._task_id
-            # A map's head future is stopped by result() first, then with the rest by the map.
-            if engine is None or task_id in self._stopping or future.done() or future.cancel():
+            # A map's futures are stopped by its head's result(), then seen again by the map.
+            if task_id in self._stopping or future.done() or future.cancel():
                 continue
             self._stopping.add(task_id)
+            taken.append(task_id)
+        # Kills only once every waited task that could be was cancelled: the worker replacing a
+        # killed one would otherwise take the next, and be killed for it in turn.
+        for task_id in taken:
             try:
                 killed = engine.kill_task(task_id)
             except RuntimeError:  # closed meanwhile by a shutdown in another thread

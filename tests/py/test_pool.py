@@ -659,6 +659,43 @@ def proc_status(pid):
         return pid, "gone"
 
 
+def test_ctrl_c_in_a_map_cancels_what_no_worker_took_before_killing_a_worker(monkeypatch):
+    """Ctrl-C in an ordered map stops its chunks in flight at once: each one no worker has taken
+    is cancelled before the worker of the one it waited for is killed. Killing first let the
+    replacement worker take the next chunk, and be killed for it in turn (1 Ctrl-C in 5)."""
+    import _thread
+
+    events = []
+    with gilfree.Pool(1) as pool:
+        results = pool.map(f.sleep_then, [30] * 4, chunksize=1)
+        while pool.stats()["running"] < 1:
+            time.sleep(0.01)
+        engine, cancel = pool._engine, pool._cancel
+
+        class RecordingEngine:
+            def __getattr__(self, name):
+                return getattr(engine, name)
+
+            def kill_task(self, task_id):
+                events.append("kill")
+                return engine.kill_task(task_id)
+
+        def recording_cancel(future):
+            events.append("cancel")
+            return cancel(future)
+
+        monkeypatch.setattr(pool, "_engine", RecordingEngine())
+        monkeypatch.setattr(pool, "_cancel", recording_cancel)
+        threading.Timer(0.2, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            next(results)
+        monkeypatch.undo()
+        # Then the map's own cleanup tries the head again, killed but not yet reported dead.
+        assert events.count("kill") == 1 and events.index("kill") == 4, events
+        assert pool.submit(pow, 2, 5).result(timeout=30) == 32
+        assert pool.stats()["restarts"] == 1
+
+
 CTRL_C_GOES_ON = """
     import concurrent.futures, json, time, gilfree, poolfuncs
     pool = gilfree.Pool(2)
