@@ -534,8 +534,10 @@ def test_a_result_kept_after_shutdown_holds_its_own_pages_not_the_pools():
 
 def test_tasks_queued_to_a_worker_stopped_between_tasks_go_to_another_after_task_timeout():
     with gilfree.Pool(2, task_timeout=1) as pool:
-        while not all(w["pid"] for w in pool.stats()["workers"]):
-            pool.submit(pow, 2, 2).result(timeout=30)
+        # Both ready: a starting worker's tasks go to an idle one, never timing out. Two at a
+        # time, so that each worker gets one.
+        while not all(w["tasks"] for w in pool.stats()["workers"]):
+            [f.result(timeout=30) for f in [pool.submit(pow, 2, 2) for _ in range(2)]]
         # The scheduler gives the first of equally loaded slots the next task.
         victim = next(w["pid"] for w in pool.stats()["workers"] if w["slot"] == 0)
         os.kill(victim, signal.SIGSTOP)
