@@ -49,9 +49,15 @@
 #define GF_PRIORITY_SPIN_MIN_NS 10000ull
 /* How long such a poll spins before it starts yielding its CPU (see gf_poll_pause). */
 #define GF_POLL_YIELD_AFTER_NS 10000ull
-/* A waiter below the holder's priority sleeps in slices starting at GF_SLICE_NS and doubling up
- * to the maximum, which bounds how long a free GIL can stay unnoticed (see gf_cond_wait_sliced).
- * Its timer slack is GF_SLICE_SLACK_NS meanwhile: the default 50 us would outlast a slice. */
+/* A waiter below the holder's priority first watches the GIL for up to GF_WATCH_NS (halved by
+ * each watch that fails, down to GF_WATCH_MIN_NS; one success restores it), yielding its CPU
+ * every GF_WATCH_YIELD_NS (see gf_watch_release). */
+#define GF_WATCH_NS 300000ull
+#define GF_WATCH_MIN_NS 20000ull
+#define GF_WATCH_YIELD_NS 20000ull
+/* Then it sleeps in slices starting at GF_SLICE_NS and doubling up to the maximum, which bounds
+ * how long a free GIL can stay unnoticed (see gf_cond_wait_sliced). Its timer slack is
+ * GF_SLICE_SLACK_NS meanwhile: the default 50 us would outlast a slice. */
 #define GF_SLICE_NS 20000ull
 #define GF_SLICE_MAX_NS 400000ull
 #define GF_SLICE_SLACK_NS 1000ul
@@ -108,6 +114,7 @@ struct gf_thread {
   unsigned wait_generation;
   uint64_t defer_ns; /* deferral used in the current wait */
   uint64_t spin_ns;  /* current adaptive poll for a requested drop (0: not yet set) */
+  uint64_t watch_ns; /* current adaptive watch below the holder (0: not yet set) */
   uint32_t asked; /* id of the holder this wait already asked to drop (ids, unlike pointers, are
                      not reused when a record is freed) */
   uint32_t took_from;      /* see gf_gilhook_took_from */
@@ -190,6 +197,10 @@ static struct {
    * takes its count back, whatever install it began under, so it is never reset but in a
    * forked child (whose other threads are gone). */
   int plain_waiters;
+  /* 1 while a waiter watches the GIL (gf_watch_release): one watcher at a time, so that several
+   * background threads do not keep a CPU each. Taken by compare-and-swap, given back by the
+   * watcher; reset in a forked child, where the watcher may be gone. */
+  int watching;
   struct gf_saved_slot saved[GF_HOOKED_FUNCTIONS * GF_SLOTS_PER_FUNCTION];
   int nsaved;
   pthread_key_t key;
@@ -378,6 +389,7 @@ static void gf_after_fork_in_child(void) {
   gf.priority_threads = 0;
   memset(gf.waiting, 0, sizeof(gf.waiting));
   gf.plain_waiters = 0;
+  gf.watching = 0;
   if (self == NULL)
     return;
   /* What it was doing at the fork (holding the GIL, if it forked from Python), it still does. */
@@ -684,6 +696,46 @@ static int gf_plain_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
   return rc;
 }
 
+/* With the GIL's mutex held by t, a waiter below the holder's priority: releases the mutex and
+ * watches `locked` for up to t->watch_ns, then takes the mutex back. Returns 1 when the GIL came
+ * free (the caller returns from the cond wait, as gf_priority_poll's caller does). The holder
+ * releases silently (gf_hook_cond_signal), and a sleeper needs a timer and a wake-up to notice:
+ * on a VM that halts idle vCPUs that costs 25-70 us, each time an urgent thread blocks. The
+ * watch pauses rather than yields, but for one yield every GF_WATCH_YIELD_NS (a yield per look
+ * cost the echo server's round trip more); one waiter watches at a time (gf.watching). */
+static int gf_watch_release(struct gf_thread *t, pthread_mutex_t *mutex) {
+  int idle = 0;
+  if (!__atomic_compare_exchange_n(&gf.watching, &idle, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+    return 0;
+  if (t->watch_ns == 0)
+    t->watch_ns = GF_WATCH_NS;
+  gf.mutex_unlock(mutex);
+  uint64_t start = gf_gilhook_now_ns(), now = start, yielded = start;
+  int freed = 0;
+  while (now - start < t->watch_ns) {
+    if (!__atomic_load_n(gf.targets.locked, __ATOMIC_ACQUIRE)) {
+      freed = 1;
+      break;
+    }
+    for (int i = 0; i < 64; i++)
+      gf_gilhook_cpu_relax();
+    now = gf_gilhook_now_ns();
+    if (now - yielded >= GF_WATCH_YIELD_NS) {
+      sched_yield();
+      yielded = now;
+    }
+  }
+  __atomic_store_n(&gf.watching, 0, __ATOMIC_RELEASE);
+  gf_relock(mutex);
+  if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED))
+    freed = 1;
+  if (freed)
+    t->watch_ns = GF_WATCH_NS;
+  else
+    t->watch_ns = t->watch_ns / 2 > GF_WATCH_MIN_NS ? t->watch_ns / 2 : GF_WATCH_MIN_NS;
+  return freed;
+}
+
 /* gf_cond_wait_sliced's sleeps, with the GIL's mutex held by waiting thread t. */
 static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread_mutex_t *mutex,
                               const struct timespec *abstime) {
@@ -710,17 +762,18 @@ static int gf_sleep_in_slices(struct gf_thread *t, pthread_cond_t *cond, pthread
 
 /* The cond wait of take_gil for waiter t (GIL mutex held). A holder of higher priority than
  * every waiter releases without waking them (gf_hook_cond_signal), so that a short system call
- * of an urgent thread does not hand the GIL to a background one and pay a hand-over to get it
- * back. A waiter below the holder's priority therefore sleeps in short slices and takes a GIL
- * it finds free (at most GF_SLICE_MAX_NS late). It does not poll: a poller takes a CPU that the
- * urgent thread or its peers want (measured: asyncio's echo round trip doubled; a 100 us watch
- * only while the holder ran on another CPU still cost the streams echo 5-12 us of p50, as its
- * munmaps must interrupt the watcher's CPU: docs/beazley.md). A slice ending
- * with the GIL still held is not a timeout: take_gil sees ETIMEDOUT only at its own deadline. */
+ * of an urgent thread does not cost it a futex wake-up. A waiter below the holder's priority
+ * therefore notices a free GIL by itself: it watches for a while (gf_watch_release), then sleeps
+ * in short slices and takes a GIL it finds free (at most GF_SLICE_MAX_NS late). The watch has a
+ * price, beside the CPU it spins: every munmap of the process interrupts the watcher's CPU to
+ * flush its TLB (docs/beazley.md: asyncio's streams). A slice ending with the GIL still held is
+ * not a timeout: take_gil sees ETIMEDOUT only at its own deadline. */
 static int gf_cond_wait_sliced(struct gf_thread *t, pthread_cond_t *cond, pthread_mutex_t *mutex,
                                const struct timespec *abstime) {
   if (!gf_below_holder(t))
     return gf_plain_wait(cond, mutex, abstime);
+  if (gf_watch_release(t, mutex))
+    return 0;
   int slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
   prctl(PR_SET_TIMERSLACK, GF_SLICE_SLACK_NS, 0, 0, 0);
   int rc = gf_sleep_in_slices(t, cond, mutex, abstime);
@@ -864,9 +917,9 @@ static int gf_hook_cond_signal(pthread_cond_t *cond) {
       } else if (!gf_on_release(t) && __atomic_load_n(&gf.priority_threads, __ATOMIC_RELAXED) &&
                  gf.cond_clock >= 0 && !gf_waiting_from(GF_LOAD(t->priority)) &&
                  gf.plain_waiters == 0) {
-        /* A voluntary release with only lower-priority waiters (if any), all sleeping in
-         * slices: they look at the GIL at their next slice's end (gf_cond_wait_sliced) instead
-         * of being woken now. The GIL's mutex is held here, so every waiter that could sleep on
+        /* A voluntary release with only lower-priority waiters (if any), each watching the
+         * GIL or sleeping in slices: they notice the release themselves (gf_cond_wait_sliced)
+         * instead of being woken now. The GIL's mutex is held here, so every waiter that could sleep on
          * the cond is counted. */
         return 0;
       }

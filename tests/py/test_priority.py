@@ -202,6 +202,28 @@ def test_a_background_waiter_sleeps_in_slices_of_at_most_400_us():
     assert max(left) <= 400_000, max(left)  # 640 us before: the doubling overshot the maximum
 
 
+def test_background_waiters_watch_a_held_gil_briefly_then_sleep():
+    """docs/priority.md: one waiter at a time watches the GIL, for up to 300 us per wait, before
+    sleeping in slices. While this thread holds the GIL for 0.3 s (no drop request: the switch
+    interval is 1 s), three waiting background threads together may use some milliseconds of CPU
+    for watching and waking from slices, not a CPU each."""
+    sys.setswitchinterval(1.0)
+    spinners = [background_spinner() for _ in range(3)]
+    try:
+        clocks = [time.pthread_getcpuclockid(thread.ident) for thread, _ in spinners]
+        before = sum(time.clock_gettime(clock) for clock in clocks)
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:  # holds the GIL throughout
+            pass
+        used = sum(time.clock_gettime(clock) for clock in clocks) - before
+    finally:
+        for thread, stop in spinners:
+            stop.set()
+        for thread, _ in spinners:
+            thread.join()
+    assert used < 0.15, used
+
+
 def test_many_quick_reacquisitions_never_wait_out_the_interval():
     """Thousands of times the urgent thread blocks briefly, the background thread takes the GIL,
     and the urgent thread asks for it back. The background thread runs C calls of varying length
