@@ -50,8 +50,8 @@
 /* How long such a poll spins before it starts yielding its CPU (see gf_poll_pause). */
 #define GF_POLL_YIELD_AFTER_NS 10000ull
 /* A waiter below the holder's priority first watches the GIL for up to GF_WATCH_NS (halved by
- * each watch that fails, down to GF_WATCH_MIN_NS; one success restores it), yielding its CPU
- * every GF_WATCH_YIELD_NS (see gf_watch_release). */
+ * each watch that fails, down to GF_WATCH_MIN_NS; restored by a wait that ends within
+ * GF_WATCH_NS), yielding its CPU every GF_WATCH_YIELD_NS (see gf_watch_release). */
 #define GF_WATCH_NS 300000ull
 #define GF_WATCH_MIN_NS 20000ull
 #define GF_WATCH_YIELD_NS 20000ull
@@ -201,12 +201,13 @@ static struct {
    * background threads do not keep a CPU each. Taken by compare-and-swap, given back by the
    * watcher; reset in a forked child, where the watcher may be gone. */
   int watching;
+  int watch_enabled; /* gf_gilhook_set_watch; atomic: set by any thread, read by the hooks */
   struct gf_saved_slot saved[GF_HOOKED_FUNCTIONS * GF_SLOTS_PER_FUNCTION];
   int nsaved;
   pthread_key_t key;
   pthread_once_t once;
 } gf = {.cond_clock = -1, .holder_cpu = -1, .requester_cpu = -1, .reap_at = GF_REAP_BATCH,
-      .once = PTHREAD_ONCE_INIT};
+      .watch_enabled = 1, .once = PTHREAD_ONCE_INIT};
 
 static __thread struct gf_thread *gf_self;
 /* gf_self of a thread whose record was closed at exit: its last hooked calls are not counted. */
@@ -705,7 +706,8 @@ static int gf_plain_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
  * cost the echo server's round trip more); one waiter watches at a time (gf.watching). */
 static int gf_watch_release(struct gf_thread *t, pthread_mutex_t *mutex) {
   int idle = 0;
-  if (!__atomic_compare_exchange_n(&gf.watching, &idle, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+  if (!__atomic_load_n(&gf.watch_enabled, __ATOMIC_RELAXED) ||
+      !__atomic_compare_exchange_n(&gf.watching, &idle, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
     return 0;
   if (t->watch_ns == 0)
     t->watch_ns = GF_WATCH_NS;
@@ -772,6 +774,7 @@ static int gf_cond_wait_sliced(struct gf_thread *t, pthread_cond_t *cond, pthrea
                                const struct timespec *abstime) {
   if (!gf_below_holder(t))
     return gf_plain_wait(cond, mutex, abstime);
+  uint64_t start = gf_gilhook_now_ns();
   if (gf_watch_release(t, mutex))
     return 0;
   int slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
@@ -779,6 +782,11 @@ static int gf_cond_wait_sliced(struct gf_thread *t, pthread_cond_t *cond, pthrea
   int rc = gf_sleep_in_slices(t, cond, mutex, abstime);
   if (slack > 0)
     prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
+  /* A GIL that came free within a full watch: the next watch is a full one again, or a single
+   * holder's long turn would leave every later watch too short to succeed. */
+  if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED) &&
+      gf_gilhook_now_ns() - start <= GF_WATCH_NS)
+    t->watch_ns = GF_WATCH_NS;
   return rc;
 }
 
@@ -1298,6 +1306,10 @@ int gf_gilhook_set_priority_of(uint32_t id, int level) {
     return 0;
   }
   return -ESRCH;
+}
+
+void gf_gilhook_set_watch(int enabled) {
+  __atomic_store_n(&gf.watch_enabled, enabled != 0, __ATOMIC_RELAXED);
 }
 
 int gf_gilhook_get_priority(void) {

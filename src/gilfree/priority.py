@@ -26,7 +26,7 @@ import warnings
 import weakref
 
 from .errors import UnsupportedInterpreter
-from .gil import _hook
+from .gil import _allowed_cpus, _hook
 
 __all__ = ["set", "get", "background", "uninstall", "UnsupportedInterpreter"]
 
@@ -82,6 +82,70 @@ def _mine():
     return me
 
 
+def _cgroup_cpu_quota(proc="/proc/self"):
+    """The CPUs this process's cgroups let it use (CFS quota over period, the smallest along its
+    cgroup and their ancestors, cgroup v1 or v2), or None: no quota, or none readable."""
+    try:
+        with open(f"{proc}/mountinfo") as f:
+            mounts = [line.split() for line in f]
+        with open(f"{proc}/cgroup") as f:
+            groups = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    quotas = []
+    for fields in mounts:
+        rest = fields[fields.index("-") + 1:] if "-" in fields else []
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        root, mountpoint = fields[3], fields[4].replace("\\040", " ")
+        if rest[0] == "cgroup2":
+            paths = [g[2] for g in groups if len(g) == 3 and g[0] == "0"]
+        elif rest[0] == "cgroup" and "cpu" in rest[2].split(","):
+            paths = [g[2] for g in groups if len(g) == 3 and "cpu" in g[1].split(",")]
+        else:
+            continue
+        for path in paths:
+            inside = os.path.relpath(path, root)
+            if inside.startswith(".."):
+                continue  # a cgroup outside what this mount shows
+            directory = os.path.normpath(os.path.join(mountpoint, inside))
+            while True:
+                quota = _cpu_quota_in(directory, rest[0] == "cgroup2")
+                if quota is not None:
+                    quotas.append(quota)
+                if directory == os.path.normpath(mountpoint) or directory == "/":
+                    break
+                directory = os.path.dirname(directory)
+    return min(quotas, default=None)
+
+
+def _cpu_quota_in(directory, v2):
+    """One cgroup's CPU quota in CPUs, or None (no quota, no such file)."""
+    try:
+        if v2:
+            with open(f"{directory}/cpu.max") as f:
+                quota, period = f.read().split()[:2]
+        else:
+            with open(f"{directory}/cpu.cfs_quota_us") as f:
+                quota = f.read().strip()
+            with open(f"{directory}/cpu.cfs_period_us") as f:
+                period = f.read().strip()
+        if quota == "max" or int(quota) < 0 or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _cpus_allowed():
+    """How many CPUs this process may keep busy at once: its affinity, less where its cgroups'
+    quota is lower."""
+    allowed = _allowed_cpus()
+    cpus = len(allowed) if allowed else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return cpus if quota is None else min(cpus, quota)
+
+
 def _install(hook, level):
     """Installs the hooks for a nonzero level (under _lock), before any state changes: where
     priorities cannot be had it raises UnsupportedInterpreter, changing nothing. Any level set
@@ -94,6 +158,9 @@ def _install(hook, level):
         except BaseException:
             _installed = False
             raise
+        # A waiter watching the GIL keeps a CPU busy beside the holder: where the process may
+        # not keep two busy, that CPU is the holder's (docs/priority.md).
+        hook.set_watch(_cpus_allowed() >= 2)
 
 
 def _apply(hook, owner):

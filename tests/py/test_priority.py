@@ -224,6 +224,81 @@ def test_background_waiters_watch_a_held_gil_briefly_then_sleep():
     assert used < 0.15, used
 
 
+def times_a_background_waiter_blocked(rounds=50, hold_s=0.0002):
+    """How often a background spinner blocked (Linux's count of its voluntary context switches)
+    while this thread took the GIL back from it and held it for hold_s, `rounds` times."""
+    thread, stop = background_spinner()
+    try:
+        before = voluntary_switches(thread)
+        for _ in range(rounds):
+            time.sleep(0.001)  # the spinner takes the GIL; this thread then asks for it back
+            end = time.perf_counter() + hold_s
+            while time.perf_counter() < end:
+                pass
+        return voluntary_switches(thread) - before
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_background_waiter_watches_through_a_short_hold_unless_the_process_has_one_cpu(monkeypatch):
+    """docs/priority.md: a waiter below the holder watches the GIL for up to 300 us, so through
+    holds of 200 us it need not block; without the watch it sleeps in slices of 20, 40, 80 us...,
+    blocking a few times per hold. A process whose cgroup quota allows it one CPU does not
+    watch."""
+    monkeypatch.setattr(priority, "_cgroup_cpu_quota", lambda: None)
+    monkeypatch.setattr(priority, "_allowed_cpus", lambda: {0, 1})
+    watching = times_a_background_waiter_blocked()
+    priority.uninstall()
+    monkeypatch.setattr(priority, "_cgroup_cpu_quota", lambda: 1.0)
+    sleeping = times_a_background_waiter_blocked()
+    assert watching < 25 and sleeping >= 50, (watching, sleeping)
+
+
+def cgroup_tree(tmp_path, mounts, groups, files):
+    """A fake /proc/self (mountinfo, cgroup) and cgroup files under tmp_path; returns its path."""
+    proc = tmp_path / "proc"
+    proc.mkdir(parents=True)
+    lines = [f"{i} 1 0:{i} {root} {tmp_path}{point} rw shared:1 - {kind} cgroup {options}\n"
+             for i, (root, point, kind, options) in enumerate(mounts, 30)]
+    (proc / "mountinfo").write_text("".join(lines))
+    (proc / "cgroup").write_text("".join(f"{g}\n" for g in groups))
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    return str(proc)
+
+
+def test_cgroup_cpu_quota_is_the_smallest_along_the_cgroups_ancestors(tmp_path):
+    v2 = cgroup_tree(tmp_path / "v2", [("/", "/cg", "cgroup2", "rw")], ["0::/app/worker"], {
+        "cg/app/cpu.max": "150000 100000\n",
+        "cg/app/worker/cpu.max": "max 100000\n",
+    })
+    assert priority._cgroup_cpu_quota(v2) == 1.5
+    v1 = cgroup_tree(tmp_path / "v1", [("/", "/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct")],
+                     ["4:cpu,cpuacct:/app", "3:memory:/elsewhere"], {
+        "cpu,cpuacct/cpu.cfs_quota_us": "50000\n",
+        "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        "cpu,cpuacct/app/cpu.cfs_quota_us": "-1\n",
+        "cpu,cpuacct/app/cpu.cfs_period_us": "100000\n",
+    })
+    assert priority._cgroup_cpu_quota(v1) == 0.5
+
+
+def test_cgroup_cpu_quota_is_none_without_a_quota_it_can_read(tmp_path):
+    unlimited = cgroup_tree(tmp_path / "max", [("/", "/cg", "cgroup2", "rw")], ["0::/app"],
+                            {"cg/app/cpu.max": "max 100000\n"})
+    assert priority._cgroup_cpu_quota(unlimited) is None
+    # The process's cgroup is outside what the mount shows (its root is /other).
+    outside = cgroup_tree(tmp_path / "out", [("/other", "/cg", "cgroup2", "rw")], ["0::/app"],
+                          {"cg/cpu.max": "50000 100000\n"})
+    assert priority._cgroup_cpu_quota(outside) is None
+    no_cpu_controller = cgroup_tree(tmp_path / "mem", [("/", "/mem", "cgroup", "rw,memory")],
+                                    ["3:memory:/"], {"mem/cpu.cfs_quota_us": "50000\n"})
+    assert priority._cgroup_cpu_quota(no_cpu_controller) is None
+    assert priority._cgroup_cpu_quota(str(tmp_path / "no-such-proc")) is None
+
+
 def test_many_quick_reacquisitions_never_wait_out_the_interval():
     """Thousands of times the urgent thread blocks briefly, the background thread takes the GIL,
     and the urgent thread asks for it back. The background thread runs C calls of varying length

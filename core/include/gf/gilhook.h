@@ -136,6 +136,10 @@ int gf_gilhook_get_priority(void);
  * thread), as gf_gilhook_set_priority would there. It walks the records: serialized as the
  * readers are. -ESRCH if no record has the id; a thread that ends meanwhile ends at 0. */
 int gf_gilhook_set_priority_of(uint32_t id, int level);
+/* Whether a waiter below the holder's priority may watch the GIL for a while before it sleeps
+ * (on by default). A watcher keeps a CPU busy while the holder runs: for a process allowed less
+ * than two CPUs, that is the holder's CPU time or its cgroup's quota. */
+void gf_gilhook_set_watch(int enabled);
 
 /* Timelines, from one thread's drained events in the order it recorded them. */
 

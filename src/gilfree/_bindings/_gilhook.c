@@ -754,6 +754,15 @@ static PyObject *gilhook_get_priority(PyObject *module, PyObject *Py_UNUSED(igno
   return PyLong_FromLong(gf_gilhook_get_priority());
 }
 
+/* Borrows enabled. Returns a new reference (None), or NULL with an exception set. */
+static PyObject *gilhook_set_watch(PyObject *module, PyObject *enabled) {
+  int truth = PyObject_IsTrue(enabled);
+  if (truth < 0)
+    return NULL;
+  gf_gilhook_set_watch(truth);
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef gilhook_methods[] = {
     {"check", gilhook_check, METH_NOARGS, check_doc},
     {"acquire", (PyCFunction)(void (*)(void))gilhook_acquire, METH_FASTCALL, acquire_doc},
@@ -782,6 +791,9 @@ static PyMethodDef gilhook_methods[] = {
      set_priority_doc},
     {"get_priority", gilhook_get_priority, METH_NOARGS,
      "get_priority()\n--\n\nThe calling thread's GIL priority."},
+    {"set_watch", gilhook_set_watch, METH_O,
+     "set_watch(enabled)\n--\n\nWhether a waiter below the holder's priority may watch the GIL "
+     "before sleeping (on by default; see docs/priority.md)."},
     {NULL, NULL, 0, NULL},
 };
 
