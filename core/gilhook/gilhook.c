@@ -623,6 +623,20 @@ static void gf_relock(pthread_mutex_t *mutex) {
   gf.mutex_lock(mutex);
 }
 
+/* Ends a poll of `locked` made without the GIL's mutex (`freed`: it saw the GIL free): takes the
+ * mutex back and sets the thread's next poll, *budget_ns, to full_ns after a poll that saw the
+ * GIL free, else to half, down to floor_ns. Returns 1 when the GIL is free. */
+static int gf_end_poll(pthread_mutex_t *mutex, int freed, uint64_t *budget_ns, uint64_t full_ns,
+                       uint64_t floor_ns) {
+  gf_relock(mutex);
+  /* A drop between the last look and the relock signalled the cond with nobody on it: sleeping
+   * on the cond now would wait out the whole interval. */
+  if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED))
+    freed = 1;
+  *budget_ns = freed ? full_ns : (*budget_ns / 2 > floor_ns ? *budget_ns / 2 : floor_ns);
+  return freed;
+}
+
 /* With the GIL's mutex held by t, which just asked the holder to drop: releases the mutex and
  * polls `locked` for a while, then takes the mutex back. Returns 1 when the GIL came free:
  * the caller then returns from the cond wait at once (take_gil re-checks `locked` under the
@@ -645,16 +659,7 @@ static int gf_priority_poll(struct gf_thread *t, pthread_mutex_t *mutex) {
     gf_poll_pause(polled, shares_cpu);
     polled = gf_gilhook_now_ns() - start;
   } while (polled < t->spin_ns);
-  gf_relock(mutex);
-  /* A drop between the last look and the relock signalled the cond with nobody on it: sleeping
-   * on the cond now would wait out the whole interval. */
-  if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED))
-    freed = 1;
-  if (freed)
-    t->spin_ns = GF_PRIORITY_SPIN_NS;
-  else
-    t->spin_ns = t->spin_ns / 2 > GF_PRIORITY_SPIN_MIN_NS ? t->spin_ns / 2 : GF_PRIORITY_SPIN_MIN_NS;
-  return freed;
+  return gf_end_poll(mutex, freed, &t->spin_ns, GF_PRIORITY_SPIN_NS, GF_PRIORITY_SPIN_MIN_NS);
 }
 
 /* With the GIL's mutex held by waiting thread t and the GIL free: let a higher-priority waiter
@@ -701,7 +706,7 @@ static int gf_plain_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
  * watches `locked` for up to t->watch_ns, then takes the mutex back. Returns 1 when the GIL came
  * free (the caller returns from the cond wait, as gf_priority_poll's caller does). The holder
  * releases silently (gf_hook_cond_signal), and a sleeper needs a timer and a wake-up to notice:
- * on a VM that halts idle vCPUs that costs 25-70 us, each time an urgent thread blocks. The
+ * on a VM that halts idle vCPUs that costs 24-72 us, each time an urgent thread blocks. The
  * watch pauses rather than yields, but for one yield every GF_WATCH_YIELD_NS (a yield per look
  * cost the echo server's round trip more); one waiter watches at a time (gf.watching). */
 static int gf_watch_release(struct gf_thread *t, pthread_mutex_t *mutex) {
@@ -728,14 +733,7 @@ static int gf_watch_release(struct gf_thread *t, pthread_mutex_t *mutex) {
     }
   }
   __atomic_store_n(&gf.watching, 0, __ATOMIC_RELEASE);
-  gf_relock(mutex);
-  if (!__atomic_load_n(gf.targets.locked, __ATOMIC_RELAXED))
-    freed = 1;
-  if (freed)
-    t->watch_ns = GF_WATCH_NS;
-  else
-    t->watch_ns = t->watch_ns / 2 > GF_WATCH_MIN_NS ? t->watch_ns / 2 : GF_WATCH_MIN_NS;
-  return freed;
+  return gf_end_poll(mutex, freed, &t->watch_ns, GF_WATCH_NS, GF_WATCH_MIN_NS);
 }
 
 /* gf_cond_wait_sliced's sleeps, with the GIL's mutex held by waiting thread t. */
@@ -927,8 +925,8 @@ static int gf_hook_cond_signal(pthread_cond_t *cond) {
                  gf.plain_waiters == 0) {
         /* A voluntary release with only lower-priority waiters (if any), each watching the
          * GIL or sleeping in slices: they notice the release themselves (gf_cond_wait_sliced)
-         * instead of being woken now. The GIL's mutex is held here, so every waiter that could sleep on
-         * the cond is counted. */
+         * instead of being woken now. The GIL's mutex is held here, so every waiter that could
+         * sleep on the cond is counted. */
         return 0;
       }
     }
