@@ -26,7 +26,7 @@ import warnings
 import weakref
 
 from .errors import UnsupportedInterpreter
-from .gil import _allowed_cpus, _hook
+from .gil import _available_cores, _hook
 
 __all__ = ["set", "get", "background", "uninstall", "UnsupportedInterpreter"]
 
@@ -140,8 +140,7 @@ def _cpu_quota_in(directory, v2):
 def _cpus_allowed():
     """How many CPUs this process may keep busy at once: its affinity, less where its cgroups'
     quota is lower."""
-    allowed = _allowed_cpus()
-    cpus = len(allowed) if allowed else os.cpu_count() or 1
+    cpus = _available_cores()
     quota = _cgroup_cpu_quota()
     return cpus if quota is None else min(cpus, quota)
 

@@ -247,7 +247,7 @@ def test_a_background_waiter_watches_through_a_short_hold_unless_the_process_has
     blocking a few times per hold. A process whose cgroup quota allows it one CPU does not
     watch."""
     monkeypatch.setattr(priority, "_cgroup_cpu_quota", lambda: None)
-    monkeypatch.setattr(priority, "_allowed_cpus", lambda: {0, 1})
+    monkeypatch.setattr(priority, "_available_cores", lambda: 2)
     watching = times_a_background_waiter_blocked()
     priority.uninstall()
     monkeypatch.setattr(priority, "_cgroup_cpu_quota", lambda: 1.0)
